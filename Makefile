@@ -1,0 +1,24 @@
+# Everything a fresh machine needs, from the project's own files.
+#   make demo   prepare shakespeare_char, train a small MoE on CPU, sample from it
+#   make test   run the test suite (what .ci/run calls)
+PY := .venv/bin/python
+
+.venv/installed: requirements.txt
+	python3 -m venv .venv
+	.venv/bin/pip install -q --upgrade pip
+	# torch first and pinned: a bare "torch" requirement could pull a multi-GB CUDA build
+	.venv/bin/pip install -q torch==2.13.0
+	.venv/bin/pip install -q -r requirements.txt
+	touch .venv/installed
+
+venv: .venv/installed
+
+demo: venv
+	$(PY) data/shakespeare_char/prepare.py
+	$(PY) train.py config/train_shakespeare_char_moe_cpu.py
+	$(PY) sample.py --out_dir=out-shakespeare-char-moe-cpu --start="ROMEO:" --num_samples=2 --max_new_tokens=300 --device=cpu
+
+test: venv
+	$(PY) -m pytest -q tests
+
+.PHONY: venv demo test

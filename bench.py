@@ -1,0 +1,189 @@
+"""
+Benchmarks. Two modes:
+
+1) a whole training step (forward + backward + optimizer step) of the configured model, dense
+   (n_expert=0) or MoE, on random tokens (or real data with real_data=True):
+   $ python bench.py config/train_shakespeare_char_moe_cpu.py
+   $ python bench.py --init_from=resume --out_dir=out-shakespeare-char-moe   (the checkpoint's model)
+   prints ms/iter, tokens/s and MFU (from ACTIVE parameters).
+
+2) moe_layer=True: ONE MoE layer forward + backward for every expert backend, next to a dense MLP
+   with the same active FLOPs (hidden = top_k * expert_hidden), for each n_expert in layer_experts:
+   $ python bench.py --moe_layer=True --n_embd=384 --expert_hidden=1536 --layer_tokens=4096
+   prints ms, the ratio to the dense-equivalent MLP, achieved GFLOP/s and peak memory (CUDA only).
+"""
+import os
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+
+from configurator import configure, fail
+from checkpoint import load_checkpoint, CheckpointError
+from moe_model import build_model, MoE, MoEConfig, EXPERT_IMPLS
+
+# -----------------------------------------------------------------------------
+init_from = 'scratch'  # 'scratch' (the config below) or 'resume' (the model of out_dir/ckpt.pt)
+out_dir = 'out'
+batch_size = 12
+block_size = 1024
+n_layer = 12
+n_head = 12
+n_embd = 768
+bias = False
+vocab_size = 50304
+n_expert = 8  # 0: dense GPT
+top_k = 2
+expert_hidden = 0
+moe_every = 1
+expert_impl = 'grouped'
+capacity_factor = 1.25
+real_data = False
+dataset = 'openwebtext'
+seed = 1337
+device = 'cuda' if torch.cuda.is_available() else 'cpu'  # examples: 'cpu', 'cuda', 'cuda:0', 'cuda:1', etc.
+dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'
+compile = False  # use PyTorch 2.0 to compile the model to be faster
+warmup_iters = 5
+bench_iters = 20
+peak_flops = 312e12  # for MFU: A100 bf16 peak; an H100 SXM is 989e12
+# moe_layer mode
+moe_layer = False
+layer_tokens = 4096
+layer_experts = '8,32,128'  # comma-separated n_expert values
+layer_impls = 'loop,grouped,batched'  # comma-separated backends (add triton on a GPU)
+# -----------------------------------------------------------------------------
+config = configure({k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))},
+                   sys.argv[1:])
+globals().update(config)
+if dtype not in ('float32', 'bfloat16', 'float16'):
+    fail(f"dtype={dtype!r}; allowed: 'float32', 'bfloat16', 'float16'")
+
+torch.manual_seed(seed)
+torch.backends.cuda.matmul.allow_tf32 = True  # allow tf32 on matmul
+torch.backends.cudnn.allow_tf32 = True  # allow tf32 on cudnn
+device_type = 'cuda' if 'cuda' in device else 'cpu'  # for later use in torch.autocast
+ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+ctx = nullcontext() if device_type == 'cpu' else torch.amp.autocast(device_type=device_type, dtype=ptdtype)
+
+
+def sync():
+    if device_type == 'cuda':
+        torch.cuda.synchronize()
+
+
+def time_it(step):
+    """Median milliseconds of step() over bench_iters runs, after warmup_iters."""
+    for _ in range(warmup_iters):
+        step()
+    times = []
+    for _ in range(bench_iters):
+        sync()
+        t0 = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return 1000 * float(np.median(times))
+
+
+def bench_moe_layer():
+    hidden = expert_hidden or 4 * n_embd
+    print(f"one layer, fwd+bwd: {layer_tokens} tokens, n_embd {n_embd}, expert hidden {hidden}, top_k {top_k}, "
+          f"{dtype} on {device}")
+    x = torch.randn(1, layer_tokens, n_embd, device=device, dtype=ptdtype if device_type == 'cpu' else torch.float32)
+    x.requires_grad_(True)
+    # an active-FLOPs twin: a dense MLP whose hidden size is what a token runs in the MoE
+    dense = torch.nn.Sequential(torch.nn.Linear(n_embd, top_k * hidden, bias=bias), torch.nn.GELU(),
+                                torch.nn.Linear(top_k * hidden, n_embd, bias=bias)).to(device)
+    flops = 3 * 2 * layer_tokens * 2 * n_embd * top_k * hidden  # fwd+bwd = 3x fwd; 2 matmuls of 2*m*n*k
+
+    def run(layer):
+        def step():
+            with ctx:
+                y = layer(x)
+            y.float().sum().backward()
+        if device_type == 'cuda':
+            torch.cuda.reset_peak_memory_stats()
+        ms = time_it(step)
+        mem = f"{torch.cuda.max_memory_allocated() / 2**20:8.0f} MiB" if device_type == 'cuda' else '     n/a'
+        return ms, mem
+
+    if device_type == 'cpu' and ptdtype != torch.float32:
+        dense = dense.to(ptdtype)
+    dense_ms, dense_mem = run(dense)
+    print(f"{'n_expert':>8} {'impl':>8} {'ms':>9} {'x dense':>8} {'GFLOP/s':>9} {'peak mem':>12}")
+    print(f"{'-':>8} {'dense':>8} {dense_ms:9.2f} {1.0:8.2f} {flops / dense_ms / 1e6:9.1f} {dense_mem:>12}")
+    for E in [int(e) for e in layer_experts.split(',')]:
+        cfg = MoEConfig(n_embd=n_embd, n_head=1, n_layer=1, bias=bias, n_expert=E, top_k=top_k, expert_hidden=hidden,
+                        capacity_factor=capacity_factor)
+        layer = MoE(cfg).to(device)
+        torch.nn.init.normal_(layer.experts.c_fc, std=0.02)
+        torch.nn.init.normal_(layer.experts.c_proj, std=0.02)
+        if device_type == 'cpu' and ptdtype != torch.float32:
+            layer = layer.to(ptdtype)
+        for impl in layer_impls.split(','):
+            if impl not in EXPERT_IMPLS:
+                fail(f"layer_impls has {impl!r}; allowed: {', '.join(EXPERT_IMPLS)}")
+            layer.expert_impl = impl
+            ms, mem = run(layer)
+            print(f"{E:>8} {impl:>8} {ms:9.2f} {ms / dense_ms:8.2f} {flops / ms / 1e6:9.1f} {mem:>12}")
+
+
+def bench_model():
+    if init_from == 'resume':
+        try:
+            model_args = dict(load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))['model_args'])
+        except CheckpointError as e:
+            fail(str(e))
+        model_args['expert_impl'] = expert_impl
+    else:
+        model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
+                          vocab_size=vocab_size, dropout=0.0, n_expert=n_expert, top_k=top_k,
+                          expert_hidden=expert_hidden, moe_every=moe_every, expert_impl=expert_impl,
+                          capacity_factor=capacity_factor)
+    try:
+        model = build_model(model_args)
+    except ValueError as e:
+        fail(str(e))
+    T = model.config.block_size
+    model.to(device)
+    optimizer = model.configure_optimizers(weight_decay=1e-2, learning_rate=1e-4, betas=(0.9, 0.95), device_type=device_type)
+    print(f"{model.get_num_params() / 1e6:.2f}M parameters, {model.get_num_params(active=True) / 1e6:.2f}M active")
+    if real_data:
+        data = np.memmap(os.path.join('data', dataset, 'train.bin'), dtype=np.uint16, mode='r')
+
+        def get_batch():
+            ix = torch.randint(len(data) - T, (batch_size,))
+            x = torch.stack([torch.from_numpy((data[i:i + T]).astype(np.int64)) for i in ix])
+            y = torch.stack([torch.from_numpy((data[i + 1:i + 1 + T]).astype(np.int64)) for i in ix])
+            return x.to(device), y.to(device)
+    else:
+        # alternatively, if fixed data is desired to not care about data loading
+        x = torch.randint(model.config.vocab_size, (batch_size, T), device=device)
+        y = torch.randint(model.config.vocab_size, (batch_size, T), device=device)
+        get_batch = lambda: (x, y)
+    if compile:
+        print("Compiling model...")
+        model = torch.compile(model)  # pytorch 2.0
+
+    def step():
+        X, Y = get_batch()
+        with ctx:
+            logits, loss = model(X, Y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    ms = time_it(step)
+    raw = getattr(model, '_orig_mod', model)
+    mfu = raw.estimate_mfu(batch_size, ms / 1000, peak_flops)
+    print(f"{ms:.2f} ms/iter, {batch_size * T / (ms / 1000):,.0f} tokens/s, "
+          f"MFU {mfu * 100:.2f}% of {peak_flops / 1e12:.0f} TFLOP/s")
+
+
+if moe_layer:
+    bench_moe_layer()
+else:
+    bench_model()

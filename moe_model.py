@@ -1,0 +1,333 @@
+"""
+Mixture-of-Experts GPT: model.py's dense GPT with routed experts in place of (some of) its MLPs.
+
+Reading order: MoEConfig -> Router (fp32 logits, top-k) and the two aux losses -> dispatch helpers
+-> Experts (weights stacked [n_expert, ...]) -> expert backends, one function signature each:
+    backend(x [N, d], topk_idx [N, k], topk_weight [N, k], experts) -> (y [N, d], n_dropped slots)
+  'loop'     the reference: a for-loop over experts. Simple, slow.
+  'grouped'  dropless: sort token-slots by expert, two grouped GEMMs (torch grouped_mm).
+  'batched'  capacity-based (GShard/Switch): fixed slots per expert, overflow dropped, one bmm.
+  'triton'   MegaBlocks-style block-sparse kernels (moe_triton.py, optional dependency).
+-> MoE (drop-in for MLP, keeps its aux terms on the module) -> MoEGPT(GPT).
+"""
+
+import math
+import importlib.util
+import warnings
+from dataclasses import dataclass, fields, asdict
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+from model import GPT, GPTConfig, MLP
+
+
+@dataclass
+class MoEConfig(GPTConfig):
+    n_expert: int = 8            # experts per MoE layer
+    top_k: int = 2               # experts each token is sent to
+    expert_hidden: int = 0       # hidden size of one expert; 0 means 4 * n_embd, like the dense MLP
+    moe_every: int = 1           # every moe_every-th block is MoE (1: all; 2: every other, as in Switch)
+    expert_impl: str = 'grouped' # one of EXPERT_IMPLS below; all share the same parameters
+    aux_loss_coef: float = 0.01  # weight of the Switch load-balancing loss
+    z_loss_coef: float = 0.001   # weight of the ST-MoE router z-loss
+    capacity_factor: float = 1.25  # capacity backends only: slots per expert = cf * tokens * top_k / n_expert
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.expert_hidden == 0:
+            self.expert_hidden = 4 * self.n_embd
+        for key in ('n_expert', 'top_k', 'expert_hidden', 'moe_every'):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
+                raise ValueError(f"{key}={getattr(self, key)!r} must be a positive integer")
+        if self.top_k > self.n_expert:
+            raise ValueError(f"top_k={self.top_k} must be <= n_expert={self.n_expert}")
+        if self.moe_every > self.n_layer:
+            raise ValueError(f"moe_every={self.moe_every} must be <= n_layer={self.n_layer}, else no layer is MoE")
+        if self.expert_impl not in EXPERT_IMPLS:
+            raise ValueError(f"expert_impl={self.expert_impl!r} is unknown; allowed: {', '.join(EXPERT_IMPLS)}")
+        if self.expert_impl == 'triton' and importlib.util.find_spec('triton') is None:
+            raise ValueError("expert_impl='triton' needs the triton package (pip install triton); "
+                             f"other choices: {', '.join(k for k in EXPERT_IMPLS if k != 'triton')}")
+        if self.expert_impl == 'triton' and self.expert_hidden % 16:
+            raise ValueError(f"expert_impl='triton' needs expert_hidden divisible by 16, got {self.expert_hidden}")
+        if self.capacity_factor <= 0:
+            raise ValueError(f"capacity_factor={self.capacity_factor} must be > 0")
+        for key in ('aux_loss_coef', 'z_loss_coef'):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key}={getattr(self, key)} must be >= 0")
+
+    def is_moe_layer(self, layer_idx):
+        return (layer_idx + 1) % self.moe_every == 0
+
+
+def build_model(model_args):
+    """GPT when n_expert is 0 (or absent), else MoEGPT: the one place that picks the class."""
+    if model_args.get('n_expert', 0) == 0:
+        dense_keys = {f.name for f in fields(GPTConfig)}
+        return GPT(GPTConfig(**{k: v for k, v in model_args.items() if k in dense_keys}))
+    return MoEGPT(MoEConfig(**model_args))
+
+
+def model_args_of(model):
+    """The constructor arguments of a model, for checkpoints (build_model inverts this)."""
+    return {**asdict(model.config), 'n_expert': getattr(model.config, 'n_expert', 0)}
+
+# -----------------------------------------------------------------------------
+# Router and auxiliary losses
+
+
+class Router(nn.Module):
+    """A bias-free linear gate: softmax over all experts, then each token keeps its top_k."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.gate = nn.Linear(config.n_embd, config.n_expert, bias=False)
+        self.top_k = config.top_k
+
+    def forward(self, x):
+        # routing flips on tiny logit differences, so logits and softmax run in float32, autocast off
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.gate.weight.float())
+        probs = logits.softmax(dim=-1)
+        topk_weight, topk_idx = probs.topk(self.top_k, dim=-1)
+        if self.top_k > 1:
+            # renormalise over the chosen experts; with k=1 that would make every weight 1.0 and
+            # cut the router off from the language-model gradient, so k=1 keeps the raw probability
+            topk_weight = topk_weight / topk_weight.sum(dim=-1, keepdim=True)
+        return topk_idx, topk_weight, logits, probs
+
+
+def count_per_expert(topk_idx, n_expert):
+    """Token-slots routed to each expert (int64 [n_expert]); static shape, unlike bincount."""
+    flat = topk_idx.flatten()
+    return torch.zeros(n_expert, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+
+
+def load_balance_loss(probs, topk_idx):
+    """Switch Transformer balance loss of ONE layer: n_expert * sum_i f_i * P_i, with f_i the fraction
+    of token-slots sent to expert i and P_i the mean of the FULL softmax probability of expert i.
+    1.0 at perfect balance, n_expert when every token picks the same expert."""
+    n_expert = probs.size(-1)
+    f = count_per_expert(topk_idx, n_expert).float() / topk_idx.numel()
+    P = probs.mean(dim=0)
+    return n_expert * torch.sum(f * P)
+
+
+def router_z_loss(logits):
+    """ST-MoE router z-loss: mean over tokens of logsumexp(logits)^2; keeps router logits small."""
+    return torch.logsumexp(logits, dim=-1).pow(2).mean()
+
+# -----------------------------------------------------------------------------
+# Dispatch helpers
+
+
+def sort_by_expert(topk_idx, n_expert):
+    """Order the N*k token-slots by expert, stably (tokens keep their order within an expert).
+    Returns the slot order, the token of each sorted slot, and the slot count of each expert."""
+    order = torch.argsort(topk_idx.flatten(), stable=True)
+    return order, order // topk_idx.size(1), count_per_expert(topk_idx, n_expert)
+
+
+def combine(out, topk_weight, slot, token, n_tokens):
+    """Weight each slot's expert output by its router weight and sum a token's slots, in float32."""
+    y = torch.zeros(n_tokens, out.size(1), dtype=torch.float32, device=out.device)
+    return y.index_add_(0, token, out.float() * topk_weight.flatten()[slot, None])
+
+# -----------------------------------------------------------------------------
+# Experts: weights of every expert of a layer stacked on dim 0, named after the dense MLP's
+
+
+class Experts(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        E, d, h = config.n_expert, config.n_embd, config.expert_hidden
+        self.c_fc = nn.Parameter(torch.empty(E, d, h))    # expert e computes x @ c_fc[e]
+        self.c_proj = nn.Parameter(torch.empty(E, h, d))
+        self.c_fc_bias = nn.Parameter(torch.zeros(E, h)) if config.bias else None
+        self.c_proj_bias = nn.Parameter(torch.zeros(E, d)) if config.bias else None
+        self.capacity_factor = config.capacity_factor
+
+    def forward_one(self, e, x):
+        """Expert e on rows x: the dense MLP with this expert's weights."""
+        h = x @ self.c_fc[e]
+        if self.c_fc_bias is not None:
+            h = h + self.c_fc_bias[e]
+        out = F.gelu(h) @ self.c_proj[e]
+        return out + self.c_proj_bias[e] if self.c_proj_bias is not None else out
+
+# -----------------------------------------------------------------------------
+# Expert backends: backend(x, topk_idx, topk_weight, experts) -> (y, n_dropped)
+
+
+def loop_experts(x, topk_idx, topk_weight, experts):
+    """The reference: for each expert, gather its tokens, run the MLP, weight, scatter-add back."""
+    y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for e in range(experts.c_fc.size(0)):
+        token, slot = torch.where(topk_idx == e)  # an empty expert still runs (on 0 rows), so every
+        out = experts.forward_one(e, x[token])    # parameter gets a gradient, as DDP expects
+        y.index_add_(0, token, out.float() * topk_weight[token, slot, None])
+    return y.to(x.dtype), 0
+
+
+_grouped_mm = getattr(F, 'grouped_mm', None) or getattr(torch, '_grouped_mm', None)
+
+
+def grouped_experts(x, topk_idx, topk_weight, experts):
+    """Dropless: sort token-slots by expert, then one grouped GEMM per layer of the expert MLP."""
+    if _grouped_mm is None:
+        warnings.warn(f"torch {torch.__version__} has no grouped_mm: expert_impl='grouped' falls back to 'loop'")
+        return loop_experts(x, topk_idx, topk_weight, experts)
+    order, token, counts = sort_by_expert(topk_idx, experts.c_fc.size(0))
+    offs = counts.cumsum(0).to(torch.int32)  # end row of each expert's group (grouped_mm wants int32)
+    expert_of_row = topk_idx.flatten()[order]
+    c_fc, c_proj, c_fc_bias = experts.c_fc, experts.c_proj, experts.c_fc_bias
+    d, h = c_fc.shape[1:]
+    pad_d, pad_h = -d % (16 // x.element_size()), -h % (16 // x.element_size())
+    if pad_d or pad_h:  # grouped_mm wants row strides in multiples of 16 bytes: zero-pad (gelu(0) = 0)
+        c_fc, c_proj = F.pad(c_fc, (0, pad_h, 0, pad_d)), F.pad(c_proj, (0, pad_d, 0, pad_h))
+        c_fc_bias = F.pad(c_fc_bias, (0, pad_h)) if c_fc_bias is not None else None
+    h = _grouped_mm(F.pad(x[token], (0, pad_d)), c_fc, offs=offs)
+    if c_fc_bias is not None:
+        h = h + c_fc_bias[expert_of_row]
+    out = _grouped_mm(F.gelu(h), c_proj, offs=offs)[:, :d]
+    if experts.c_proj_bias is not None:
+        out = out + experts.c_proj_bias[expert_of_row]
+    out = _DenseGrad.apply(out)
+    return combine(out, topk_weight, order, token, x.size(0)).to(x.dtype), 0
+
+
+class _DenseGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous: grouped_mm's backward
+    rejects the stride-0 gradients that e.g. y.sum() produces."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+def batched_experts(x, topk_idx, topk_weight, experts):
+    """Capacity-based (GShard/Switch): every expert gets the same number of slots,
+    capacity = ceil(capacity_factor * N * k / n_expert), and runs as one batched matmul.
+    Slots claim places in token order (the MoE layer orders tokens position-major, so a token is
+    only ever dropped because of tokens at the same or earlier positions: causal), then slot order.
+    A dropped slot contributes nothing: its token is carried by the residual connection."""
+    N, k = topk_idx.shape
+    E = experts.c_fc.size(0)
+    capacity = math.ceil(experts.capacity_factor * N * k / E)
+    flat = topk_idx.flatten()
+    onehot = F.one_hot(flat, E)
+    place = (onehot.cumsum(0) * onehot).sum(1) - 1  # how many earlier slots chose the same expert
+    keep = place < capacity
+    # every expert gets one extra row where all its dropped slots land; that row is never read back
+    row = flat * (capacity + 1) + place.clamp(max=capacity)
+    token = torch.arange(N * k, device=x.device) // k
+    buf = torch.zeros(E * (capacity + 1), x.size(1), dtype=x.dtype, device=x.device)
+    buf = buf.index_add(0, row, x[token] * keep[:, None].to(x.dtype)).view(E, capacity + 1, -1)
+    h = torch.bmm(buf, experts.c_fc)
+    if experts.c_fc_bias is not None:
+        h = h + experts.c_fc_bias[:, None, :]
+    out = torch.bmm(F.gelu(h), experts.c_proj)
+    if experts.c_proj_bias is not None:
+        out = out + experts.c_proj_bias[:, None, :]
+    slot = torch.arange(N * k, device=x.device)
+    y = combine(out.view(-1, x.size(1))[row], topk_weight * keep.view(N, k), slot, token, N)
+    return y.to(x.dtype), (~keep).sum()
+
+
+def triton_experts(x, topk_idx, topk_weight, experts):
+    """MegaBlocks-style block-sparse kernels; see moe_triton.py (imported on first use)."""
+    from moe_triton import triton_experts as block_sparse_experts
+    return block_sparse_experts(x, topk_idx, topk_weight, experts)
+
+
+EXPERT_IMPLS = {'loop': loop_experts, 'grouped': grouped_experts, 'batched': batched_experts,
+                'triton': triton_experts}
+
+# -----------------------------------------------------------------------------
+# The MoE layer and the model
+
+
+class MoE(nn.Module):
+    """Drop-in for MLP: routes each token to top_k experts. After each forward it holds its own
+    aux-loss terms (balance_loss, z_loss) and routing stats (tokens_per_expert, drop_fraction)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.router = Router(config)
+        self.experts = Experts(config)
+        self.dropout = nn.Dropout(config.dropout)
+        self.expert_impl = config.expert_impl
+
+    def forward(self, x):
+        B, T, C = x.shape
+        # position-major token order: capacity backends give earlier positions priority (causal)
+        x_flat = x.transpose(0, 1).reshape(T * B, C)
+        topk_idx, topk_weight, logits, probs = self.router(x_flat)
+        self.balance_loss = load_balance_loss(probs, topk_idx)
+        self.z_loss = router_z_loss(logits)
+        self.tokens_per_expert = count_per_expert(topk_idx, probs.size(1))
+        y, n_dropped = EXPERT_IMPLS[self.expert_impl](x_flat, topk_idx, topk_weight, self.experts)
+        self.drop_fraction = n_dropped / topk_idx.numel()
+        return self.dropout(y.view(T, B, C).transpose(0, 1))
+
+
+class MoEGPT(GPT):
+    """GPT whose MoE layers (every moe_every-th block) route tokens to experts."""
+
+    def make_mlp(self, layer_idx):
+        return MoE(self.config) if self.config.is_moe_layer(layer_idx) else MLP(self.config)
+
+    def moe_layers(self):
+        return [block.mlp for block in self.transformer.h if isinstance(block.mlp, MoE)]
+
+    def set_expert_impl(self, expert_impl):
+        """Switch backend in place: all backends share the same parameters."""
+        if expert_impl not in EXPERT_IMPLS:
+            raise ValueError(f"expert_impl={expert_impl!r} is unknown; allowed: {', '.join(EXPERT_IMPLS)}")
+        self.config.expert_impl = expert_impl
+        for layer in self.moe_layers():
+            layer.expert_impl = expert_impl
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, Experts):
+            # same std as the dense MLP, with GPT-2's 1/sqrt(2*n_layer) on the residual projection
+            torch.nn.init.normal_(module.c_fc, mean=0.0, std=0.02)
+            torch.nn.init.normal_(module.c_proj, mean=0.0, std=0.02 / math.sqrt(2 * self.config.n_layer))
+
+    def aux_loss(self):
+        # each term is computed per layer (never pooled over layers), then averaged over layers
+        layers = self.moe_layers()
+        balance = torch.stack([layer.balance_loss for layer in layers]).mean()
+        z = torch.stack([layer.z_loss for layer in layers]).mean()
+        self.loss_terms.update(aux=balance.detach(), z=z.detach())
+        return self.config.aux_loss_coef * balance + self.config.z_loss_coef * z
+
+    def get_num_params(self, non_embedding=True, active=False):
+        n_params = super().get_num_params(non_embedding)
+        if active:  # a token only runs top_k of each layer's n_expert experts
+            cfg = self.config
+            for layer in self.moe_layers():
+                per_expert = sum(p.numel() for p in layer.experts.parameters()) // cfg.n_expert
+                n_params -= per_expert * (cfg.n_expert - cfg.top_k)
+        return n_params
+
+    def routing_stats(self):
+        """Per MoE layer, after a forward: fraction of token-slots per expert and dropped fraction."""
+        stats = {}
+        for i, block in enumerate(self.transformer.h):
+            if not isinstance(block.mlp, MoE):
+                continue
+            layer = block.mlp
+            load = layer.tokens_per_expert.float()
+            stats[f'layer{i}/load'] = (load / load.sum()).tolist()
+            stats[f'layer{i}/max_load'] = (load.max() / load.mean()).item()
+            stats[f'layer{i}/drop_fraction'] = float(layer.drop_fraction)
+        return stats

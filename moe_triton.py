@@ -1,0 +1,373 @@
+"""
+Block-sparse ("MegaBlocks"-style) Triton kernels for the MoE expert MLPs.
+
+The idea (Gale et al., 2022, "MegaBlocks"): instead of giving every expert a fixed
+capacity (and dropping or padding tokens), sort the N*k (token, slot) pairs by expert
+and pad each expert's group only up to a multiple of the block size B. The hidden
+activations of all experts then form one block-sparse matrix of shape [P, E*h]
+(P = padded number of slots): row block r belongs to a single expert e and holds
+nonzero blocks only in that expert's h/B column blocks. The first layer is an SDD
+product (dense x dense -> sparse, computed only at the nonzero blocks), the second a
+DSD product (sparse x dense -> dense). Backward reuses the same kernels with the
+weight operand transposed, plus a TSD kernel (transposed-sparse x dense -> dense)
+that walks the transposed topology (column blocks -> their blocks) for the weight
+gradients. No token is ever dropped, and an expert without tokens has no blocks.
+
+Shapes: the expert hidden size h must be a multiple of the block size B (B in
+{16, 32, 64, 128}; by default the largest that divides h, see BLOCK_SIZE), otherwise a
+ValueError is raised. The model width d may be anything (kernel tiles are masked).
+
+Fallback: see _use_kernels. Without triton, on CPU without TRITON_INTERPRET=1, or for
+tiny batches (N*k < MIN_TRITON_SLOTS) we run an equivalent plain-torch path.
+"""
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+    HAS_TRITON = True
+except ImportError:  # triton is optional: the torch path still works
+    triton, tl = None, None
+    HAS_TRITON = False
+
+BLOCK_SIZE = None        # topology block size B; None = largest of (128, 64, 32, 16) dividing h
+MIN_TRITON_SLOTS = 256   # below this many (token, slot) pairs the torch path is used; 0 forces the kernels
+_BLOCK_CHOICES = (128, 64, 32, 16)
+
+def _interpret():
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# triton.jit picks compiled vs interpreted kernels when the module is imported, so remember which
+_KERNELS_INTERPRETED = _interpret()
+
+def _use_kernels(x, n_slots):
+    # The fallback rule: run the Triton kernels iff triton is importable, the device can run
+    # them (CUDA, or CPU under the Triton interpreter, which the tests use), and the batch is
+    # big enough that launch + topology overhead is worth it (N*k >= MIN_TRITON_SLOTS).
+    # Empty batches (N*k == 0) always take the torch path.
+    if not HAS_TRITON or n_slots == 0:
+        return False
+    if not (x.is_cuda or _KERNELS_INTERPRETED):
+        return False
+    return n_slots >= MIN_TRITON_SLOTS
+
+# -----------------------------------------------------------------------------
+# kernels
+
+if HAS_TRITON:
+    def _configs(tile_kwargs):
+        if _KERNELS_INTERPRETED:  # the interpreter is slow and cannot benchmark: a single small config
+            return [triton.Config(tile_kwargs[0], num_warps=4, num_stages=1)]
+        return [triton.Config(kw, num_warps=w, num_stages=s)
+                for kw in tile_kwargs[1:] for w in (4, 8) for s in (3, 4)]
+
+    def _prune_block_k(configs, nargs, **kwargs):
+        # DSD/TSD step through a BxB block BLOCK_K at a time, so BLOCK_K must divide B
+        B = {**nargs, **kwargs}["BLOCK"]
+        kept = [c for c in configs if c.kwargs["BLOCK_K"] <= B]
+        return kept or [triton.Config({**configs[0].kwargs, "BLOCK_K": B}, num_warps=4, num_stages=3)]
+
+    @triton.autotune(configs=_configs([{"BLOCK_K": 16}, {"BLOCK_K": 32}, {"BLOCK_K": 64}]),
+                     key=["K", "BLOCK"])
+    @triton.jit
+    def _sdd_kernel(a_ptr, w_ptr, out_ptr, row_idx_ptr, col_idx_ptr, K,
+                    stride_am, stride_ak, stride_we, stride_wk, stride_wn, BLOCKS_PER_EXPERT,
+                    BLOCK: tl.constexpr, PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
+        # one program = one nonzero BxB block: out[b] = a[row block] @ w[expert][:, col block]
+        b = tl.program_id(0).to(tl.int64)
+        r = tl.load(row_idx_ptr + b).to(tl.int64)
+        c = tl.load(col_idx_ptr + b).to(tl.int64)
+        e = c // BLOCKS_PER_EXPERT
+        offs_m = r * BLOCK + tl.arange(0, BLOCK)
+        offs_n = (c % BLOCKS_PER_EXPERT) * BLOCK + tl.arange(0, BLOCK)
+        offs_k = tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
+        w_ptrs = w_ptr + e * stride_we + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
+        acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k_mask = offs_k + k0 < K  # K (= d or h) need not be a multiple of BLOCK_K
+            a = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=k_mask[:, None], other=0.0)
+            acc = tl.dot(a, w, acc, input_precision=PRECISION)
+            a_ptrs += BLOCK_K * stride_ak
+            w_ptrs += BLOCK_K * stride_wk
+        offs_blk = tl.arange(0, BLOCK)
+        out_ptrs = out_ptr + b * BLOCK * BLOCK + offs_blk[:, None] * BLOCK + offs_blk[None, :]
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty))
+
+    @triton.autotune(configs=_configs([{"BLOCK_N": 32, "BLOCK_K": 16}, {"BLOCK_N": 64, "BLOCK_K": 32},
+                                       {"BLOCK_N": 64, "BLOCK_K": 64}, {"BLOCK_N": 128, "BLOCK_K": 32}]),
+                     key=["N", "BLOCK"], prune_configs_by={"early_config_prune": _prune_block_k})
+    @triton.jit
+    def _dsd_kernel(data_ptr, offsets_ptr, col_idx_ptr, w_ptr, out_ptr, N,
+                    stride_we, stride_wk, stride_wn, stride_om, stride_on, BLOCKS_PER_EXPERT,
+                    BLOCK: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # one program = rows of row block r x BLOCK_N output columns: sum over the row's blocks
+        r = tl.program_id(0).to(tl.int64)
+        offs_m = tl.arange(0, BLOCK)
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        n_mask = offs_n < N
+        start = tl.load(offsets_ptr + r).to(tl.int64)  # int64 loop index: b * B * B can pass 2**31
+        end = tl.load(offsets_ptr + r + 1).to(tl.int64)
+        acc = tl.zeros((BLOCK, BLOCK_N), dtype=tl.float32)
+        for b in range(start, end):
+            c = tl.load(col_idx_ptr + b).to(tl.int64)
+            e = c // BLOCKS_PER_EXPERT
+            k_base = (c % BLOCKS_PER_EXPERT) * BLOCK
+            blk_ptrs = data_ptr + b * BLOCK * BLOCK + offs_m[:, None] * BLOCK + offs_k[None, :]
+            w_ptrs = w_ptr + e * stride_we + (k_base + offs_k)[:, None] * stride_wk + offs_n[None, :] * stride_wn
+            for k0 in range(0, BLOCK, BLOCK_K):
+                blk = tl.load(blk_ptrs)
+                w = tl.load(w_ptrs, mask=n_mask[None, :], other=0.0)
+                acc = tl.dot(blk, w, acc, input_precision=PRECISION)
+                blk_ptrs += BLOCK_K
+                w_ptrs += BLOCK_K * stride_wk
+        out_ptrs = out_ptr + (r * BLOCK + offs_m)[:, None] * stride_om + offs_n[None, :] * stride_on
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=n_mask[None, :])
+
+    @triton.autotune(configs=_configs([{"BLOCK_N": 32, "BLOCK_K": 16}, {"BLOCK_N": 64, "BLOCK_K": 32},
+                                       {"BLOCK_N": 64, "BLOCK_K": 64}, {"BLOCK_N": 128, "BLOCK_K": 32}]),
+                     key=["N", "BLOCK"], prune_configs_by={"early_config_prune": _prune_block_k})
+    @triton.jit
+    def _tsd_kernel(data_ptr, offsets_t_ptr, block_offsets_t_ptr, row_idx_ptr, d_ptr, out_ptr, N,
+                    stride_dm, stride_dn, stride_oe, stride_ok, stride_on, BLOCKS_PER_EXPERT,
+                    BLOCK: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # one program = column block c (= B hidden units of expert e) x BLOCK_N columns of d:
+        # out[e, j-block, n] = sum over the blocks in column c of block^T @ d[rows of that block, n]
+        c = tl.program_id(0).to(tl.int64)
+        e = c // BLOCKS_PER_EXPERT
+        offs_j = (c % BLOCKS_PER_EXPERT) * BLOCK + tl.arange(0, BLOCK)
+        offs_blk = tl.arange(0, BLOCK)
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        n_mask = offs_n < N
+        start = tl.load(offsets_t_ptr + c)
+        end = tl.load(offsets_t_ptr + c + 1)
+        acc = tl.zeros((BLOCK, BLOCK_N), dtype=tl.float32)
+        for i in range(start, end):  # empty experts: no blocks, the stored gradient is 0
+            b = tl.load(block_offsets_t_ptr + i).to(tl.int64)
+            r = tl.load(row_idx_ptr + b).to(tl.int64)
+            # block^T tile [BLOCK, BLOCK_K]: element (j, m) = data[b, m, j]
+            blk_ptrs = data_ptr + b * BLOCK * BLOCK + offs_k[None, :] * BLOCK + offs_blk[:, None]
+            d_ptrs = d_ptr + (r * BLOCK + offs_k)[:, None] * stride_dm + offs_n[None, :] * stride_dn
+            for k0 in range(0, BLOCK, BLOCK_K):
+                blk_t = tl.load(blk_ptrs)
+                dd = tl.load(d_ptrs, mask=n_mask[None, :], other=0.0)
+                acc = tl.dot(blk_t, dd, acc, input_precision=PRECISION)
+                blk_ptrs += BLOCK_K * BLOCK
+                d_ptrs += BLOCK_K * stride_dm
+        out_ptrs = out_ptr + e * stride_oe + offs_j[:, None] * stride_ok + offs_n[None, :] * stride_on
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=n_mask[None, :])
+
+# -----------------------------------------------------------------------------
+# topology
+
+@dataclass
+class Topology:
+    block: int                   # B
+    n_expert: int                # E
+    blocks_per_expert: int       # h // B
+    n_tokens: int                # N
+    n_rows: int                  # P, slots padded per expert to a multiple of B
+    order: torch.Tensor          # [N*k] flat slot ids sorted (stably) by expert
+    pos: torch.Tensor            # [N*k] padded row of each sorted slot
+    row_src: torch.Tensor        # [P] source token of each padded row (N = the zero padding row)
+    row_expert: torch.Tensor     # [P] expert of each padded row
+    row_idx: torch.Tensor        # [nnz] int32 row block of each nonzero block (blocks in row-major order)
+    col_idx: torch.Tensor        # [nnz] int32 column block (in [0, E*h/B)) of each nonzero block
+    offsets: torch.Tensor        # [P/B + 1] int32 CSR: the blocks of row block r are offsets[r]:offsets[r+1]
+    offsets_t: torch.Tensor      # [E*h/B + 1] int32 CSC: the blocks of column block c are ...
+    block_offsets_t: torch.Tensor  # [nnz] int32 ... block_offsets_t[offsets_t[c]:offsets_t[c+1]]
+
+def make_topology(topk_idx, n_expert, hidden, block):
+    N, k = topk_idx.shape
+    dev, E, B = topk_idx.device, n_expert, block
+    flat = topk_idx.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    expert_sorted = flat[order]
+    counts = torch.bincount(flat, minlength=E)
+    padded = (counts + B - 1) // B * B
+    start = torch.cumsum(counts, 0) - counts
+    pstart = torch.cumsum(padded, 0) - padded
+    P = int(padded.sum())  # the one host sync: every buffer size depends on it
+    pos = pstart[expert_sorted] + torch.arange(N * k, device=dev) - start[expert_sorted]
+    row_src = torch.full((P,), N, dtype=torch.long, device=dev)
+    row_src[pos] = order // k
+    R, nb = P // B, hidden // B
+    block_expert = torch.repeat_interleave(torch.arange(E, device=dev), padded // B, output_size=R)
+    row_idx = torch.arange(R, device=dev).repeat_interleave(nb)
+    col_idx = (block_expert[:, None] * nb + torch.arange(nb, device=dev)).reshape(-1)
+    offsets = torch.arange(R + 1, device=dev) * nb
+    block_offsets_t = torch.argsort(col_idx, stable=True)  # stable: blocks of a column stay in row order
+    offsets_t = F.pad(torch.cumsum(torch.bincount(col_idx, minlength=E * nb), 0), (1, 0))
+    i32 = lambda t: t.to(torch.int32).contiguous()
+    return Topology(B, E, nb, N, P, order, pos, row_src, block_expert.repeat_interleave(B),
+                    i32(row_idx), i32(col_idx), i32(offsets), i32(offsets_t), i32(block_offsets_t))
+
+def blocks_to_dense(data, topo):
+    """[nnz, B, B] block values -> the dense [P, E*h] matrix they represent (for tests / debugging)."""
+    B = topo.block
+    dense = data.new_zeros(topo.n_rows // B, topo.n_expert * topo.blocks_per_expert, B, B)
+    dense[topo.row_idx.long(), topo.col_idx.long()] = data
+    return dense.transpose(1, 2).reshape(topo.n_rows, -1)
+
+# -----------------------------------------------------------------------------
+# kernel launchers (weights are [E, *, *]; "trans" means use each w[e] transposed)
+
+def _precision(dtype):
+    # fp32 inputs: follow torch's TF32 setting so results match torch matmul; 16-bit: irrelevant
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+def sdd(a, w, topo, trans_w=False):
+    """a [P, K] @ w[e] ([E, K, h], or [E, h, K] if trans_w) at the topology's blocks -> [nnz, B, B]."""
+    B, nnz = topo.block, topo.row_idx.numel()
+    K = a.shape[1]
+    se, sk, sn = (w.stride(0), w.stride(2), w.stride(1)) if trans_w else w.stride()
+    out = torch.empty(nnz, B, B, device=a.device, dtype=a.dtype)
+    _sdd_kernel[(nnz,)](a, w, out, topo.row_idx, topo.col_idx, K, a.stride(0), a.stride(1),
+                        se, sk, sn, topo.blocks_per_expert, BLOCK=B, PRECISION=_precision(a.dtype))
+    return out
+
+def dsd(data, w, topo, trans_w=False):
+    """sparse [P, E*h] (block values [nnz, B, B]) @ w viewed as [E*h, N] (w [E, h, N], or [E, N, h]
+    if trans_w) -> dense [P, N]."""
+    B, data = topo.block, data.contiguous()  # the kernels index blocks as [nnz, B, B] row-major
+    se, sk, sn = (w.stride(0), w.stride(2), w.stride(1)) if trans_w else w.stride()
+    N = w.shape[1] if trans_w else w.shape[2]
+    out = torch.empty(topo.n_rows, N, device=data.device, dtype=data.dtype)
+    grid = lambda meta: (topo.n_rows // B, triton.cdiv(N, meta["BLOCK_N"]))
+    _dsd_kernel[grid](data, topo.offsets, topo.col_idx, w, out, N, se, sk, sn, out.stride(0), out.stride(1),
+                      topo.blocks_per_expert, BLOCK=B, PRECISION=_precision(data.dtype))
+    return out
+
+def tsd(data, d, topo, trans_out=False):
+    """sparse^T [E*h, P] @ d [P, N], per expert -> [E, h, N] (or [E, N, h] if trans_out).
+    These are the weight gradients x_e^T @ grad_h_e and act_e^T @ grad_out_e."""
+    B, E, nb = topo.block, topo.n_expert, topo.blocks_per_expert
+    N, data = d.shape[1], data.contiguous()
+    out = torch.empty((E, N, nb * B) if trans_out else (E, nb * B, N), device=d.device, dtype=d.dtype)
+    so = (out.stride(0), out.stride(2), out.stride(1)) if trans_out else out.stride()
+    grid = lambda meta: (E * nb, triton.cdiv(N, meta["BLOCK_N"]))
+    _tsd_kernel[grid](data, topo.offsets_t, topo.block_offsets_t, topo.row_idx, d, out, N,
+                      d.stride(0), d.stride(1), *so, nb, BLOCK=B, PRECISION=_precision(data.dtype))
+    return out
+
+class SDD(torch.autograd.Function):
+    """hidden blocks = a @ w (w [E, K, h]) at the topology's blocks."""
+    @staticmethod
+    def forward(ctx, a, w, topo):
+        ctx.save_for_backward(a, w)
+        ctx.topo = topo
+        return sdd(a, w, topo)
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, w = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_a = dsd(grad, w, ctx.topo, trans_w=True) if ctx.needs_input_grad[0] else None  # grad_h @ w^T
+        grad_w = tsd(grad, a, ctx.topo, trans_out=True) if ctx.needs_input_grad[1] else None  # a_e^T @ grad_h_e
+        return grad_a, grad_w, None
+
+class DSD(torch.autograd.Function):
+    """dense out = sparse hidden blocks @ w (w [E, h, N])."""
+    @staticmethod
+    def forward(ctx, data, w, topo):
+        ctx.save_for_backward(data, w)
+        ctx.topo = topo
+        return dsd(data, w, topo)
+
+    @staticmethod
+    def backward(ctx, grad):
+        data, w = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_data = sdd(grad, w, ctx.topo, trans_w=True) if ctx.needs_input_grad[0] else None  # grad @ w^T
+        grad_w = tsd(data, grad, ctx.topo) if ctx.needs_input_grad[1] else None  # act_e^T @ grad_e
+        return grad_data, grad_w, None
+
+# -----------------------------------------------------------------------------
+# expert computation
+
+def _compute_dtype(x):
+    # under CUDA autocast the matmuls run in the autocast dtype, like the torch backends' matmuls
+    if x.is_cuda and torch.is_autocast_enabled("cuda"):
+        return torch.get_autocast_dtype("cuda")
+    return x.dtype
+
+def _block_size(h):
+    if BLOCK_SIZE is not None:
+        B = BLOCK_SIZE
+        if B not in _BLOCK_CHOICES or h % B:
+            raise ValueError(f"triton_experts: BLOCK_SIZE={B} must be one of {_BLOCK_CHOICES} and divide "
+                             f"the expert hidden size h={h}")
+        return B
+    for B in _BLOCK_CHOICES:
+        if h % B == 0:
+            return B
+    raise ValueError(f"triton_experts: the expert hidden size h={h} must be a multiple of 16 "
+                     f"(the block size B is one of {_BLOCK_CHOICES} and must divide h)")
+
+@torch.compiler.disable  # data-dependent shapes + a host sync: keep it out of compiled graphs
+def block_sparse_experts(x, topk_idx, topk_weight, c_fc, c_proj, c_fc_bias=None, c_proj_bias=None):
+    """The Triton path of triton_experts (always runs the kernels)."""
+    E, d, h = c_fc.shape
+    B = _block_size(h)
+    dt = _compute_dtype(x)
+    topo = make_topology(topk_idx, E, h, B)
+    # gather tokens into expert-sorted, per-expert-padded rows (padding rows read a zero row)
+    x_pad = F.pad(x.to(dt), (0, 0, 0, 1))[topo.row_src]
+    hid = SDD.apply(x_pad, c_fc.to(dt).contiguous(), topo)                    # [nnz, B, B]
+    if c_fc_bias is not None:
+        hid = hid + c_fc_bias.to(dt).reshape(-1, B)[topo.col_idx.long()].unsqueeze(1)
+    act = F.gelu(hid)  # elementwise on the block values, so the sparsity is preserved
+    out = DSD.apply(act, c_proj.to(dt).contiguous(), topo)                   # [P, d]
+    if c_proj_bias is not None:
+        out = out + c_proj_bias.to(dt)[topo.row_expert]
+    # weighted scatter-add of the k slots back to their tokens, in float32
+    weight = topk_weight.reshape(-1)[topo.order].float()
+    y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    y = y.index_add(0, topo.order // topk_idx.shape[1], out[topo.pos].float() * weight[:, None])
+    return y.to(x.dtype)
+
+def torch_experts(x, topk_idx, topk_weight, experts):
+    """The plain-torch fallback: same sort-by-expert layout, one matmul pair per nonempty expert."""
+    N, k = topk_idx.shape
+    dt = _compute_dtype(x)
+    flat = topk_idx.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=experts.c_fc.shape[0]).tolist()
+    xs, ws, tok = x[order // k].to(dt), topk_weight.reshape(-1)[order].float(), order // k
+    outs = []
+    for e, (xe, n) in enumerate(zip(xs.split(counts), counts)):
+        if n == 0:
+            continue
+        h = xe @ experts.c_fc[e].to(dt)
+        if experts.c_fc_bias is not None:
+            h = h + experts.c_fc_bias[e].to(dt)
+        out = F.gelu(h) @ experts.c_proj[e].to(dt)
+        if experts.c_proj_bias is not None:
+            out = out + experts.c_proj_bias[e].to(dt)
+        outs.append(out.float())
+    y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    if outs:
+        y = y.index_add(0, tok, torch.cat(outs) * ws[:, None])
+    return y.to(x.dtype)
+
+def triton_experts(x, topk_idx, topk_weight, experts):
+    """Dropless block-sparse MoE experts. x [N, d], topk_idx / topk_weight [N, k],
+    experts with c_fc [E, d, h], c_proj [E, h, d], c_fc_bias [E, h] | None, c_proj_bias [E, d] | None.
+    Returns (y [N, d] in x.dtype, n_dropped=0)."""
+    _block_size(experts.c_fc.shape[2])  # same shape rule on both paths, whatever the batch size
+    if _use_kernels(x, topk_idx.numel()):
+        y = block_sparse_experts(x, topk_idx, topk_weight, experts.c_fc, experts.c_proj,
+                                 experts.c_fc_bias, experts.c_proj_bias)
+    else:
+        y = torch_experts(x, topk_idx, topk_weight, experts)
+    return y, 0

@@ -1,0 +1,114 @@
+"""
+Sample from a trained model (dense or MoE: the checkpoint says which).
+$ python sample.py --out_dir=out-shakespeare-char-moe-cpu --start="ROMEO:"
+$ python sample.py --init_from=gpt2 --start=FILE:prompt.txt
+"""
+import os
+import sys
+import pickle
+from contextlib import nullcontext
+
+import torch
+
+from configurator import configure, fail
+from checkpoint import load_checkpoint, clean_state_dict, CheckpointError
+from moe_model import build_model
+
+# -----------------------------------------------------------------------------
+init_from = 'resume'  # either 'resume' (from an out_dir) or a gpt2 variant (e.g. 'gpt2-xl')
+out_dir = 'out'  # ignored if init_from is not 'resume'
+ckpt_name = 'ckpt.pt'  # or 'ckpt_best.pt'
+start = "\n"  # or "<|endoftext|>" or etc. Can also specify a file, use as: "FILE:prompt.txt"
+num_samples = 3  # number of samples to draw
+max_new_tokens = 500  # number of tokens generated in each sample
+temperature = 0.8  # 1.0 = no change, < 1.0 = less random, > 1.0 = more random, in predictions
+top_k = 200  # retain only the top_k most likely tokens, clamp others to have 0 probability
+seed = 1337
+device = 'cuda' if torch.cuda.is_available() else 'cpu'  # examples: 'cpu', 'cuda', 'cuda:0', 'cuda:1', etc.
+dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'
+compile = False  # use PyTorch 2.0 to compile the model to be faster
+expert_impl = ''  # '' keeps the checkpoint's; any backend works with any checkpoint
+use_kv_cache = True  # keep past keys/values instead of recomputing them (same tokens either way)
+# -----------------------------------------------------------------------------
+config = configure({k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))},
+                   sys.argv[1:])
+globals().update(config)
+if dtype not in ('float32', 'bfloat16', 'float16'):
+    fail(f"dtype={dtype!r}; allowed: 'float32', 'bfloat16', 'float16'")
+if start.startswith('FILE:') and not os.path.isfile(start[5:]):
+    fail(f"prompt file {start[5:]!r} not found")
+
+torch.manual_seed(seed)
+torch.cuda.manual_seed(seed)
+torch.backends.cuda.matmul.allow_tf32 = True  # allow tf32 on matmul
+torch.backends.cudnn.allow_tf32 = True  # allow tf32 on cudnn
+device_type = 'cuda' if 'cuda' in device else 'cpu'  # for later use in torch.autocast
+ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+ctx = nullcontext() if device_type == 'cpu' else torch.amp.autocast(device_type=device_type, dtype=ptdtype)
+
+# model
+checkpoint = None
+if init_from == 'resume':
+    # init from a model saved in a specific directory
+    try:
+        checkpoint = load_checkpoint(os.path.join(out_dir, ckpt_name), map_location=device)
+    except CheckpointError as e:
+        fail(str(e))
+    model_args = dict(checkpoint['model_args'])
+    if expert_impl:
+        model_args['expert_impl'] = expert_impl
+    try:
+        model = build_model(model_args)
+    except ValueError as e:
+        fail(str(e))
+    model.load_state_dict(clean_state_dict(checkpoint['model']))
+elif init_from.startswith('gpt2'):
+    # init from a given GPT-2 model
+    from model import GPT
+    model = GPT.from_pretrained(init_from, dict(dropout=0.0))
+else:
+    fail(f"init_from={init_from!r}; allowed: 'resume' or a gpt2 variant")
+
+model.eval()
+model.to(device)
+if compile:
+    model = torch.compile(model)  # requires PyTorch 2.0 (optional)
+
+# look for the meta pickle in case it is available in the dataset folder
+load_meta = False
+if checkpoint is not None and 'config' in checkpoint and 'dataset' in checkpoint['config']:  # older checkpoints might not have these...
+    meta_path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', checkpoint['config']['dataset'], 'meta.pkl')
+    load_meta = os.path.exists(meta_path)
+if load_meta:
+    print(f"Loading meta from {meta_path}...")
+    with open(meta_path, 'rb') as f:
+        meta = pickle.load(f)
+    # TODO want to make this more general to arbitrary encoder/decoder schemes
+    stoi, itos = meta['stoi'], meta['itos']
+    unknown = sorted(set(c for c in (open(start[5:]).read() if start.startswith('FILE:') else start) if c not in stoi))
+    if unknown:
+        fail(f"the prompt has characters outside the model's vocabulary: {''.join(unknown)!r}")
+    encode = lambda s: [stoi[c] for c in s]
+    decode = lambda l: ''.join([itos[i] for i in l])
+else:
+    # ok let's assume gpt-2 encodings by default
+    print("No meta.pkl found, assuming GPT-2 encodings...")
+    import tiktoken
+    enc = tiktoken.get_encoding("gpt2")
+    encode = lambda s: enc.encode(s, allowed_special={"<|endoftext|>"})
+    decode = lambda l: enc.decode(l)
+
+# encode the beginning of the prompt
+if start.startswith('FILE:'):
+    with open(start[5:], 'r', encoding='utf-8') as f:
+        start = f.read()
+start_ids = encode(start)
+x = (torch.tensor(start_ids, dtype=torch.long, device=device)[None, ...])
+
+# run generation
+with torch.no_grad():
+    with ctx:
+        for k in range(num_samples):
+            y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k, use_kv_cache=use_kv_cache)
+            print(decode(y[0].tolist()))
+            print('---------------')

@@ -1,0 +1,38 @@
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# a model small enough to train a few dozen steps in seconds on 2 CPU cores
+TINY = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_size=8', '--eval_iters=2',
+        '--device=cpu', '--dtype=float32', '--compile=False', '--n_expert=4', '--top_k=2', '--expert_hidden=32',
+        '--expert_impl=grouped', '--dataset=shakespeare_char', '--learning_rate=3e-3', '--warmup_iters=5',
+        '--decay_lr=False', '--log_interval=1', '--max_iters=10']
+
+
+def run(script, *args, check=True, timeout=300):
+    """Run one of the repo's scripts with this interpreter; returns the CompletedProcess."""
+    p = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=ROOT, capture_output=True,
+                       text=True, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{script} {' '.join(args)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+def read_log(out_dir):
+    import json
+    with open(os.path.join(out_dir, 'log.jsonl')) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope='session')
+def shakespeare_char():
+    """The prepared shakespeare_char dataset (prepared once, offline from ../shared/data if need be)."""
+    folder = os.path.join(ROOT, 'data', 'shakespeare_char')
+    if not all(os.path.exists(os.path.join(folder, f)) for f in ('train.bin', 'val.bin', 'meta.pkl')):
+        run('data/shakespeare_char/prepare.py')
+    return folder

@@ -1,0 +1,193 @@
+"""The dense GPT, the MoE GPT, the router and the aux losses."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import GPT, GPTConfig
+from moe_model import (MoEConfig, MoEGPT, MoE, Router, build_model, model_args_of, load_balance_loss,
+                       router_z_loss)
+
+SMALL = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=97, dropout=0.0)
+
+
+def moe(**kw):
+    torch.manual_seed(0)
+    return MoEGPT(MoEConfig(**{**SMALL, 'n_expert': 4, 'top_k': 2, **kw}))
+
+
+def test_dense_shapes_backward_and_init_loss():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**SMALL))
+    idx, targets = torch.randint(97, (3, 16)), torch.randint(97, (3, 16))
+    logits, loss = model(idx, targets)
+    assert logits.shape == (3, 16, 97)
+    assert abs(loss.item() - math.log(97)) < 0.1  # an untrained model is close to uniform
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+    logits, loss = model(idx)
+    assert logits.shape == (3, 1, 97) and loss is None
+
+
+def test_moe_init_loss_and_all_params_get_gradients():
+    model = moe()
+    idx, targets = torch.randint(97, (3, 16)), torch.randint(97, (3, 16))
+    _, loss = model(idx, targets)
+    assert abs(model.loss_terms['ce'].item() - math.log(97)) < 0.1
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize('bias', [True, False])
+def test_one_expert_top1_equals_dense(bias):
+    torch.manual_seed(0)
+    dense = GPT(GPTConfig(**SMALL, bias=bias))
+    model = MoEGPT(MoEConfig(**SMALL, bias=bias, n_expert=1, top_k=1, expert_impl='loop'))
+    sd = {k: v for k, v in dense.state_dict().items() if '.mlp.' not in k}
+    missing, _ = model.load_state_dict(sd, strict=False)
+    assert all('.mlp.' in k for k in missing)
+    with torch.no_grad():
+        for blk_d, blk_m in zip(dense.transformer.h, model.transformer.h):
+            ex = blk_m.mlp.experts
+            ex.c_fc[0].copy_(blk_d.mlp.c_fc.weight.t())
+            ex.c_proj[0].copy_(blk_d.mlp.c_proj.weight.t())
+            if bias:
+                ex.c_fc_bias[0].copy_(blk_d.mlp.c_fc.bias)
+                ex.c_proj_bias[0].copy_(blk_d.mlp.c_proj.bias)
+    dense.eval(), model.eval()
+    idx = torch.randint(97, (2, 16))
+    for impl in ('loop', 'grouped', 'batched'):
+        model.set_expert_impl(impl)
+        (ld, lossd), (lm, lossm) = dense(idx, idx), model(idx, idx)
+        torch.testing.assert_close(lm, ld, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(lossm, lossd)
+
+
+def test_balance_loss_uniform_is_one_and_collapsed_is_n_expert():
+    E, N = 8, 64
+    probs = torch.full((N, E), 1.0 / E)
+    idx = torch.arange(N * 2).view(N, 2) % E  # every expert gets the same number of slots
+    assert load_balance_loss(probs, idx).item() == pytest.approx(1.0)
+    probs = F.one_hot(torch.zeros(N, dtype=torch.long), E).float()
+    idx = torch.zeros(N, 1, dtype=torch.long)
+    assert load_balance_loss(probs, idx).item() == pytest.approx(E)
+
+
+def test_balance_loss_uses_full_softmax_probabilities():
+    # P_i is the mean of the FULL softmax, not of the renormalised top-k weights
+    torch.manual_seed(0)
+    router = Router(MoEConfig(**SMALL, n_expert=4, top_k=2))
+    x = torch.randn(50, 32)
+    idx, w, logits, probs = router(x)
+    f = torch.bincount(idx.flatten(), minlength=4).float() / idx.numel()
+    expected = 4 * (f * logits.softmax(-1).mean(0)).sum()
+    torch.testing.assert_close(load_balance_loss(probs, idx), expected)
+    torch.testing.assert_close(w.sum(-1), torch.ones(50))  # k>1: renormalised weights
+
+
+def test_z_loss_formula():
+    logits = torch.randn(10, 6) * 3
+    expected = sum(math.log(sum(math.exp(v) for v in row)) ** 2 for row in logits.tolist()) / 10
+    assert router_z_loss(logits).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_aux_loss_is_per_layer_mean_and_not_in_eval_loss():
+    model = moe(aux_loss_coef=0.1, z_loss_coef=0.01)
+    idx = torch.randint(97, (4, 16))
+    model.train()
+    _, loss = model(idx, idx)
+    layers = model.moe_layers()
+    balance = sum(l.balance_loss for l in layers) / len(layers)
+    z = sum(l.z_loss for l in layers) / len(layers)
+    torch.testing.assert_close(loss, model.loss_terms['ce'] + 0.1 * balance + 0.01 * z)
+    torch.testing.assert_close(model.loss_terms['aux'], balance.detach())
+    model.eval()
+    _, loss = model(idx, idx)
+    torch.testing.assert_close(loss, model.loss_terms['ce'])
+
+
+def test_top1_router_gets_gradient_from_the_language_model_loss():
+    # with k=1 the raw probability weights the expert output; renormalising would make it 1.0
+    model = moe(top_k=1, aux_loss_coef=0.0, z_loss_coef=0.0)
+    idx = torch.randint(97, (2, 16))
+    _, loss = model(idx, idx)
+    loss.backward()
+    assert model.moe_layers()[0].router.gate.weight.grad.abs().sum() > 0
+
+
+def test_router_runs_in_float32_under_autocast():
+    router = Router(MoEConfig(**SMALL, n_expert=4, top_k=2))
+    x = torch.randn(5, 32)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        idx, w, logits, probs = router(x.bfloat16())
+    assert logits.dtype == torch.float32 and probs.dtype == torch.float32 and w.dtype == torch.float32
+
+
+def test_active_params_and_mfu_use_active_count():
+    model = moe(n_expert=8, top_k=2)
+    total, active = model.get_num_params(), model.get_num_params(active=True)
+    per_expert = 2 * 32 * 128 + 128 + 32  # c_fc, c_proj, biases
+    assert total - active == 2 * per_expert * (8 - 2)  # 2 MoE layers, 6 idle experts each
+    dense = GPT(GPTConfig(**SMALL))
+    assert dense.get_num_params(active=True) == dense.get_num_params()
+    assert model.estimate_mfu(1, 1.0) < moe(n_expert=8, top_k=8).estimate_mfu(1, 1.0)
+
+
+def test_moe_every_places_moe_layers():
+    model = MoEGPT(MoEConfig(**{**SMALL, 'n_layer': 4}, n_expert=4, top_k=1, moe_every=2))
+    assert [isinstance(b.mlp, MoE) for b in model.transformer.h] == [False, True, False, True]
+
+
+def test_residual_projection_init_applies_to_experts():
+    model = MoEGPT(MoEConfig(**{**SMALL, 'n_layer': 8, 'n_embd': 64}, n_expert=8, top_k=2))
+    ex = model.moe_layers()[0].experts
+    assert ex.c_fc.std().item() == pytest.approx(0.02, rel=0.05)
+    assert ex.c_proj.std().item() == pytest.approx(0.02 / math.sqrt(16), rel=0.05)
+
+
+def test_model_args_round_trip_rebuilds_the_same_model():
+    for model in (moe(moe_every=2, expert_hidden=48), GPT(GPTConfig(**SMALL))):
+        rebuilt = build_model(model_args_of(model))
+        assert type(rebuilt) is type(model) and rebuilt.config == model.config
+
+
+@pytest.mark.parametrize('kw, message', [
+    (dict(n_expert=4, top_k=5), 'top_k=5 must be <= n_expert=4'),
+    (dict(n_embd=30, n_head=4), 'n_embd=30 must be divisible by n_head=4'),
+    (dict(expert_impl='nope'), "expert_impl='nope' is unknown"),
+    (dict(capacity_factor=0.0), 'capacity_factor=0.0 must be > 0'),
+])
+def test_bad_model_configs_raise_clear_errors(kw, message):
+    with pytest.raises(ValueError, match=message.replace('(', r'\(')):
+        MoEConfig(**{**SMALL, **kw})
+
+
+@pytest.mark.parametrize('make', [lambda: GPT(GPTConfig(**SMALL)), lambda: moe(), lambda: moe(expert_impl='loop')])
+def test_kv_cache_generation_equals_cache_free(make):
+    model = make().eval()
+    idx = torch.randint(97, (2, 5))
+    # top_k=1 is greedy; 30 new tokens overflow block_size=16, exercising the cache restart
+    a = model.generate(idx, 30, top_k=1, use_kv_cache=True)
+    b = model.generate(idx, 30, top_k=1, use_kv_cache=False)
+    assert torch.equal(a, b)
+
+
+def test_crop_block_size_and_from_pretrained_local_tiny_gpt2(tmp_path):
+    transformers = pytest.importorskip('transformers')
+    torch.manual_seed(0)
+    hf_config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=101, n_positions=24,
+                                        activation_function='gelu')  # nanoGPT's exact GELU
+    hf = transformers.GPT2LMHeadModel(hf_config).eval()
+    hf.save_pretrained(tmp_path)
+    model = GPT.from_pretrained(str(tmp_path)).eval()
+    idx = torch.randint(101, (2, 24))
+    with torch.no_grad():
+        expected = hf(idx).logits
+        logits, _ = model(idx, idx)
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+    model.crop_block_size(8)
+    assert model.transformer.wpe.weight.shape[0] == 8
+    with pytest.raises(ValueError, match='block_size=32 is larger'):
+        model.crop_block_size(32)

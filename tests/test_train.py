@@ -1,0 +1,106 @@
+"""train.py and sample.py end to end, as a user runs them (subprocesses, tiny models, CPU)."""
+import os
+
+import pytest
+import torch
+
+from conftest import TINY, run, read_log
+from checkpoint import load_checkpoint
+
+
+@pytest.fixture(scope='module')
+def trained(shakespeare_char, tmp_path_factory):
+    """A tiny MoE trained 60 steps, with a checkpoint (shared by the tests below)."""
+    out = str(tmp_path_factory.mktemp('trained'))
+    run('train.py', *TINY, f'--out_dir={out}', '--max_iters=60', '--eval_interval=30', '--eval_iters=10')
+    return out
+
+
+def test_training_lowers_the_loss(trained):
+    evals = [r for r in read_log(trained) if 'val/ce' in r]
+    assert [r['iter'] for r in evals] == [0, 30, 60]
+    assert evals[-1]['val/ce'] < evals[0]['val/ce'] - 0.5, evals
+    steps = [r for r in read_log(trained) if 'loss' in r]
+    assert len(steps) == 60 and {'ce', 'aux', 'z', 'layer0/load', 'mfu'} <= set(steps[0])
+    assert steps[0]['loss'] > steps[0]['ce']  # the training loss adds the aux losses
+
+
+def test_checkpoint_holds_the_full_config_and_loads_weights_only(trained):
+    ckpt = load_checkpoint(os.path.join(trained, 'ckpt.pt'))  # weights_only=True inside
+    assert ckpt['iter_num'] == 60
+    args = ckpt['model_args']
+    assert (args['n_expert'], args['top_k'], args['expert_hidden'], args['expert_impl']) == (4, 2, 32, 'grouped')
+    assert os.path.exists(os.path.join(trained, 'ckpt_best.pt'))
+
+
+def test_sample_from_checkpoint(trained):
+    p = run('sample.py', f'--out_dir={trained}', '--num_samples=2', '--max_new_tokens=40', '--start=ROMEO:',
+            '--device=cpu', '--expert_impl=loop')
+    samples = p.stdout.split('---------------')
+    assert len(samples) == 3
+    for sample in samples[:2]:
+        assert 'ROMEO:' in sample and len(sample.split('ROMEO:', 1)[1]) >= 40  # prompt + 40 new characters
+
+
+@pytest.mark.parametrize('extra', [[], ['--dropout=0.1', '--n_expert=0']])
+def test_resume_continues_exactly_like_an_uninterrupted_run(shakespeare_char, tmp_path, extra):
+    args = [*TINY, *extra, '--eval_interval=6']
+    full, part = str(tmp_path / 'full'), str(tmp_path / 'part')
+    run('train.py', *args, f'--out_dir={full}', '--max_iters=12')
+    run('train.py', *args, f'--out_dir={part}', '--max_iters=6')
+    run('train.py', *args, f'--out_dir={part}', '--max_iters=12', '--init_from=resume')
+    losses = lambda out: {r['iter']: r['loss'] for r in read_log(out) if 'loss' in r}
+    a, b = losses(full), losses(part)
+    assert sorted(a) == sorted(b) == list(range(12))
+    assert [a[i] for i in range(12)] == [b[i] for i in range(12)]  # bit-identical on CPU
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--top_k=5'], 'top_k=5 must be <= n_expert=4'),
+    (['--n_embd=33'], 'n_embd=33 must be divisible by n_head=2'),
+    (['--expert_impl=fast'], "expert_impl='fast' is unknown; allowed: loop, grouped, batched, triton"),
+    (['--expert_impl=batched', '--capacity_factor=0'], 'capacity_factor=0.0 must be > 0'),
+    (['--n_exprt=4'], "unknown config key 'n_exprt'"),
+    (['--batch_size=big'], "batch_size='big' (from --batch_size=big) must be of type int"),
+    (['--dataset=nonexistent'], 'run: python data/nonexistent/prepare.py'),
+    (['--init_from=resume'], 'ckpt.pt not found'),
+    (['config/no_such_file.py'], "config file 'config/no_such_file.py' not found"),
+])
+def test_bad_config_fails_at_start_with_one_clear_line(shakespeare_char, tmp_path, args, message):
+    out = tmp_path / 'out'
+    p = run('train.py', *TINY, f'--out_dir={out}', *args, check=False)
+    assert p.returncode == 2, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('error: ') and message in lines[0], p.stderr
+    assert not out.exists()  # no work started, nothing written
+
+
+def test_override_is_never_executed(shakespeare_char, tmp_path):
+    marker = tmp_path / 'pwned'
+    p = run('train.py', *TINY, f"--out_dir={tmp_path}/__import__('os').system('touch {marker}')", '--eval_only=True',
+            check=False)
+    assert not marker.exists()
+    p = run('train.py', *TINY, f"--max_iters=__import__('os').system('touch {marker}')", check=False)
+    assert p.returncode == 2 and not marker.exists()
+
+
+def test_truncated_checkpoint_gives_a_clear_error(trained, tmp_path):
+    out = tmp_path / 'broken'
+    out.mkdir()
+    data = open(os.path.join(trained, 'ckpt.pt'), 'rb').read()
+    (out / 'ckpt.pt').write_bytes(data[:len(data) // 2])
+    p = run('train.py', *TINY, f'--out_dir={out}', '--init_from=resume', check=False)
+    assert p.returncode == 2 and 'is truncated or corrupt' in p.stderr and 'Traceback' not in p.stderr
+    p = run('sample.py', f'--out_dir={out}', check=False)
+    assert p.returncode == 2 and 'is truncated or corrupt' in p.stderr and 'Traceback' not in p.stderr
+
+
+def test_bench_runs_dense_moe_and_the_layer_mode():
+    for args in (['--n_expert=0'], ['--n_expert=4']):
+        p = run('bench.py', '--n_layer=1', '--n_head=2', '--n_embd=32', '--block_size=16', '--batch_size=2',
+                '--vocab_size=64', '--warmup_iters=1', '--bench_iters=2', '--device=cpu', *args)
+        assert 'ms/iter' in p.stdout and 'MFU' in p.stdout
+    p = run('bench.py', '--moe_layer=True', '--n_embd=16', '--expert_hidden=32', '--layer_tokens=64',
+            '--layer_experts=4,8', '--warmup_iters=1', '--bench_iters=2', '--device=cpu')
+    rows = [l.split() for l in p.stdout.splitlines() if l.split() and l.split()[0] in ('4', '8')]
+    assert [(r[0], r[1]) for r in rows] == [(e, i) for e in '48' for i in ('loop', 'grouped', 'batched')]

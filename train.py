@@ -1,0 +1,436 @@
+"""
+This training script can be run both on a single gpu in debug mode,
+and also in a larger training run with distributed data parallel (ddp).
+
+To run on a single CPU or GPU, example:
+$ python train.py config/train_shakespeare_char_moe_cpu.py
+
+To run with DDP on 4 gpus on 1 node, example:
+$ torchrun --standalone --nproc_per_node=4 train.py config/train_gpt2_moe.py
+
+To run with DDP on 4 gpus across 2 nodes, example:
+- Run on the first (master) node with example IP 123.456.123.456:
+$ torchrun --nproc_per_node=8 --nnodes=2 --node_rank=0 --master_addr=123.456.123.456 --master_port=1234 train.py
+- Run on the worker node:
+$ torchrun --nproc_per_node=8 --nnodes=2 --node_rank=1 --master_addr=123.456.123.456 --master_port=1234 train.py
+(If your cluster does not have Infiniband interconnect prepend NCCL_IB_DISABLE=1)
+
+The model is dense (model.GPT) when n_expert=0, else an MoE (moe_model.MoEGPT); nothing below cares.
+"""
+
+import os
+import sys
+import time
+import json
+import math
+import random
+import signal
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.distributed import init_process_group, destroy_process_group
+
+from configurator import configure, fail
+from checkpoint import save_checkpoint, load_checkpoint, clean_state_dict, CheckpointError
+from moe_model import build_model, model_args_of, MoEConfig
+
+# -----------------------------------------------------------------------------
+# default config values designed to train a GPT-2 (124M) sized MoE on OpenWebText
+# I/O
+out_dir = 'out'
+eval_interval = 2000
+log_interval = 1
+eval_iters = 200
+eval_only = False  # if True, script exits right after the first eval
+init_from = 'scratch'  # 'scratch' or 'resume' or 'gpt2*'
+seed = 1337
+# wandb logging
+wandb_log = False  # disabled by default
+wandb_project = 'nanomoe'
+wandb_run_name = 'gpt2-moe'  # 'run' + str(time.time())
+# data
+dataset = 'openwebtext'
+gradient_accumulation_steps = 5 * 8  # used to simulate larger batch sizes
+batch_size = 12  # if gradient_accumulation_steps > 1, this is the micro-batch size
+block_size = 1024
+# model
+n_layer = 12
+n_head = 12
+n_embd = 768
+dropout = 0.0  # for pretraining 0 is good, for finetuning try 0.1+
+bias = False  # do we use bias inside LayerNorm and Linear layers?
+vocab_size = 0  # 0: from the dataset's meta.pkl, else GPT-2's 50304
+# mixture of experts (n_expert = 0 trains the dense GPT)
+n_expert = 8
+top_k = 2
+expert_hidden = 0  # 0: 4 * n_embd
+moe_every = 1
+expert_impl = 'grouped'
+aux_loss_coef = 0.01
+z_loss_coef = 0.001
+capacity_factor = 1.25
+# adamw optimizer
+learning_rate = 6e-4  # max learning rate
+max_iters = 600000  # total number of training iterations
+weight_decay = 1e-1
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0  # clip gradients at this value, or disable if == 0.0
+# learning rate decay settings
+decay_lr = True  # whether to decay the learning rate
+warmup_iters = 2000  # how many steps to warm up for
+lr_decay_iters = 600000  # should be ~= max_iters per Chinchilla
+min_lr = 6e-5  # minimum learning rate, should be ~= learning_rate/10 per Chinchilla
+# system
+device = 'cuda' if torch.cuda.is_available() else 'cpu'  # 'cpu', 'cuda', 'cuda:0', 'mps'
+dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else ('float16' if torch.cuda.is_available() else 'float32')
+compile = torch.cuda.is_available()  # use PyTorch 2.0 to compile the model to be faster
+peak_flops = 312e12  # for MFU: A100 bf16 peak; an H100 SXM is 989e12
+on_nonfinite = 'stop'  # a NaN/inf loss or grad norm: 'stop' the run, or 'skip' the step
+# -----------------------------------------------------------------------------
+config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
+config = configure({k: globals()[k] for k in config_keys}, sys.argv[1:])  # overrides from command line or config file
+globals().update(config)
+# -----------------------------------------------------------------------------
+# check everything we can before any work starts: one clear line and exit code 2 otherwise
+
+if init_from not in ('scratch', 'resume') and not init_from.startswith('gpt2'):
+    fail(f"init_from={init_from!r}; allowed: 'scratch', 'resume', 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl'")
+if dtype not in ('float32', 'bfloat16', 'float16'):
+    fail(f"dtype={dtype!r}; allowed: 'float32', 'bfloat16', 'float16'")
+if on_nonfinite not in ('stop', 'skip'):
+    fail(f"on_nonfinite={on_nonfinite!r}; allowed: 'stop', 'skip'")
+for key in ('batch_size', 'gradient_accumulation_steps', 'block_size', 'eval_iters', 'log_interval', 'eval_interval'):
+    if config[key] < 1:
+        fail(f"{key}={config[key]} must be >= 1")
+data_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', dataset)
+for split in ('train', 'val'):
+    if not os.path.exists(os.path.join(data_dir, f'{split}.bin')):
+        fail(f"dataset {dataset!r} is not prepared: {os.path.join(data_dir, split + '.bin')} is missing; "
+             f"run: python data/{dataset}/prepare.py")
+# attempt to derive vocab_size from the dataset
+meta_path = os.path.join(data_dir, 'meta.pkl')
+meta_vocab_size = None
+if os.path.exists(meta_path):
+    import pickle
+    with open(meta_path, 'rb') as f:
+        meta_vocab_size = pickle.load(f)['vocab_size']
+    print(f"found vocab_size = {meta_vocab_size} (inside {meta_path})")
+model_args = {k: config[k] for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'dropout', 'n_expert', 'top_k',
+                                    'expert_hidden', 'moe_every', 'expert_impl', 'aux_loss_coef', 'z_loss_coef', 'capacity_factor')}
+model_args['vocab_size'] = vocab_size or meta_vocab_size or 50304
+resume_ckpt = None
+if init_from == 'resume':
+    try:
+        resume_ckpt = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))
+    except CheckpointError as e:
+        fail(str(e))
+    # force these config attributes to be equal otherwise we can't even resume training;
+    # the rest of the attributes (e.g. dropout, expert_impl) can stay as desired from command line
+    for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size', 'n_expert', 'top_k', 'expert_hidden', 'moe_every'):
+        if k in resume_ckpt['model_args']:
+            model_args[k] = resume_ckpt['model_args'][k]
+if n_expert > 0:
+    try:
+        MoEConfig(**model_args)  # validates every model key (top_k <= n_expert, n_embd % n_head, ...)
+    except ValueError as e:
+        fail(str(e))
+elif n_embd % n_head != 0:
+    fail(f"n_embd={n_embd} must be divisible by n_head={n_head}")
+if device.startswith('cuda') and not torch.cuda.is_available():
+    fail(f"device={device!r} but CUDA is not available here; use --device=cpu")
+
+# -----------------------------------------------------------------------------
+# various inits, derived attributes, I/O setup
+ddp = int(os.environ.get('RANK', -1)) != -1  # is this a ddp run?
+if ddp:
+    backend = 'nccl' if device.startswith('cuda') else 'gloo'
+    init_process_group(backend=backend)
+    ddp_rank = int(os.environ['RANK'])
+    ddp_local_rank = int(os.environ['LOCAL_RANK'])
+    ddp_world_size = int(os.environ['WORLD_SIZE'])
+    if device.startswith('cuda'):
+        device = f'cuda:{ddp_local_rank}'
+        torch.cuda.set_device(device)
+    master_process = ddp_rank == 0  # this process will do logging, checkpointing etc.
+    # world_size number of processes will be training simultaneously, so we can scale
+    # down the desired gradient accumulation iterations per process proportionally
+    if gradient_accumulation_steps % ddp_world_size != 0:
+        fail(f"gradient_accumulation_steps={gradient_accumulation_steps} must be divisible by the world size {ddp_world_size}")
+    gradient_accumulation_steps //= ddp_world_size
+else:
+    # if not ddp, we are running on a single gpu, and one process
+    master_process = True
+    ddp_rank = 0
+    ddp_world_size = 1
+tokens_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size * block_size
+print(f"tokens per iteration will be: {tokens_per_iter:,}")
+
+if master_process:
+    os.makedirs(out_dir, exist_ok=True)
+torch.manual_seed(seed)
+random.seed(seed)
+np.random.seed(seed)
+torch.backends.cuda.matmul.allow_tf32 = True  # allow tf32 on matmul
+torch.backends.cudnn.allow_tf32 = True  # allow tf32 on cudnn
+device_type = 'cuda' if 'cuda' in device else 'cpu'  # for later use in torch.autocast
+# note: float16 data type will automatically use a GradScaler
+ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+ctx = nullcontext() if device_type == 'cpu' else torch.amp.autocast(device_type=device_type, dtype=ptdtype)
+
+
+# poor man's data loader
+def get_batch(split, step, micro_step):
+    """Batch `micro_step` of iteration `step`. Each batch has its own seed, so the data order is a
+    pure function of (seed, step, global micro step): a resumed run sees exactly the batches the
+    uninterrupted run would have, and DDP ranks split the same global batch as one process would."""
+    g = torch.Generator().manual_seed(hash((seed, split == 'train', step, micro_step)) & 0x7fffffffffffffff)
+    # We recreate np.memmap every batch to avoid a memory leak, as per
+    # https://stackoverflow.com/questions/45132940/numpy-memmap-memory-usage-want-to-iterate-once/61472122#61472122
+    data = np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=np.uint16, mode='r')
+    ix = torch.randint(len(data) - block_size, (batch_size,), generator=g)
+    x = torch.stack([torch.from_numpy((data[i:i + block_size]).astype(np.int64)) for i in ix])
+    y = torch.stack([torch.from_numpy((data[i + 1:i + 1 + block_size]).astype(np.int64)) for i in ix])
+    if device_type == 'cuda':
+        # pin arrays x,y, which allows us to move them to GPU asynchronously (non_blocking=True)
+        x, y = x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    else:
+        x, y = x.to(device), y.to(device)
+    return x, y
+
+
+# init these up here, can override if init_from='resume' (i.e. from a checkpoint)
+iter_num = 0
+best_val_loss = 1e9
+
+# model init
+if init_from == 'scratch':
+    print("Initializing a new model from scratch")
+    if meta_vocab_size is None and not vocab_size:
+        print("defaulting to vocab_size of GPT-2 to 50304 (50257 rounded up for efficiency)")
+    model = build_model(model_args)
+elif init_from == 'resume':
+    print(f"Resuming training from {out_dir}")
+    model = build_model(model_args)
+    model.load_state_dict(clean_state_dict(resume_ckpt['model']))
+    iter_num = resume_ckpt['iter_num']
+    best_val_loss = resume_ckpt['best_val_loss']
+elif init_from.startswith('gpt2'):
+    print(f"Initializing from OpenAI GPT-2 weights: {init_from}")
+    from model import GPT
+    model = GPT.from_pretrained(init_from, dict(dropout=dropout))
+    model_args = model_args_of(model)
+# crop down the model block size if desired, using model surgery
+if block_size < model.config.block_size:
+    model.crop_block_size(block_size)
+    model_args['block_size'] = block_size  # so that the checkpoint will have the right value
+elif block_size > model.config.block_size:
+    fail(f"block_size={block_size} is larger than the model's block_size={model.config.block_size}")
+model.to(device)
+n_total, n_active = model.get_num_params(), model.get_num_params(active=True)
+print(f"number of parameters: {n_total / 1e6:.2f}M total, {n_active / 1e6:.2f}M active per token")
+
+# initialize a GradScaler. If enabled=False scaler is a no-op
+scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
+
+# optimizer
+optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+if init_from == 'resume':
+    optimizer.load_state_dict(resume_ckpt['optimizer'])
+    if 'scaler' in resume_ckpt:
+        scaler.load_state_dict(resume_ckpt['scaler'])
+    # the global RNG drives dropout (and any router noise): restore it for an exact resume
+    torch.set_rng_state(resume_ckpt['rng']['torch'])
+    if torch.cuda.is_available() and resume_ckpt['rng'].get('cuda') is not None and device_type == 'cuda':
+        torch.cuda.set_rng_state(resume_ckpt['rng']['cuda'], device)
+resume_ckpt = None  # free up memory
+
+# compile the model
+if compile:
+    print("compiling the model... (takes a ~minute)")
+    unoptimized_model = model
+    model = torch.compile(model)  # requires PyTorch 2.0
+
+# wrap model into DDP container
+if ddp:
+    model = DDP(model, device_ids=[ddp_local_rank] if device_type == 'cuda' else None)
+raw_model = model.module if ddp else model  # unwrap DDP container if needed
+raw_model = getattr(raw_model, '_orig_mod', raw_model)  # and torch.compile
+
+
+# helps estimate an arbitrarily accurate loss over either split using many batches
+@torch.no_grad()
+def estimate_loss():
+    """Mean cross-entropy (no aux losses: the model is in eval mode) over the same eval_iters batches
+    of each split every time, so successive evals are comparable."""
+    out = {}
+    model.eval()
+    for split in ['train', 'val']:
+        losses = torch.zeros(eval_iters)
+        for k in range(eval_iters):
+            X, Y = get_batch(split, -1, ddp_rank * eval_iters + k)
+            with ctx:
+                logits, loss = model(X, Y)
+            losses[k] = loss.item()
+        out[split] = losses.mean().item()
+    model.train()
+    return out
+
+
+# learning rate decay scheduler (cosine with warmup)
+def get_lr(it):
+    # 1) linear warmup for warmup_iters steps
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    # 2) if it > lr_decay_iters, return min learning rate
+    if it > lr_decay_iters:
+        return min_lr
+    # 3) in between, use cosine decay down to min learning rate
+    decay_ratio = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
+    assert 0 <= decay_ratio <= 1
+    coeff = 0.5 * (1.0 + math.cos(math.pi * decay_ratio))  # coeff ranges 0..1
+    return min_lr + coeff * (learning_rate - min_lr)
+
+
+def save(path):
+    save_checkpoint({
+        'model': raw_model.state_dict(),
+        'optimizer': optimizer.state_dict(),
+        'scaler': scaler.state_dict(),
+        'model_args': model_args,
+        'iter_num': iter_num,
+        'best_val_loss': best_val_loss,
+        'config': config,
+        'rng': {'torch': torch.get_rng_state(),
+                'cuda': torch.cuda.get_rng_state(device) if device_type == 'cuda' else None},
+    }, path)
+
+
+def log(record):
+    """One JSON line per event in out_dir/log.jsonl (and wandb when on): the run's machine-readable history."""
+    with open(os.path.join(out_dir, 'log.jsonl'), 'a') as f:
+        f.write(json.dumps(record) + '\n')
+    if wandb_log:
+        flat = {}
+        for k, v in record.items():
+            if isinstance(v, list):  # tokens per expert: one series per expert
+                flat.update({f'{k}/expert{e}': x for e, x in enumerate(v)})
+            else:
+                flat[k] = v
+        wandb.log(flat, step=record['iter'])
+
+
+# SIGTERM / SIGINT (preemption, Ctrl-C): finish the step in flight, save, exit cleanly
+stop_signal = None
+
+
+def request_stop(signum, frame):
+    global stop_signal
+    stop_signal = signal.Signals(signum).name
+
+
+signal.signal(signal.SIGTERM, request_stop)
+signal.signal(signal.SIGINT, request_stop)
+
+# logging
+if wandb_log and master_process:
+    import wandb
+    wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+
+# training loop
+ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+t0 = time.time()
+local_iter_num = 0  # number of iterations in the lifetime of this process
+running_mfu = -1.0
+while True:
+
+    # determine and set the learning rate for this iteration
+    lr = get_lr(iter_num) if decay_lr else learning_rate
+    for param_group in optimizer.param_groups:
+        param_group['lr'] = lr
+
+    # evaluate the loss on train/val sets and write checkpoints
+    if iter_num % eval_interval == 0 or iter_num == max_iters or eval_only:
+        losses = estimate_loss()
+        if master_process:
+            print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+            log({'iter': iter_num, 'train/ce': losses['train'], 'val/ce': losses['val'], 'lr': lr})
+            improved = losses['val'] < best_val_loss
+            best_val_loss = min(best_val_loss, losses['val'])
+            if iter_num > 0 and not eval_only:
+                print(f"saving checkpoint to {out_dir}")
+                save(ckpt_path)  # the latest, for resume
+                if improved:
+                    save(os.path.join(out_dir, 'ckpt_best.pt'))  # the best val loss so far
+    if iter_num >= max_iters or eval_only:
+        break
+
+    # forward backward update, with optional gradient accumulation to simulate larger batch size
+    # and using the GradScaler if data type is float16
+    loss_sum = 0.0
+    for micro_step in range(gradient_accumulation_steps):
+        X, Y = get_batch('train', iter_num, ddp_rank * gradient_accumulation_steps + micro_step)
+        if ddp:
+            # in DDP training we only need to sync gradients at the last micro step.
+            # the official way to do this is with model.no_sync() context manager, but
+            # I really dislike that this bloats the code and forces us to repeat code
+            # looking at the source of that context manager, it just toggles this variable
+            model.require_backward_grad_sync = (micro_step == gradient_accumulation_steps - 1)
+        with ctx:
+            logits, loss = model(X, Y)
+            loss = loss / gradient_accumulation_steps  # scale the loss to account for gradient accumulation
+        loss_sum = loss_sum + loss.detach()
+        # backward pass, with gradient scaling if training in fp16
+        scaler.scale(loss).backward()
+    # clip the gradient (or just measure its norm, for the non-finite guard)
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float('inf'))
+    # divergence guard: with fp16 the scaler already skips inf steps; otherwise a NaN would poison the weights
+    if not scaler.is_enabled() and not torch.isfinite(loss_sum + grad_norm):
+        message = f"non-finite loss or gradient at iter {iter_num} (loss {float(loss_sum):.4g}, grad norm {float(grad_norm):.4g})"
+        if master_process:
+            log({'iter': iter_num, 'event': 'nonfinite', 'loss': float(loss_sum), 'grad_norm': float(grad_norm),
+                 **raw_model.routing_stats()})
+        if on_nonfinite == 'stop':
+            last = ckpt_path if os.path.exists(ckpt_path) else 'none yet'
+            print(f"error: {message}; stopping. Last good checkpoint: {last}", file=sys.stderr)
+            sys.exit(1)
+        print(f"warning: {message}; skipping this step")
+        optimizer.zero_grad(set_to_none=True)
+        iter_num += 1
+        continue
+    # step the optimizer and scaler if training in fp16
+    scaler.step(optimizer)
+    scaler.update()
+    # flush the gradients as soon as we can, no need for this memory anymore
+    optimizer.zero_grad(set_to_none=True)
+
+    # timing and logging
+    t1 = time.time()
+    dt = t1 - t0
+    t0 = t1
+    if iter_num % log_interval == 0 and master_process:
+        lossf = loss_sum.item()  # the training loss (CE + aux) averaged over micro steps; a CPU-GPU sync point
+        if local_iter_num >= 5:  # let the training loop settle a bit
+            mfu = raw_model.estimate_mfu(batch_size * gradient_accumulation_steps, dt, peak_flops)
+            running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
+        terms = {k: v.item() for k, v in raw_model.loss_terms.items()}
+        parts = ', '.join(f'{k} {v:.4f}' for k, v in terms.items())
+        print(f"iter {iter_num}/{max_iters}: loss {lossf:.4f} ({parts}), time {dt * 1000:.2f}ms, "
+              f"{tokens_per_iter / dt:,.0f} tok/s" + (f", mfu {running_mfu * 100:.2f}%" if running_mfu >= 0 else ''))
+        log({'iter': iter_num, 'loss': lossf, **terms, 'lr': lr, 'grad_norm': float(grad_norm),
+             'dt_ms': dt * 1000, 'mfu': running_mfu, **raw_model.routing_stats()})
+    iter_num += 1
+    local_iter_num += 1
+
+    if stop_signal is not None:
+        if master_process:
+            save(ckpt_path)
+            print(f"received {stop_signal}: saved checkpoint at iter {iter_num} to {ckpt_path}; "
+                  f"continue with --init_from=resume")
+        break
+
+if ddp:
+    destroy_process_group()
