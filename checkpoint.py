@@ -7,8 +7,11 @@ torch.load(weights_only=True): loading one never runs code from the file.
 
 import os
 import pickle
+import random
 import tempfile
+import zipfile
 
+import numpy as np
 import torch
 
 
@@ -43,13 +46,61 @@ def load_checkpoint(path, map_location='cpu'):
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path} not found")
     try:
+        # torch.save writes a zip whose members carry CRC-32s that torch.load never checks:
+        # check them, so a flipped bit in the weights is an error rather than a silently wrong model
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                bad = z.testzip()
+            if bad is not None:
+                raise ValueError(f"CRC mismatch in {bad}")
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError, OSError) as e:
+    except Exception as e:  # whatever pickle or zip raise deep inside, the user gets one line
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"checkpoint {path} is truncated or corrupt and cannot be loaded ({first_line[:200]})") from None
     if not isinstance(ckpt, dict) or 'model' not in ckpt or 'model_args' not in ckpt:
         raise CheckpointError(f"checkpoint {path} is not a nanoMoE checkpoint (no 'model'/'model_args')")
     return ckpt
+
+
+def rng_state(device_type='cpu'):
+    """Every RNG a run may draw from, as tensors, ints and lists only, so weights_only=True loads it."""
+    _, key, pos, has_gauss, gauss = np.random.get_state()
+    version, mt, gauss_next = random.getstate()
+    return {'torch': torch.get_rng_state(),
+            'cuda': torch.cuda.get_rng_state() if device_type == 'cuda' else None,
+            'numpy': {'key': torch.from_numpy(key.astype(np.int64)), 'pos': pos, 'has_gauss': has_gauss, 'gauss': gauss},
+            'python': [version, list(mt), gauss_next]}
+
+
+def set_rng_state(state, device_type='cpu'):
+    """Inverse of rng_state (checkpoints from before numpy/python states were saved lack those keys)."""
+    torch.set_rng_state(state['torch'])
+    if device_type == 'cuda' and state.get('cuda') is not None:
+        torch.cuda.set_rng_state(state['cuda'])
+    if 'numpy' in state:
+        s = state['numpy']
+        np.random.set_state(('MT19937', s['key'].numpy().astype(np.uint32), s['pos'], s['has_gauss'], s['gauss']))
+    if 'python' in state:
+        version, mt, gauss_next = state['python']
+        random.setstate((version, tuple(mt), gauss_next))
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only plain data is allowed")
+
+
+def load_meta(path):
+    """A dataset's meta.pkl (vocab_size, stoi, itos): plain dicts, strings and ints only. Unlike
+    pickle.load this never imports or calls anything named in the file."""
+    try:
+        with open(path, 'rb') as f:
+            meta = _PlainUnpickler(f).load()
+    except Exception as e:
+        raise CheckpointError(f"{path} is not a plain meta.pkl ({str(e).strip()[:200] or type(e).__name__})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get('vocab_size'), int):
+        raise CheckpointError(f"{path} has no integer 'vocab_size'")
+    return meta
 
 
 def clean_state_dict(state_dict):

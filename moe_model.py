@@ -133,7 +133,7 @@ def sort_by_expert(topk_idx, n_expert):
 def combine(out, topk_weight, slot, token, n_tokens):
     """Weight each slot's expert output by its router weight and sum a token's slots, in float32."""
     y = torch.zeros(n_tokens, out.size(1), dtype=torch.float32, device=out.device)
-    return y.index_add_(0, token, out.float() * topk_weight.flatten()[slot, None])
+    return y.index_add_(0, token, out.float() * topk_weight.flatten().index_select(0, slot)[:, None])
 
 # -----------------------------------------------------------------------------
 # Experts: weights of every expert of a layer stacked on dim 0, named after the dense MLP's
@@ -189,12 +189,14 @@ def grouped_experts(x, topk_idx, topk_weight, experts):
     if pad_d or pad_h:  # grouped_mm wants row strides in multiples of 16 bytes: zero-pad (gelu(0) = 0)
         c_fc, c_proj = F.pad(c_fc, (0, pad_h, 0, pad_d)), F.pad(c_proj, (0, pad_d, 0, pad_h))
         c_fc_bias = F.pad(c_fc_bias, (0, pad_h)) if c_fc_bias is not None else None
-    h = _grouped_mm(F.pad(x[token], (0, pad_d)), c_fc, offs=offs)
+    # index_select rather than x[token]: its backward is a fast index_add, not an accumulating index_put
+    x_sorted = x.index_select(0, token)
+    h = _grouped_mm(F.pad(x_sorted, (0, pad_d)) if pad_d else x_sorted, c_fc, offs=offs)
     if c_fc_bias is not None:
-        h = h + c_fc_bias[expert_of_row]
+        h = h + c_fc_bias.index_select(0, expert_of_row)
     out = _grouped_mm(F.gelu(h), c_proj, offs=offs)[:, :d]
     if experts.c_proj_bias is not None:
-        out = out + experts.c_proj_bias[expert_of_row]
+        out = out + experts.c_proj_bias.index_select(0, expert_of_row)
     out = _DenseGrad.apply(out)
     return combine(out, topk_weight, order, token, x.size(0)).to(x.dtype), 0
 
@@ -229,7 +231,7 @@ def batched_experts(x, topk_idx, topk_weight, experts):
     row = flat * (capacity + 1) + place.clamp(max=capacity)
     token = torch.arange(N * k, device=x.device) // k
     buf = torch.zeros(E * (capacity + 1), x.size(1), dtype=x.dtype, device=x.device)
-    buf = buf.index_add(0, row, x[token] * keep[:, None].to(x.dtype)).view(E, capacity + 1, -1)
+    buf = buf.index_add(0, row, x.index_select(0, token) * keep[:, None].to(x.dtype)).view(E, capacity + 1, -1)
     h = torch.bmm(buf, experts.c_fc)
     if experts.c_fc_bias is not None:
         h = h + experts.c_fc_bias[:, None, :]
@@ -237,7 +239,7 @@ def batched_experts(x, topk_idx, topk_weight, experts):
     if experts.c_proj_bias is not None:
         out = out + experts.c_proj_bias[:, None, :]
     slot = torch.arange(N * k, device=x.device)
-    y = combine(out.view(-1, x.size(1))[row], topk_weight * keep.view(N, k), slot, token, N)
+    y = combine(out.view(-1, x.size(1)).index_select(0, row), topk_weight * keep.view(N, k), slot, token, N)
     return y.to(x.dtype), (~keep).sum()
 
 

@@ -93,8 +93,8 @@ if load_meta:
 else:
     # ok let's assume gpt-2 encodings by default
     print("No meta.pkl found, assuming GPT-2 encodings...")
-    import tiktoken
-    enc = tiktoken.get_encoding("gpt2")
+    from data.tiktoken_offline import get_gpt2_encoding  # tiktoken 'gpt2', seeded offline if need be
+    enc = get_gpt2_encoding()
     encode = lambda s: enc.encode(s, allowed_special={"<|endoftext|>"})
     decode = lambda l: enc.decode(l)
 

@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.distributed import init_process_group, destroy_process_group
 
 from configurator import configure, fail
-from checkpoint import save_checkpoint, load_checkpoint, clean_state_dict, CheckpointError
+from checkpoint import save_checkpoint, load_checkpoint, clean_state_dict, CheckpointError, rng_state, set_rng_state, load_meta
 from moe_model import build_model, model_args_of, MoEConfig
 
 # -----------------------------------------------------------------------------
@@ -89,6 +89,7 @@ dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported
 compile = torch.cuda.is_available()  # use PyTorch 2.0 to compile the model to be faster
 peak_flops = 312e12  # for MFU: A100 bf16 peak; an H100 SXM is 989e12
 on_nonfinite = 'stop'  # a NaN/inf loss or grad norm: 'stop' the run, or 'skip' the step
+debug_nan_at_iter = -1  # TEST ONLY: make the loss NaN at this iteration, to exercise the guard above
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
 config = configure({k: globals()[k] for k in config_keys}, sys.argv[1:])  # overrides from command line or config file
@@ -114,9 +115,10 @@ for split in ('train', 'val'):
 meta_path = os.path.join(data_dir, 'meta.pkl')
 meta_vocab_size = None
 if os.path.exists(meta_path):
-    import pickle
-    with open(meta_path, 'rb') as f:
-        meta_vocab_size = pickle.load(f)['vocab_size']
+    try:
+        meta_vocab_size = load_meta(meta_path)['vocab_size']  # plain data only, never runs code
+    except CheckpointError as e:
+        fail(str(e))
     print(f"found vocab_size = {meta_vocab_size} (inside {meta_path})")
 model_args = {k: config[k] for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'dropout', 'n_expert', 'top_k',
                                     'expert_hidden', 'moe_every', 'expert_impl', 'aux_loss_coef', 'z_loss_coef', 'capacity_factor')}
@@ -132,6 +134,10 @@ if init_from == 'resume':
     for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size', 'n_expert', 'top_k', 'expert_hidden', 'moe_every'):
         if k in resume_ckpt['model_args']:
             model_args[k] = resume_ckpt['model_args'][k]
+# a model from a checkpoint or from GPT-2 can be cropped to a smaller block_size, never grown
+model_block_size = 1024 if init_from in ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl') else model_args['block_size']
+if block_size > model_block_size:
+    fail(f"block_size={block_size} is larger than the model's block_size={model_block_size}")
 if n_expert > 0:
     try:
         MoEConfig(**model_args)  # validates every model key (top_k <= n_expert, n_embd % n_head, ...)
@@ -170,6 +176,10 @@ print(f"tokens per iteration will be: {tokens_per_iter:,}")
 
 if master_process:
     os.makedirs(out_dir, exist_ok=True)
+    # a run killed while saving (kill -9, power loss) leaves its temp file: never a checkpoint, remove it
+    for name in os.listdir(out_dir):
+        if name.startswith(('ckpt.pt.', 'ckpt_best.pt.')) and name.endswith('.tmp'):
+            os.remove(os.path.join(out_dir, name))
 torch.manual_seed(seed)
 random.seed(seed)
 np.random.seed(seed)
@@ -241,10 +251,8 @@ if init_from == 'resume':
     optimizer.load_state_dict(resume_ckpt['optimizer'])
     if 'scaler' in resume_ckpt:
         scaler.load_state_dict(resume_ckpt['scaler'])
-    # the global RNG drives dropout (and any router noise): restore it for an exact resume
-    torch.set_rng_state(resume_ckpt['rng']['torch'])
-    if torch.cuda.is_available() and resume_ckpt['rng'].get('cuda') is not None and device_type == 'cuda':
-        torch.cuda.set_rng_state(resume_ckpt['rng']['cuda'], device)
+    # the global RNGs drive dropout (and any router noise or sampling): restore them for an exact resume
+    set_rng_state(resume_ckpt['rng'], device_type)
 resume_ckpt = None  # free up memory
 
 # compile the model
@@ -303,8 +311,7 @@ def save(path):
         'iter_num': iter_num,
         'best_val_loss': best_val_loss,
         'config': config,
-        'rng': {'torch': torch.get_rng_state(),
-                'cuda': torch.cuda.get_rng_state(device) if device_type == 'cuda' else None},
+        'rng': rng_state(device_type),
     }, path)
 
 
@@ -328,11 +335,47 @@ stop_signal = None
 
 def request_stop(signum, frame):
     global stop_signal
+    if stop_signal is not None:  # a second signal: stop at once (checkpoint writes are atomic, so that is safe)
+        sys.exit(128 + signum)
     stop_signal = signal.Signals(signum).name
 
 
 signal.signal(signal.SIGTERM, request_stop)
 signal.signal(signal.SIGINT, request_stop)
+
+
+@torch.no_grad()
+def router_diagnosis(X):
+    """For the divergence guard: per MoE layer, the router's weight and aux losses from this step, then
+    its logits on the last micro-batch X, re-run in eval mode (no dropout, so no RNG is consumed)."""
+    stats, hooks = {}, []
+    for i, block in enumerate(raw_model.transformer.h):
+        layer = block.mlp
+        if not hasattr(layer, 'router'):  # a dense block
+            continue
+        w = layer.router.gate.weight
+        stats[f'layer{i}/gate_weight_norm'] = w.float().norm().item()
+        stats[f'layer{i}/gate_weight_finite'] = bool(torch.isfinite(w).all())
+        stats[f'layer{i}/z_loss'] = float(getattr(layer, 'z_loss', float('nan')))
+        stats[f'layer{i}/balance_loss'] = float(getattr(layer, 'balance_loss', float('nan')))
+
+        def hook(module, args, out, i=i):
+            logits = out[2]
+            finite = torch.isfinite(logits)
+            stats[f'layer{i}/router_logits_finite'] = finite.float().mean().item()
+            if finite.any():
+                stats[f'layer{i}/router_logits_absmax'] = logits[finite].abs().max().item()
+                stats[f'layer{i}/router_logits_std'] = logits[finite].float().std().item()
+        hooks.append(layer.router.register_forward_hook(hook))
+    if hooks:
+        raw_model.eval()
+        with ctx:
+            raw_model(X)
+        raw_model.train()
+    for h in hooks:
+        h.remove()
+    return stats
+
 
 # logging
 if wandb_log and master_process:
@@ -381,6 +424,8 @@ while True:
         with ctx:
             logits, loss = model(X, Y)
             loss = loss / gradient_accumulation_steps  # scale the loss to account for gradient accumulation
+        if iter_num == debug_nan_at_iter:
+            loss = loss * float('nan')  # test-only fault injection
         loss_sum = loss_sum + loss.detach()
         # backward pass, with gradient scaling if training in fp16
         scaler.scale(loss).backward()
@@ -390,9 +435,9 @@ while True:
     # divergence guard: with fp16 the scaler already skips inf steps; otherwise a NaN would poison the weights
     if not scaler.is_enabled() and not torch.isfinite(loss_sum + grad_norm):
         message = f"non-finite loss or gradient at iter {iter_num} (loss {float(loss_sum):.4g}, grad norm {float(grad_norm):.4g})"
-        if master_process:
+        if master_process:  # expert loads and router state at this step, for the post-mortem
             log({'iter': iter_num, 'event': 'nonfinite', 'loss': float(loss_sum), 'grad_norm': float(grad_norm),
-                 **raw_model.routing_stats()})
+                 **raw_model.routing_stats(), **router_diagnosis(X)})
         if on_nonfinite == 'stop':
             last = ckpt_path if os.path.exists(ckpt_path) else 'none yet'
             print(f"error: {message}; stopping. Last good checkpoint: {last}", file=sys.stderr)
@@ -425,11 +470,16 @@ while True:
     iter_num += 1
     local_iter_num += 1
 
-    if stop_signal is not None:
+    stop = stop_signal is not None
+    if ddp:  # ranks get the signal at different steps: agree on one, or a rank hangs in its next all-reduce
+        stop = torch.tensor(float(stop), device=device)
+        torch.distributed.all_reduce(stop, op=torch.distributed.ReduceOp.MAX)
+        stop = stop.item() > 0
+    if stop:
         if master_process:
             save(ckpt_path)
-            print(f"received {stop_signal}: saved checkpoint at iter {iter_num} to {ckpt_path}; "
-                  f"continue with --init_from=resume")
+            print(f"received {stop_signal or 'a stop signal (on another rank)'}: saved checkpoint at iter {iter_num} "
+                  f"to {ckpt_path}; continue with --init_from=resume")
         break
 
 if ddp:

@@ -16,8 +16,11 @@ TINY = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_
 
 def run(script, *args, check=True, timeout=300):
     """Run one of the repo's scripts with this interpreter; returns the CompletedProcess."""
+    # one thread: tiny models gain nothing from more, and busy-waiting OpenMP threads of concurrent
+    # processes can slow a 2-core machine down a hundredfold
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
     p = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=ROOT, capture_output=True,
-                       text=True, timeout=timeout)
+                       text=True, timeout=timeout, env=env)
     if check and p.returncode != 0:
         raise AssertionError(f"{script} {' '.join(args)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     return p

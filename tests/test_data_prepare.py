@@ -204,3 +204,22 @@ def test_openwebtext_write_is_atomic(env, tmp_path):
         owt.write_bin(bad, path, total_batches=8)
     assert os.listdir(tmp_path) == ["train.bin"]  # the old file is untouched, no temp file left
     assert np.fromfile(path, dtype=np.uint16).tolist() == [1, 2, EOT, 3, EOT]
+
+
+def test_short_training_run_on_gutenberg_bins_lowers_the_loss(env, tmp_path):
+    import json
+    data = tmp_path / "gutenberg"
+    r = run(OWT_PREPARE, "--folder", GUTENBERG_DIR, "--out_dir", data, "--num_proc", 2, env=env)
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "out"
+    tiny = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=8", "--eval_iters=4",
+            "--device=cpu", "--dtype=float32", "--compile=False", "--n_expert=4", "--top_k=2", "--expert_hidden=32",
+            "--learning_rate=3e-3", "--warmup_iters=5", "--decay_lr=False", "--log_interval=10"]
+    # a dataset may be given as a folder path holding train.bin/val.bin (no meta.pkl: GPT-2 vocab)
+    r = run(os.path.join(REPO_ROOT, "train.py"), *tiny, f"--dataset={data}", f"--out_dir={out}",
+            "--max_iters=40", "--eval_interval=40", env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    with open(out / "log.jsonl") as f:
+        evals = [rec for rec in map(json.loads, f) if "val/ce" in rec]
+    assert [e["iter"] for e in evals] == [0, 40]
+    assert evals[1]["val/ce"] < evals[0]["val/ce"] - 1.0, evals

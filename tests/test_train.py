@@ -104,3 +104,21 @@ def test_bench_runs_dense_moe_and_the_layer_mode():
             '--layer_experts=4,8', '--warmup_iters=1', '--bench_iters=2', '--device=cpu')
     rows = [l.split() for l in p.stdout.splitlines() if l.split() and l.split()[0] in ('4', '8')]
     assert [(r[0], r[1]) for r in rows] == [(e, i) for e in '48' for i in ('loop', 'grouped', 'batched')]
+
+
+def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(shakespeare_char, tmp_path):
+    """torchrun with 2 CPU processes (gloo) and gradient_accumulation_steps=2 (one micro-batch each)
+    trains exactly what one process does with 2 micro-batches: same weights after a few steps."""
+    import subprocess, sys
+    from conftest import ROOT
+    args = [*TINY, '--gradient_accumulation_steps=2', '--max_iters=4', '--eval_interval=4']
+    run('train.py', *args, f'--out_dir={tmp_path / "single"}')
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    p = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                        os.path.join(ROOT, 'train.py'), *args, f'--out_dir={tmp_path / "ddp"}'],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    single = load_checkpoint(str(tmp_path / 'single' / 'ckpt.pt'))['model']
+    ddp = load_checkpoint(str(tmp_path / 'ddp' / 'ckpt.pt'))['model']
+    for k in single:
+        torch.testing.assert_close(ddp[k], single[k], rtol=1e-4, atol=1e-5)
