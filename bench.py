@@ -40,6 +40,9 @@ expert_hidden = 0
 moe_every = 1
 expert_impl = 'grouped'
 capacity_factor = 1.25
+router = 'topk'  # expert_choice runs its own bmm in training
+n_shared_expert = 0
+n_dense_layers = 0
 real_data = False
 dataset = 'openwebtext'
 seed = 1337
@@ -142,7 +145,8 @@ def bench_model():
         model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
                           vocab_size=vocab_size, dropout=0.0, n_expert=n_expert, top_k=top_k,
                           expert_hidden=expert_hidden, moe_every=moe_every, expert_impl=expert_impl,
-                          capacity_factor=capacity_factor)
+                          capacity_factor=capacity_factor, router=router, n_shared_expert=n_shared_expert,
+                          n_dense_layers=n_dense_layers)
     try:
         model = build_model(model_args)
     except ValueError as e:

@@ -1,8 +1,9 @@
 """
 Checkpoints: written atomically, loaded safely.
 
-A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so it loads with
-torch.load(weights_only=True): loading one never runs code from the file.
+A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts (RNG states included, see
+rng_state), so it loads with torch.load(weights_only=True): loading one never runs code from the file.
+Its zip CRCs are checked too, so a truncated or bit-flipped file is one clear error, never a wrong model.
 """
 
 import os
@@ -62,21 +63,21 @@ def load_checkpoint(path, map_location='cpu'):
     return ckpt
 
 
-def rng_state(device_type='cpu'):
+def rng_state(device='cpu'):
     """Every RNG a run may draw from, as tensors, ints and lists only, so weights_only=True loads it."""
     _, key, pos, has_gauss, gauss = np.random.get_state()
     version, mt, gauss_next = random.getstate()
     return {'torch': torch.get_rng_state(),
-            'cuda': torch.cuda.get_rng_state() if device_type == 'cuda' else None,
+            'cuda': torch.cuda.get_rng_state(device) if device.startswith('cuda') else None,
             'numpy': {'key': torch.from_numpy(key.astype(np.int64)), 'pos': pos, 'has_gauss': has_gauss, 'gauss': gauss},
             'python': [version, list(mt), gauss_next]}
 
 
-def set_rng_state(state, device_type='cpu'):
+def set_rng_state(state, device='cpu'):
     """Inverse of rng_state (checkpoints from before numpy/python states were saved lack those keys)."""
     torch.set_rng_state(state['torch'])
-    if device_type == 'cuda' and state.get('cuda') is not None:
-        torch.cuda.set_rng_state(state['cuda'])
+    if device.startswith('cuda') and state.get('cuda') is not None:
+        torch.cuda.set_rng_state(state['cuda'], device)
     if 'numpy' in state:
         s = state['numpy']
         np.random.set_state(('MT19937', s['key'].numpy().astype(np.uint32), s['pos'], s['has_gauss'], s['gauss']))

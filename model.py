@@ -88,11 +88,12 @@ class CausalSelfAttention(nn.Module):
 
 class MLP(nn.Module):
 
-    def __init__(self, config):
+    def __init__(self, config, hidden=None):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        hidden = hidden or 4 * config.n_embd  # MoE shared experts pass their own hidden size
+        self.c_fc = nn.Linear(config.n_embd, hidden, bias=config.bias)
         self.gelu = nn.GELU()
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
@@ -155,6 +156,14 @@ class GPT(nn.Module):
     def routing_stats(self):
         """Per-layer routing statistics after a forward, for logging (MoEGPT overrides this)."""
         return {}
+
+    def routing_flips(self, idx):
+        """Per-layer routing flip rate on a fixed probe batch since the last call (MoEGPT overrides this)."""
+        return {}
+
+    def end_step(self):
+        """Called once per optimizer step, after the last micro-batch (MoEGPT overrides this)."""
+        pass
 
     def get_num_params(self, non_embedding=True, active=False):
         """

@@ -1,14 +1,16 @@
 """
 Mixture-of-Experts GPT: model.py's dense GPT with routed experts in place of (some of) its MLPs.
 
-Reading order: MoEConfig -> Router (fp32 logits, top-k) and the two aux losses -> dispatch helpers
+Reading order: MoEConfig -> Router (fp32 logits, top-k; or noisy top-k, expert choice, aux-loss-free
+bias) and the two aux losses -> dispatch helpers
 -> Experts (weights stacked [n_expert, ...]) -> expert backends, one function signature each:
     backend(x [N, d], topk_idx [N, k], topk_weight [N, k], experts) -> (y [N, d], n_dropped slots)
   'loop'     the reference: a for-loop over experts. Simple, slow.
   'grouped'  dropless: sort token-slots by expert, two grouped GEMMs (torch grouped_mm).
   'batched'  capacity-based (GShard/Switch): fixed slots per expert, overflow dropped, one bmm.
   'triton'   MegaBlocks-style block-sparse kernels (moe_triton.py, optional dependency).
--> MoE (drop-in for MLP, keeps its aux terms on the module) -> MoEGPT(GPT).
+-> expert choice (each expert picks its tokens, training only) -> MoE (drop-in for MLP, optional shared
+experts, keeps its aux terms and routing stats on the module) -> MoEGPT(GPT).
 """
 
 import math
@@ -18,6 +20,7 @@ from dataclasses import dataclass, fields, asdict
 
 import torch
 import torch.nn as nn
+import torch.distributed as dist
 from torch.nn import functional as F
 
 from model import GPT, GPTConfig, MLP
@@ -33,6 +36,14 @@ class MoEConfig(GPTConfig):
     aux_loss_coef: float = 0.01  # weight of the Switch load-balancing loss
     z_loss_coef: float = 0.001   # weight of the ST-MoE router z-loss
     capacity_factor: float = 1.25  # capacity backends only: slots per expert = cf * tokens * top_k / n_expert
+    router: str = 'topk'         # one of ROUTERS below: 'topk', 'noisy_topk', 'expert_choice', 'aux_free'
+    router_temperature: float = 1.0  # softmax temperature of the router
+    router_jitter: float = 0.0   # training only: router input times U(1 - jitter, 1 + jitter) (Switch)
+    bias_update_rate: float = 0.001  # router='aux_free': per-step change of an expert's selection bias
+    n_shared_expert: int = 0     # experts of expert_hidden that every token passes through (DeepSeekMoE)
+    n_dense_layers: int = 0      # the first n_dense_layers blocks keep a dense MLP (DeepSeekMoE)
+    expert_dropout: float = 0.0  # training only: each whole expert is dropped with this probability
+    aux_loss_scope: str = 'micro'  # balance-loss loads f_i over the 'micro'-batch or the 'global' batch
 
     def __post_init__(self):
         super().__post_init__()
@@ -54,12 +65,27 @@ class MoEConfig(GPTConfig):
             raise ValueError(f"expert_impl='triton' needs expert_hidden divisible by 16, got {self.expert_hidden}")
         if self.capacity_factor <= 0:
             raise ValueError(f"capacity_factor={self.capacity_factor} must be > 0")
-        for key in ('aux_loss_coef', 'z_loss_coef'):
+        for key in ('aux_loss_coef', 'z_loss_coef', 'bias_update_rate'):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key}={getattr(self, key)} must be >= 0")
+        if self.router not in ROUTERS:
+            raise ValueError(f"router={self.router!r} is unknown; allowed: {', '.join(ROUTERS)}")
+        if self.aux_loss_scope not in ('micro', 'global'):
+            raise ValueError(f"aux_loss_scope={self.aux_loss_scope!r} is unknown; allowed: micro, global")
+        if self.router_temperature <= 0:
+            raise ValueError(f"router_temperature={self.router_temperature} must be > 0")
+        for key in ('router_jitter', 'expert_dropout'):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise ValueError(f"{key}={getattr(self, key)} must be in [0, 1)")
+        for key in ('n_shared_expert', 'n_dense_layers'):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 0:
+                raise ValueError(f"{key}={getattr(self, key)!r} must be a non-negative integer")
+        if not any(self.is_moe_layer(i) for i in range(self.n_layer)):
+            raise ValueError(f"n_dense_layers={self.n_dense_layers} with moe_every={self.moe_every} leaves no MoE "
+                             f"layer among n_layer={self.n_layer}")
 
     def is_moe_layer(self, layer_idx):
-        return (layer_idx + 1) % self.moe_every == 0
+        return layer_idx >= self.n_dense_layers and (layer_idx + 1) % self.moe_every == 0
 
 
 def build_model(model_args):
@@ -78,23 +104,49 @@ def model_args_of(model):
 # Router and auxiliary losses
 
 
+ROUTERS = ('topk', 'noisy_topk', 'expert_choice', 'aux_free')
+
+
 class Router(nn.Module):
-    """A bias-free linear gate: softmax over all experts, then each token keeps its top_k."""
+    """A bias-free linear gate: softmax over all experts (logits / router_temperature), then each token
+    keeps its top_k. config.router picks a variant:
+      'topk'           just that (Switch, GShard, Mixtral).
+      'noisy_topk'     Shazeer et al. 2017: in training, N(0, 1) * softplus(x @ W_noise) is added to the
+                       logits before softmax and top-k; W_noise is learned. No noise in eval.
+      'expert_choice'  Zhou et al. 2022: in training each expert picks its tokens (expert_choice() below,
+                       called by MoE.forward); this forward is the per-token top-k that eval uses.
+      'aux_free'       DeepSeek-V3 auxiliary-loss-free balancing: a per-expert bias is added to the
+                       probabilities to pick the top-k, but not to the weights; MoEGPT.end_step() moves
+                       it against each expert's load error after every optimizer step.
+    router_jitter > 0 (Switch): in training the router input is multiplied by U(1 - jitter, 1 + jitter)."""
 
     def __init__(self, config):
         super().__init__()
         self.gate = nn.Linear(config.n_embd, config.n_expert, bias=False)
-        self.top_k = config.top_k
+        self.noise = nn.Linear(config.n_embd, config.n_expert, bias=False) if config.router == 'noisy_topk' else None
+        # a buffer, not a parameter: it gets no gradient, but is saved in checkpoints
+        self.register_buffer('expert_bias', torch.zeros(config.n_expert) if config.router == 'aux_free' else None)
+        self.top_k, self.temperature, self.jitter = config.top_k, config.router_temperature, config.router_jitter
+        self.renormalise = config.top_k > 1 and config.router != 'expert_choice'
 
     def forward(self, x):
         # routing flips on tiny logit differences, so logits and softmax run in float32, autocast off
         with torch.autocast(device_type=x.device.type, enabled=False):
-            logits = F.linear(x.float(), self.gate.weight.float())
-        probs = logits.softmax(dim=-1)
-        topk_weight, topk_idx = probs.topk(self.top_k, dim=-1)
-        if self.top_k > 1:
+            x = x.float()
+            if self.training and self.jitter > 0:
+                x = x * torch.empty_like(x).uniform_(1 - self.jitter, 1 + self.jitter)
+            logits = F.linear(x, self.gate.weight.float()) / self.temperature
+            noisy = logits  # the z-loss sees the clean logits
+            if self.training and self.noise is not None:
+                noisy = logits + torch.randn_like(logits) * F.softplus(F.linear(x, self.noise.weight.float()))
+        probs = noisy.softmax(dim=-1)
+        scores = probs if self.expert_bias is None else probs + self.expert_bias  # the bias only selects
+        topk_idx = scores.topk(self.top_k, dim=-1).indices
+        topk_weight = probs.gather(1, topk_idx)
+        if self.renormalise:
             # renormalise over the chosen experts; with k=1 that would make every weight 1.0 and
-            # cut the router off from the language-model gradient, so k=1 keeps the raw probability
+            # cut the router off from the language-model gradient, so k=1 keeps the raw probability.
+            # Expert choice keeps raw probabilities too: that is how its training weighs experts
             topk_weight = topk_weight / topk_weight.sum(dim=-1, keepdim=True)
         return topk_idx, topk_weight, logits, probs
 
@@ -105,12 +157,14 @@ def count_per_expert(topk_idx, n_expert):
     return torch.zeros(n_expert, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
 
 
-def load_balance_loss(probs, topk_idx):
+def load_balance_loss(probs, topk_idx, counts=None):
     """Switch Transformer balance loss of ONE layer: n_expert * sum_i f_i * P_i, with f_i the fraction
     of token-slots sent to expert i and P_i the mean of the FULL softmax probability of expert i.
-    1.0 at perfect balance, n_expert when every token picks the same expert."""
+    1.0 at perfect balance, n_expert when every token picks the same expert. `counts` (slots per expert)
+    replaces topk_idx's own when f_i is measured over more tokens (aux_loss_scope='global')."""
     n_expert = probs.size(-1)
-    f = count_per_expert(topk_idx, n_expert).float() / topk_idx.numel()
+    counts = count_per_expert(topk_idx, n_expert) if counts is None else counts
+    f = counts.float() / counts.sum()
     P = probs.mean(dim=0)
     return n_expert * torch.sum(f * P)
 
@@ -118,6 +172,14 @@ def load_balance_loss(probs, topk_idx):
 def router_z_loss(logits):
     """ST-MoE router z-loss: mean over tokens of logsumexp(logits)^2; keeps router logits small."""
     return torch.logsumexp(logits, dim=-1).pow(2).mean()
+
+
+def summed_over_ranks(t):
+    """t summed over all DDP processes (t itself in a single process)."""
+    if dist.is_available() and dist.is_initialized():
+        t = t.clone()
+        dist.all_reduce(t)
+    return t
 
 # -----------------------------------------------------------------------------
 # Dispatch helpers
@@ -253,31 +315,90 @@ EXPERT_IMPLS = {'loop': loop_experts, 'grouped': grouped_experts, 'batched': bat
                 'triton': triton_experts}
 
 # -----------------------------------------------------------------------------
+# Expert choice (Zhou et al. 2022): experts pick tokens, instead of tokens picking experts
+
+
+def expert_choice(probs, top_k):
+    """Each expert takes the capacity = ceil(top_k * N / n_expert) tokens that give it the highest
+    probability: every expert gets exactly `capacity` tokens, a token gets 0..n_expert experts (top_k
+    on average, so the FLOPs match top-k routing). Returns token [n_expert, capacity] and its weight,
+    the router probability. Non-causal: a token's experts depend on all tokens of the batch."""
+    N, E = probs.shape
+    weight, token = probs.t().topk(min(N, math.ceil(top_k * N / E)), dim=1)
+    return token, weight
+
+
+def expert_choice_experts(x, token, weight, experts):
+    """Run every expert on its chosen tokens (equal counts, so one bmm per MLP layer and no padding),
+    then sum each token's weighted expert outputs in float32."""
+    h = torch.bmm(x[token], experts.c_fc)
+    if experts.c_fc_bias is not None:
+        h = h + experts.c_fc_bias[:, None, :]
+    out = torch.bmm(F.gelu(h), experts.c_proj)
+    if experts.c_proj_bias is not None:
+        out = out + experts.c_proj_bias[:, None, :]
+    y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    return y.index_add_(0, token.flatten(), (out.float() * weight[..., None]).flatten(0, 1)).to(x.dtype)
+
+# -----------------------------------------------------------------------------
 # The MoE layer and the model
 
 
 class MoE(nn.Module):
-    """Drop-in for MLP: routes each token to top_k experts. After each forward it holds its own
-    aux-loss terms (balance_loss, z_loss) and routing stats (tokens_per_expert, drop_fraction)."""
+    """Drop-in for MLP: routes each token to top_k experts (with router='expert_choice', in training,
+    each expert to its tokens), plus n_shared_expert shared experts that every token passes through.
+    After each forward it holds its own aux-loss terms (balance_loss, z_loss) and routing stats
+    (tokens_per_expert, drop_fraction, entropy, topk_idx)."""
 
     def __init__(self, config):
         super().__init__()
         self.router = Router(config)
         self.experts = Experts(config)
+        # DeepSeekMoE: n shared experts of expert_hidden each are one MLP of n * expert_hidden
+        self.shared = MLP(config, config.n_shared_expert * config.expert_hidden) if config.n_shared_expert else None
         self.dropout = nn.Dropout(config.dropout)
         self.expert_impl = config.expert_impl
+        self.router_kind = config.router
+        self.expert_dropout = config.expert_dropout
+        self.aux_loss_scope = config.aux_loss_scope
+        self.step_counts = None  # this rank's token-slots per expert over the optimizer step so far
 
     def forward(self, x):
         B, T, C = x.shape
+        E = self.experts.c_fc.size(0)
         # position-major token order: capacity backends give earlier positions priority (causal)
         x_flat = x.transpose(0, 1).reshape(T * B, C)
         topk_idx, topk_weight, logits, probs = self.router(x_flat)
-        self.balance_loss = load_balance_loss(probs, topk_idx)
+        keep = None
+        if self.training and self.expert_dropout > 0:  # inverted dropout, one coin per whole expert
+            keep = (torch.rand(E, device=x.device) >= self.expert_dropout).float() / (1 - self.expert_dropout)
+        if self.training and self.router_kind == 'expert_choice':
+            # a token's experts depend on later tokens of the batch, which a decoder must not see at
+            # inference (and one token alone would get every expert): eval uses Router.forward's top-k
+            token, weight = expert_choice(probs, self.router.top_k)
+            y = expert_choice_experts(x_flat, token, weight if keep is None else weight * keep[:, None], self.experts)
+            counts = torch.full((E,), token.size(1), dtype=torch.long, device=x.device)
+            taken = torch.zeros(x_flat.size(0), dtype=torch.bool, device=x.device).index_fill_(0, token.flatten(), True)
+            self.drop_fraction = 1 - taken.float().mean()  # tokens that no expert took
+        else:
+            weight = topk_weight if keep is None else topk_weight * keep[topk_idx]
+            y, n_dropped = EXPERT_IMPLS[self.expert_impl](x_flat, topk_idx, weight, self.experts)
+            counts = count_per_expert(topk_idx, E)
+            self.drop_fraction = n_dropped / topk_idx.numel()
+        balance_counts = counts
+        if self.training:
+            self.step_counts = counts if self.step_counts is None else self.step_counts + counts
+            if self.aux_loss_scope == 'global':
+                # Qwen-style global-batch balancing: f_i over every micro-batch of this step so far, on
+                # every rank (the step's last micro-batch sees the whole global batch); P_i stays local
+                balance_counts = summed_over_ranks(self.step_counts)
+        self.balance_loss = load_balance_loss(probs, topk_idx, balance_counts)
         self.z_loss = router_z_loss(logits)
-        self.tokens_per_expert = count_per_expert(topk_idx, probs.size(1))
-        y, n_dropped = EXPERT_IMPLS[self.expert_impl](x_flat, topk_idx, topk_weight, self.experts)
-        self.drop_fraction = n_dropped / topk_idx.numel()
-        return self.dropout(y.view(T, B, C).transpose(0, 1))
+        self.tokens_per_expert = counts
+        self.entropy = torch.special.entr(probs.detach()).sum(-1).mean()  # per-token router entropy, nats
+        self.topk_idx = topk_idx  # tokens in position-major order (t * B + b)
+        y = self.dropout(y.view(T, B, C).transpose(0, 1))
+        return y if self.shared is None else y + self.shared(x)
 
 
 class MoEGPT(GPT):
@@ -288,6 +409,10 @@ class MoEGPT(GPT):
 
     def moe_layers(self):
         return [block.mlp for block in self.transformer.h if isinstance(block.mlp, MoE)]
+
+    def indexed_moe_layers(self):
+        """(block index, MoE layer) pairs: the 'layer{i}' of logged stats is the block index."""
+        return [(i, block.mlp) for i, block in enumerate(self.transformer.h) if isinstance(block.mlp, MoE)]
 
     def set_expert_impl(self, expert_impl):
         """Switch backend in place: all backends share the same parameters."""
@@ -322,14 +447,41 @@ class MoEGPT(GPT):
         return n_params
 
     def routing_stats(self):
-        """Per MoE layer, after a forward: fraction of token-slots per expert and dropped fraction."""
+        """Per MoE layer, after a forward: fraction of token-slots per expert, max/mean load, mean
+        router entropy (nats; log(n_expert) is uniform) and dropped fraction (of slots; with expert
+        choice in training, of tokens no expert took)."""
         stats = {}
-        for i, block in enumerate(self.transformer.h):
-            if not isinstance(block.mlp, MoE):
-                continue
-            layer = block.mlp
+        for i, layer in self.indexed_moe_layers():
             load = layer.tokens_per_expert.float()
             stats[f'layer{i}/load'] = (load / load.sum()).tolist()
             stats[f'layer{i}/max_load'] = (load.max() / load.mean()).item()
+            stats[f'layer{i}/entropy'] = layer.entropy.item()
             stats[f'layer{i}/drop_fraction'] = float(layer.drop_fraction)
         return stats
+
+    @torch.no_grad()
+    def routing_flips(self, idx):
+        """Routing flip rate: per MoE layer, the fraction of the probe batch idx's tokens whose top-1
+        expert changed since the previous call ({} on the first). Runs in eval mode: no noise."""
+        training = self.training
+        self.eval()
+        self(idx)
+        self.train(training)
+        top1 = {i: layer.topk_idx[:, 0].clone() for i, layer in self.indexed_moe_layers()}
+        previous, self.probe_top1 = getattr(self, 'probe_top1', None), top1
+        if previous is None:
+            return {}
+        return {f'layer{i}/flip_rate': (top1[i] != previous[i]).float().mean().item() for i in top1}
+
+    @torch.no_grad()
+    def end_step(self):
+        """Once per optimizer step, after its last micro-batch: with router='aux_free' each expert's
+        selection bias moves by bias_update_rate against its load error over the step's global batch
+        (DeepSeek-V3: overloaded experts down, underloaded up). Then the step's load counts restart."""
+        for layer in self.moe_layers():
+            if layer.step_counts is None:
+                continue
+            if layer.router.expert_bias is not None:
+                load = summed_over_ranks(layer.step_counts).float()
+                layer.router.expert_bias += self.config.bias_update_rate * torch.sign(load.mean() - load)
+            layer.step_counts = None

@@ -5,13 +5,12 @@ $ python sample.py --init_from=gpt2 --start=FILE:prompt.txt
 """
 import os
 import sys
-import pickle
 from contextlib import nullcontext
 
 import torch
 
 from configurator import configure, fail
-from checkpoint import load_checkpoint, clean_state_dict, CheckpointError
+from checkpoint import load_checkpoint, load_meta, clean_state_dict, CheckpointError
 from moe_model import build_model
 
 # -----------------------------------------------------------------------------
@@ -75,15 +74,15 @@ if compile:
     model = torch.compile(model)  # requires PyTorch 2.0 (optional)
 
 # look for the meta pickle in case it is available in the dataset folder
-load_meta = False
+meta_path = None
 if checkpoint is not None and 'config' in checkpoint and 'dataset' in checkpoint['config']:  # older checkpoints might not have these...
     meta_path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', checkpoint['config']['dataset'], 'meta.pkl')
-    load_meta = os.path.exists(meta_path)
-if load_meta:
+if meta_path and os.path.exists(meta_path):
     print(f"Loading meta from {meta_path}...")
-    with open(meta_path, 'rb') as f:
-        meta = pickle.load(f)
-    # TODO want to make this more general to arbitrary encoder/decoder schemes
+    try:
+        meta = load_meta(meta_path)  # plain data only: never runs code named in the file
+    except CheckpointError as e:
+        fail(str(e))
     stoi, itos = meta['stoi'], meta['itos']
     unknown = sorted(set(c for c in (open(start[5:]).read() if start.startswith('FILE:') else start) if c not in stoi))
     if unknown:

@@ -71,6 +71,14 @@ expert_impl = 'grouped'
 aux_loss_coef = 0.01
 z_loss_coef = 0.001
 capacity_factor = 1.25
+router = 'topk'  # 'topk', 'noisy_topk', 'expert_choice', 'aux_free' (see moe_model.Router)
+router_temperature = 1.0
+router_jitter = 0.0
+bias_update_rate = 0.001  # router='aux_free' only
+n_shared_expert = 0
+n_dense_layers = 0
+expert_dropout = 0.0
+aux_loss_scope = 'micro'  # 'micro' or 'global' (all micro-batches and ranks of a step)
 # adamw optimizer
 learning_rate = 6e-4  # max learning rate
 max_iters = 600000  # total number of training iterations
@@ -121,7 +129,9 @@ if os.path.exists(meta_path):
         fail(str(e))
     print(f"found vocab_size = {meta_vocab_size} (inside {meta_path})")
 model_args = {k: config[k] for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'dropout', 'n_expert', 'top_k',
-                                    'expert_hidden', 'moe_every', 'expert_impl', 'aux_loss_coef', 'z_loss_coef', 'capacity_factor')}
+                                    'expert_hidden', 'moe_every', 'expert_impl', 'aux_loss_coef', 'z_loss_coef', 'capacity_factor',
+                                    'router', 'router_temperature', 'router_jitter', 'bias_update_rate', 'n_shared_expert',
+                                    'n_dense_layers', 'expert_dropout', 'aux_loss_scope')}
 model_args['vocab_size'] = vocab_size or meta_vocab_size or 50304
 resume_ckpt = None
 if init_from == 'resume':
@@ -131,20 +141,21 @@ if init_from == 'resume':
         fail(str(e))
     # force these config attributes to be equal otherwise we can't even resume training;
     # the rest of the attributes (e.g. dropout, expert_impl) can stay as desired from command line
-    for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size', 'n_expert', 'top_k', 'expert_hidden', 'moe_every'):
+    for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size', 'n_expert', 'top_k', 'expert_hidden', 'moe_every',
+              'router', 'n_shared_expert', 'n_dense_layers'):
         if k in resume_ckpt['model_args']:
             model_args[k] = resume_ckpt['model_args'][k]
 # a model from a checkpoint or from GPT-2 can be cropped to a smaller block_size, never grown
 model_block_size = 1024 if init_from in ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl') else model_args['block_size']
 if block_size > model_block_size:
     fail(f"block_size={block_size} is larger than the model's block_size={model_block_size}")
-if n_expert > 0:
+if model_args['n_expert'] > 0:  # model_args, not the config: a resumed checkpoint decides dense or MoE
     try:
         MoEConfig(**model_args)  # validates every model key (top_k <= n_expert, n_embd % n_head, ...)
     except ValueError as e:
         fail(str(e))
-elif n_embd % n_head != 0:
-    fail(f"n_embd={n_embd} must be divisible by n_head={n_head}")
+elif model_args['n_embd'] % model_args['n_head'] != 0:
+    fail(f"n_embd={model_args['n_embd']} must be divisible by n_head={model_args['n_head']}")
 if device.startswith('cuda') and not torch.cuda.is_available():
     fail(f"device={device!r} but CUDA is not available here; use --device=cpu")
 
@@ -252,7 +263,7 @@ if init_from == 'resume':
     if 'scaler' in resume_ckpt:
         scaler.load_state_dict(resume_ckpt['scaler'])
     # the global RNGs drive dropout (and any router noise or sampling): restore them for an exact resume
-    set_rng_state(resume_ckpt['rng'], device_type)
+    set_rng_state(resume_ckpt['rng'], device)
 resume_ckpt = None  # free up memory
 
 # compile the model
@@ -311,7 +322,7 @@ def save(path):
         'iter_num': iter_num,
         'best_val_loss': best_val_loss,
         'config': config,
-        'rng': rng_state(device_type),
+        'rng': rng_state(device),
     }, path)
 
 
@@ -329,7 +340,8 @@ def log(record):
         wandb.log(flat, step=record['iter'])
 
 
-# SIGTERM / SIGINT (preemption, Ctrl-C): finish the step in flight, save, exit cleanly
+# SIGTERM / SIGINT (preemption, Ctrl-C): finish the step in flight, save, exit cleanly. torchrun passes
+# the signal on to every rank (and, being torchrun, exits 1 itself); the ranks agree on the step to stop at
 stop_signal = None
 
 
@@ -399,7 +411,12 @@ while True:
         losses = estimate_loss()
         if master_process:
             print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-            log({'iter': iter_num, 'train/ce': losses['train'], 'val/ce': losses['val'], 'lr': lr})
+            with ctx:  # routing flip rate: top-1 experts of a fixed probe batch against the previous eval
+                flips = raw_model.routing_flips(get_batch('val', -2, 0)[0])
+            routing = {k: v for k, v in {**raw_model.routing_stats(), **flips}.items() if not isinstance(v, list)}
+            if routing:
+                print('routing (probe batch): ' + ', '.join(f'{k} {v:.3f}' for k, v in routing.items()))
+            log({'iter': iter_num, 'train/ce': losses['train'], 'val/ce': losses['val'], 'lr': lr, **flips})
             improved = losses['val'] < best_val_loss
             best_val_loss = min(best_val_loss, losses['val'])
             if iter_num > 0 and not eval_only:
@@ -429,6 +446,7 @@ while True:
         loss_sum = loss_sum + loss.detach()
         # backward pass, with gradient scaling if training in fp16
         scaler.scale(loss).backward()
+    raw_model.end_step()  # aux-loss-free bias update from the step's global-batch load; restarts step loads
     # clip the gradient (or just measure its norm, for the non-finite guard)
     scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float('inf'))

@@ -4,6 +4,11 @@ import sys
 
 import pytest
 
+# One thread for the test process and every subprocess it starts: tiny models gain nothing from more,
+# and OpenMP threads busy-waiting at barriers while another process holds the second core slow a
+# 2-core machine down a hundredfold (set before torch is imported)
+os.environ['OMP_NUM_THREADS'] = '1'
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
@@ -16,11 +21,8 @@ TINY = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_
 
 def run(script, *args, check=True, timeout=300):
     """Run one of the repo's scripts with this interpreter; returns the CompletedProcess."""
-    # one thread: tiny models gain nothing from more, and busy-waiting OpenMP threads of concurrent
-    # processes can slow a 2-core machine down a hundredfold
-    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
     p = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=ROOT, capture_output=True,
-                       text=True, timeout=timeout, env=env)
+                       text=True, timeout=timeout)
     if check and p.returncode != 0:
         raise AssertionError(f"{script} {' '.join(args)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     return p

@@ -206,6 +206,8 @@ def test_openwebtext_write_is_atomic(env, tmp_path):
     assert np.fromfile(path, dtype=np.uint16).tolist() == [1, 2, EOT, 3, EOT]
 
 
+@pytest.mark.skipif(os.environ.get("NANOMOE_SLOW_TESTS") != "1",
+                    reason="slow here (~12 s per step of a 50k-vocab model on this 2-core VM): set NANOMOE_SLOW_TESTS=1")
 def test_short_training_run_on_gutenberg_bins_lowers_the_loss(env, tmp_path):
     import json
     data = tmp_path / "gutenberg"

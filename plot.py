@@ -1,0 +1,108 @@
+"""
+Plots of one training run, from its out_dir/log.jsonl:
+$ python plot.py --out_dir=out-shakespeare-char-moe-cpu                 # PNGs into the run's out_dir
+$ python plot.py --out_dir=out-shakespeare-char-moe-cpu --plot_dir=assets/moe-cpu
+  loss.png    training loss parts (cross-entropy, balance loss, z-loss) and train/val cross-entropy
+  load.png    per MoE layer: fraction of token-slots per expert over training (heatmap)
+  flips.png   per MoE layer: routing flip rate on the fixed probe batch, eval to eval
+A dense run gets loss.png only.
+"""
+import os
+import sys
+import json
+
+import numpy as np
+import matplotlib
+matplotlib.use('Agg')  # files only, no display
+import matplotlib.pyplot as plt
+
+from configurator import configure, fail
+
+# -----------------------------------------------------------------------------
+out_dir = 'out'  # the run: reads out_dir/log.jsonl
+plot_dir = ''  # where the PNGs go; '' = out_dir
+# -----------------------------------------------------------------------------
+config = configure({'out_dir': out_dir, 'plot_dir': plot_dir}, sys.argv[1:])
+out_dir, plot_dir = config['out_dir'], config['plot_dir'] or config['out_dir']
+
+
+def read_log(path):
+    """The records of log.jsonl; a resumed run re-logs the steps after its checkpoint, so the last
+    record of each (iter, kind) wins."""
+    records = {}
+    with open(path) as f:
+        for line in f:
+            r = json.loads(line)
+            records[(r['iter'], 'val/ce' in r, 'event' in r)] = r
+    return sorted(records.values(), key=lambda r: r['iter'])
+
+
+def moe_layers(records):
+    """'layer{i}' names in the log, in block order."""
+    names = {k.split('/')[0] for r in records for k in r if k.startswith('layer') and k.endswith('/load')}
+    return sorted(names, key=lambda name: int(name[len('layer'):]))
+
+
+def plot_losses(steps, evals, path):
+    parts = [('ce', 'cross-entropy'), ('aux', 'balance loss (1 = balanced)'), ('z', 'router z-loss')]
+    parts = [(k, title) for k, title in parts if any(k in r for r in steps)]
+    fig, axes = plt.subplots(1, len(parts), figsize=(5 * len(parts), 4), squeeze=False)
+    for ax, (key, title) in zip(axes[0], parts):
+        ax.plot([r['iter'] for r in steps if key in r], [r[key] for r in steps if key in r], lw=0.8,
+                label='training step')
+        if key == 'ce':
+            for split in ('train', 'val'):
+                ax.plot([r['iter'] for r in evals], [r[f'{split}/ce'] for r in evals], marker='o', label=f'{split} (eval)')
+            ax.legend()
+        ax.set(title=title, xlabel='iteration')
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_load(steps, layers, path):
+    fig, axes = plt.subplots(len(layers), 1, figsize=(10, 2 + 1.5 * len(layers)), squeeze=False)
+    for ax, layer in zip(axes[:, 0], layers):
+        rows = [r for r in steps if f'{layer}/load' in r]
+        load = np.array([r[f'{layer}/load'] for r in rows]).T  # [n_expert, logged steps]
+        iters = [r['iter'] for r in rows]
+        im = ax.imshow(load, aspect='auto', interpolation='nearest', cmap='viridis', vmin=0,
+                       extent=(iters[0], iters[-1], load.shape[0] - 0.5, -0.5))
+        ax.set(title=f'{layer}: fraction of token-slots per expert (uniform = {1 / load.shape[0]:.3f})',
+               ylabel='expert', xlabel='iteration')
+        fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_flips(evals, layers, path):
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for layer in layers:
+        rows = [r for r in evals if f'{layer}/flip_rate' in r]
+        ax.plot([r['iter'] for r in rows], [r[f'{layer}/flip_rate'] for r in rows], marker='o', label=layer)
+    ax.set(title='routing flip rate: probe tokens whose top-1 expert changed since the last eval',
+           xlabel='iteration', ylabel='fraction of tokens')
+    ax.title.set_fontsize(9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+log_path = os.path.join(out_dir, 'log.jsonl')
+if not os.path.exists(log_path):
+    fail(f"{log_path} not found: plot.py reads the log.jsonl that train.py writes into out_dir")
+records = read_log(log_path)
+steps = [r for r in records if 'loss' in r and 'event' not in r]
+evals = [r for r in records if 'val/ce' in r]
+layers = moe_layers(steps)
+os.makedirs(plot_dir, exist_ok=True)
+written = [os.path.join(plot_dir, 'loss.png')]
+plot_losses(steps, evals, written[0])
+if layers:
+    written.append(os.path.join(plot_dir, 'load.png'))
+    plot_load(steps, layers, written[-1])
+    written.append(os.path.join(plot_dir, 'flips.png'))
+    plot_flips(evals, layers, written[-1])
+print('wrote ' + ', '.join(written))

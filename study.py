@@ -1,0 +1,151 @@
+"""
+Ablation runner: train a list of configs one after the other, then write one results table (markdown)
+and one loss-vs-config plot. A study is a config file (config/study_*.py) naming its runs:
+$ python study.py config/study_experts.py
+
+Each run trains with train.py into out_dir/<run name>. Re-running a study skips finished runs (their
+ckpt.pt reached max_iters), resumes interrupted ones from their ckpt.pt, and starts the rest, so a
+killed study continues where it stopped. To redo a run, delete its folder.
+"""
+import os
+import sys
+import json
+import math
+import time
+import platform
+import statistics
+import subprocess
+
+import torch
+
+from configurator import configure, fail
+from checkpoint import load_checkpoint
+from moe_model import build_model
+
+# -----------------------------------------------------------------------------
+runs = {}  # run name -> train.py arguments (config files and --key=value), e.g. {'moe8': ['config/x.py', '--n_expert=8']}
+out_dir = 'out-study'  # each run trains in out_dir/<run name>
+results = 'out-study/results'  # writes results.md and results.png
+title = 'study'
+# -----------------------------------------------------------------------------
+config = configure({k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (dict, str))},
+                   sys.argv[1:])
+globals().update(config)
+if not runs:
+    fail("the study has no runs: set runs = {'name': ['config/x.py', '--key=value', ...], ...} in its config file")
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def read_log(run_dir):
+    """The run's log.jsonl; a resumed run re-logs the steps after its checkpoint, so the last record
+    of each (iter, kind) wins."""
+    records = {}
+    path = os.path.join(run_dir, 'log.jsonl')
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                r = json.loads(line)
+                records[(r['iter'], 'val/ce' in r, 'event' in r)] = r
+    return sorted(records.values(), key=lambda r: r['iter'])
+
+
+def progress(run_dir):
+    """(iterations done, max_iters) from the run's latest checkpoint; (0, None) if it has none."""
+    path = os.path.join(run_dir, 'ckpt.pt')
+    if not os.path.exists(path):
+        return 0, None
+    ckpt = load_checkpoint(path)
+    return ckpt['iter_num'], ckpt['config']['max_iters']
+
+
+def train(name, args):
+    run_dir = os.path.join(out_dir, name)
+    done, max_iters = progress(run_dir)
+    if max_iters is not None and done >= max_iters:
+        print(f"{name}: finished earlier ({done}/{max_iters} iters), skipping")
+        return True
+    resume = ['--init_from=resume'] if max_iters is not None else []
+    print(f"{name}: {'resuming at iter ' + str(done) if resume else 'training'}: train.py {' '.join(args)}", flush=True)
+    os.makedirs(run_dir, exist_ok=True)
+    t0 = time.time()
+    with open(os.path.join(run_dir, 'train.log'), 'a') as log:
+        p = subprocess.run([sys.executable, os.path.join(ROOT, 'train.py'), *args, f'--out_dir={run_dir}',
+                            f'--wandb_run_name={title}-{name}', *resume], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    print(f"{name}: exit code {p.returncode} after {(time.time() - t0) / 60:.1f} min", flush=True)
+    return p.returncode == 0
+
+
+def summary(name, args):
+    """One table row: the run's final and best val loss, its size and its training time."""
+    run_dir = os.path.join(out_dir, name)
+    records = read_log(run_dir)
+    evals = [r for r in records if 'val/ce' in r]
+    steps = [r for r in records if 'dt_ms' in r and r['iter'] > 0]
+    row = {'name': name, 'args': ' '.join(args), 'iters': evals[-1]['iter'] if evals else 0,
+           'val': evals[-1]['val/ce'] if evals else math.nan, 'train': evals[-1]['train/ce'] if evals else math.nan,
+           'best_val': min((r['val/ce'] for r in evals), default=math.nan), 'evals': evals,
+           # the median step time (logged steps that hold an eval are slower) times the iterations
+           'minutes': statistics.median(r['dt_ms'] for r in steps) * evals[-1]['iter'] / 6e4 if steps and evals else math.nan}
+    ckpt_path = os.path.join(run_dir, 'ckpt.pt')
+    if os.path.exists(ckpt_path):
+        with torch.device('meta'):  # sizes only: no memory, no init cost
+            model = build_model(load_checkpoint(ckpt_path)['model_args'])
+        row['params'] = f"{model.get_num_params() / 1e6:.2f}M / {model.get_num_params(active=True) / 1e6:.2f}M"
+    return row
+
+
+def write_table(rows, failed):
+    command = ' '.join(['python', 'study.py', *sys.argv[1:]])
+    threads = os.environ.get('OMP_NUM_THREADS')
+    lines = [f"# {title}", '',
+             f"Command: `{'OMP_NUM_THREADS=' + threads + ' ' if threads else ''}{command}` "
+             f"(torch {torch.__version__}, {platform.machine()}, {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d')}). "
+             f"Val loss is the cross-entropy of the last eval; train min is the median step time times the "
+             f"iterations (evals excluded); runs are in `{out_dir}/`.", '',
+             '| run | train.py arguments | params total / active | val loss | best val loss | train loss | iters | train min |',
+             '|---|---|---|---|---|---|---|---|']
+    for r in rows:
+        status = ' (FAILED: see train.log)' if r['name'] in failed else ''
+        lines.append(f"| {r['name']}{status} | `{r['args']}` | {r.get('params', '?')} | {r['val']:.4f} | "
+                     f"{r['best_val']:.4f} | {r['train']:.4f} | {r['iters']} | {r['minutes']:.1f} |")
+    with open(results + '.md', 'w') as f:
+        f.write('\n'.join(lines) + '\n')
+
+
+def write_plot(rows):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, (curves, bars) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for r in rows:
+        evals = r['evals'][1:] or r['evals']  # without the untrained model's eval, which squashes the curves
+        curves.plot([e['iter'] for e in evals], [e['val/ce'] for e in evals], marker='.', label=r['name'])
+    curves.set(xlabel='iteration', ylabel='val loss (cross-entropy)', title='val loss during training')
+    curves.legend()
+    names, vals = [r['name'] for r in rows], [r['val'] for r in rows]
+    bars.bar(names, vals, color='tab:blue')
+    for i, v in enumerate(vals):
+        bars.annotate(f'{v:.4f}', (i, v), ha='center', va='bottom')
+    finite = [v for v in vals if math.isfinite(v)]
+    if finite:  # zoom on the differences: they are small next to the loss itself
+        spread = max(finite) - min(finite) or 0.01
+        bars.set_ylim(min(finite) - spread, max(finite) + spread)
+    bars.set(ylabel='final val loss', title='final val loss per config')
+    bars.tick_params(axis='x', labelrotation=30)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(results + '.png', dpi=100)
+    plt.close(fig)
+
+
+os.makedirs(os.path.dirname(os.path.abspath(results)), exist_ok=True)
+failed = {name for name, args in runs.items() if not train(name, args)}
+rows = [summary(name, args) for name, args in runs.items()]
+write_table(rows, failed)
+write_plot(rows)
+print(open(results + '.md').read())
+print(f"wrote {results}.md and {results}.png")
+if failed:
+    print(f"error: {len(failed)} run(s) failed: {', '.join(sorted(failed))}; re-run the same command to retry them",
+          file=sys.stderr)
+    sys.exit(1)

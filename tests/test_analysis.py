@@ -1,0 +1,82 @@
+"""The routing metrics of a real (tiny, CPU) training run, and the tools that read them: plot.py,
+specialisation.py and study.py."""
+import os
+
+import pytest
+import torch
+
+from conftest import TINY, run, read_log
+from checkpoint import load_checkpoint, save_checkpoint
+
+
+@pytest.fixture(scope='module')
+def moe_run(shakespeare_char, tmp_path_factory):
+    """A tiny MoE trained 30 steps (2 micro-batches each, global-batch balance loss), evaluated every 10."""
+    out = str(tmp_path_factory.mktemp('moe_run'))
+    run('train.py', *TINY, f'--out_dir={out}', '--max_iters=30', '--eval_interval=10', '--gradient_accumulation_steps=2',
+        '--aux_loss_scope=global', '--n_shared_expert=1')
+    return out
+
+
+def test_routing_metrics_are_in_the_jsonl_log(moe_run):
+    records = read_log(moe_run)
+    steps = [r for r in records if 'loss' in r]
+    assert len(steps) == 30
+    for layer in ('layer0', 'layer1'):
+        for r in steps:
+            assert len(r[f'{layer}/load']) == 4 and sum(r[f'{layer}/load']) == pytest.approx(1.0)
+            assert r[f'{layer}/max_load'] >= 1.0 and r[f'{layer}/drop_fraction'] == 0.0
+            assert 0 < r[f'{layer}/entropy'] <= 1.3863  # log(4)
+    evals = [r for r in records if 'val/ce' in r]
+    assert [r['iter'] for r in evals] == [0, 10, 20, 30]
+    assert 'layer0/flip_rate' not in evals[0]  # nothing to compare the first probe with
+    flips = [r['layer1/flip_rate'] for r in evals[1:]]
+    assert all(0 <= f <= 1 for f in flips) and max(flips) > 0  # the router learns, so routing moves
+
+
+def test_plot_writes_the_three_pngs(moe_run, tmp_path):
+    import matplotlib.image
+    run('plot.py', f'--out_dir={moe_run}', f'--plot_dir={tmp_path}')
+    for name in ('loss.png', 'load.png', 'flips.png'):
+        path = tmp_path / name
+        assert path.stat().st_size > 10_000, name
+        pixels = matplotlib.image.imread(path)
+        assert pixels.std() > 0.05, name  # a real figure, not a blank canvas
+    run('plot.py', f'--out_dir={moe_run}')  # default: next to the log
+    assert os.path.exists(os.path.join(moe_run, 'load.png'))
+
+
+def test_specialisation_table_and_image(moe_run, tmp_path):
+    p = run('specialisation.py', f'--out_dir={moe_run}', f'--plot_dir={tmp_path}', '--n_windows=16', '--batch_size=8')
+    table = (tmp_path / 'specialisation.md').read_text()
+    assert '## layer 0' in table and '## layer 1' in table
+    rows = [l for l in table.splitlines() if l.startswith('| ') and l[2].isdigit()]
+    assert len(rows) == 2 * 4  # one row per expert per layer
+    assert all('`' in r for r in rows)  # every expert lists tokens
+    assert (tmp_path / 'specialisation.png').stat().st_size > 10_000
+    assert 'wrote' in p.stdout
+
+
+def test_study_runs_configs_writes_one_table_and_plot_and_resumes(shakespeare_char, tmp_path):
+    tiny = [a for a in TINY if not a.startswith('--max_iters')] + ['--max_iters=4', '--eval_interval=2', '--eval_iters=1']
+    study = tmp_path / 'study.py'
+    study.write_text(f"title = 'tiny'\nout_dir = {str(tmp_path / 'runs')!r}\nresults = {str(tmp_path / 'results')!r}\n"
+                     f"runs = {{'dense': {tiny + ['--n_expert=0']!r}, 'moe': {tiny!r}}}\n")
+    # an interrupted run: 'moe' stopped at iter 2 of 4
+    run('train.py', *tiny, f'--out_dir={tmp_path / "runs" / "moe"}', '--max_iters=2')
+    ckpt_path = str(tmp_path / 'runs' / 'moe' / 'ckpt.pt')
+    ckpt = load_checkpoint(ckpt_path)
+    ckpt['config']['max_iters'] = 4
+    save_checkpoint(ckpt, ckpt_path)
+
+    p = run('study.py', str(study))
+    assert 'dense: training' in p.stdout and 'moe: resuming at iter 2' in p.stdout
+    assert [r['iter'] for r in read_log(tmp_path / 'runs' / 'moe') if 'val/ce' in r][-1] == 4
+    table = (tmp_path / 'results.md').read_text()
+    assert 'python study.py' in table  # the command that made it
+    rows = {l.split('|')[1].strip(): l for l in table.splitlines() if l.startswith('| dense') or l.startswith('| moe')}
+    assert set(rows) == {'dense', 'moe'} and all('nan' not in r for r in rows.values())
+    assert (tmp_path / 'results.png').stat().st_size > 10_000
+    mtime = os.path.getmtime(tmp_path / 'runs' / 'dense' / 'ckpt.pt')
+    p = run('study.py', str(study))  # everything is finished: nothing is retrained
+    assert p.stdout.count('skipping') == 2 and os.path.getmtime(tmp_path / 'runs' / 'dense' / 'ckpt.pt') == mtime

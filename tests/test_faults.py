@@ -1,0 +1,323 @@
+"""Fault tolerance: kill -9 during checkpoint writes, SIGTERM, exact resume, NaN guard, bad configs,
+corrupt checkpoints and hostile input. Tiny models, one micro-batch per step, so this file stays fast."""
+import os
+import pickle
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, TINY, run, read_log
+from checkpoint import save_checkpoint, load_checkpoint, CheckpointError, rng_state, set_rng_state, load_meta
+from configurator import configure
+
+FAST = [*TINY, '--gradient_accumulation_steps=1']
+ENV = {**os.environ, 'OMP_NUM_THREADS': '1'}  # see conftest.run
+
+
+def start(out, *args):
+    """train.py in the background; stdout/stderr go to files (a full pipe would block the child)."""
+    with open(out + '.stdout', 'w') as stdout, open(out + '.stderr', 'w') as stderr:
+        return subprocess.Popen([sys.executable, os.path.join(ROOT, 'train.py'), *args, f'--out_dir={out}'],
+                                cwd=ROOT, stdout=stdout, stderr=stderr, env=ENV)
+
+
+def logged_steps(out):
+    path = os.path.join(out, 'log.jsonl')
+    return sum('"loss"' in line for line in open(path)) if os.path.exists(path) else 0
+
+
+def wait_for_steps(p, out, n, timeout=120):
+    """Poll log.jsonl until it holds n training steps (all runs in out together)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert p.poll() is None, f"train.py exited early ({p.returncode}): {open(out + '.stderr').read()[-2000:]}"
+        if logged_steps(out) >= n:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"no {n} steps logged in {timeout}s")
+
+
+def step_losses(out):
+    return {r['iter']: r['loss'] for r in read_log(out) if 'loss' in r and 'event' not in r}
+
+
+def assert_same(a, b, where='ckpt'):
+    """Exactly equal nested dicts/lists of tensors and plain values."""
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_same(a[k], b[k], f'{where}.{k}')
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f'{where}[{i}]')
+    else:
+        assert a == b, where
+
+# -----------------------------------------------------------------------------
+# crash-safe checkpoints
+
+
+def test_kill_during_a_checkpoint_write_leaves_the_previous_one(tmp_path):
+    """Deterministic: a child process blocks inside save_checkpoint after writing the temp file but
+    before the rename; kill -9 it there. The old checkpoint must still load, unchanged."""
+    path = tmp_path / 'ckpt.pt'
+    child = f"""
+import os, sys, time
+sys.path.insert(0, {ROOT!r})
+import torch
+from checkpoint import save_checkpoint
+save_checkpoint({{'model': {{'w': torch.zeros(1000)}}, 'model_args': {{}}, 'iter_num': 1}}, {str(path)!r})
+os.fsync = lambda fd: (print('writing', flush=True), time.sleep(60))
+save_checkpoint({{'model': {{'w': torch.ones(1000)}}, 'model_args': {{}}, 'iter_num': 2}}, {str(path)!r})
+"""
+    p = subprocess.Popen([sys.executable, '-c', child], stdout=subprocess.PIPE, text=True, env=ENV)
+    assert p.stdout.readline().strip() == 'writing'
+    p.kill()
+    p.wait()
+    ckpt = load_checkpoint(str(path))
+    assert ckpt['iter_num'] == 1 and torch.equal(ckpt['model']['w'], torch.zeros(1000))
+    assert [f for f in os.listdir(tmp_path) if f.endswith('.tmp')]  # the orphan that train.py removes at start
+
+
+def test_kill9_at_random_moments_always_leaves_a_loadable_resumable_checkpoint(shakespeare_char, tmp_path):
+    """train.py writes checkpoints at every step (eval_interval=1) and is killed -9 at random moments,
+    5 times, each time resuming from what the previous kill left."""
+    rnd = random.Random(1234)
+    out = str(tmp_path / 'out')
+    args = [*FAST, '--eval_interval=1', '--max_iters=100000']
+    last_iter, mid_write = -1, 0
+    for kill in range(5):
+        resume = ['--init_from=resume'] if os.path.exists(os.path.join(out, 'ckpt.pt')) else []
+        logged = logged_steps(out)
+        p = start(out, *args, *resume)
+        wait_for_steps(p, out, logged + 1)  # training, past its startup
+        time.sleep(rnd.uniform(0.0, 1.0))
+        p.kill()
+        assert p.wait() == -signal.SIGKILL
+        mid_write += any(f.endswith('.tmp') for f in os.listdir(out))
+        for name in ('ckpt.pt', 'ckpt_best.pt'):
+            if os.path.exists(os.path.join(out, name)):
+                ckpt = load_checkpoint(os.path.join(out, name))  # never half a checkpoint
+                assert all(torch.isfinite(v).all() for v in ckpt['model'].values())
+        if os.path.exists(os.path.join(out, 'ckpt.pt')):
+            it = load_checkpoint(os.path.join(out, 'ckpt.pt'))['iter_num']
+            assert it >= last_iter  # progress is never lost
+            last_iter = it
+    assert last_iter > 0
+    # an orphaned temp file is never taken for a checkpoint, and the next run clears it
+    with open(os.path.join(out, 'ckpt.pt.stale123.tmp'), 'wb') as f:
+        f.write(b'half a checkpoint')
+    run('train.py', *args, f'--out_dir={out}', '--init_from=resume', f'--max_iters={last_iter + 2}')
+    assert load_checkpoint(os.path.join(out, 'ckpt.pt'))['iter_num'] == last_iter + 2
+    assert not [f for f in os.listdir(out) if f.endswith('.tmp')]
+    print(f"5 kills, {mid_write} left a temp file (killed mid-write), last checkpoint iter {last_iter}")
+
+# -----------------------------------------------------------------------------
+# SIGTERM and exact resume
+
+
+@pytest.fixture(scope='module')
+def small_dense_ckpt(shakespeare_char, tmp_path_factory):
+    """A dense model (block_size 32) trained 2 steps, with its checkpoint."""
+    out = str(tmp_path_factory.mktemp('small'))
+    run('train.py', *FAST, f'--out_dir={out}', '--n_expert=0', '--max_iters=2', '--eval_interval=2')
+    return out
+
+
+@pytest.fixture(scope='module')
+def sigtermed(shakespeare_char, tmp_path_factory):
+    """A run (MoE with dropout 0.1) sent SIGTERM after it logged a few steps, between evals."""
+    out = str(tmp_path_factory.mktemp('sigterm') / 'part')
+    args = [*FAST, '--dropout=0.1', '--eval_interval=1000']
+    p = start(out, *args, '--max_iters=100000')
+    wait_for_steps(p, out, 3)
+    p.send_signal(signal.SIGTERM)
+    rc = p.wait(timeout=120)
+    return out, args, rc, open(out + '.stdout').read(), sorted(step_losses(out))
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_0(sigtermed):
+    out, args, rc, stdout, steps = sigtermed
+    assert rc == 0
+    k = load_checkpoint(os.path.join(out, 'ckpt.pt'))['iter_num']
+    assert f"received SIGTERM: saved checkpoint at iter {k} to {os.path.join(out, 'ckpt.pt')}" in stdout
+    assert steps == list(range(k))  # the step in flight finished, nothing after it
+
+
+def test_sigint_too(shakespeare_char, tmp_path):
+    out = str(tmp_path / 'out')
+    p = start(out, *FAST, '--eval_interval=1000', '--max_iters=100000')
+    wait_for_steps(p, out, 1)
+    p.send_signal(signal.SIGINT)
+    assert p.wait(timeout=120) == 0
+    k = load_checkpoint(os.path.join(out, 'ckpt.pt'))['iter_num']
+    assert k >= 1 and f"received SIGINT: saved checkpoint at iter {k}" in open(out + '.stdout').read()
+
+
+def test_resume_after_sigterm_is_bit_identical_to_an_uninterrupted_run(sigtermed, tmp_path):
+    out, args, rc, stdout, steps = sigtermed
+    k = load_checkpoint(os.path.join(out, 'ckpt.pt'))['iter_num']
+    full = str(tmp_path / 'full')
+    run('train.py', *args, f'--out_dir={full}', f'--max_iters={k + 4}')
+    run('train.py', *args, f'--out_dir={out}', f'--max_iters={k + 4}', '--init_from=resume')
+    a, b = step_losses(full), step_losses(out)
+    assert sorted(a) == sorted(b) == list(range(k + 4))
+    assert [a[i] for i in range(k + 4)] == [b[i] for i in range(k + 4)]  # bit-identical on CPU
+    ca, cb = load_checkpoint(os.path.join(full, 'ckpt.pt')), load_checkpoint(os.path.join(out, 'ckpt.pt'))
+    for key in ('model', 'optimizer', 'rng', 'iter_num', 'best_val_loss'):  # same weights, Adam state, RNGs
+        assert_same(ca[key], cb[key], key)
+
+
+def test_a_dense_checkpoint_resumes_dense_whatever_n_expert_says(small_dense_ckpt, tmp_path):
+    """A dense checkpoint resumes as dense even when the config says n_expert=4."""
+    out = str(tmp_path / 'out')
+    shutil.copytree(small_dense_ckpt, out)
+    run('train.py', *FAST, f'--out_dir={out}', '--init_from=resume', '--max_iters=3')
+    assert load_checkpoint(os.path.join(out, 'ckpt.pt'))['model_args']['n_expert'] == 0
+
+
+def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
+    torch.manual_seed(0), np.random.seed(0), random.seed(0)
+    torch.rand(3), np.random.rand(3), random.random(), np.random.randn()  # randn leaves a cached gaussian
+    save_checkpoint({'model': {}, 'model_args': {}, 'rng': rng_state()}, str(tmp_path / 'ckpt.pt'))
+    expected = torch.rand(5), np.random.rand(5), np.random.randn(), [random.random() for _ in range(5)]
+    set_rng_state(load_checkpoint(str(tmp_path / 'ckpt.pt'))['rng'])  # weights_only=True inside
+    got = torch.rand(5), np.random.rand(5), np.random.randn(), [random.random() for _ in range(5)]
+    assert torch.equal(expected[0], got[0]) and (expected[1] == got[1]).all() and expected[2:] == got[2:]
+
+# -----------------------------------------------------------------------------
+# divergence guard
+
+
+@pytest.mark.parametrize('mode', ['stop', 'skip'])
+def test_injected_nan_triggers_the_guard(shakespeare_char, tmp_path, mode):
+    out = str(tmp_path / 'out')
+    p = run('train.py', *FAST, f'--out_dir={out}', '--eval_interval=5', '--max_iters=10', '--debug_nan_at_iter=7',
+            f'--on_nonfinite={mode}', check=False)
+    records = [r for r in read_log(out) if r.get('event') == 'nonfinite']
+    assert len(records) == 1 and records[0]['iter'] == 7
+    diagnosis = records[0]
+    for i in (0, 1):  # expert loads and router state of both MoE layers at the failing step
+        assert len(diagnosis[f'layer{i}/load']) == 4 and diagnosis[f'layer{i}/gate_weight_finite'] is True
+        assert {f'layer{i}/router_logits_absmax', f'layer{i}/router_logits_finite', f'layer{i}/z_loss'} <= set(diagnosis)
+    ckpt = load_checkpoint(os.path.join(out, 'ckpt.pt'))
+    assert all(torch.isfinite(v).all() for v in ckpt['model'].values())  # NaN never reached the weights
+    if mode == 'stop':
+        assert p.returncode == 1
+        assert ("non-finite loss or gradient at iter 7" in p.stderr
+                and f"Last good checkpoint: {os.path.join(out, 'ckpt.pt')}" in p.stderr), p.stderr
+        assert ckpt['iter_num'] == 5 and sorted(step_losses(out)) == list(range(7))
+    else:
+        assert p.returncode == 0, p.stderr
+        assert 'non-finite loss or gradient at iter 7 (loss nan, grad norm nan); skipping this step' in p.stdout
+        assert ckpt['iter_num'] == 10 and sorted(step_losses(out)) == [0, 1, 2, 3, 4, 5, 6, 8, 9]
+
+# -----------------------------------------------------------------------------
+# bad configs: one line, exit code 2, nothing written
+
+
+def assert_clean_failure(p, message):
+    assert p.returncode == 2, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('error: ') and message in lines[0], p.stderr
+
+
+def test_resume_with_a_larger_block_size_fails_before_any_work(small_dense_ckpt):
+    before = {f: os.path.getmtime(os.path.join(small_dense_ckpt, f)) for f in os.listdir(small_dense_ckpt)}
+    p = run('train.py', *FAST, f'--out_dir={small_dense_ckpt}', '--init_from=resume', '--block_size=64', check=False)
+    assert_clean_failure(p, "block_size=64 is larger than the model's block_size=32")
+    assert {f: os.path.getmtime(os.path.join(small_dense_ckpt, f)) for f in os.listdir(small_dense_ckpt)} == before
+
+
+def test_gpt2_with_a_larger_block_size_fails_before_any_work(shakespeare_char, tmp_path):
+    p = run('train.py', *FAST, f'--out_dir={tmp_path / "out"}', '--init_from=gpt2', '--block_size=2048', check=False)
+    assert_clean_failure(p, "block_size=2048 is larger than the model's block_size=1024")
+    assert not (tmp_path / 'out').exists()
+
+
+@pytest.mark.parametrize('text, message', [
+    ('n_exprt = 4\n', "unknown config key 'n_exprt'"),
+    ("max_iters = '10'\n", "max_iters='10'"),
+    ('top_k = 8\n', 'top_k=8 must be <= n_expert=4'),
+])
+def test_bad_config_file_fails_before_any_work(shakespeare_char, tmp_path, text, message):
+    (tmp_path / 'bad.py').write_text(text)
+    p = run('train.py', *FAST, f'--out_dir={tmp_path / "out"}', str(tmp_path / 'bad.py'), check=False)
+    assert_clean_failure(p, message)
+    assert not (tmp_path / 'out').exists()
+
+# -----------------------------------------------------------------------------
+# safe loading
+
+
+class _Pwn:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f'touch {self.marker}',))
+
+
+def test_truncated_or_bit_flipped_checkpoint_is_a_clear_error_never_a_wrong_model(tmp_path):
+    good = str(tmp_path / 'good.pt')
+    model = torch.nn.Linear(64, 64)
+    save_checkpoint({'model': model.state_dict(), 'model_args': {'n_layer': 1}, 'iter_num': 3}, good)
+    data = open(good, 'rb').read()
+    rnd = random.Random(0)
+    cases = [data[:n] for n in rnd.sample(range(len(data)), 40)]
+    for _ in range(40):
+        flipped = bytearray(data)
+        flipped[rnd.randrange(len(data))] ^= 1 << rnd.randrange(8)
+        cases.append(bytes(flipped))
+    for case in cases:
+        with open(tmp_path / 'bad.pt', 'wb') as f:
+            f.write(case)
+        try:
+            ckpt = load_checkpoint(str(tmp_path / 'bad.pt'))
+        except CheckpointError as e:
+            assert 'is truncated or corrupt' in str(e) and '\n' not in str(e)
+        else:  # a flip in zip metadata the data does not depend on: the contents must be intact
+            assert_same(ckpt, load_checkpoint(good))
+
+
+def test_malicious_pickles_are_refused_and_never_run(tmp_path):
+    marker = tmp_path / 'pwned'
+    torch.save({'model': {}, 'model_args': {}, 'x': _Pwn(marker)}, str(tmp_path / 'ckpt.pt'))
+    with pytest.raises(CheckpointError, match='truncated or corrupt'):
+        load_checkpoint(str(tmp_path / 'ckpt.pt'))
+    with open(tmp_path / 'meta.pkl', 'wb') as f:
+        pickle.dump({'vocab_size': 65, 'x': _Pwn(marker)}, f)
+    with pytest.raises(CheckpointError, match='not a plain meta.pkl'):
+        load_meta(str(tmp_path / 'meta.pkl'))
+    assert not marker.exists()
+    with open(tmp_path / 'meta.pkl', 'wb') as f:
+        pickle.dump({'vocab_size': 65, 'itos': {0: 'a'}, 'stoi': {'a': 0}}, f)
+    assert load_meta(str(tmp_path / 'meta.pkl'))['itos'] == {0: 'a'}
+
+
+@pytest.mark.parametrize('value', [
+    "__import__('os').system('touch {marker}')",
+    "(lambda: __import__('os').system('touch {marker}'))()",
+    "[x for x in ().__class__.__base__.__subclasses__()]",
+    "1; __import__('os').system('touch {marker}')",
+    "exec(\"open('{marker}', 'w')\")",
+])
+def test_an_override_is_never_executed(tmp_path, value, capsys):
+    marker = tmp_path / 'pwned'
+    value = value.format(marker=marker)
+    config = configure({'max_iters': 10, 'out_dir': 'out'}, [f'--out_dir={value}'])
+    assert config['out_dir'] == value  # a string key takes the text as typed
+    with pytest.raises(SystemExit) as e:
+        configure({'max_iters': 10, 'out_dir': 'out'}, [f'--max_iters={value}'])
+    assert e.value.code == 2 and 'must be of type int' in capsys.readouterr().err
+    assert not marker.exists()
