@@ -408,7 +408,7 @@ class MoEGPT(GPT):
         return MoE(self.config) if self.config.is_moe_layer(layer_idx) else MLP(self.config)
 
     def moe_layers(self):
-        return [block.mlp for block in self.transformer.h if isinstance(block.mlp, MoE)]
+        return [layer for _, layer in self.indexed_moe_layers()]
 
     def indexed_moe_layers(self):
         """(block index, MoE layer) pairs: the 'layer{i}' of logged stats is the block index."""

@@ -10,13 +10,12 @@ evenly over the split, routed in eval mode (deterministic; expert choice uses it
 """
 import os
 import sys
-import pickle
 
 import numpy as np
 import torch
 
 from configurator import configure, fail
-from checkpoint import load_checkpoint, CheckpointError
+from checkpoint import load_checkpoint, load_meta, CheckpointError
 from moe_model import build_model
 
 # -----------------------------------------------------------------------------
@@ -50,8 +49,10 @@ dataset = checkpoint['config']['dataset']
 data_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', dataset)
 data = np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=np.uint16, mode='r')
 if os.path.exists(os.path.join(data_dir, 'meta.pkl')):
-    with open(os.path.join(data_dir, 'meta.pkl'), 'rb') as f:
-        itos = pickle.load(f)['itos']
+    try:
+        itos = load_meta(os.path.join(data_dir, 'meta.pkl'))['itos']  # plain data only, never runs code
+    except CheckpointError as e:
+        fail(str(e))
     decode = lambda t: itos[t]
 else:
     from data.tiktoken_offline import get_gpt2_encoding
