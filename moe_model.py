@@ -211,6 +211,8 @@ class Experts(nn.Module):
         self.c_fc_bias = nn.Parameter(torch.zeros(E, h)) if config.bias else None
         self.c_proj_bias = nn.Parameter(torch.zeros(E, d)) if config.bias else None
         self.capacity_factor = config.capacity_factor
+        self.ep_group = None  # under expert parallelism: the process group this layer's experts are sharded over
+        self.a2a_bytes = 0    # under expert parallelism: bytes the last forward sent to other ranks
 
     def forward_one(self, e, x):
         """Expert e on rows x: the dense MLP with this expert's weights."""
@@ -243,24 +245,31 @@ def grouped_experts(x, topk_idx, topk_weight, experts):
         warnings.warn(f"torch {torch.__version__} has no grouped_mm: expert_impl='grouped' falls back to 'loop'")
         return loop_experts(x, topk_idx, topk_weight, experts)
     order, token, counts = sort_by_expert(topk_idx, experts.c_fc.size(0))
+    # index_select rather than x[token]: its backward is a fast index_add, not an accumulating index_put
+    out = grouped_mlp(x.index_select(0, token), counts, experts)
+    return combine(out, topk_weight, order, token, x.size(0)).to(x.dtype), 0
+
+
+def grouped_mlp(x_sorted, counts, experts):
+    """The expert MLPs on rows sorted by expert (counts[e] rows for expert e), as two grouped GEMMs."""
+    if x_sorted.size(0) == 0:  # grouped_mm rejects empty inputs; a plain matmul keeps the autograd graph
+        return experts.forward_one(0, x_sorted)
     offs = counts.cumsum(0).to(torch.int32)  # end row of each expert's group (grouped_mm wants int32)
-    expert_of_row = topk_idx.flatten()[order]
+    expert_of_row = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts,
+                                            output_size=x_sorted.size(0))
     c_fc, c_proj, c_fc_bias = experts.c_fc, experts.c_proj, experts.c_fc_bias
     d, h = c_fc.shape[1:]
-    pad_d, pad_h = -d % (16 // x.element_size()), -h % (16 // x.element_size())
+    pad_d, pad_h = -d % (16 // x_sorted.element_size()), -h % (16 // x_sorted.element_size())
     if pad_d or pad_h:  # grouped_mm wants row strides in multiples of 16 bytes: zero-pad (gelu(0) = 0)
         c_fc, c_proj = F.pad(c_fc, (0, pad_h, 0, pad_d)), F.pad(c_proj, (0, pad_d, 0, pad_h))
         c_fc_bias = F.pad(c_fc_bias, (0, pad_h)) if c_fc_bias is not None else None
-    # index_select rather than x[token]: its backward is a fast index_add, not an accumulating index_put
-    x_sorted = x.index_select(0, token)
     h = _grouped_mm(F.pad(x_sorted, (0, pad_d)) if pad_d else x_sorted, c_fc, offs=offs)
     if c_fc_bias is not None:
         h = h + c_fc_bias.index_select(0, expert_of_row)
     out = _grouped_mm(F.gelu(h), c_proj, offs=offs)[:, :d]
     if experts.c_proj_bias is not None:
         out = out + experts.c_proj_bias.index_select(0, expert_of_row)
-    out = _DenseGrad.apply(out)
-    return combine(out, topk_weight, order, token, x.size(0)).to(x.dtype), 0
+    return _DenseGrad.apply(out)
 
 
 class _DenseGrad(torch.autograd.Function):
@@ -315,6 +324,54 @@ EXPERT_IMPLS = {'loop': loop_experts, 'grouped': grouped_experts, 'batched': bat
                 'triton': triton_experts}
 
 # -----------------------------------------------------------------------------
+# Expert parallelism: each rank of an EP group holds a contiguous shard of every MoE layer's experts
+# (expert_parallel.py shards the weights and sets experts.ep_group; train.py wires up the groups)
+
+
+class _AllToAll(torch.autograd.Function):
+    """all_to_all_single with variable split sizes whose backward is the reverse all-to-all
+    (torch.distributed.nn's differentiable version aborts at exit on gloo)."""
+
+    @staticmethod
+    def forward(ctx, x, send_splits, recv_splits, group):
+        ctx.send_splits, ctx.recv_splits, ctx.group = send_splits, recv_splits, group
+        out = x.new_empty(sum(recv_splits), *x.shape[1:])
+        dist.all_to_all_single(out, x.contiguous(), recv_splits, send_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_x = grad.new_empty(sum(ctx.send_splits), *grad.shape[1:])
+        dist.all_to_all_single(grad_x, grad.contiguous(), ctx.send_splits, ctx.recv_splits, group=ctx.group)
+        return grad_x, None, None, None
+
+
+def expert_parallel_experts(x, topk_idx, topk_weight, experts):
+    """The grouped backend over an EP group: slots sorted by (global) expert are also sorted by the rank
+    that owns the expert, so one all-to-all sends each rank its slots (split sizes exchanged first);
+    the owner regroups what it received by local expert, runs grouped_mlp, and the reverse all-to-all
+    brings the outputs home to be weighted and summed. Same signature as the backends above."""
+    group = experts.ep_group
+    n_ranks, rank, E_local = dist.get_world_size(group), dist.get_rank(group), experts.c_fc.size(0)
+    order, token, counts = sort_by_expert(topk_idx, n_ranks * E_local)
+    recv_counts = torch.empty_like(counts)  # [source rank, local expert]: slots coming to this rank
+    dist.all_to_all_single(recv_counts, counts, group=group)
+    recv_counts = recv_counts.view(n_ranks, E_local)
+    send_splits, recv_splits = counts.view(n_ranks, E_local).sum(1).tolist(), recv_counts.sum(1).tolist()
+    x_recv = _AllToAll.apply(x.index_select(0, token), send_splits, recv_splits, group)
+    # x_recv is ordered by (source rank, local expert): regroup by local expert, stably
+    local_expert = torch.arange(E_local, device=x.device).repeat(n_ranks)
+    by_expert = torch.argsort(torch.repeat_interleave(local_expert, recv_counts.flatten(), output_size=x_recv.size(0)),
+                              stable=True)
+    out = grouped_mlp(x_recv.index_select(0, by_expert), recv_counts.sum(0), experts)
+    out = out.index_select(0, torch.argsort(by_expert))  # back to (source rank, local expert) order
+    out = _AllToAll.apply(out, recv_splits, send_splits, group)
+    # bytes this rank sent to other ranks in this forward (the backward sends as many again)
+    experts.a2a_bytes = (sum(send_splits) - send_splits[rank] + sum(recv_splits) - recv_splits[rank]) \
+        * x.size(1) * x.element_size()
+    return combine(out, topk_weight, order, token, x.size(0)).to(x.dtype), 0
+
+# -----------------------------------------------------------------------------
 # Expert choice (Zhou et al. 2022): experts pick tokens, instead of tokens picking experts
 
 
@@ -365,7 +422,7 @@ class MoE(nn.Module):
 
     def forward(self, x):
         B, T, C = x.shape
-        E = self.experts.c_fc.size(0)
+        E = self.router.gate.out_features  # all experts of the layer (under EP this rank holds a shard)
         # position-major token order: capacity backends give earlier positions priority (causal)
         x_flat = x.transpose(0, 1).reshape(T * B, C)
         topk_idx, topk_weight, logits, probs = self.router(x_flat)
@@ -382,7 +439,8 @@ class MoE(nn.Module):
             self.drop_fraction = 1 - taken.float().mean()  # tokens that no expert took
         else:
             weight = topk_weight if keep is None else topk_weight * keep[topk_idx]
-            y, n_dropped = EXPERT_IMPLS[self.expert_impl](x_flat, topk_idx, weight, self.experts)
+            backend = EXPERT_IMPLS[self.expert_impl] if self.experts.ep_group is None else expert_parallel_experts
+            y, n_dropped = backend(x_flat, topk_idx, weight, self.experts)
             counts = count_per_expert(topk_idx, E)
             self.drop_fraction = n_dropped / topk_idx.numel()
         balance_counts = counts
@@ -439,11 +497,11 @@ class MoEGPT(GPT):
 
     def get_num_params(self, non_embedding=True, active=False):
         n_params = super().get_num_params(non_embedding)
-        if active:  # a token only runs top_k of each layer's n_expert experts
-            cfg = self.config
+        if active:  # a token only runs top_k of each layer's experts (of this rank's shard, under EP)
             for layer in self.moe_layers():
-                per_expert = sum(p.numel() for p in layer.experts.parameters()) // cfg.n_expert
-                n_params -= per_expert * (cfg.n_expert - cfg.top_k)
+                n_local = layer.experts.c_fc.size(0)
+                per_expert = sum(p.numel() for p in layer.experts.parameters()) // n_local
+                n_params -= per_expert * (n_local - self.config.top_k)
         return n_params
 
     def routing_stats(self):

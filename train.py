@@ -35,6 +35,8 @@ from torch.distributed import init_process_group, destroy_process_group
 from configurator import configure, fail
 from checkpoint import save_checkpoint, load_checkpoint, clean_state_dict, CheckpointError, rng_state, set_rng_state, load_meta
 from moe_model import build_model, model_args_of, MoEConfig
+from expert_parallel import (init_expert_parallel, shard_experts, expert_params, full_state_dict, full_optimizer_state_dict,
+                             sync_expert_grads, clip_grad_norm)
 
 # -----------------------------------------------------------------------------
 # default config values designed to train a GPT-2 (124M) sized MoE on OpenWebText
@@ -79,6 +81,7 @@ n_shared_expert = 0
 n_dense_layers = 0
 expert_dropout = 0.0
 aux_loss_scope = 'micro'  # 'micro' or 'global' (all micro-batches and ranks of a step)
+expert_parallel = 1  # EP degree: each MoE layer's experts are split over this many ranks (torchrun); 1: none
 # adamw optimizer
 learning_rate = 6e-4  # max learning rate
 max_iters = 600000  # total number of training iterations
@@ -158,6 +161,23 @@ elif model_args['n_embd'] % model_args['n_head'] != 0:
     fail(f"n_embd={model_args['n_embd']} must be divisible by n_head={model_args['n_head']}")
 if device.startswith('cuda') and not torch.cuda.is_available():
     fail(f"device={device!r} but CUDA is not available here; use --device=cpu")
+if not isinstance(expert_parallel, int) or expert_parallel < 1:
+    fail(f"expert_parallel={expert_parallel!r} must be a positive integer")
+if expert_parallel > 1:  # torchrun's WORLD_SIZE is known before the process group starts
+    world_size = int(os.environ.get('WORLD_SIZE', 1))
+    if model_args['n_expert'] == 0 or init_from.startswith('gpt2'):
+        fail(f"expert_parallel={expert_parallel} needs an MoE model (n_expert > 0, init_from 'scratch' or 'resume')")
+    if model_args['n_expert'] % expert_parallel:
+        fail(f"expert_parallel={expert_parallel} must divide n_expert={model_args['n_expert']}")
+    if expert_impl != 'grouped':
+        fail(f"expert_impl={expert_impl!r} with expert_parallel={expert_parallel}; allowed: 'grouped'")
+    if model_args['router'] == 'expert_choice':
+        fail(f"router='expert_choice' with expert_parallel={expert_parallel}; allowed: topk, noisy_topk, aux_free")
+    if dtype == 'float16':  # GradScaler checks for inf per rank, and expert gradients differ between ranks
+        fail(f"dtype='float16' with expert_parallel={expert_parallel}; allowed: 'float32', 'bfloat16'")
+    if world_size % expert_parallel:
+        fail(f"expert_parallel={expert_parallel} must divide the number of processes ({world_size}); "
+             f"launch with torchrun --nproc_per_node=<a multiple of {expert_parallel}>")
 
 # -----------------------------------------------------------------------------
 # various inits, derived attributes, I/O setup
@@ -266,6 +286,13 @@ if init_from == 'resume':
     set_rng_state(resume_ckpt['rng'], device)
 resume_ckpt = None  # free up memory
 
+# expert parallelism: keep this rank's experts only (every rank built or loaded the same full model)
+if expert_parallel > 1:
+    ep_group, expert_dp_group = init_expert_parallel(expert_parallel, device_type)
+    shard_experts(model, optimizer, ep_group)
+    print(f"expert parallel: {expert_parallel} ranks per EP group, {model_args['n_expert'] // expert_parallel} "
+          f"experts per layer on this rank")
+
 # compile the model
 if compile:
     print("compiling the model... (takes a ~minute)")
@@ -274,6 +301,8 @@ if compile:
 
 # wrap model into DDP container
 if ddp:
+    if expert_parallel > 1:  # expert weights differ between ranks: sync_expert_grads all-reduces them instead
+        DDP._set_params_and_buffers_to_ignore_for_model(model, [name for name, _ in expert_params(model)])
     model = DDP(model, device_ids=[ddp_local_rank] if device_type == 'cuda' else None)
 raw_model = model.module if ddp else model  # unwrap DDP container if needed
 raw_model = getattr(raw_model, '_orig_mod', raw_model)  # and torch.compile
@@ -313,17 +342,20 @@ def get_lr(it):
     return min_lr + coeff * (learning_rate - min_lr)
 
 
-def save(path):
-    save_checkpoint({
-        'model': raw_model.state_dict(),
-        'optimizer': optimizer.state_dict(),
+def checkpoint_state():
+    """What a checkpoint holds: always the full model and optimizer. Under expert parallelism the experts
+    are gathered from the EP group, so every rank must call this (then the master saves it)."""
+    ep = expert_parallel > 1
+    return {
+        'model': full_state_dict(raw_model, ep_group) if ep else raw_model.state_dict(),
+        'optimizer': full_optimizer_state_dict(optimizer, raw_model, ep_group) if ep else optimizer.state_dict(),
         'scaler': scaler.state_dict(),
         'model_args': model_args,
         'iter_num': iter_num,
         'best_val_loss': best_val_loss,
         'config': config,
         'rng': rng_state(device),
-    }, path)
+    }
 
 
 def log(record):
@@ -409,27 +441,30 @@ while True:
     # evaluate the loss on train/val sets and write checkpoints
     if iter_num % eval_interval == 0 or iter_num == max_iters or eval_only:
         losses = estimate_loss()
+        with ctx:  # routing flip rate: top-1 experts of a fixed probe batch against the previous eval
+            flips = raw_model.routing_flips(get_batch('val', -2, 0)[0])  # every rank: EP forwards are collective
+        state = checkpoint_state() if iter_num > 0 and not eval_only else None
         if master_process:
             print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-            with ctx:  # routing flip rate: top-1 experts of a fixed probe batch against the previous eval
-                flips = raw_model.routing_flips(get_batch('val', -2, 0)[0])
             routing = {k: v for k, v in {**raw_model.routing_stats(), **flips}.items() if not isinstance(v, list)}
             if routing:
                 print('routing (probe batch): ' + ', '.join(f'{k} {v:.3f}' for k, v in routing.items()))
             log({'iter': iter_num, 'train/ce': losses['train'], 'val/ce': losses['val'], 'lr': lr, **flips})
             improved = losses['val'] < best_val_loss
             best_val_loss = min(best_val_loss, losses['val'])
-            if iter_num > 0 and not eval_only:
+            if state is not None:
                 print(f"saving checkpoint to {out_dir}")
-                save(ckpt_path)  # the latest, for resume
+                save_checkpoint(state, ckpt_path)  # the latest, for resume
                 if improved:
-                    save(os.path.join(out_dir, 'ckpt_best.pt'))  # the best val loss so far
+                    save_checkpoint(state, os.path.join(out_dir, 'ckpt_best.pt'))  # the best val loss so far
+        state = None
     if iter_num >= max_iters or eval_only:
         break
 
     # forward backward update, with optional gradient accumulation to simulate larger batch size
     # and using the GradScaler if data type is float16
     loss_sum = 0.0
+    a2a_bytes = 0  # under expert parallelism: bytes this rank sends to others by all-to-all in this step
     for micro_step in range(gradient_accumulation_steps):
         X, Y = get_batch('train', iter_num, ddp_rank * gradient_accumulation_steps + micro_step)
         if ddp:
@@ -446,16 +481,27 @@ while True:
         loss_sum = loss_sum + loss.detach()
         # backward pass, with gradient scaling if training in fp16
         scaler.scale(loss).backward()
+        if expert_parallel > 1:  # the backward's all-to-alls send as many bytes as the forward's
+            a2a_bytes += 2 * sum(layer.experts.a2a_bytes for layer in raw_model.moe_layers())
+    if expert_parallel > 1:
+        sync_expert_grads(raw_model, expert_dp_group, ddp_world_size)
     raw_model.end_step()  # aux-loss-free bias update from the step's global-batch load; restarts step loads
     # clip the gradient (or just measure its norm, for the non-finite guard)
     scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float('inf'))
+    max_norm = grad_clip if grad_clip > 0 else float('inf')
+    if expert_parallel > 1:  # the norm of the whole model, not of this rank's experts
+        grad_norm = clip_grad_norm(raw_model, max_norm, ep_group)
+    else:
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     # divergence guard: with fp16 the scaler already skips inf steps; otherwise a NaN would poison the weights
-    if not scaler.is_enabled() and not torch.isfinite(loss_sum + grad_norm):
+    nonfinite = torch.tensor(float(not torch.isfinite(loss_sum + grad_norm)), device=device)
+    if ddp:  # every rank takes the same branch (the diagnosis below runs collective forwards under EP)
+        torch.distributed.all_reduce(nonfinite, op=torch.distributed.ReduceOp.MAX)
+    if not scaler.is_enabled() and nonfinite.item() > 0:
         message = f"non-finite loss or gradient at iter {iter_num} (loss {float(loss_sum):.4g}, grad norm {float(grad_norm):.4g})"
+        diagnosis = {**raw_model.routing_stats(), **router_diagnosis(X)}
         if master_process:  # expert loads and router state at this step, for the post-mortem
-            log({'iter': iter_num, 'event': 'nonfinite', 'loss': float(loss_sum), 'grad_norm': float(grad_norm),
-                 **raw_model.routing_stats(), **router_diagnosis(X)})
+            log({'iter': iter_num, 'event': 'nonfinite', 'loss': float(loss_sum), 'grad_norm': float(grad_norm), **diagnosis})
         if on_nonfinite == 'stop':
             last = ckpt_path if os.path.exists(ckpt_path) else 'none yet'
             print(f"error: {message}; stopping. Last good checkpoint: {last}", file=sys.stderr)
@@ -481,10 +527,12 @@ while True:
             running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
         terms = {k: v.item() for k, v in raw_model.loss_terms.items()}
         parts = ', '.join(f'{k} {v:.4f}' for k, v in terms.items())
+        ep = {'a2a_MB': a2a_bytes / 1e6} if expert_parallel > 1 else {}
         print(f"iter {iter_num}/{max_iters}: loss {lossf:.4f} ({parts}), time {dt * 1000:.2f}ms, "
-              f"{tokens_per_iter / dt:,.0f} tok/s" + (f", mfu {running_mfu * 100:.2f}%" if running_mfu >= 0 else ''))
+              f"{tokens_per_iter / dt:,.0f} tok/s" + (f", mfu {running_mfu * 100:.2f}%" if running_mfu >= 0 else '')
+              + (f", all-to-all {ep['a2a_MB']:.2f} MB sent by rank 0" if ep else ''))
         log({'iter': iter_num, 'loss': lossf, **terms, 'lr': lr, 'grad_norm': float(grad_norm),
-             'dt_ms': dt * 1000, 'mfu': running_mfu, **raw_model.routing_stats()})
+             'dt_ms': dt * 1000, 'mfu': running_mfu, **ep, **raw_model.routing_stats()})
     iter_num += 1
     local_iter_num += 1
 
@@ -494,8 +542,9 @@ while True:
         torch.distributed.all_reduce(stop, op=torch.distributed.ReduceOp.MAX)
         stop = stop.item() > 0
     if stop:
+        state = checkpoint_state()
         if master_process:
-            save(ckpt_path)
+            save_checkpoint(state, ckpt_path)
             print(f"received {stop_signal or 'a stop signal (on another rank)'}: saved checkpoint at iter {iter_num} "
                   f"to {ckpt_path}; continue with --init_from=resume")
         break

@@ -65,6 +65,12 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(shakespeare_char, tm
     (['--dataset=nonexistent'], 'run: python data/nonexistent/prepare.py'),
     (['--init_from=resume'], 'ckpt.pt not found'),
     (['config/no_such_file.py'], "config file 'config/no_such_file.py' not found"),
+    (['--expert_parallel=0'], 'expert_parallel=0 must be a positive integer'),
+    (['--expert_parallel=3'], 'expert_parallel=3 must divide n_expert=4'),
+    (['--expert_parallel=2', '--n_expert=0'], 'expert_parallel=2 needs an MoE model'),
+    (['--expert_parallel=2', '--expert_impl=loop'], "expert_impl='loop' with expert_parallel=2; allowed: 'grouped'"),
+    (['--expert_parallel=2', '--router=expert_choice'], "router='expert_choice' with expert_parallel=2"),
+    (['--expert_parallel=2'], 'expert_parallel=2 must divide the number of processes (1)'),
 ])
 def test_bad_config_fails_at_start_with_one_clear_line(shakespeare_char, tmp_path, args, message):
     out = tmp_path / 'out'
