@@ -2,7 +2,8 @@
 Expert parallelism (EP) for training: the experts of every MoE layer are split over the expert_parallel
 ranks of an EP group, and token-slots travel to their expert's rank by all-to-all (the forward is
 moe_model.expert_parallel_experts). The world of W processes is a (W / EP) x EP grid of ranks:
-  a row    (ranks r with the same r // EP) is an EP group: together it holds every expert once;
+  a row    (ranks r with the same r // EP) is an EP group: together it holds every expert once,
+           rank r holding experts [i * E / EP, (i + 1) * E / EP) of each layer, i = r % EP;
   a column (ranks r with the same r % EP) holds the same experts: their gradients are all-reduced there.
 Every other parameter is data-parallel over all W ranks, as with plain DDP (train.py wraps the model in
 DDP and tells it to leave the expert weights alone). Checkpoints hold the full, unsharded model and
@@ -13,6 +14,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
+from moe_model import Experts
+
 
 def init_expert_parallel(expert_parallel, device_type):
     """The EP group of this rank and its expert-data-parallel group (same experts, other EP groups)."""
@@ -22,8 +25,9 @@ def init_expert_parallel(expert_parallel, device_type):
 
 
 def expert_params(model):
-    """(name, parameter) of every sharded expert weight, in a fixed order."""
-    return [(name, p) for name, p in model.named_parameters() if '.experts.' in name]
+    """(name, parameter) of every expert weight (the sharded ones under EP), in a fixed order."""
+    return [(f'{module_name}.{name}', p) for module_name, module in model.named_modules() if isinstance(module, Experts)
+            for name, p in module.named_parameters()]
 
 
 def _shard(t, group):
@@ -33,47 +37,56 @@ def _shard(t, group):
 
 
 def _gather(t, group):
-    """The shards of t of every rank of the group, concatenated along dim 0 (the full tensor)."""
+    """The full tensor, from every rank's shard of it (concatenated along dim 0), on the CPU."""
     parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, t.contiguous(), group=group)
-    return torch.cat(parts)
+    dist.all_gather(parts, t.detach().contiguous(), group=group)
+    return torch.cat([part.cpu() for part in parts])
 
 
-def _optimizer_state(optimizer, param):
-    """The optimizer's per-parameter tensors (AdamW: exp_avg, exp_avg_sq) shaped like param."""
-    return {k: v for k, v in optimizer.state.get(param, {}).items() if torch.is_tensor(v) and v.shape == param.shape}
-
-
-def shard_experts(model, optimizer, ep_group):
-    """Keep only this rank's experts, in place: the same Parameter objects, so the optimizer (and any
-    state it loaded from a full checkpoint) keeps tracking them. Every rank must start from the same
-    full weights: the same seed, or the same checkpoint."""
+def shard_experts(model, ep_group):
+    """Keep only this rank's experts, in place. Call it before model.to(device), so that no device ever
+    holds every expert, and before building the optimizer. Every rank must start from the same full
+    weights: the same seed, or the same checkpoint."""
     for _, p in expert_params(model):
-        state = _optimizer_state(optimizer, p)
         p.data = _shard(p.data, ep_group)
-        for k, v in state.items():
-            optimizer.state[p][k] = _shard(v, ep_group)
-    for layer in model.moe_layers():
-        layer.experts.ep_group = ep_group
+    for module in model.modules():
+        if isinstance(module, Experts):
+            module.ep_group = ep_group
+
+
+def _expert_state_ids(optimizer, model):
+    """The optimizer's state-dict keys (parameter indices) of the expert weights, with those weights."""
+    index = {id(p): i for i, p in enumerate(p for group in optimizer.param_groups for p in group['params'])}
+    return [(index[id(p)], p) for _, p in expert_params(model)]
+
+
+def shard_optimizer_state_dict(sd, optimizer, model, ep_group):
+    """A full (unsharded) optimizer state dict cut to this rank's experts, for optimizer.load_state_dict."""
+    sd = {**sd, 'state': dict(sd['state'])}
+    for i, p in _expert_state_ids(optimizer, model):
+        if i in sd['state']:  # per-expert tensors (AdamW's exp_avg, exp_avg_sq) are cut; 'step' is shared
+            sd['state'][i] = {k: _shard(v, ep_group) if torch.is_tensor(v) and v.dim() == p.dim() else v
+                              for k, v in sd['state'][i].items()}
+    return sd
 
 
 def full_state_dict(model, ep_group):
-    """model.state_dict() with every expert weight gathered from the EP group (collective: every rank calls it)."""
+    """model.state_dict() with every expert weight gathered from the EP group, one tensor at a time,
+    to the CPU. Collective: every rank of the EP group calls it."""
     sd = model.state_dict()
     for name, p in expert_params(model):
-        sd[name] = _gather(p.detach(), ep_group)
+        sd[name] = _gather(p, ep_group)
     return sd
 
 
 def full_optimizer_state_dict(optimizer, model, ep_group):
-    """optimizer.state_dict() with the expert weights' state gathered (collective: every rank calls it)."""
+    """optimizer.state_dict() with the expert weights' state gathered to the CPU (collective, as above)."""
     sd = optimizer.state_dict()
-    index = {id(p): i for i, p in enumerate(p for group in optimizer.param_groups for p in group['params'])}
     sd['state'] = dict(sd['state'])
-    for _, p in expert_params(model):
-        state = _optimizer_state(optimizer, p)
-        if state:
-            sd['state'][index[id(p)]] = {**sd['state'][index[id(p)]], **{k: _gather(v, ep_group) for k, v in state.items()}}
+    for i, p in _expert_state_ids(optimizer, model):
+        if i in sd['state']:
+            sd['state'][i] = {k: _gather(v, ep_group) if torch.is_tensor(v) and v.shape == p.shape else v
+                              for k, v in sd['state'][i].items()}
     return sd
 
 

@@ -250,25 +250,34 @@ def grouped_experts(x, topk_idx, topk_weight, experts):
     return combine(out, topk_weight, order, token, x.size(0)).to(x.dtype), 0
 
 
+def compute_dtype(x):
+    """The dtype the expert GEMMs run in: autocast's when it is on (as nn.Linear's would), else x's."""
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+
+
 def grouped_mlp(x_sorted, counts, experts):
-    """The expert MLPs on rows sorted by expert (counts[e] rows for expert e), as two grouped GEMMs."""
+    """The expert MLPs on rows sorted by expert (counts[e] rows for expert e), as two grouped GEMMs,
+    in compute_dtype (grouped_mm is not on autocast's list everywhere, so the casts are explicit)."""
+    dtype = compute_dtype(x_sorted)
     if x_sorted.size(0) == 0:  # grouped_mm rejects empty inputs; a plain matmul keeps the autograd graph
-        return experts.forward_one(0, x_sorted)
+        return experts.forward_one(0, x_sorted).to(dtype)
     offs = counts.cumsum(0).to(torch.int32)  # end row of each expert's group (grouped_mm wants int32)
-    expert_of_row = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts,
-                                            output_size=x_sorted.size(0))
-    c_fc, c_proj, c_fc_bias = experts.c_fc, experts.c_proj, experts.c_fc_bias
+    c_fc, c_proj = experts.c_fc.to(dtype), experts.c_proj.to(dtype)
     d, h = c_fc.shape[1:]
-    pad_d, pad_h = -d % (16 // x_sorted.element_size()), -h % (16 // x_sorted.element_size())
+    pad_d, pad_h = -d % (16 // c_fc.element_size()), -h % (16 // c_fc.element_size())
     if pad_d or pad_h:  # grouped_mm wants row strides in multiples of 16 bytes: zero-pad (gelu(0) = 0)
         c_fc, c_proj = F.pad(c_fc, (0, pad_h, 0, pad_d)), F.pad(c_proj, (0, pad_d, 0, pad_h))
-        c_fc_bias = F.pad(c_fc_bias, (0, pad_h)) if c_fc_bias is not None else None
+    x_sorted = x_sorted.to(dtype)
     h = _grouped_mm(F.pad(x_sorted, (0, pad_d)) if pad_d else x_sorted, c_fc, offs=offs)
-    if c_fc_bias is not None:
-        h = h + c_fc_bias.index_select(0, expert_of_row)
+    if experts.c_fc_bias is not None or experts.c_proj_bias is not None:
+        expert_of_row = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts,
+                                                output_size=x_sorted.size(0))
+    if experts.c_fc_bias is not None:
+        c_fc_bias = F.pad(experts.c_fc_bias, (0, pad_h)) if pad_h else experts.c_fc_bias
+        h = h + c_fc_bias.to(dtype).index_select(0, expert_of_row)
     out = _grouped_mm(F.gelu(h), c_proj, offs=offs)[:, :d]
     if experts.c_proj_bias is not None:
-        out = out + experts.c_proj_bias.index_select(0, expert_of_row)
+        out = out + experts.c_proj_bias.to(dtype).index_select(0, expert_of_row)
     return _DenseGrad.apply(out)
 
 
@@ -346,6 +355,7 @@ class _AllToAll(torch.autograd.Function):
         return grad_x, None, None, None
 
 
+@torch.compiler.disable  # data-dependent split sizes and collectives: run eagerly inside a compiled model
 def expert_parallel_experts(x, topk_idx, topk_weight, experts):
     """The grouped backend over an EP group: slots sorted by (global) expert are also sorted by the rank
     that owns the expert, so one all-to-all sends each rank its slots (split sizes exchanged first);
@@ -358,7 +368,8 @@ def expert_parallel_experts(x, topk_idx, topk_weight, experts):
     dist.all_to_all_single(recv_counts, counts, group=group)
     recv_counts = recv_counts.view(n_ranks, E_local)
     send_splits, recv_splits = counts.view(n_ranks, E_local).sum(1).tolist(), recv_counts.sum(1).tolist()
-    x_recv = _AllToAll.apply(x.index_select(0, token), send_splits, recv_splits, group)
+    # slots travel in the GEMMs' dtype (bf16 under autocast: half the bytes of x's float32)
+    x_recv = _AllToAll.apply(x.index_select(0, token).to(compute_dtype(x)), send_splits, recv_splits, group)
     # x_recv is ordered by (source rank, local expert): regroup by local expert, stably
     local_expert = torch.arange(E_local, device=x.device).repeat(n_ranks)
     by_expert = torch.argsort(torch.repeat_interleave(local_expert, recv_counts.flatten(), output_size=x_recv.size(0)),
@@ -368,7 +379,7 @@ def expert_parallel_experts(x, topk_idx, topk_weight, experts):
     out = _AllToAll.apply(out, recv_splits, send_splits, group)
     # bytes this rank sent to other ranks in this forward (the backward sends as many again)
     experts.a2a_bytes = (sum(send_splits) - send_splits[rank] + sum(recv_splits) - recv_splits[rank]) \
-        * x.size(1) * x.element_size()
+        * out.size(1) * out.element_size()
     return combine(out, topk_weight, order, token, x.size(0)).to(x.dtype), 0
 
 # -----------------------------------------------------------------------------

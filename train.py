@@ -36,7 +36,7 @@ from configurator import configure, fail
 from checkpoint import save_checkpoint, load_checkpoint, clean_state_dict, CheckpointError, rng_state, set_rng_state, load_meta
 from moe_model import build_model, model_args_of, MoEConfig
 from expert_parallel import (init_expert_parallel, shard_experts, expert_params, full_state_dict, full_optimizer_state_dict,
-                             sync_expert_grads, clip_grad_norm)
+                             shard_optimizer_state_dict, sync_expert_grads, clip_grad_norm)
 
 # -----------------------------------------------------------------------------
 # default config values designed to train a GPT-2 (124M) sized MoE on OpenWebText
@@ -269,9 +269,15 @@ if block_size < model.config.block_size:
     model_args['block_size'] = block_size  # so that the checkpoint will have the right value
 elif block_size > model.config.block_size:
     fail(f"block_size={block_size} is larger than the model's block_size={model.config.block_size}")
-model.to(device)
 n_total, n_active = model.get_num_params(), model.get_num_params(active=True)
 print(f"number of parameters: {n_total / 1e6:.2f}M total, {n_active / 1e6:.2f}M active per token")
+# expert parallelism: keep this rank's experts only (every rank built or loaded the same full model, on the CPU)
+if expert_parallel > 1:
+    ep_group, expert_dp_group = init_expert_parallel(expert_parallel, device_type)
+    shard_experts(model, ep_group)
+    print(f"expert parallel: {expert_parallel} ranks per EP group, {model_args['n_expert'] // expert_parallel} "
+          f"experts per layer on this rank")
+model.to(device)
 
 # initialize a GradScaler. If enabled=False scaler is a no-op
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
@@ -279,19 +285,15 @@ scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
 # optimizer
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
 if init_from == 'resume':
-    optimizer.load_state_dict(resume_ckpt['optimizer'])
+    optimizer_state = resume_ckpt['optimizer']  # always the full model's
+    if expert_parallel > 1:
+        optimizer_state = shard_optimizer_state_dict(optimizer_state, optimizer, model, ep_group)
+    optimizer.load_state_dict(optimizer_state)
     if 'scaler' in resume_ckpt:
         scaler.load_state_dict(resume_ckpt['scaler'])
     # the global RNGs drive dropout (and any router noise or sampling): restore them for an exact resume
     set_rng_state(resume_ckpt['rng'], device)
 resume_ckpt = None  # free up memory
-
-# expert parallelism: keep this rank's experts only (every rank built or loaded the same full model)
-if expert_parallel > 1:
-    ep_group, expert_dp_group = init_expert_parallel(expert_parallel, device_type)
-    shard_experts(model, optimizer, ep_group)
-    print(f"expert parallel: {expert_parallel} ranks per EP group, {model_args['n_expert'] // expert_parallel} "
-          f"experts per layer on this rank")
 
 # compile the model
 if compile:
@@ -441,17 +443,17 @@ while True:
     # evaluate the loss on train/val sets and write checkpoints
     if iter_num % eval_interval == 0 or iter_num == max_iters or eval_only:
         losses = estimate_loss()
+        improved = losses['val'] < best_val_loss  # each rank has its own eval batches; the master's decide
+        best_val_loss = min(best_val_loss, losses['val'])
         with ctx:  # routing flip rate: top-1 experts of a fixed probe batch against the previous eval
             flips = raw_model.routing_flips(get_batch('val', -2, 0)[0])  # every rank: EP forwards are collective
-        state = checkpoint_state() if iter_num > 0 and not eval_only else None
+        state = checkpoint_state() if iter_num > 0 and not eval_only else None  # every rank: EP gathers experts
         if master_process:
             print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
             routing = {k: v for k, v in {**raw_model.routing_stats(), **flips}.items() if not isinstance(v, list)}
             if routing:
                 print('routing (probe batch): ' + ', '.join(f'{k} {v:.3f}' for k, v in routing.items()))
             log({'iter': iter_num, 'train/ce': losses['train'], 'val/ce': losses['val'], 'lr': lr, **flips})
-            improved = losses['val'] < best_val_loss
-            best_val_loss = min(best_val_loss, losses['val'])
             if state is not None:
                 print(f"saving checkpoint to {out_dir}")
                 save_checkpoint(state, ckpt_path)  # the latest, for resume

@@ -31,6 +31,7 @@ def test_checkpoint_holds_the_full_config_and_loads_weights_only(trained):
     args = ckpt['model_args']
     assert (args['n_expert'], args['top_k'], args['expert_hidden'], args['expert_impl']) == (4, 2, 32, 'grouped')
     assert os.path.exists(os.path.join(trained, 'ckpt_best.pt'))
+    assert ckpt['best_val_loss'] == min(r['val/ce'] for r in read_log(trained) if 'val/ce' in r)
 
 
 def test_sample_from_checkpoint(trained):
