@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from configurator import configure, fail
+from cpu_memory import keep_freed_memory
 from checkpoint import load_checkpoint, CheckpointError
 from moe_model import build_model, MoE, MoEConfig, EXPERT_IMPLS
 
@@ -52,6 +53,7 @@ compile = False  # use PyTorch 2.0 to compile the model to be faster
 warmup_iters = 5
 bench_iters = 20
 peak_flops = 312e12  # for MFU: A100 bf16 peak; an H100 SXM is 989e12
+compare_dense = False  # model mode: also time the dense twin (n_expert=0), interleaved step by step, and print the ratio
 # moe_layer mode
 moe_layer = False
 layer_tokens = 4096
@@ -68,6 +70,8 @@ torch.manual_seed(seed)
 torch.backends.cuda.matmul.allow_tf32 = True  # allow tf32 on matmul
 torch.backends.cudnn.allow_tf32 = True  # allow tf32 on cudnn
 device_type = 'cuda' if 'cuda' in device else 'cpu'  # for later use in torch.autocast
+if device_type == 'cpu':
+    keep_freed_memory()  # reuse freed memory: no page faults on every step's large tensors (cpu_memory.py)
 ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
 ctx = nullcontext() if device_type == 'cpu' else torch.amp.autocast(device_type=device_type, dtype=ptdtype)
 
@@ -77,18 +81,22 @@ def sync():
         torch.cuda.synchronize()
 
 
-def time_it(step):
-    """Median milliseconds of step() over bench_iters runs, after warmup_iters."""
+def time_it(*steps):
+    """Median milliseconds of each step() over bench_iters runs, after warmup_iters. Several steps are
+    timed in turn, one run of each per round, so that a noisy machine slows them all alike."""
     for _ in range(warmup_iters):
-        step()
-    times = []
+        for step in steps:
+            step()
+    times = [[] for _ in steps]
     for _ in range(bench_iters):
-        sync()
-        t0 = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return 1000 * float(np.median(times))
+        for step, t in zip(steps, times):
+            sync()
+            t0 = time.perf_counter()
+            step()
+            sync()
+            t.append(time.perf_counter() - t0)
+    ms = [1000 * float(np.median(t)) for t in times]
+    return ms if len(steps) > 1 else ms[0]
 
 
 def bench_moe_layer():
@@ -104,6 +112,8 @@ def bench_moe_layer():
 
     def run(layer):
         def step():
+            layer.zero_grad(set_to_none=True)  # as a training step does: gradients are written, not accumulated
+            x.grad = None
             with ctx:
                 y = layer(x)
             y.float().sum().backward()
@@ -147,6 +157,31 @@ def bench_model():
                           expert_hidden=expert_hidden, moe_every=moe_every, expert_impl=expert_impl,
                           capacity_factor=capacity_factor, router=router, n_shared_expert=n_shared_expert,
                           n_dense_layers=n_dense_layers)
+    models = {'model': model_args}
+    if compare_dense:
+        if model_args['n_expert'] == 0:
+            fail("compare_dense needs an MoE model (n_expert > 0): its twin is the dense model")
+        try:
+            cfg = MoEConfig(**model_args)  # validates, and fills in expert_hidden
+        except ValueError as e:
+            fail(str(e))
+        if cfg.top_k * cfg.expert_hidden != 4 * cfg.n_embd or cfg.n_shared_expert or cfg.moe_every > 1 or cfg.n_dense_layers:
+            fail(f"compare_dense needs a twin of equal active FLOPs: top_k * expert_hidden = {cfg.top_k * cfg.expert_hidden} "
+                 f"must be 4 * n_embd = {4 * cfg.n_embd}, with every layer MoE and no shared experts")
+        models = {'dense twin': {**model_args, 'n_expert': 0}, 'model': model_args}
+    steps = [make_step(name, args) for name, args in models.items()]
+    results = time_it(*steps) if compare_dense else [time_it(*steps)]
+    for name, ms, step in zip(models, results, steps):
+        mfu = step.model.estimate_mfu(batch_size, ms / 1000, peak_flops)
+        print(f"{name}: {ms:.2f} ms/iter, {batch_size * step.model.config.block_size / (ms / 1000):,.0f} tokens/s, "
+              f"MFU {mfu * 100:.2f}% of {peak_flops / 1e12:.0f} TFLOP/s")
+    if compare_dense:
+        print(f"model / dense twin: {results[1] / results[0]:.2f}x (same active FLOPs, timed in turn in one run)")
+
+
+def make_step(name, model_args):
+    """A training step (forward, backward, AdamW) of a fresh model; the model is step.model."""
+    torch.manual_seed(seed)
     try:
         model = build_model(model_args)
     except ValueError as e:
@@ -154,7 +189,7 @@ def bench_model():
     T = model.config.block_size
     model.to(device)
     optimizer = model.configure_optimizers(weight_decay=1e-2, learning_rate=1e-4, betas=(0.9, 0.95), device_type=device_type)
-    print(f"{model.get_num_params() / 1e6:.2f}M parameters, {model.get_num_params(active=True) / 1e6:.2f}M active")
+    print(f"{name}: {model.get_num_params() / 1e6:.2f}M parameters, {model.get_num_params(active=True) / 1e6:.2f}M active")
     if real_data:
         data = np.memmap(os.path.join('data', dataset, 'train.bin'), dtype=np.uint16, mode='r')
 
@@ -180,11 +215,8 @@ def bench_model():
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    ms = time_it(step)
-    raw = getattr(model, '_orig_mod', model)
-    mfu = raw.estimate_mfu(batch_size, ms / 1000, peak_flops)
-    print(f"{ms:.2f} ms/iter, {batch_size * T / (ms / 1000):,.0f} tokens/s, "
-          f"MFU {mfu * 100:.2f}% of {peak_flops / 1e12:.0f} TFLOP/s")
+    step.model = getattr(model, '_orig_mod', model)
+    return step
 
 
 if moe_layer:

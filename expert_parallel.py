@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
-from moe_model import Experts
+from moe_model import Experts, expert_parallel_experts
 
 
 def init_expert_parallel(expert_parallel, device_type):
@@ -49,9 +49,12 @@ def shard_experts(model, ep_group):
     weights: the same seed, or the same checkpoint."""
     for _, p in expert_params(model):
         p.data = _shard(p.data, ep_group)
+    # torch.compile must run the dispatch eagerly (data-dependent split sizes, collectives); wrapped here,
+    # not where it is defined, so that importing moe_model does not load torch._dynamo
+    dispatch = torch.compiler.disable(expert_parallel_experts)
     for module in model.modules():
         if isinstance(module, Experts):
-            module.ep_group = ep_group
+            module.ep_group, module.ep_dispatch = ep_group, dispatch
 
 
 def _expert_state_ids(optimizer, model):

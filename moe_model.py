@@ -212,6 +212,7 @@ class Experts(nn.Module):
         self.c_proj_bias = nn.Parameter(torch.zeros(E, d)) if config.bias else None
         self.capacity_factor = config.capacity_factor
         self.ep_group = None  # under expert parallelism: the process group this layer's experts are sharded over
+        self.ep_dispatch = None  # ... and expert_parallel_experts, as expert_parallel.shard_experts sets it
         self.a2a_bytes = 0    # under expert parallelism: bytes the last forward sent to other ranks
 
     def forward_one(self, e, x):
@@ -355,7 +356,6 @@ class _AllToAll(torch.autograd.Function):
         return grad_x, None, None, None
 
 
-@torch.compiler.disable  # data-dependent split sizes and collectives: run eagerly inside a compiled model
 def expert_parallel_experts(x, topk_idx, topk_weight, experts):
     """The grouped backend over an EP group: slots sorted by (global) expert are also sorted by the rank
     that owns the expert, so one all-to-all sends each rank its slots (split sizes exchanged first);
@@ -450,7 +450,7 @@ class MoE(nn.Module):
             self.drop_fraction = 1 - taken.float().mean()  # tokens that no expert took
         else:
             weight = topk_weight if keep is None else topk_weight * keep[topk_idx]
-            backend = EXPERT_IMPLS[self.expert_impl] if self.experts.ep_group is None else expert_parallel_experts
+            backend = EXPERT_IMPLS[self.expert_impl] if self.experts.ep_group is None else self.experts.ep_dispatch
             y, n_dropped = backend(x_flat, topk_idx, weight, self.experts)
             counts = count_per_expert(topk_idx, E)
             self.drop_fraction = n_dropped / topk_idx.numel()

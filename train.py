@@ -33,6 +33,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.distributed import init_process_group, destroy_process_group
 
 from configurator import configure, fail
+from cpu_memory import keep_freed_memory
 from checkpoint import save_checkpoint, load_checkpoint, clean_state_dict, CheckpointError, rng_state, set_rng_state, load_meta
 from moe_model import build_model, model_args_of, MoEConfig
 from expert_parallel import (init_expert_parallel, shard_experts, expert_params, full_state_dict, full_optimizer_state_dict,
@@ -217,6 +218,8 @@ np.random.seed(seed)
 torch.backends.cuda.matmul.allow_tf32 = True  # allow tf32 on matmul
 torch.backends.cudnn.allow_tf32 = True  # allow tf32 on cudnn
 device_type = 'cuda' if 'cuda' in device else 'cpu'  # for later use in torch.autocast
+if device_type == 'cpu':
+    keep_freed_memory()  # reuse freed memory: no page faults on every step's large tensors (cpu_memory.py)
 # note: float16 data type will automatically use a GradScaler
 ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
 ctx = nullcontext() if device_type == 'cpu' else torch.amp.autocast(device_type=device_type, dtype=ptdtype)
@@ -552,4 +555,5 @@ while True:
         break
 
 if ddp:
+    torch.distributed.barrier()  # the master may still be writing the last checkpoint: the ranks leave together
     destroy_process_group()

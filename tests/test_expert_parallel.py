@@ -152,7 +152,7 @@ def torchrun(nproc, *args):
     p = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}',
                         os.path.join(ROOT, 'train.py'), *args], cwd=ROOT, capture_output=True, text=True,
                        timeout=300, env=env)
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-6000:]
     return p
 
 
