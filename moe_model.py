@@ -9,8 +9,10 @@ bias) and the two aux losses -> dispatch helpers
   'grouped'  dropless: sort token-slots by expert, two grouped GEMMs (torch grouped_mm).
   'batched'  capacity-based (GShard/Switch): fixed slots per expert, overflow dropped, one bmm.
   'triton'   MegaBlocks-style block-sparse kernels (moe_triton.py, optional dependency).
--> expert choice (each expert picks its tokens, training only) -> MoE (drop-in for MLP, optional shared
-experts, keeps its aux terms and routing stats on the module) -> MoEGPT(GPT).
+-> expert parallelism (training with expert_parallel > 1: grouped, with the slots sent to the rank that
+owns their expert by all-to-all; expert_parallel.py does the sharding) -> expert choice (each expert
+picks its tokens, training only) -> MoE (drop-in for MLP, optional shared experts, keeps its aux terms
+and routing stats on the module) -> MoEGPT(GPT).
 """
 
 import math
