@@ -22,8 +22,6 @@ from configurator import configure, fail
 out_dir = 'out'  # the run: reads out_dir/log.jsonl
 plot_dir = ''  # where the PNGs go; '' = out_dir
 # -----------------------------------------------------------------------------
-config = configure({'out_dir': out_dir, 'plot_dir': plot_dir}, sys.argv[1:])
-out_dir, plot_dir = config['out_dir'], config['plot_dir'] or config['out_dir']
 
 
 def read_log(path):
@@ -90,19 +88,22 @@ def plot_flips(evals, layers, path):
     plt.close(fig)
 
 
-log_path = os.path.join(out_dir, 'log.jsonl')
-if not os.path.exists(log_path):
-    fail(f"{log_path} not found: plot.py reads the log.jsonl that train.py writes into out_dir")
-records = read_log(log_path)
-steps = [r for r in records if 'loss' in r and 'event' not in r]
-evals = [r for r in records if 'val/ce' in r]
-layers = moe_layers(steps)
-os.makedirs(plot_dir, exist_ok=True)
-written = [os.path.join(plot_dir, 'loss.png')]
-plot_losses(steps, evals, written[0])
-if layers:
-    written.append(os.path.join(plot_dir, 'load.png'))
-    plot_load(steps, layers, written[-1])
-    written.append(os.path.join(plot_dir, 'flips.png'))
-    plot_flips(evals, layers, written[-1])
-print('wrote ' + ', '.join(written))
+if __name__ == '__main__':  # a script; study.py imports read_log from it
+    config = configure({'out_dir': out_dir, 'plot_dir': plot_dir}, sys.argv[1:])
+    out_dir, plot_dir = config['out_dir'], config['plot_dir'] or config['out_dir']
+    log_path = os.path.join(out_dir, 'log.jsonl')
+    if not os.path.exists(log_path):
+        fail(f"{log_path} not found: plot.py reads the log.jsonl that train.py writes into out_dir")
+    records = read_log(log_path)
+    steps = [r for r in records if 'loss' in r and 'event' not in r]
+    evals = [r for r in records if 'val/ce' in r]
+    layers = moe_layers(steps)
+    os.makedirs(plot_dir, exist_ok=True)
+    written = [os.path.join(plot_dir, 'loss.png')]
+    plot_losses(steps, evals, written[0])
+    if layers:
+        written.append(os.path.join(plot_dir, 'load.png'))
+        plot_load(steps, layers, written[-1])
+        written.append(os.path.join(plot_dir, 'flips.png'))
+        plot_flips(evals, layers, written[-1])
+    print('wrote ' + ', '.join(written))

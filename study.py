@@ -9,7 +9,6 @@ killed study continues where it stopped. To redo a run, delete its folder.
 """
 import os
 import sys
-import json
 import math
 import time
 import platform
@@ -19,6 +18,7 @@ import subprocess
 import torch
 
 from configurator import configure, fail
+from plot import read_log
 from checkpoint import load_checkpoint
 from moe_model import build_model
 
@@ -34,19 +34,6 @@ globals().update(config)
 if not runs:
     fail("the study has no runs: set runs = {'name': ['config/x.py', '--key=value', ...], ...} in its config file")
 ROOT = os.path.dirname(os.path.abspath(__file__))
-
-
-def read_log(run_dir):
-    """The run's log.jsonl; a resumed run re-logs the steps after its checkpoint, so the last record
-    of each (iter, kind) wins."""
-    records = {}
-    path = os.path.join(run_dir, 'log.jsonl')
-    if os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                r = json.loads(line)
-                records[(r['iter'], 'val/ce' in r, 'event' in r)] = r
-    return sorted(records.values(), key=lambda r: r['iter'])
 
 
 def progress(run_dir):
@@ -78,7 +65,8 @@ def train(name, args):
 def summary(name, args):
     """One table row: the run's final and best val loss, its size and its training time."""
     run_dir = os.path.join(out_dir, name)
-    records = read_log(run_dir)
+    path = os.path.join(run_dir, 'log.jsonl')
+    records = read_log(path) if os.path.exists(path) else []
     evals = [r for r in records if 'val/ce' in r]
     steps = [r for r in records if 'dt_ms' in r and r['iter'] > 0]
     row = {'name': name, 'args': ' '.join(args), 'iters': evals[-1]['iter'] if evals else 0,
