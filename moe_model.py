@@ -137,19 +137,26 @@ class Router(nn.Module):
             x = x.float()
             if self.training and self.jitter > 0:
                 x = x * torch.empty_like(x).uniform_(1 - self.jitter, 1 + self.jitter)
-            logits = F.linear(x, self.gate.weight.float()) / self.temperature
+            logits = F.linear(x, self.gate.weight.float())
+            if self.temperature != 1.0:
+                logits = logits / self.temperature
             noisy = logits  # the z-loss sees the clean logits
             if self.training and self.noise is not None:
                 noisy = logits + torch.randn_like(logits) * F.softplus(F.linear(x, self.noise.weight.float()))
         probs = noisy.softmax(dim=-1)
-        scores = probs if self.expert_bias is None else probs + self.expert_bias  # the bias only selects
-        topk_idx = scores.topk(self.top_k, dim=-1).indices
-        topk_weight = probs.gather(1, topk_idx)
+        if self.expert_bias is None:  # softmax keeps the order: the top-k logits are the top-k probabilities
+            chosen_logits, topk_idx = noisy.topk(self.top_k, dim=-1)
+        else:  # the bias only selects
+            topk_idx = (probs + self.expert_bias).topk(self.top_k, dim=-1).indices
+            chosen_logits = noisy.gather(1, topk_idx)
         if self.renormalise:
-            # renormalise over the chosen experts; with k=1 that would make every weight 1.0 and
-            # cut the router off from the language-model gradient, so k=1 keeps the raw probability.
-            # Expert choice keeps raw probabilities too: that is how its training weighs experts
-            topk_weight = topk_weight / topk_weight.sum(dim=-1, keepdim=True)
+            # renormalised over the chosen experts, p_i / sum_j p_j, which is a softmax of their logits.
+            # With k=1 that would make every weight 1.0 and cut the router off from the language-model
+            # gradient, so k=1 keeps the raw probability. Expert choice keeps raw probabilities too: that
+            # is how its training weighs experts
+            topk_weight = chosen_logits.softmax(dim=-1)
+        else:
+            topk_weight = probs.gather(1, topk_idx)
         return topk_idx, topk_weight, logits, probs
 
 
@@ -168,12 +175,12 @@ def load_balance_loss(probs, topk_idx, counts=None):
     counts = count_per_expert(topk_idx, n_expert) if counts is None else counts
     f = counts.float() / counts.sum()
     P = probs.mean(dim=0)
-    return n_expert * torch.sum(f * P)
+    return n_expert * torch.dot(f, P)
 
 
 def router_z_loss(logits):
     """ST-MoE router z-loss: mean over tokens of logsumexp(logits)^2; keeps router logits small."""
-    return torch.logsumexp(logits, dim=-1).pow(2).mean()
+    return torch.logsumexp(logits, dim=-1).square().mean()
 
 
 def summed_over_ranks(t):
@@ -242,6 +249,14 @@ def loop_experts(x, topk_idx, topk_weight, experts):
 _grouped_mm = getattr(F, 'grouped_mm', None) or getattr(torch, '_grouped_mm', None)
 
 
+def grouped_mm(a, b, offs):
+    """torch's grouped GEMM. torch.compile traces it in bfloat16 only (torch 2.13's shape function rejects
+    other dtypes), so under compile other dtypes run it eagerly: a graph break, not a crash."""
+    if a.dtype != torch.bfloat16 and torch.compiler.is_compiling():
+        return torch.compiler.disable(_grouped_mm)(a, b, offs=offs)
+    return _grouped_mm(a, b, offs=offs)
+
+
 def grouped_experts(x, topk_idx, topk_weight, experts):
     """Dropless: sort token-slots by expert, then one grouped GEMM per layer of the expert MLP."""
     if _grouped_mm is None:
@@ -260,7 +275,9 @@ def compute_dtype(x):
 
 def grouped_mlp(x_sorted, counts, experts):
     """The expert MLPs on rows sorted by expert (counts[e] rows for expert e), as two grouped GEMMs,
-    in compute_dtype (grouped_mm is not on autocast's list everywhere, so the casts are explicit)."""
+    in compute_dtype (grouped_mm is not on autocast's list everywhere, so the casts are explicit).
+    grouped_mm's backward rejects stride-0 gradients (a bare out.sum() gives one): callers weigh
+    the output by the router weights first (combine), whose backward hands it a dense gradient."""
     dtype = compute_dtype(x_sorted)
     if x_sorted.size(0) == 0:  # grouped_mm rejects empty inputs; a plain matmul keeps the autograd graph
         return experts.forward_one(0, x_sorted).to(dtype)
@@ -271,30 +288,17 @@ def grouped_mlp(x_sorted, counts, experts):
     if pad_d or pad_h:  # grouped_mm wants row strides in multiples of 16 bytes: zero-pad (gelu(0) = 0)
         c_fc, c_proj = F.pad(c_fc, (0, pad_h, 0, pad_d)), F.pad(c_proj, (0, pad_d, 0, pad_h))
     x_sorted = x_sorted.to(dtype)
-    h = _grouped_mm(F.pad(x_sorted, (0, pad_d)) if pad_d else x_sorted, c_fc, offs=offs)
+    h = grouped_mm(F.pad(x_sorted, (0, pad_d)) if pad_d else x_sorted, c_fc, offs)
     if experts.c_fc_bias is not None or experts.c_proj_bias is not None:
         expert_of_row = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts,
                                                 output_size=x_sorted.size(0))
     if experts.c_fc_bias is not None:
         c_fc_bias = F.pad(experts.c_fc_bias, (0, pad_h)) if pad_h else experts.c_fc_bias
         h = h + c_fc_bias.to(dtype).index_select(0, expert_of_row)
-    out = _grouped_mm(F.gelu(h), c_proj, offs=offs)[:, :d]
+    out = grouped_mm(F.gelu(h), c_proj, offs)[:, :d]
     if experts.c_proj_bias is not None:
         out = out + experts.c_proj_bias.to(dtype).index_select(0, expert_of_row)
-    return _DenseGrad.apply(out)
-
-
-class _DenseGrad(torch.autograd.Function):
-    """Identity whose backward makes the incoming gradient contiguous: grouped_mm's backward
-    rejects the stride-0 gradients that e.g. y.sum() produces."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad.contiguous()
+    return out
 
 
 def batched_experts(x, topk_idx, topk_weight, experts):
@@ -334,6 +338,7 @@ def triton_experts(x, topk_idx, topk_weight, experts):
 
 EXPERT_IMPLS = {'loop': loop_experts, 'grouped': grouped_experts, 'batched': batched_experts,
                 'triton': triton_experts}
+CAPACITY_IMPLS = ('batched',)  # the backends that drop slots, so for which the order of the tokens matters
 
 # -----------------------------------------------------------------------------
 # Expert parallelism: each rank of an EP group holds a contiguous shard of every MoE layer's experts
@@ -418,7 +423,7 @@ class MoE(nn.Module):
     """Drop-in for MLP: routes each token to top_k experts (with router='expert_choice', in training,
     each expert to its tokens), plus n_shared_expert shared experts that every token passes through.
     After each forward it holds its own aux-loss terms (balance_loss, z_loss) and routing stats
-    (tokens_per_expert, drop_fraction, entropy, topk_idx)."""
+    (tokens_per_expert, drop_fraction, probs, topk_idx)."""
 
     def __init__(self, config):
         super().__init__()
@@ -436,8 +441,11 @@ class MoE(nn.Module):
     def forward(self, x):
         B, T, C = x.shape
         E = self.router.gate.out_features  # all experts of the layer (under EP this rank holds a shard)
-        # position-major token order: capacity backends give earlier positions priority (causal)
-        x_flat = x.transpose(0, 1).reshape(T * B, C)
+        # capacity backends give places to slots in token order, so they get the tokens position-major
+        # (t * B + b): a token only ever loses its place to tokens at the same or earlier positions (causal).
+        # The dropless backends take x's own order (b * T + t), which costs no copy
+        position_major = self.expert_impl in CAPACITY_IMPLS and self.experts.ep_group is None
+        x_flat = x.transpose(0, 1).reshape(T * B, C) if position_major else x.reshape(B * T, C)
         topk_idx, topk_weight, logits, probs = self.router(x_flat)
         keep = None
         if self.training and self.expert_dropout > 0:  # inverted dropout, one coin per whole expert
@@ -466,9 +474,11 @@ class MoE(nn.Module):
         self.balance_loss = load_balance_loss(probs, topk_idx, balance_counts)
         self.z_loss = router_z_loss(logits)
         self.tokens_per_expert = counts
-        self.entropy = torch.special.entr(probs.detach()).sum(-1).mean()  # per-token router entropy, nats
-        self.topk_idx = topk_idx  # tokens in position-major order (t * B + b)
-        y = self.dropout(y.view(T, B, C).transpose(0, 1))
+        self.probs = probs.detach()  # for routing_stats' entropy, computed only when asked for
+        if position_major:  # back to x's order
+            topk_idx, y = topk_idx.view(T, B, -1).transpose(0, 1), y.view(T, B, C).transpose(0, 1).contiguous()
+        self.topk_idx = topk_idx.reshape(B * T, -1)  # [token (b * T + t), choice]
+        y = self.dropout(y.view(B, T, C))
         return y if self.shared is None else y + self.shared(x)
 
 
@@ -526,7 +536,7 @@ class MoEGPT(GPT):
             load = layer.tokens_per_expert.float()
             stats[f'layer{i}/load'] = (load / load.sum()).tolist()
             stats[f'layer{i}/max_load'] = (load.max() / load.mean()).item()
-            stats[f'layer{i}/entropy'] = layer.entropy.item()
+            stats[f'layer{i}/entropy'] = torch.special.entr(layer.probs).sum(-1).mean().item()
             stats[f'layer{i}/drop_fraction'] = float(layer.drop_fraction)
         return stats
 

@@ -69,7 +69,7 @@ with torch.no_grad():
     for b in range(0, n_windows, batch_size):
         idx = torch.stack([torch.from_numpy(data[s:s + T].astype(np.int64)) for s in starts[b:b + batch_size]])
         model(idx.to(device))
-        tokens = idx.t().reshape(-1)  # the MoE layers see tokens in position-major order
+        tokens = idx.reshape(-1)  # in the order of layer.topk_idx's rows: b * T + t
         for i, layer in model.indexed_moe_layers():
             for slot in layer.topk_idx.cpu().t():  # each of a token's top_k choices
                 counts[i].view(-1).index_add_(0, slot * V + tokens, torch.ones_like(tokens))

@@ -71,6 +71,22 @@ def test_backend_matches_loop_when_all_tokens_pick_one_expert(impl, k):
     assert layer.tokens_per_expert.tolist()[3] == 16
 
 
+@pytest.mark.parametrize('impl', FAST)
+@pytest.mark.parametrize('d, h', [(16, 32), (6, 10)])  # (6, 10): grouped zero-pads to 16-byte rows
+def test_backend_takes_a_stride_0_output_gradient(impl, d, h):
+    # y.sum() sends back a gradient with stride 0, which grouped_mm's backward rejects if it reaches it
+    layer = make_layer(4, 2, d, h, True)
+    grads = {}
+    for name in ('loop', impl):
+        layer.zero_grad()
+        layer.expert_impl = name
+        x = torch.randn(2, 5, d, generator=torch.Generator().manual_seed(3), requires_grad=True)
+        layer(x).sum().backward()
+        grads[name] = [x.grad] + [p.grad for p in layer.parameters()]
+    for r, g in zip(grads['loop'], grads[impl]):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
+
+
 def test_batched_drops_exactly_the_slots_over_capacity():
     torch.manual_seed(0)
     E, k, N, d = 4, 2, 10, 8
@@ -131,3 +147,15 @@ def test_grouped_runs_its_gemms_in_the_autocast_dtype():
     scale = out['fp32'].abs().mean()
     torch.testing.assert_close(out['grouped'], out['loop'], atol=0.05 * scale, rtol=0.05)
     assert (out['grouped'] - out['fp32']).abs().max() > 1e-4 * scale  # it did not run in float32
+
+
+@pytest.mark.parametrize('impl', FAST)
+def test_backend_runs_under_torch_compile_in_float32(impl):
+    """torch.compile traces grouped_mm in bf16 only (torch 2.13): in float32 grouped runs it eagerly
+    inside the compiled layer. Same outputs and gradients as eager. aot_eager: no C++ compiler needed."""
+    layer = make_layer(E=4, k=2, d=16, h=32, bias=True)
+    layer.expert_impl = impl
+    x = torch.randn(2, 8, 16, generator=torch.Generator().manual_seed(4))
+    ref, got = run(layer, impl, x), run(torch.compile(layer, backend='aot_eager'), impl, x)
+    for r, g in zip(ref, got):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
