@@ -129,8 +129,8 @@ def bench_moe_layer():
     if device_type == 'cuda':
         torch.cuda.reset_peak_memory_stats()
     dense_ms = time_it(dense_step)
-    print(f"{'n_expert':>8} {'impl':>8} {'ms':>9} {'x dense':>8} {'GFLOP/s':>9} {'peak mem':>12}")
-    print(f"{'-':>8} {'dense':>8} {dense_ms:9.2f} {1.0:8.2f} {flops / dense_ms / 1e6:9.1f} {peak_memory():>12}")
+    print(f"{'n_expert':>8} {'impl':>8} {'ms':>9} {'x dense':>8} {'dense ms':>9} {'GFLOP/s':>9} {'peak mem':>12}")
+    print(f"{'-':>8} {'dense':>8} {dense_ms:9.2f} {1.0:8.2f} {dense_ms:9.2f} {flops / dense_ms / 1e6:9.1f} {peak_memory():>12}")
     for E in [int(e) for e in layer_experts.split(',')]:
         cfg = MoEConfig(n_embd=n_embd, n_head=1, n_layer=1, bias=bias, n_expert=E, top_k=top_k, expert_hidden=hidden,
                         capacity_factor=capacity_factor)
@@ -143,11 +143,14 @@ def bench_moe_layer():
             if impl not in EXPERT_IMPLS:
                 fail(f"layer_impls has {impl!r}; allowed: {', '.join(EXPERT_IMPLS)}")
             layer.expert_impl = impl
-            if device_type == 'cuda':
+            step = layer_step(layer)
+            if device_type == 'cuda':  # the peak of this layer alone
                 torch.cuda.reset_peak_memory_stats()
+                step()
+            mem = peak_memory()
             # timed in turn with the dense MLP, so that the ratio compares the two under the same machine load
-            ms, dense_ms = time_it(layer_step(layer), dense_step)
-            print(f"{E:>8} {impl:>8} {ms:9.2f} {ms / dense_ms:8.2f} {flops / ms / 1e6:9.1f} {peak_memory():>12}")
+            ms, dense_ms = time_it(step, dense_step)
+            print(f"{E:>8} {impl:>8} {ms:9.2f} {ms / dense_ms:8.2f} {dense_ms:9.2f} {flops / ms / 1e6:9.1f} {mem:>12}")
 
 
 def bench_model():

@@ -555,14 +555,15 @@ class MoEGPT(GPT):
         return {f'layer{i}/flip_rate': (top1[i] != previous[i]).float().mean().item() for i in top1}
 
     @torch.no_grad()
-    def end_step(self):
+    def end_step(self, skipped=False):
         """Once per optimizer step, after its last micro-batch: with router='aux_free' each expert's
         selection bias moves by bias_update_rate against its load error over the step's global batch
-        (DeepSeek-V3: overloaded experts down, underloaded up). Then the step's load counts restart."""
+        (DeepSeek-V3: overloaded experts down, underloaded up); not for a skipped step. Then the step's
+        load counts restart."""
         for layer in self.moe_layers():
             if layer.step_counts is None:
                 continue
-            if layer.router.expert_bias is not None:
+            if layer.router.expert_bias is not None and not skipped:
                 load = summed_over_ranks(layer.step_counts).float()
                 layer.router.expert_bias += self.config.bias_update_rate * torch.sign(load.mean() - load)
             layer.step_counts = None

@@ -490,7 +490,6 @@ while True:
             a2a_bytes += 2 * sum(layer.experts.a2a_bytes for layer in raw_model.moe_layers())
     if expert_parallel > 1:
         sync_expert_grads(raw_model, expert_dp_group, ddp_world_size)
-    raw_model.end_step()  # aux-loss-free bias update from the step's global-batch load; restarts step loads
     # clip the gradient (or just measure its norm, for the non-finite guard)
     scaler.unscale_(optimizer)
     max_norm = grad_clip if grad_clip > 0 else float('inf')
@@ -512,9 +511,11 @@ while True:
             print(f"error: {message}; stopping. Last good checkpoint: {last}", file=sys.stderr)
             sys.exit(1)
         print(f"warning: {message}; skipping this step")
+        raw_model.end_step(skipped=True)  # restart the step's loads; the bias does not move
         optimizer.zero_grad(set_to_none=True)
         iter_num += 1
         continue
+    raw_model.end_step()  # aux-loss-free bias update from the step's global-batch load; restarts step loads
     # step the optimizer and scaler if training in fp16
     scaler.step(optimizer)
     scaler.update()

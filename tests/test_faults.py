@@ -222,6 +222,19 @@ def test_injected_nan_triggers_the_guard(shakespeare_char, tmp_path, mode):
         assert 'non-finite loss or gradient at iter 7 (loss nan, grad norm nan); skipping this step' in p.stdout
         assert ckpt['iter_num'] == 10 and sorted(step_losses(out)) == [0, 1, 2, 3, 4, 5, 6, 8, 9]
 
+def test_a_skipped_step_leaves_the_model_as_if_it_never_ran(shakespeare_char, tmp_path):
+    # with the aux-loss-free router: the skipped step's loads must not move the expert bias either
+    args = [*FAST, '--router=aux_free', '--bias_update_rate=0.01']
+    skipped, clean = str(tmp_path / 'skipped'), str(tmp_path / 'clean')
+    run('train.py', *args, f'--out_dir={skipped}', '--max_iters=8', '--eval_interval=8', '--debug_nan_at_iter=7',
+        '--on_nonfinite=skip')  # checkpoint at iter 8: steps 0-6 trained, 7 skipped
+    run('train.py', *args, f'--out_dir={clean}', '--max_iters=7', '--eval_interval=7')  # checkpoint after steps 0-6
+    a, b = (load_checkpoint(os.path.join(out, 'ckpt.pt')) for out in (skipped, clean))
+    assert a['model']['transformer.h.0.mlp.router.expert_bias'].abs().sum() > 0  # the bias did move in steps 0-6
+    assert a['model'].keys() == b['model'].keys()
+    for key in a['model']:
+        torch.testing.assert_close(a['model'][key], b['model'][key], rtol=0, atol=0, msg=key)
+
 # -----------------------------------------------------------------------------
 # bad configs: one line, exit code 2, nothing written
 
