@@ -552,7 +552,7 @@ class MoEGPT(GPT):
         previous, self.probe_top1 = getattr(self, 'probe_top1', None), top1
         if previous is None:
             return {}
-        return {f'layer{i}/flip_rate': (top1[i] != previous[i]).float().mean().item() for i in top1}
+        return {f'layer{i}/flip_rate': (top1[i] != previous[i].to(top1[i].device)).float().mean().item() for i in top1}
 
     @torch.no_grad()
     def end_step(self, skipped=False):

@@ -259,6 +259,8 @@ elif init_from == 'resume':
     print(f"Resuming training from {out_dir}")
     model = build_model(model_args)
     model.load_state_dict(clean_state_dict(resume_ckpt['model']))
+    if resume_ckpt.get('probe_top1'):
+        model.probe_top1 = resume_ckpt['probe_top1']
     iter_num = resume_ckpt['iter_num']
     best_val_loss = resume_ckpt['best_val_loss']
 elif init_from.startswith('gpt2'):
@@ -360,6 +362,8 @@ def checkpoint_state():
         'best_val_loss': best_val_loss,
         'config': config,
         'rng': rng_state(device),
+        # the probe batch's top-1 experts at this eval, so that the first eval after a resume has a flip rate
+        'probe_top1': {i: t.cpu() for i, t in getattr(raw_model, 'probe_top1', {}).items()},
     }
 
 

@@ -332,6 +332,19 @@ def test_stateful_routing_resumes_exactly(shakespeare_char, tmp_path):
     assert load_checkpoint(os.path.join(part, 'ckpt.pt'))['model']['transformer.h.0.mlp.router.expert_bias'].abs().sum() > 0
 
 
+def test_the_first_eval_after_a_resume_has_a_flip_rate(shakespeare_char, tmp_path):
+    # the probe's top-1 experts travel in the checkpoint: the resumed run re-evaluates the checkpoint's
+    # weights at iter 4, so nothing flipped there; its next eval compares against that one
+    out = str(tmp_path)
+    run('train.py', *TINY, f'--out_dir={out}', '--max_iters=4', '--eval_interval=2')
+    run('train.py', *TINY, f'--out_dir={out}', '--max_iters=6', '--eval_interval=2', '--init_from=resume')
+    evals = [r for r in read_log(out) if 'val/ce' in r]
+    assert [r['iter'] for r in evals] == [0, 2, 4, 4, 6]
+    assert 'layer0/flip_rate' not in evals[0]
+    assert evals[3]['layer0/flip_rate'] == evals[3]['layer1/flip_rate'] == 0.0
+    assert all('layer1/flip_rate' in r for r in evals[1:])
+
+
 def test_expert_choice_with_shared_experts_and_a_dense_layer_trains(shakespeare_char, tmp_path):
     run('train.py', *TINY, '--router=expert_choice', '--n_shared_expert=1', '--n_layer=3', '--n_dense_layers=1',
         f'--out_dir={tmp_path}', '--max_iters=4', '--eval_interval=2')
