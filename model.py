@@ -161,8 +161,9 @@ class GPT(nn.Module):
         """Per-layer routing flip rate on a fixed probe batch since the last call (MoEGPT overrides this)."""
         return {}
 
-    def end_step(self):
-        """Called once per optimizer step, after the last micro-batch (MoEGPT overrides this)."""
+    def end_step(self, skipped=False):
+        """Called once per optimizer step, after the last micro-batch; skipped: the step was not taken
+        (MoEGPT overrides this)."""
         pass
 
     def get_num_params(self, non_embedding=True, active=False):

@@ -222,6 +222,12 @@ def test_injected_nan_triggers_the_guard(shakespeare_char, tmp_path, mode):
         assert 'non-finite loss or gradient at iter 7 (loss nan, grad norm nan); skipping this step' in p.stdout
         assert ckpt['iter_num'] == 10 and sorted(step_losses(out)) == [0, 1, 2, 3, 4, 5, 6, 8, 9]
 
+def test_a_dense_model_skips_a_nonfinite_step_too(shakespeare_char, tmp_path):
+    p = run('train.py', *FAST, '--n_expert=0', f'--out_dir={tmp_path}', '--max_iters=4', '--debug_nan_at_iter=2',
+            '--on_nonfinite=skip')
+    assert 'non-finite loss or gradient at iter 2' in p.stdout and 'skipping this step' in p.stdout
+
+
 def test_a_skipped_step_leaves_the_model_as_if_it_never_ran(shakespeare_char, tmp_path):
     # with the aux-loss-free router: the skipped step's loads must not move the expert bias either
     args = [*FAST, '--router=aux_free', '--bias_update_rate=0.01']
