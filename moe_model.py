@@ -444,7 +444,7 @@ class MoE(nn.Module):
         # capacity backends give places to slots in token order, so they get the tokens position-major
         # (t * B + b): a token only ever loses its place to tokens at the same or earlier positions (causal).
         # The dropless backends take x's own order (b * T + t), which costs no copy
-        position_major = self.expert_impl in CAPACITY_IMPLS and self.experts.ep_group is None
+        position_major = self.expert_impl in CAPACITY_IMPLS
         x_flat = x.transpose(0, 1).reshape(T * B, C) if position_major else x.reshape(B * T, C)
         topk_idx, topk_weight, logits, probs = self.router(x_flat)
         keep = None
