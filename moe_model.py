@@ -6,7 +6,8 @@ bias) and the two aux losses -> dispatch helpers
 -> Experts (weights stacked [n_expert, ...]) -> expert backends, one function signature each:
     backend(x [N, d], topk_idx [N, k], topk_weight [N, k], experts) -> (y [N, d], n_dropped slots)
   'loop'     the reference: a for-loop over experts. Simple, slow.
-  'grouped'  dropless: sort token-slots by expert, two grouped GEMMs (torch grouped_mm).
+  'grouped'  dropless: sort token-slots by expert, two grouped GEMMs (torch grouped_mm; on the CPU
+             cpu_grouped_mm's, which runs the experts side by side).
   'batched'  capacity-based (GShard/Switch): fixed slots per expert, overflow dropped, one bmm.
   'triton'   MegaBlocks-style block-sparse kernels (moe_triton.py, optional dependency).
 -> expert parallelism (training with expert_parallel > 1: grouped, with the slots sent to the rank that
@@ -25,6 +26,7 @@ import torch.nn as nn
 import torch.distributed as dist
 from torch.nn import functional as F
 
+import cpu_grouped_mm
 from model import GPT, GPTConfig, MLP
 
 
@@ -250,10 +252,13 @@ _grouped_mm = getattr(F, 'grouped_mm', None) or getattr(torch, '_grouped_mm', No
 
 
 def grouped_mm(a, b, offs):
-    """torch's grouped GEMM. torch.compile traces it in bfloat16 only (torch 2.13's shape function rejects
-    other dtypes), so under compile other dtypes run it eagerly: a graph break, not a crash."""
-    if a.dtype != torch.bfloat16 and torch.compiler.is_compiling():
-        return torch.compiler.disable(_grouped_mm)(a, b, offs=offs)
+    """torch's grouped GEMM; on the CPU cpu_grouped_mm's, which runs the groups side by side (faster: see
+    that file). torch.compile traces torch's in bfloat16 only (torch 2.13's shape function rejects other
+    dtypes) and cannot trace the CPU one, so those run eagerly under compile: a graph break, not a crash."""
+    if torch.compiler.is_compiling() and (a.dtype != torch.bfloat16 or a.device.type == 'cpu'):
+        return torch.compiler.disable(grouped_mm)(a, b, offs)
+    if a.device.type == 'cpu' and cpu_grouped_mm.available():
+        return cpu_grouped_mm.GroupedMM.apply(a, b, offs)
     return _grouped_mm(a, b, offs=offs)
 
 

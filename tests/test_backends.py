@@ -1,9 +1,12 @@
 """Every fast expert backend against the for-loop reference: outputs and gradients."""
 import math
 
+import warnings
+
 import pytest
 import torch
 
+import cpu_grouped_mm
 from moe_model import MoEConfig, MoE, EXPERT_IMPLS, batched_experts, loop_experts
 
 FAST = ['grouped', 'batched']  # triton: tests/test_triton.py (under TRITON_INTERPRET=1)
@@ -57,6 +60,73 @@ def test_backend_matches_loop(impl, E, k, d, h, bias, B, T):
     got = run(layer, impl, x)
     for r, g in zip(ref, got):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('E, k, d, h, bias, B, T', CASES)
+def test_grouped_on_torchs_grouped_mm_matches_loop(monkeypatch, E, k, d, h, bias, B, T):
+    """The grouped backend where cpu_grouped_mm.cpp does not build (or on a GPU): torch's grouped_mm."""
+    monkeypatch.setattr(cpu_grouped_mm, '_built', False)
+    layer = make_layer(E, k, d, h, bias)
+    x = torch.randn(B, T, d)
+    for r, g in zip(run(layer, 'loop', x), run(layer, 'grouped', x)):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
+
+
+def test_cpu_grouped_mm_builds():
+    # CI has a C++ compiler and ninja: a kernel that stopped building would silently cost the CPU speed
+    assert cpu_grouped_mm.available()
+
+
+@pytest.mark.parametrize('threads', [1, 3])
+@pytest.mark.parametrize('sizes', [[5, 0, 9, 2], [0, 0, 7], [40], [0, 0], [13, 1, 0, 30, 0]])
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_cpu_grouped_mm_matches_a_matmul_per_group(threads, sizes, dtype):
+    """The kernel and both its gradients against one matmul per group: empty groups (first, last, all),
+    one group split over threads, and 3 threads, so that pieces of a group land on different threads."""
+    assert cpu_grouped_mm.available()
+    torch.manual_seed(0)
+    G, K, N = len(sizes), 12, 20
+    a = torch.randn(sum(sizes), K, dtype=dtype, requires_grad=True)
+    b = torch.randn(G, K, N, dtype=dtype, requires_grad=True)
+    offs = torch.tensor(sizes).cumsum(0).to(torch.int32)
+    w = torch.randn(sum(sizes), N, dtype=dtype)
+    result = {}
+    for name in ('kernel', 'reference'):
+        a.grad = b.grad = None
+        if name == 'kernel':
+            previous = torch.get_num_threads()
+            torch.set_num_threads(threads)
+            try:
+                out = cpu_grouped_mm.GroupedMM.apply(a, b, offs)
+                (out * w).sum().backward()
+            finally:
+                torch.set_num_threads(previous)
+        else:
+            out = torch.cat([rows @ b[g] for g, rows in enumerate(a.split(sizes))])
+            (out * w).sum().backward()
+        result[name] = [out, a.grad, b.grad]
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=5e-2)
+    for got, ref in zip(result['kernel'], result['reference']):
+        torch.testing.assert_close(got, ref, **tol)
+
+
+def test_cpu_grouped_mm_falls_back_with_one_warning_when_it_cannot_build(monkeypatch):
+    import torch.utils.cpp_extension
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("Error building extension: c++: not found")
+    monkeypatch.setattr(torch.utils.cpp_extension, 'load', no_compiler)
+    monkeypatch.setattr(cpu_grouped_mm, '_built', None)
+    with pytest.warns(UserWarning, match="did not build .*c\\+\\+: not found.*torch's grouped_mm"):
+        assert not cpu_grouped_mm.available()
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # once per process
+        assert not cpu_grouped_mm.available()
+    monkeypatch.setattr(cpu_grouped_mm, '_built', None)
+    monkeypatch.setenv('NANOMOE_CPU_GROUPED_MM', '0')  # switched off: torch's grouped_mm, and no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        assert not cpu_grouped_mm.available()
 
 
 @pytest.mark.parametrize('impl', FAST)
