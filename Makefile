@@ -9,6 +9,8 @@ PY := .venv/bin/python
 	# torch first and pinned: a bare "torch" requirement could pull a multi-GB CUDA build
 	.venv/bin/pip install -q torch==2.13.0
 	.venv/bin/pip install -q -r requirements.txt
+	# build the CPU grouped-GEMM kernel now, not in the first training step (warns if it cannot)
+	.venv/bin/python -c "import cpu_grouped_mm; cpu_grouped_mm.available()"
 	touch .venv/installed
 
 venv: .venv/installed

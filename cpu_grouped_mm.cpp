@@ -33,10 +33,15 @@ void run(const std::vector<int64_t>& sizes, const std::vector<int64_t>& cost,
   });
 }
 
-std::vector<int64_t> group_starts(const at::Tensor& offs) {  // offs: the end row of each group
+std::vector<int64_t> group_starts(const at::Tensor& offs, int64_t rows) {  // offs: the end row of each group
+  TORCH_CHECK(offs.dim() == 1, "grouped_mm: offs must be 1-d, got ", offs.dim(), " dims");
   auto ends = offs.to(at::kLong).contiguous();
   std::vector<int64_t> starts(ends.numel() + 1, 0);
-  for (int64_t g = 0; g < ends.numel(); ++g) starts[g + 1] = ends.data_ptr<int64_t>()[g];
+  for (int64_t g = 0; g < ends.numel(); ++g) {
+    starts[g + 1] = ends.data_ptr<int64_t>()[g];
+    TORCH_CHECK(starts[g] <= starts[g + 1], "grouped_mm: offs must not decrease, got ", offs);
+  }
+  TORCH_CHECK(starts.back() == rows, "grouped_mm: offs must end at the row count ", rows, ", got ", offs);
   return starts;
 }
 
@@ -44,8 +49,7 @@ std::vector<int64_t> group_starts(const at::Tensor& offs) {  // offs: the end ro
 at::Tensor grouped_mm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& offs) {
   TORCH_CHECK(a.dim() == 2 && b.dim() == 3 && a.size(1) == b.size(1) && offs.numel() == b.size(0),
               "grouped_mm: want a [M, K], b [G, K, N], offs [G]");
-  auto start = group_starts(offs);
-  TORCH_CHECK(start.back() == a.size(0), "grouped_mm: offs must end at a's row count");
+  auto start = group_starts(offs, a.size(0));
   std::vector<int64_t> sizes(b.size(0));
   for (size_t g = 0; g < sizes.size(); ++g) sizes[g] = start[g + 1] - start[g];
   auto out = at::empty({a.size(0), b.size(2)}, a.options());
@@ -60,8 +64,7 @@ at::Tensor grouped_mm(const at::Tensor& a, const at::Tensor& b, const at::Tensor
 // (a group of no rows gets zeros)
 at::Tensor grouped_mm_t(const at::Tensor& a, const at::Tensor& c, const at::Tensor& offs) {
   TORCH_CHECK(a.dim() == 2 && c.dim() == 2 && a.size(0) == c.size(0), "grouped_mm_t: want a [M, K], c [M, N]");
-  auto start = group_starts(offs);
-  TORCH_CHECK(start.back() == a.size(0), "grouped_mm_t: offs must end at a's row count");
+  auto start = group_starts(offs, a.size(0));
   const int64_t G = offs.numel(), K = a.size(1);
   auto out = at::empty({G, K, c.size(1)}, a.options());
   std::vector<int64_t> cost(G);  // a row of a_g^T c_g costs group g's row count (an empty group: its zeros)

@@ -8,15 +8,19 @@ from 1.37x to 1.23x the time of a dense MLP of the same FLOPs (RESULTS.md sectio
 
 It is compiled on first use with torch.utils.cpp_extension (a C++ compiler and ninja; a few seconds, cached
 under ~/.cache/torch_extensions). moe_model.grouped_mm uses it for CPU tensors where available() is True,
-and torch's grouped_mm elsewhere: on GPUs, where this file does not build (one warning says why), and
-with NANOMOE_CPU_GROUPED_MM=0 (to compare the two).
+and torch's grouped_mm elsewhere: on GPUs, where this file does not build (a warning says why), and
+with NANOMOE_CPU_GROUPED_MM=0 (to compare the two). `make venv` builds it ahead of time; a build that was
+killed midway (kill -9) leaves a lock that makes the next one wait forever: delete that folder
+(~/.cache/torch_extensions/py*/nanomoe_cpu_grouped_mm) and it builds again.
 """
 import os
+import re
 import shutil
 import sys
 import warnings
 
 import torch
+from torch.autograd.function import once_differentiable
 
 _built = None  # None: not tried yet; then True or False
 
@@ -36,10 +40,15 @@ def available():
                  extra_cflags=['-O3', '-fopenmp'], extra_ldflags=['-fopenmp'], is_python_module=False)
             _built = True
         except Exception as e:  # no compiler, no ninja, another OS: torch's grouped_mm still works
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            warnings.warn(f"cpu_grouped_mm.cpp did not build ({reason}); on the CPU the grouped backend uses "
-                          "torch's grouped_mm, which runs the experts one after another")
+            warnings.warn(f"cpu_grouped_mm.cpp did not build ({build_error(e)}); on the CPU the grouped backend "
+                          "uses torch's grouped_mm, which runs the experts one after another")
     return _built
+
+
+def build_error(e):
+    """The line of a failed build that says why: torch's message starts with the compile command."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+    return next((line for line in lines[1:] if re.search(r'error|not found|no such file', line, re.I)), lines[0])
 
 
 class GroupedMM(torch.autograd.Function):
@@ -52,6 +61,7 @@ class GroupedMM(torch.autograd.Function):
         return torch.ops.nanomoe.grouped_mm(a, b, offs)
 
     @staticmethod
+    @once_differentiable  # the kernels have no autograd of their own: a double backward is a clear error
     def backward(ctx, grad):
         a, b, offs = ctx.saved_tensors
         grad = grad.contiguous()  # y.sum() hands back a stride-0 gradient

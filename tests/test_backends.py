@@ -1,4 +1,5 @@
 """Every fast expert backend against the for-loop reference: outputs and gradients."""
+import contextlib
 import math
 
 import warnings
@@ -77,16 +78,30 @@ def test_cpu_grouped_mm_builds():
     assert cpu_grouped_mm.available()
 
 
-@pytest.mark.parametrize('threads', [1, 3])
+@contextlib.contextmanager
+def threads(n):
+    """n intra-op threads, and uninitialised memory filled with NaN: a row the kernel skips shows."""
+    previous, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(n)
+    torch.use_deterministic_algorithms(True)  # torch.utils.deterministic.fill_uninitialized_memory is on by default
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+        torch.use_deterministic_algorithms(deterministic)
+
+
+@pytest.mark.parametrize('n_threads', [1, 3])
 @pytest.mark.parametrize('sizes', [[5, 0, 9, 2], [0, 0, 7], [40], [0, 0], [13, 1, 0, 30, 0]])
-@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
-def test_cpu_grouped_mm_matches_a_matmul_per_group(threads, sizes, dtype):
+@pytest.mark.parametrize('dtype, a_layout', [(torch.float32, 'rows'), (torch.float32, 'columns'), (torch.bfloat16, 'rows')])
+def test_cpu_grouped_mm_matches_a_matmul_per_group(n_threads, sizes, dtype, a_layout):
     """The kernel and both its gradients against one matmul per group: empty groups (first, last, all),
     one group split over threads, and 3 threads, so that pieces of a group land on different threads."""
     assert cpu_grouped_mm.available()
     torch.manual_seed(0)
     G, K, N = len(sizes), 12, 20
-    a = torch.randn(sum(sizes), K, dtype=dtype, requires_grad=True)
+    a = torch.randn(sum(sizes), K, dtype=dtype)
+    a = (a if a_layout == 'rows' else a.t().contiguous().t()).requires_grad_(True)  # 'columns': a non-contiguous a
     b = torch.randn(G, K, N, dtype=dtype, requires_grad=True)
     offs = torch.tensor(sizes).cumsum(0).to(torch.int32)
     w = torch.randn(sum(sizes), N, dtype=dtype)
@@ -94,13 +109,9 @@ def test_cpu_grouped_mm_matches_a_matmul_per_group(threads, sizes, dtype):
     for name in ('kernel', 'reference'):
         a.grad = b.grad = None
         if name == 'kernel':
-            previous = torch.get_num_threads()
-            torch.set_num_threads(threads)
-            try:
+            with threads(n_threads):
                 out = cpu_grouped_mm.GroupedMM.apply(a, b, offs)
                 (out * w).sum().backward()
-            finally:
-                torch.set_num_threads(previous)
         else:
             out = torch.cat([rows @ b[g] for g, rows in enumerate(a.split(sizes))])
             (out * w).sum().backward()
@@ -110,14 +121,38 @@ def test_cpu_grouped_mm_matches_a_matmul_per_group(threads, sizes, dtype):
         torch.testing.assert_close(got, ref, **tol)
 
 
+def test_grouped_matches_loop_on_two_threads():
+    layer = make_layer(8, 2, 24, 16, True)
+    x = torch.randn(4, 6, 24)
+    ref = run(layer, 'loop', x)
+    with threads(2):
+        got = run(layer, 'grouped', x)
+    for r, g in zip(ref, got):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
+
+
+def test_cpu_grouped_mm_rejects_bad_offsets_and_a_double_backward():
+    assert cpu_grouped_mm.available()
+    a, b = torch.randn(8, 4), torch.randn(3, 4, 5)
+    for offs, message in (([5, 3, 8], 'must not decrease'), ([3, 5, 7], 'must end at the row count 8')):
+        with pytest.raises(RuntimeError, match=message):
+            torch.ops.nanomoe.grouped_mm(a, b, torch.tensor(offs, dtype=torch.int32))
+    a.requires_grad_(True)
+    out = cpu_grouped_mm.GroupedMM.apply(a, b, torch.tensor([3, 5, 8], dtype=torch.int32))
+    (grad,) = torch.autograd.grad(out.square().sum(), a, create_graph=True)
+    with pytest.raises(RuntimeError, match='once_differentiable'):
+        grad.sum().backward()
+
+
 def test_cpu_grouped_mm_falls_back_with_one_warning_when_it_cannot_build(monkeypatch):
     import torch.utils.cpp_extension
 
-    def no_compiler(*args, **kwargs):
-        raise RuntimeError("Error building extension: c++: not found")
+    def no_compiler(*args, **kwargs):  # what torch raises: the failed command first, the reason further down
+        raise RuntimeError("Error building extension 'nanomoe_cpu_grouped_mm': [1/2] c++ -MMD -O3 -c cpu_grouped_mm.cpp\n"
+                           "FAILED: cpu_grouped_mm.o\n/bin/sh: 1: c++: not found\nninja: build stopped: subcommand failed.")
     monkeypatch.setattr(torch.utils.cpp_extension, 'load', no_compiler)
     monkeypatch.setattr(cpu_grouped_mm, '_built', None)
-    with pytest.warns(UserWarning, match="did not build .*c\\+\\+: not found.*torch's grouped_mm"):
+    with pytest.warns(UserWarning, match=r"did not build \(/bin/sh: 1: c\+\+: not found\).*torch's grouped_mm"):
         assert not cpu_grouped_mm.available()
     with warnings.catch_warnings():
         warnings.simplefilter('error')  # once per process
