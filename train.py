@@ -519,7 +519,9 @@ while True:
         optimizer.zero_grad(set_to_none=True)
         iter_num += 1
         continue
-    raw_model.end_step()  # aux-loss-free bias update from the step's global-batch load; restarts step loads
+    # aux-loss-free bias update from the step's global-batch load, then the step loads restart; with fp16 the
+    # scaler skips a non-finite step on its own (scaler.step below), and then the bias must not move either
+    raw_model.end_step(skipped=nonfinite.item() > 0)
     # step the optimizer and scaler if training in fp16
     scaler.step(optimizer)
     scaler.update()

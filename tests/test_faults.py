@@ -228,9 +228,10 @@ def test_a_dense_model_skips_a_nonfinite_step_too(shakespeare_char, tmp_path):
     assert 'non-finite loss or gradient at iter 2' in p.stdout and 'skipping this step' in p.stdout
 
 
-def test_a_skipped_step_leaves_the_model_as_if_it_never_ran(shakespeare_char, tmp_path):
+@pytest.mark.parametrize('dtype', ['float32', 'float16'])  # float16: the GradScaler skips the step, not the guard
+def test_a_skipped_step_leaves_the_model_as_if_it_never_ran(shakespeare_char, tmp_path, dtype):
     # with the aux-loss-free router: the skipped step's loads must not move the expert bias either
-    args = [*FAST, '--router=aux_free', '--bias_update_rate=0.01']
+    args = [*FAST, '--router=aux_free', '--bias_update_rate=0.01', f'--dtype={dtype}']
     skipped, clean = str(tmp_path / 'skipped'), str(tmp_path / 'clean')
     run('train.py', *args, f'--out_dir={skipped}', '--max_iters=8', '--eval_interval=8', '--debug_nan_at_iter=7',
         '--on_nonfinite=skip')  # checkpoint at iter 8: steps 0-6 trained, 7 skipped
