@@ -21,6 +21,7 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
+import cpu_grouped_mm
 from configurator import configure, fail
 from cpu_memory import keep_freed_memory
 from checkpoint import load_checkpoint, CheckpointError
@@ -73,6 +74,7 @@ torch.backends.cudnn.allow_tf32 = True  # allow tf32 on cudnn
 device_type = 'cuda' if 'cuda' in device else 'cpu'  # for later use in torch.autocast
 if device_type == 'cpu':
     keep_freed_memory()  # reuse freed memory: no page faults on every step's large tensors (cpu_memory.py)
+    print("grouped GEMMs on the CPU: " + ("cpu_grouped_mm.cpp" if cpu_grouped_mm.available() else "torch's grouped_mm"))
 ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
 ctx = nullcontext() if device_type == 'cpu' else torch.amp.autocast(device_type=device_type, dtype=ptdtype)
 

@@ -107,6 +107,7 @@ def test_bench_runs_dense_moe_and_the_layer_mode():
         p = run('bench.py', '--n_layer=1', '--n_head=2', '--n_embd=32', '--block_size=16', '--batch_size=2',
                 '--vocab_size=64', '--warmup_iters=1', '--bench_iters=2', '--device=cpu', *args)
         assert 'ms/iter' in p.stdout and 'MFU' in p.stdout
+        assert 'grouped GEMMs on the CPU: cpu_grouped_mm.cpp' in p.stdout  # a bench says which kernel it timed
     p = run('bench.py', '--moe_layer=True', '--n_embd=16', '--expert_hidden=32', '--layer_tokens=64',
             '--layer_experts=4,8', '--warmup_iters=1', '--bench_iters=2', '--device=cpu')
     rows = [l.split() for l in p.stdout.splitlines() if l.split() and l.split()[0] in ('4', '8')]
