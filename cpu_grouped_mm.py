@@ -68,4 +68,3 @@ class GroupedMM(torch.autograd.Function):
         grad_a = torch.ops.nanomoe.grouped_mm(grad, b.transpose(1, 2), offs) if ctx.needs_input_grad[0] else None
         grad_b = torch.ops.nanomoe.grouped_mm_t(a, grad, offs) if ctx.needs_input_grad[1] else None
         return grad_a, grad_b, None
-

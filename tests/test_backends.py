@@ -1,7 +1,6 @@
 """Every fast expert backend against the for-loop reference: outputs and gradients."""
 import contextlib
 import math
-
 import warnings
 
 import pytest
