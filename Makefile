@@ -10,7 +10,7 @@ PY := .venv/bin/python
 	.venv/bin/pip install -q torch==2.13.0
 	.venv/bin/pip install -q -r requirements.txt
 	# build the CPU grouped-GEMM kernel now, not in the first training step (warns if it cannot)
-	.venv/bin/python -c "import cpu_grouped_mm; cpu_grouped_mm.available()"
+	.venv/bin/python -c "from kernels import cpu_grouped_mm; cpu_grouped_mm.available()"
 	touch .venv/installed
 
 venv: .venv/installed

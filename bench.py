@@ -5,13 +5,17 @@ Benchmarks. Two modes:
    (n_expert=0) or MoE, on random tokens (or real data with real_data=True):
    $ python bench.py config/train_shakespeare_char_moe_cpu.py
    $ python bench.py --init_from=resume --out_dir=out-shakespeare-char-moe   (the checkpoint's model)
-   prints ms/iter, tokens/s and MFU (from ACTIVE parameters).
+   prints ms/iter, tokens/s and MFU (from ACTIVE parameters). compare_dense=True also times the dense
+   twin (n_expert=0; needs top_k * expert_hidden = 4 * n_embd, every layer MoE, no shared experts), one
+   step of each in turn: on a shared machine only a ratio measured that way means anything.
 
 2) moe_layer=True: ONE MoE layer forward + backward for every expert backend, next to a dense MLP
    with the same active FLOPs (hidden = top_k * expert_hidden), for each n_expert in layer_experts:
    $ python bench.py --moe_layer=True --n_embd=384 --expert_hidden=1536 --layer_tokens=4096
    prints ms, the ratio to the dense-equivalent MLP (timed in turn with each backend), achieved GFLOP/s and
-   peak memory (CUDA only).
+   peak memory (CUDA only). On the CPU, NANOMOE_CPU_GROUPED_MM=0 times torch's grouped_mm instead of
+   kernels/cpu_grouped_mm.cpp:
+   $ NANOMOE_CPU_GROUPED_MM=0 python bench.py --moe_layer=True --n_embd=384 --expert_hidden=1536 --layer_impls=grouped
 """
 import os
 import sys
@@ -21,11 +25,11 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
-import cpu_grouped_mm
-from configurator import configure, fail
-from cpu_memory import keep_freed_memory
+from kernels import cpu_grouped_mm
+from configurator import configure, fail, check_choice
+from kernels.cpu_memory import keep_freed_memory
 from checkpoint import load_checkpoint, CheckpointError
-from moe_model import build_model, MoE, MoEConfig, EXPERT_IMPLS
+from moe_model import build_model, MoE, MoEConfig, EXPERT_IMPLS, MODEL_KEYS
 
 # -----------------------------------------------------------------------------
 init_from = 'scratch'  # 'scratch' (the config below) or 'resume' (the model of out_dir/ckpt.pt)
@@ -43,7 +47,7 @@ expert_hidden = 0
 moe_every = 1
 expert_impl = 'grouped'
 capacity_factor = 1.25
-router = 'topk'  # expert_choice runs its own bmm in training
+router = 'topk'
 n_shared_expert = 0
 n_dense_layers = 0
 real_data = False
@@ -65,15 +69,14 @@ layer_impls = 'loop,grouped,batched'  # comma-separated backends (add triton on 
 config = configure({k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))},
                    sys.argv[1:])
 globals().update(config)
-if dtype not in ('float32', 'bfloat16', 'float16'):
-    fail(f"dtype={dtype!r}; allowed: 'float32', 'bfloat16', 'float16'")
+check_choice(config, 'dtype', ('float32', 'bfloat16', 'float16'))
 
 torch.manual_seed(seed)
 torch.backends.cuda.matmul.allow_tf32 = True  # allow tf32 on matmul
 torch.backends.cudnn.allow_tf32 = True  # allow tf32 on cudnn
 device_type = 'cuda' if 'cuda' in device else 'cpu'  # for later use in torch.autocast
 if device_type == 'cpu':
-    keep_freed_memory()  # reuse freed memory: no page faults on every step's large tensors (cpu_memory.py)
+    keep_freed_memory()  # reuse freed memory: no page faults on every step's large tensors (kernels/cpu_memory.py)
     print("grouped GEMMs on the CPU: " + ("cpu_grouped_mm.cpp" if cpu_grouped_mm.available() else "torch's grouped_mm"))
 ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
 ctx = nullcontext() if device_type == 'cpu' else torch.amp.autocast(device_type=device_type, dtype=ptdtype)
@@ -144,7 +147,7 @@ def bench_moe_layer():
         for impl in layer_impls.split(','):
             if impl not in EXPERT_IMPLS:
                 fail(f"layer_impls has {impl!r}; allowed: {', '.join(EXPERT_IMPLS)}")
-            layer.expert_impl = impl
+            layer.config.expert_impl = impl
             step = layer_step(layer)
             if device_type == 'cuda':  # the peak of this layer alone
                 torch.cuda.reset_peak_memory_stats()
@@ -163,11 +166,7 @@ def bench_model():
             fail(str(e))
         model_args['expert_impl'] = expert_impl
     else:
-        model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
-                          vocab_size=vocab_size, dropout=0.0, n_expert=n_expert, top_k=top_k,
-                          expert_hidden=expert_hidden, moe_every=moe_every, expert_impl=expert_impl,
-                          capacity_factor=capacity_factor, router=router, n_shared_expert=n_shared_expert,
-                          n_dense_layers=n_dense_layers)
+        model_args = {k: config[k] for k in MODEL_KEYS if k in config}  # the rest: MoEConfig's defaults
     models = {'model': model_args}
     if compare_dense:
         if model_args['n_expert'] == 0:

@@ -58,9 +58,38 @@ def load_checkpoint(path, map_location='cpu'):
     except Exception as e:  # whatever pickle or zip raise deep inside, the user gets one line
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"checkpoint {path} is truncated or corrupt and cannot be loaded ({first_line[:200]})") from None
-    if not isinstance(ckpt, dict) or 'model' not in ckpt or 'model_args' not in ckpt:
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get('model'), dict) or 'model_args' not in ckpt:
         raise CheckpointError(f"checkpoint {path} is not a nanoMoE checkpoint (no 'model'/'model_args')")
+    ckpt['model'] = clean_state_dict(ckpt['model'])
+    # older checkpoints kept the MoE layers' probe top-1 experts beside the model, by block index
+    for i, top1 in ckpt.pop('probe_top1', {}).items():
+        ckpt['model'].setdefault(f'transformer.h.{i}.mlp._extra_state', top1)
     return ckpt
+
+
+def training_state(model, optimizer, scaler, ep, device, **meta):
+    """What a checkpoint holds: always the full model and optimizer (ep gathers the experts under expert
+    parallelism, so every rank must call this; then the master saves it), the scaler, every RNG, and
+    meta (model_args, iter_num, best_val_loss, config)."""
+    return {'model': ep.state_dict(model), 'optimizer': ep.optimizer_state_dict(optimizer, model),
+            'scaler': scaler.state_dict(), 'rng': rng_state(device), **meta}
+
+
+def restore(ckpt, model, optimizer, scaler, ep, device):
+    """The inverse of training_state for a resumed run: optimizer (cut to this rank's experts), scaler
+    and RNGs (the global RNGs drive dropout, router noise and sampling: an exact resume needs them).
+    The model's weights are loaded before it is sharded and moved, see train.py."""
+    ep.load_optimizer_state_dict(optimizer, model, ckpt['optimizer'])
+    if 'scaler' in ckpt:
+        scaler.load_state_dict(ckpt['scaler'])
+    set_rng_state(ckpt['rng'], device)
+
+
+def remove_stale_temps(out_dir):
+    """A run killed while saving (kill -9, power loss) leaves its temp file: never a checkpoint, remove it."""
+    for name in os.listdir(out_dir):
+        if name.startswith(('ckpt.pt.', 'ckpt_best.pt.')) and name.endswith('.tmp'):
+            os.remove(os.path.join(out_dir, name))
 
 
 def rng_state(device='cpu'):

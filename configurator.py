@@ -22,6 +22,12 @@ def fail(message):
     sys.exit(2)
 
 
+def check_choice(config, key, allowed):
+    """fail() unless config[key] is one of `allowed`."""
+    if config[key] not in allowed:
+        fail(f"{key}={config[key]!r}; allowed: {', '.join(map(repr, allowed))}")
+
+
 def _parse(text, default):
     """A string key takes the text as typed (--wandb_run_name=123 is '123'); any other key takes a
     Python literal (ast.literal_eval: never executed), or the text if it is no literal."""

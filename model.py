@@ -6,9 +6,16 @@ References:
 2) huggingface/transformers PyTorch implementation:
    https://github.com/huggingface/transformers/blob/main/src/transformers/models/gpt2/modeling_gpt2.py
 
-The only departure from nanoGPT: `GPT.make_mlp(layer_idx)` builds each block's feed-forward layer and
-`GPT.aux_loss()` returns an extra training loss (none here), so that moe_model.MoEGPT can swap the
-MLPs for routed experts without copying the constructor or forward.
+Departures from nanoGPT's model.py:
+- hooks for moe_model.MoEGPT, no-ops here: make_mlp(layer_idx) builds each block's feed-forward layer (so
+  MoEGPT swaps MLPs for experts without copying the constructor or forward), aux_loss(), routing_stats(),
+  routing_flips(), diagnose(), end_step(); get_num_params(active=True), and MFU from active parameters;
+- the loss is the cross-entropy plus aux_loss() in training, the cross-entropy alone in eval, with its parts
+  in model.loss_terms;
+- generate() keeps a KV cache (the same tokens as recomputing, faster);
+- GPTConfig checks its values (one clear ValueError); MLP takes a hidden size (shared experts);
+- from_pretrained also takes a local folder; configure_optimizers uses fused AdamW on CPU too and tells
+  stacked expert biases apart from weights by name.
 """
 
 import math
@@ -159,6 +166,10 @@ class GPT(nn.Module):
 
     def routing_flips(self, idx):
         """Per-layer routing flip rate on a fixed probe batch since the last call (MoEGPT overrides this)."""
+        return {}
+
+    def diagnose(self, idx):
+        """Per-layer state for the divergence guard's post-mortem, re-run on idx (MoEGPT overrides this)."""
         return {}
 
     def end_step(self, skipped=False):

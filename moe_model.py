@@ -1,19 +1,23 @@
 """
 Mixture-of-Experts GPT: model.py's dense GPT with routed experts in place of (some of) its MLPs.
 
-Reading order: MoEConfig -> Router (fp32 logits, top-k; or noisy top-k, expert choice, aux-loss-free
-bias) and the two aux losses -> dispatch helpers
--> Experts (weights stacked [n_expert, ...]) -> expert backends, one function signature each:
-    backend(x [N, d], topk_idx [N, k], topk_weight [N, k], experts) -> (y [N, d], n_dropped slots)
-  'loop'     the reference: a for-loop over experts. Simple, slow.
-  'grouped'  dropless: sort token-slots by expert, two grouped GEMMs (torch grouped_mm; on the CPU
-             cpu_grouped_mm's, which runs the experts side by side).
-  'batched'  capacity-based (GShard/Switch): fixed slots per expert, overflow dropped, one bmm.
-  'triton'   MegaBlocks-style block-sparse kernels (moe_triton.py, optional dependency).
--> expert parallelism (training with expert_parallel > 1: grouped, with the slots sent to the rank that
-owns their expert by all-to-all; expert_parallel.py does the sharding) -> expert choice (each expert
-picks its tokens, training only) -> MoE (drop-in for MLP, optional shared experts, keeps its aux terms
-and routing stats on the module) -> MoEGPT(GPT).
+Reading order:
+  MoEConfig                 the MoE keys, on top of GPTConfig's
+  Router, aux losses        fp32 logits and top-k (or noisy top-k, expert choice, aux-loss-free bias);
+                            the Switch balance loss and the ST-MoE z-loss, per layer
+  dispatch helpers          sort token-slots by expert; weight and sum them back (combine)
+  Experts                   every expert's weights stacked [n_expert, ...], named like the MLP's
+  backends                  one signature, looked up by name in EXPERT_IMPLS:
+                              backend(x [N, d], topk_idx [N, k], topk_weight [N, k], experts)
+                                -> (y [N, d], drop_fraction of the token-slots)
+                            'loop'     the reference: a for-loop over experts. Simple, slow.
+                            'grouped'  dropless: slots sorted by expert, two grouped GEMMs
+                            'batched'  capacity (GShard/Switch): fixed slots per expert, one bmm
+                            'triton'   block-sparse kernels (kernels/moe_triton.py, optional)
+                            (expert parallelism puts expert_parallel.py's all-to-all dispatch in their place)
+  expert choice             experts pick their tokens (training only), run as batched's table
+  MoE                       drop-in for MLP; keeps its aux terms and routing stats on itself
+  MoEGPT, build_model       the model, and the one place that picks GPT or MoEGPT
 """
 
 import math
@@ -26,7 +30,7 @@ import torch.nn as nn
 import torch.distributed as dist
 from torch.nn import functional as F
 
-import cpu_grouped_mm
+from kernels import cpu_grouped_mm
 from model import GPT, GPTConfig, MLP
 
 
@@ -91,19 +95,6 @@ class MoEConfig(GPTConfig):
     def is_moe_layer(self, layer_idx):
         return layer_idx >= self.n_dense_layers and (layer_idx + 1) % self.moe_every == 0
 
-
-def build_model(model_args):
-    """GPT when n_expert is 0 (or absent), else MoEGPT: the one place that picks the class."""
-    if model_args.get('n_expert', 0) == 0:
-        dense_keys = {f.name for f in fields(GPTConfig)}
-        return GPT(GPTConfig(**{k: v for k, v in model_args.items() if k in dense_keys}))
-    return MoEGPT(MoEConfig(**model_args))
-
-
-def model_args_of(model):
-    """The constructor arguments of a model, for checkpoints (build_model inverts this)."""
-    return {**asdict(model.config), 'n_expert': getattr(model.config, 'n_expert', 0)}
-
 # -----------------------------------------------------------------------------
 # Router and auxiliary losses
 
@@ -122,36 +113,39 @@ class Router(nn.Module):
       'aux_free'       DeepSeek-V3 auxiliary-loss-free balancing: a per-expert bias is added to the
                        probabilities to pick the top-k, but not to the weights; MoEGPT.end_step() moves
                        it against each expert's load error after every optimizer step.
-    router_jitter > 0 (Switch): in training the router input is multiplied by U(1 - jitter, 1 + jitter)."""
+    router_jitter > 0 (Switch): in training the router input is multiplied by U(1 - jitter, 1 + jitter).
+    Noise and jitter are drawn row by row in the layer's token order (see the backends), so the same seed
+    draws differently for 'batched' than for the dropless backends.
+    Returns topk_idx, topk_weight, the clean logits (for the z-loss) and the probabilities."""
 
     def __init__(self, config):
         super().__init__()
+        self.config = config
         self.gate = nn.Linear(config.n_embd, config.n_expert, bias=False)
         self.noise = nn.Linear(config.n_embd, config.n_expert, bias=False) if config.router == 'noisy_topk' else None
         # a buffer, not a parameter: it gets no gradient, but is saved in checkpoints
         self.register_buffer('expert_bias', torch.zeros(config.n_expert) if config.router == 'aux_free' else None)
-        self.top_k, self.temperature, self.jitter = config.top_k, config.router_temperature, config.router_jitter
-        self.renormalise = config.top_k > 1 and config.router != 'expert_choice'
 
     def forward(self, x):
+        cfg = self.config
         # routing flips on tiny logit differences, so logits and softmax run in float32, autocast off
         with torch.autocast(device_type=x.device.type, enabled=False):
             x = x.float()
-            if self.training and self.jitter > 0:
-                x = x * torch.empty_like(x).uniform_(1 - self.jitter, 1 + self.jitter)
+            if self.training and cfg.router_jitter > 0:
+                x = x * torch.empty_like(x).uniform_(1 - cfg.router_jitter, 1 + cfg.router_jitter)
             logits = F.linear(x, self.gate.weight.float())
-            if self.temperature != 1.0:
-                logits = logits / self.temperature
+            if cfg.router_temperature != 1.0:
+                logits = logits / cfg.router_temperature
             noisy = logits  # the z-loss sees the clean logits
             if self.training and self.noise is not None:
                 noisy = logits + torch.randn_like(logits) * F.softplus(F.linear(x, self.noise.weight.float()))
         probs = noisy.softmax(dim=-1)
         if self.expert_bias is None:  # softmax keeps the order: the top-k logits are the top-k probabilities
-            chosen_logits, topk_idx = noisy.topk(self.top_k, dim=-1)
+            chosen_logits, topk_idx = noisy.topk(cfg.top_k, dim=-1)
         else:  # the bias only selects
-            topk_idx = (probs + self.expert_bias).topk(self.top_k, dim=-1).indices
+            topk_idx = (probs + self.expert_bias).topk(cfg.top_k, dim=-1).indices
             chosen_logits = noisy.gather(1, topk_idx)
-        if self.renormalise:
+        if cfg.top_k > 1 and cfg.router != 'expert_choice':
             # renormalised over the chosen experts, p_i / sum_j p_j, which is a softmax of their logits.
             # With k=1 that would make every weight 1.0 and cut the router off from the language-model
             # gradient, so k=1 keeps the raw probability. Expert choice keeps raw probabilities too: that
@@ -208,6 +202,11 @@ def combine(out, topk_weight, slot, token, n_tokens):
     y = torch.zeros(n_tokens, out.size(1), dtype=torch.float32, device=out.device)
     return y.index_add_(0, token, out.float() * topk_weight.flatten().index_select(0, slot)[:, None])
 
+
+def compute_dtype(x):
+    """The dtype the expert GEMMs run in: autocast's when it is on (as nn.Linear's would), else x's."""
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+
 # -----------------------------------------------------------------------------
 # Experts: weights of every expert of a layer stacked on dim 0, named after the dense MLP's
 
@@ -216,26 +215,27 @@ class Experts(nn.Module):
 
     def __init__(self, config):
         super().__init__()
+        self.config = config
         E, d, h = config.n_expert, config.n_embd, config.expert_hidden
         self.c_fc = nn.Parameter(torch.empty(E, d, h))    # expert e computes x @ c_fc[e]
         self.c_proj = nn.Parameter(torch.empty(E, h, d))
         self.c_fc_bias = nn.Parameter(torch.zeros(E, h)) if config.bias else None
         self.c_proj_bias = nn.Parameter(torch.zeros(E, d)) if config.bias else None
-        self.capacity_factor = config.capacity_factor
-        self.ep_group = None  # under expert parallelism: the process group this layer's experts are sharded over
-        self.ep_dispatch = None  # ... and expert_parallel_experts, as expert_parallel.shard_experts sets it
-        self.a2a_bytes = 0    # under expert parallelism: bytes the last forward sent to other ranks
 
-    def forward_one(self, e, x):
-        """Expert e on rows x: the dense MLP with this expert's weights."""
+    def forward(self, x, e=slice(None)):
+        """The dense MLP with expert weights: every expert on its rows, x [E, C, d] -> [E, C, d] (batched
+        matmuls), or expert e alone, x [n, d] -> [n, d]."""
         h = x @ self.c_fc[e]
         if self.c_fc_bias is not None:
-            h = h + self.c_fc_bias[e]
+            h = h + self.c_fc_bias[e].unsqueeze(-2)
         out = F.gelu(h) @ self.c_proj[e]
-        return out + self.c_proj_bias[e] if self.c_proj_bias is not None else out
+        return out + self.c_proj_bias[e].unsqueeze(-2) if self.c_proj_bias is not None else out
 
 # -----------------------------------------------------------------------------
-# Expert backends: backend(x, topk_idx, topk_weight, experts) -> (y, n_dropped)
+# Expert backends: backend(x, topk_idx, topk_weight, experts) -> (y, drop_fraction)
+# A backend with position_major = True drops slots over a capacity, in token order: MoE gives it the
+# tokens position-major (t * B + b), so a token only loses its place to tokens at the same or earlier
+# positions (causal). The others take the batch's own order (b * T + t), which costs no copy.
 
 
 def loop_experts(x, topk_idx, topk_weight, experts):
@@ -243,39 +243,23 @@ def loop_experts(x, topk_idx, topk_weight, experts):
     y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     for e in range(experts.c_fc.size(0)):
         token, slot = torch.where(topk_idx == e)  # an empty expert still runs (on 0 rows), so every
-        out = experts.forward_one(e, x[token])    # parameter gets a gradient, as DDP expects
+        out = experts(x[token], e)                # parameter gets a gradient, as DDP expects
         y.index_add_(0, token, out.float() * topk_weight[token, slot, None])
-    return y.to(x.dtype), 0
+    return y.to(x.dtype), 0.0
 
 
 _grouped_mm = getattr(F, 'grouped_mm', None) or getattr(torch, '_grouped_mm', None)
 
 
 def grouped_mm(a, b, offs):
-    """torch's grouped GEMM; on the CPU cpu_grouped_mm's, which runs the groups side by side (faster: see
-    that file). torch.compile traces torch's in bfloat16 only (torch 2.13's shape function rejects other
-    dtypes) and cannot trace the CPU one, so those run eagerly under compile: a graph break, not a crash."""
+    """torch's grouped GEMM; on the CPU kernels/cpu_grouped_mm's, which runs the groups side by side.
+    torch.compile traces torch's in bfloat16 only (torch 2.13's shape function rejects other dtypes)
+    and cannot trace the CPU one, so those run eagerly under compile: a graph break, not a crash."""
     if torch.compiler.is_compiling() and (a.dtype != torch.bfloat16 or a.device.type == 'cpu'):
         return torch.compiler.disable(grouped_mm)(a, b, offs)
     if a.device.type == 'cpu' and cpu_grouped_mm.available():
         return cpu_grouped_mm.GroupedMM.apply(a, b, offs)
     return _grouped_mm(a, b, offs=offs)
-
-
-def grouped_experts(x, topk_idx, topk_weight, experts):
-    """Dropless: sort token-slots by expert, then one grouped GEMM per layer of the expert MLP."""
-    if _grouped_mm is None:
-        warnings.warn(f"torch {torch.__version__} has no grouped_mm: expert_impl='grouped' falls back to 'loop'")
-        return loop_experts(x, topk_idx, topk_weight, experts)
-    order, token, counts = sort_by_expert(topk_idx, experts.c_fc.size(0))
-    # index_select rather than x[token]: its backward is a fast index_add, not an accumulating index_put
-    out = grouped_mlp(x.index_select(0, token), counts, experts)
-    return combine(out, topk_weight, order, token, x.size(0)).to(x.dtype), 0
-
-
-def compute_dtype(x):
-    """The dtype the expert GEMMs run in: autocast's when it is on (as nn.Linear's would), else x's."""
-    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
 
 
 def grouped_mlp(x_sorted, counts, experts):
@@ -285,7 +269,7 @@ def grouped_mlp(x_sorted, counts, experts):
     the output by the router weights first (combine), whose backward hands it a dense gradient."""
     dtype = compute_dtype(x_sorted)
     if x_sorted.size(0) == 0:  # grouped_mm rejects empty inputs; a plain matmul keeps the autograd graph
-        return experts.forward_one(0, x_sorted).to(dtype)
+        return experts(x_sorted, 0).to(dtype)
     offs = counts.cumsum(0).to(torch.int32)  # end row of each expert's group (grouped_mm wants int32)
     c_fc, c_proj = experts.c_fc.to(dtype), experts.c_proj.to(dtype)
     d, h = c_fc.shape[1:]
@@ -306,173 +290,120 @@ def grouped_mlp(x_sorted, counts, experts):
     return out
 
 
+def grouped_experts(x, topk_idx, topk_weight, experts):
+    """Dropless: sort token-slots by expert, then one grouped GEMM per layer of the expert MLP. An expert
+    without tokens is an empty group: its weights get a zero gradient, so DDP sees every parameter used."""
+    if _grouped_mm is None:
+        warnings.warn(f"torch {torch.__version__} has no grouped_mm: expert_impl='grouped' falls back to 'loop'")
+        return loop_experts(x, topk_idx, topk_weight, experts)
+    order, token, counts = sort_by_expert(topk_idx, experts.c_fc.size(0))
+    # index_select rather than x[token]: its backward is a fast index_add, not an accumulating index_put
+    out = grouped_mlp(x.index_select(0, token), counts, experts)
+    return combine(out, topk_weight, order, token, x.size(0)).to(x.dtype), 0.0
+
+
+def table_experts(x, token, weight, experts):
+    """Experts that each run the same number C of rows: token [E, C] says which token fills each row
+    (N: a zero row), weight [E, C] its router weight. One batched MLP (Experts.forward), no padding
+    beyond the table's; returns y [N, d] in float32."""
+    token = token.flatten()
+    x_pad = F.pad(x, (0, 0, 0, 1))  # row N is zeros: empty places read it and add to a row dropped here
+    # index_select rather than x[token]: its backward is a fast index_add, not an accumulating index_put
+    out = experts(x_pad.index_select(0, token).view(*weight.shape, -1)).flatten(0, 1)
+    return combine(out, weight, torch.arange(token.numel(), device=x.device), token, x.size(0) + 1)[:-1]
+
+
 def batched_experts(x, topk_idx, topk_weight, experts):
     """Capacity-based (GShard/Switch): every expert gets the same number of slots,
     capacity = ceil(capacity_factor * N * k / n_expert), and runs as one batched matmul.
-    Slots claim places in token order (the MoE layer orders tokens position-major, so a token is
-    only ever dropped because of tokens at the same or earlier positions: causal), then slot order.
+    Slots claim places in token order, then slot order (position_major: see above).
     A dropped slot contributes nothing: its token is carried by the residual connection."""
     N, k = topk_idx.shape
     E = experts.c_fc.size(0)
-    capacity = math.ceil(experts.capacity_factor * N * k / E)
+    capacity = math.ceil(experts.config.capacity_factor * N * k / E)
     flat = topk_idx.flatten()
     onehot = F.one_hot(flat, E)
     place = (onehot.cumsum(0) * onehot).sum(1) - 1  # how many earlier slots chose the same expert
     keep = place < capacity
-    # every expert gets one extra row where all its dropped slots land; that row is never read back
+    # every expert gets one extra place where all its dropped slots land; that place is never run
     row = flat * (capacity + 1) + place.clamp(max=capacity)
-    token = torch.arange(N * k, device=x.device) // k
-    buf = torch.zeros(E * (capacity + 1), x.size(1), dtype=x.dtype, device=x.device)
-    buf = buf.index_add(0, row, x.index_select(0, token) * keep[:, None].to(x.dtype)).view(E, capacity + 1, -1)
-    h = torch.bmm(buf, experts.c_fc)
-    if experts.c_fc_bias is not None:
-        h = h + experts.c_fc_bias[:, None, :]
-    out = torch.bmm(F.gelu(h), experts.c_proj)
-    if experts.c_proj_bias is not None:
-        out = out + experts.c_proj_bias[:, None, :]
-    slot = torch.arange(N * k, device=x.device)
-    y = combine(out.view(-1, x.size(1)).index_select(0, row), topk_weight * keep.view(N, k), slot, token, N)
-    return y.to(x.dtype), (~keep).sum()
+    token = torch.full((E * (capacity + 1),), N, dtype=torch.long, device=x.device).index_put_(
+        (row,), torch.arange(N * k, device=x.device) // k)
+    weight = topk_weight.new_zeros(E * (capacity + 1)).index_put((row,), topk_weight.flatten())
+    y = table_experts(x, token.view(E, -1)[:, :capacity], weight.view(E, -1)[:, :capacity], experts)
+    return y.to(x.dtype), (~keep).sum() / keep.numel()
+
+
+batched_experts.position_major = True
 
 
 def triton_experts(x, topk_idx, topk_weight, experts):
-    """MegaBlocks-style block-sparse kernels; see moe_triton.py (imported on first use)."""
-    from moe_triton import triton_experts as block_sparse_experts
-    return block_sparse_experts(x, topk_idx, topk_weight, experts)
+    """MegaBlocks-style block-sparse kernels; see kernels/moe_triton.py (imported on first use)."""
+    from kernels import moe_triton
+    return moe_triton.triton_experts(x, topk_idx, topk_weight, experts)
 
 
 EXPERT_IMPLS = {'loop': loop_experts, 'grouped': grouped_experts, 'batched': batched_experts,
                 'triton': triton_experts}
-CAPACITY_IMPLS = ('batched',)  # the backends that drop slots, so for which the order of the tokens matters
-
-# -----------------------------------------------------------------------------
-# Expert parallelism: each rank of an EP group holds a contiguous shard of every MoE layer's experts
-# (expert_parallel.py shards the weights and sets experts.ep_group; train.py wires up the groups)
-
-
-class _AllToAll(torch.autograd.Function):
-    """all_to_all_single with variable split sizes whose backward is the reverse all-to-all
-    (torch.distributed.nn's differentiable version aborts at exit on gloo)."""
-
-    @staticmethod
-    def forward(ctx, x, send_splits, recv_splits, group):
-        ctx.send_splits, ctx.recv_splits, ctx.group = send_splits, recv_splits, group
-        out = x.new_empty(sum(recv_splits), *x.shape[1:])
-        dist.all_to_all_single(out, x.contiguous(), recv_splits, send_splits, group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad_x = grad.new_empty(sum(ctx.send_splits), *grad.shape[1:])
-        dist.all_to_all_single(grad_x, grad.contiguous(), ctx.send_splits, ctx.recv_splits, group=ctx.group)
-        return grad_x, None, None, None
-
-
-def expert_parallel_experts(x, topk_idx, topk_weight, experts):
-    """The grouped backend over an EP group: slots sorted by (global) expert are also sorted by the rank
-    that owns the expert, so one all-to-all sends each rank its slots (split sizes exchanged first);
-    the owner regroups what it received by local expert, runs grouped_mlp, and the reverse all-to-all
-    brings the outputs home to be weighted and summed. Same signature as the backends above."""
-    group = experts.ep_group
-    n_ranks, rank, E_local = dist.get_world_size(group), dist.get_rank(group), experts.c_fc.size(0)
-    order, token, counts = sort_by_expert(topk_idx, n_ranks * E_local)
-    recv_counts = torch.empty_like(counts)  # [source rank, local expert]: slots coming to this rank
-    dist.all_to_all_single(recv_counts, counts, group=group)
-    recv_counts = recv_counts.view(n_ranks, E_local)
-    send_splits, recv_splits = counts.view(n_ranks, E_local).sum(1).tolist(), recv_counts.sum(1).tolist()
-    # slots travel in the GEMMs' dtype (bf16 under autocast: half the bytes of x's float32)
-    x_recv = _AllToAll.apply(x.index_select(0, token).to(compute_dtype(x)), send_splits, recv_splits, group)
-    # x_recv is ordered by (source rank, local expert): regroup by local expert, stably
-    local_expert = torch.arange(E_local, device=x.device).repeat(n_ranks)
-    by_expert = torch.argsort(torch.repeat_interleave(local_expert, recv_counts.flatten(), output_size=x_recv.size(0)),
-                              stable=True)
-    out = grouped_mlp(x_recv.index_select(0, by_expert), recv_counts.sum(0), experts)
-    out = out.index_select(0, torch.argsort(by_expert))  # back to (source rank, local expert) order
-    out = _AllToAll.apply(out, recv_splits, send_splits, group)
-    # bytes this rank sent to other ranks in this forward (the backward sends as many again)
-    experts.a2a_bytes = (sum(send_splits) - send_splits[rank] + sum(recv_splits) - recv_splits[rank]) \
-        * out.size(1) * out.element_size()
-    return combine(out, topk_weight, order, token, x.size(0)).to(x.dtype), 0
-
-# -----------------------------------------------------------------------------
-# Expert choice (Zhou et al. 2022): experts pick tokens, instead of tokens picking experts
 
 
 def expert_choice(probs, top_k):
-    """Each expert takes the capacity = ceil(top_k * N / n_expert) tokens that give it the highest
-    probability: every expert gets exactly `capacity` tokens, a token gets 0..n_expert experts (top_k
-    on average, so the FLOPs match top-k routing). Returns token [n_expert, capacity] and its weight,
-    the router probability. Non-causal: a token's experts depend on all tokens of the batch."""
+    """Expert choice (Zhou et al. 2022), in training: each expert takes the capacity =
+    ceil(top_k * N / n_expert) tokens that give it the highest probability, so every expert runs exactly
+    `capacity` tokens and a token gets 0..n_expert experts (top_k on average: the FLOPs of top-k routing).
+    Returns the table_experts table: token [n_expert, capacity] and its weight, the raw probability.
+    Non-causal: a token's experts depend on all tokens of the batch, so eval routes per token instead."""
     N, E = probs.shape
     weight, token = probs.t().topk(min(N, math.ceil(top_k * N / E)), dim=1)
     return token, weight
 
-
-def expert_choice_experts(x, token, weight, experts):
-    """Run every expert on its chosen tokens (equal counts, so one bmm per MLP layer and no padding),
-    then sum each token's weighted expert outputs in float32."""
-    h = torch.bmm(x[token], experts.c_fc)
-    if experts.c_fc_bias is not None:
-        h = h + experts.c_fc_bias[:, None, :]
-    out = torch.bmm(F.gelu(h), experts.c_proj)
-    if experts.c_proj_bias is not None:
-        out = out + experts.c_proj_bias[:, None, :]
-    y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-    return y.index_add_(0, token.flatten(), (out.float() * weight[..., None]).flatten(0, 1)).to(x.dtype)
-
 # -----------------------------------------------------------------------------
-# The MoE layer and the model
+# The MoE layer
 
 
 class MoE(nn.Module):
     """Drop-in for MLP: routes each token to top_k experts (with router='expert_choice', in training,
     each expert to its tokens), plus n_shared_expert shared experts that every token passes through.
     After each forward it holds its own aux-loss terms (balance_loss, z_loss) and routing stats
-    (tokens_per_expert, drop_fraction, probs, topk_idx)."""
+    (tokens_per_expert, drop_fraction, probs, topk_idx); its probe_top1 (the top-1 experts of the last
+    routing_flips batch) is saved in checkpoints as the module's extra state."""
 
     def __init__(self, config):
         super().__init__()
+        self.config = config
         self.router = Router(config)
         self.experts = Experts(config)
         # DeepSeekMoE: n shared experts of expert_hidden each are one MLP of n * expert_hidden
         self.shared = MLP(config, config.n_shared_expert * config.expert_hidden) if config.n_shared_expert else None
         self.dropout = nn.Dropout(config.dropout)
-        self.expert_impl = config.expert_impl
-        self.router_kind = config.router
-        self.expert_dropout = config.expert_dropout
-        self.aux_loss_scope = config.aux_loss_scope
+        self.backend = None  # None: EXPERT_IMPLS[config.expert_impl]; expert parallelism puts its dispatch here
         self.step_counts = None  # this rank's token-slots per expert over the optimizer step so far
+        self.probe_top1 = None
 
     def forward(self, x):
         B, T, C = x.shape
-        E = self.router.gate.out_features  # all experts of the layer (under EP this rank holds a shard)
-        # capacity backends give places to slots in token order, so they get the tokens position-major
-        # (t * B + b): a token only ever loses its place to tokens at the same or earlier positions (causal).
-        # The dropless backends take x's own order (b * T + t), which costs no copy
-        position_major = self.expert_impl in CAPACITY_IMPLS
+        cfg = self.config
+        backend = self.backend or EXPERT_IMPLS[cfg.expert_impl]
+        position_major = getattr(backend, 'position_major', False)
         x_flat = x.transpose(0, 1).reshape(T * B, C) if position_major else x.reshape(B * T, C)
         topk_idx, topk_weight, logits, probs = self.router(x_flat)
         keep = None
-        if self.training and self.expert_dropout > 0:  # inverted dropout, one coin per whole expert
-            keep = (torch.rand(E, device=x.device) >= self.expert_dropout).float() / (1 - self.expert_dropout)
-        if self.training and self.router_kind == 'expert_choice':
-            # a token's experts depend on later tokens of the batch, which a decoder must not see at
-            # inference (and one token alone would get every expert): eval uses Router.forward's top-k
-            token, weight = expert_choice(probs, self.router.top_k)
-            y = expert_choice_experts(x_flat, token, weight if keep is None else weight * keep[:, None], self.experts)
-            counts = torch.full((E,), token.size(1), dtype=torch.long, device=x.device)
+        if self.training and cfg.expert_dropout > 0:  # inverted dropout, one coin per whole expert
+            keep = (torch.rand(cfg.n_expert, device=x.device) >= cfg.expert_dropout).float() / (1 - cfg.expert_dropout)
+        if self.training and cfg.router == 'expert_choice':  # experts pick their tokens: a table (expert_choice)
+            token, weight = expert_choice(probs, cfg.top_k)
+            y = table_experts(x_flat, token, weight if keep is None else weight * keep[:, None], self.experts).to(x.dtype)
+            counts = torch.full((cfg.n_expert,), token.size(1), dtype=torch.long, device=x.device)
             taken = torch.zeros(x_flat.size(0), dtype=torch.bool, device=x.device).index_fill_(0, token.flatten(), True)
             self.drop_fraction = 1 - taken.float().mean()  # tokens that no expert took
         else:
             weight = topk_weight if keep is None else topk_weight * keep[topk_idx]
-            backend = EXPERT_IMPLS[self.expert_impl] if self.experts.ep_group is None else self.experts.ep_dispatch
-            y, n_dropped = backend(x_flat, topk_idx, weight, self.experts)
-            counts = count_per_expert(topk_idx, E)
-            self.drop_fraction = n_dropped / topk_idx.numel()
+            y, self.drop_fraction = backend(x_flat, topk_idx, weight, self.experts)
+            counts = count_per_expert(topk_idx, cfg.n_expert)
         balance_counts = counts
         if self.training:
             self.step_counts = counts if self.step_counts is None else self.step_counts + counts
-            if self.aux_loss_scope == 'global':
+            if cfg.aux_loss_scope == 'global':
                 # Qwen-style global-batch balancing: f_i over every micro-batch of this step so far, on
                 # every rank (the step's last micro-batch sees the whole global batch); P_i stays local
                 balance_counts = summed_over_ranks(self.step_counts)
@@ -486,6 +417,19 @@ class MoE(nn.Module):
         y = self.dropout(y.view(B, T, C))
         return y if self.shared is None else y + self.shared(x)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args):
+        state_dict.setdefault(prefix + '_extra_state', None)  # checkpoints from before the layer kept its probe
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+    def get_extra_state(self):
+        return self.probe_top1
+
+    def set_extra_state(self, state):
+        self.probe_top1 = state
+
+# -----------------------------------------------------------------------------
+# The model
+
 
 class MoEGPT(GPT):
     """GPT whose MoE layers (every moe_every-th block) route tokens to experts."""
@@ -494,19 +438,14 @@ class MoEGPT(GPT):
         return MoE(self.config) if self.config.is_moe_layer(layer_idx) else MLP(self.config)
 
     def moe_layers(self):
-        return [layer for _, layer in self.indexed_moe_layers()]
-
-    def indexed_moe_layers(self):
-        """(block index, MoE layer) pairs: the 'layer{i}' of logged stats is the block index."""
-        return [(i, block.mlp) for i, block in enumerate(self.transformer.h) if isinstance(block.mlp, MoE)]
+        """{block index: MoE layer}: the 'layer{i}' of logged stats is the block index."""
+        return {i: block.mlp for i, block in enumerate(self.transformer.h) if isinstance(block.mlp, MoE)}
 
     def set_expert_impl(self, expert_impl):
         """Switch backend in place: all backends share the same parameters."""
         if expert_impl not in EXPERT_IMPLS:
             raise ValueError(f"expert_impl={expert_impl!r} is unknown; allowed: {', '.join(EXPERT_IMPLS)}")
-        self.config.expert_impl = expert_impl
-        for layer in self.moe_layers():
-            layer.expert_impl = expert_impl
+        self.config.expert_impl = expert_impl  # the layers read the model's config
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -517,7 +456,7 @@ class MoEGPT(GPT):
 
     def aux_loss(self):
         # each term is computed per layer (never pooled over layers), then averaged over layers
-        layers = self.moe_layers()
+        layers = self.moe_layers().values()
         balance = torch.stack([layer.balance_loss for layer in layers]).mean()
         z = torch.stack([layer.z_loss for layer in layers]).mean()
         self.loss_terms.update(aux=balance.detach(), z=z.detach())
@@ -526,7 +465,7 @@ class MoEGPT(GPT):
     def get_num_params(self, non_embedding=True, active=False):
         n_params = super().get_num_params(non_embedding)
         if active:  # a token only runs top_k of each layer's experts (of this rank's shard, under EP)
-            for layer in self.moe_layers():
+            for layer in self.moe_layers().values():
                 n_local = layer.experts.c_fc.size(0)
                 per_expert = sum(p.numel() for p in layer.experts.parameters()) // n_local
                 n_params -= per_expert * (n_local - self.config.top_k)
@@ -537,7 +476,7 @@ class MoEGPT(GPT):
         router entropy (nats; log(n_expert) is uniform) and dropped fraction (of slots; with expert
         choice in training, of tokens no expert took)."""
         stats = {}
-        for i, layer in self.indexed_moe_layers():
+        for i, layer in self.moe_layers().items():
             load = layer.tokens_per_expert.float()
             stats[f'layer{i}/load'] = (load / load.sum()).tolist()
             stats[f'layer{i}/max_load'] = (load.max() / load.mean()).item()
@@ -553,11 +492,42 @@ class MoEGPT(GPT):
         self.eval()
         self(idx)
         self.train(training)
-        top1 = {i: layer.topk_idx[:, 0].clone() for i, layer in self.indexed_moe_layers()}
-        previous, self.probe_top1 = getattr(self, 'probe_top1', None), top1
-        if previous is None:
-            return {}
-        return {f'layer{i}/flip_rate': (top1[i] != previous[i].to(top1[i].device)).float().mean().item() for i in top1}
+        flips = {}
+        for i, layer in self.moe_layers().items():
+            top1, previous = layer.topk_idx[:, 0].clone(), layer.probe_top1
+            if previous is not None:
+                flips[f'layer{i}/flip_rate'] = (top1 != previous.to(top1.device)).float().mean().item()
+            layer.probe_top1 = top1.cpu()
+        return flips
+
+    @torch.no_grad()
+    def diagnose(self, idx):
+        """For the divergence guard's post-mortem: the routing stats of the last forward, and per MoE
+        layer the router's weight and aux losses, then its logits on idx, re-run in eval mode (no
+        dropout, so no RNG is consumed)."""
+        stats, hooks = self.routing_stats(), []
+        for i, layer in self.moe_layers().items():
+            w = layer.router.gate.weight
+            stats[f'layer{i}/gate_weight_norm'] = w.float().norm().item()
+            stats[f'layer{i}/gate_weight_finite'] = bool(torch.isfinite(w).all())
+            stats[f'layer{i}/z_loss'] = float(layer.z_loss)
+            stats[f'layer{i}/balance_loss'] = float(layer.balance_loss)
+
+            def hook(module, args, out, i=i):
+                logits = out[2]
+                finite = torch.isfinite(logits)
+                stats[f'layer{i}/router_logits_finite'] = finite.float().mean().item()
+                if finite.any():
+                    stats[f'layer{i}/router_logits_absmax'] = logits[finite].abs().max().item()
+                    stats[f'layer{i}/router_logits_std'] = logits[finite].float().std().item()
+            hooks.append(layer.router.register_forward_hook(hook))
+        training = self.training
+        self.eval()
+        self(idx)
+        self.train(training)
+        for h in hooks:
+            h.remove()
+        return stats
 
     @torch.no_grad()
     def end_step(self, skipped=False):
@@ -565,10 +535,37 @@ class MoEGPT(GPT):
         selection bias moves by bias_update_rate against its load error over the step's global batch
         (DeepSeek-V3: overloaded experts down, underloaded up); not for a skipped step. Then the step's
         load counts restart."""
-        for layer in self.moe_layers():
+        for layer in self.moe_layers().values():
             if layer.step_counts is None:
                 continue
             if layer.router.expert_bias is not None and not skipped:
                 load = summed_over_ranks(layer.step_counts).float()
                 layer.router.expert_bias += self.config.bias_update_rate * torch.sign(load.mean() - load)
             layer.step_counts = None
+
+# -----------------------------------------------------------------------------
+# Building a model from its keys (the one place that picks the class)
+
+MODEL_KEYS = tuple(f.name for f in fields(MoEConfig))  # every key a checkpoint's model_args may hold
+# keys that change how a model trains or runs, not what its weights mean: a resumed run may set them anew
+RUN_KEYS = ('dropout', 'expert_impl', 'aux_loss_coef', 'z_loss_coef', 'capacity_factor', 'router_temperature',
+            'router_jitter', 'bias_update_rate', 'expert_dropout', 'aux_loss_scope')
+
+
+def model_config(model_args):
+    """GPTConfig when n_expert is 0 (or absent), else MoEConfig; ValueError names a bad key."""
+    if model_args.get('n_expert', 0) == 0:
+        dense_keys = {f.name for f in fields(GPTConfig)}
+        return GPTConfig(**{k: v for k, v in model_args.items() if k in dense_keys})
+    return MoEConfig(**model_args)
+
+
+def build_model(model_args):
+    """GPT or MoEGPT, as model_config says."""
+    config = model_config(model_args)
+    return MoEGPT(config) if isinstance(config, MoEConfig) else GPT(config)
+
+
+def model_args_of(model):
+    """The constructor arguments of a model, for checkpoints (build_model inverts this)."""
+    return {**asdict(model.config), 'n_expert': getattr(model.config, 'n_expert', 0)}

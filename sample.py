@@ -9,8 +9,8 @@ from contextlib import nullcontext
 
 import torch
 
-from configurator import configure, fail
-from checkpoint import load_checkpoint, load_meta, clean_state_dict, CheckpointError
+from configurator import configure, fail, check_choice
+from checkpoint import load_checkpoint, load_meta, CheckpointError
 from moe_model import build_model
 
 # -----------------------------------------------------------------------------
@@ -32,8 +32,7 @@ use_kv_cache = True  # keep past keys/values instead of recomputing them (same t
 config = configure({k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))},
                    sys.argv[1:])
 globals().update(config)
-if dtype not in ('float32', 'bfloat16', 'float16'):
-    fail(f"dtype={dtype!r}; allowed: 'float32', 'bfloat16', 'float16'")
+check_choice(config, 'dtype', ('float32', 'bfloat16', 'float16'))
 if start.startswith('FILE:') and not os.path.isfile(start[5:]):
     fail(f"prompt file {start[5:]!r} not found")
 
@@ -60,7 +59,7 @@ if init_from == 'resume':
         model = build_model(model_args)
     except ValueError as e:
         fail(str(e))
-    model.load_state_dict(clean_state_dict(checkpoint['model']))
+    model.load_state_dict(checkpoint['model'])
 elif init_from.startswith('gpt2'):
     # init from a given GPT-2 model
     from model import GPT

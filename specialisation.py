@@ -38,7 +38,7 @@ try:
 except CheckpointError as e:
     fail(str(e))
 model = build_model(checkpoint['model_args'])
-if not hasattr(model, 'indexed_moe_layers'):
+if not hasattr(model, 'moe_layers'):
     fail(f"{os.path.join(out_dir, ckpt)} is a dense model: no experts to look at")
 model.load_state_dict({k.removeprefix('_orig_mod.'): v for k, v in checkpoint['model'].items()})
 model.to(device).eval()
@@ -62,7 +62,7 @@ show = lambda t: repr(decode(t))[1:-1].replace(' ', '␣').replace('|', '\\|') o
 
 # route the windows; count token-slots per (layer, expert, token)
 V, E, k = model.config.vocab_size, model.config.n_expert, model.config.top_k
-layers = [i for i, _ in model.indexed_moe_layers()]
+layers = list(model.moe_layers())
 counts = {i: torch.zeros(E, V, dtype=torch.long) for i in layers}
 starts = np.linspace(0, len(data) - T - 1, n_windows).astype(np.int64)
 with torch.no_grad():
@@ -70,7 +70,7 @@ with torch.no_grad():
         idx = torch.stack([torch.from_numpy(data[s:s + T].astype(np.int64)) for s in starts[b:b + batch_size]])
         model(idx.to(device))
         tokens = idx.reshape(-1)  # in the order of layer.topk_idx's rows: b * T + t
-        for i, layer in model.indexed_moe_layers():
+        for i, layer in model.moe_layers().items():
             for slot in layer.topk_idx.cpu().t():  # each of a token's top_k choices
                 counts[i].view(-1).index_add_(0, slot * V + tokens, torch.ones_like(tokens))
 

@@ -1,11 +1,14 @@
 """
 Ablation runner: train a list of configs one after the other, then write one results table (markdown)
-and one loss-vs-config plot. A study is a config file (config/study_*.py) naming its runs:
-$ python study.py config/study_experts.py
+and one loss-vs-config plot. A study is a config file (config/study/*.py) naming its runs:
+$ python study.py config/study/experts.py
 
 Each run trains with train.py into out_dir/<run name>. Re-running a study skips finished runs (their
 ckpt.pt reached max_iters), resumes interrupted ones from their ckpt.pt, and starts the rest, so a
 killed study continues where it stopped. To redo a run, delete its folder.
+The study's `results` key names the output (the bundled studies write assets/study_*): a table with one
+row per run (arguments, parameters total/active, val loss of the last eval, best val loss, train loss,
+iterations, training minutes) and a plot (val-loss curves, final val loss per run).
 """
 import os
 import sys

@@ -15,7 +15,10 @@ $ torchrun --nproc_per_node=8 --nnodes=2 --node_rank=0 --master_addr=123.456.123
 $ torchrun --nproc_per_node=8 --nnodes=2 --node_rank=1 --master_addr=123.456.123.456 --master_port=1234 train.py
 (If your cluster does not have Infiniband interconnect prepend NCCL_IB_DISABLE=1)
 
-The model is dense (model.GPT) when n_expert=0, else an MoE (moe_model.MoEGPT); nothing below cares.
+The model is dense (model.GPT) when n_expert=0, else an MoE (moe_model.MoEGPT): the loop only calls model
+methods that the dense GPT has as no-ops, and expert parallelism is an object that is plain torch when off.
+Beyond nanoGPT: the data order is a pure function of (seed, step), so a resume is exact; a divergence guard
+(on_nonfinite); SIGTERM saves and exits; bad input is one `error:` line before any work; log.jsonl.
 """
 
 import os
@@ -29,15 +32,14 @@ from contextlib import nullcontext
 
 import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.distributed import init_process_group, destroy_process_group
 
-from configurator import configure, fail
-from cpu_memory import keep_freed_memory
-from checkpoint import save_checkpoint, load_checkpoint, clean_state_dict, CheckpointError, rng_state, set_rng_state, load_meta
-from moe_model import build_model, model_args_of, MoEConfig
-from expert_parallel import (init_expert_parallel, shard_experts, expert_params, full_state_dict, full_optimizer_state_dict,
-                             shard_optimizer_state_dict, sync_expert_grads, clip_grad_norm)
+from configurator import configure, fail, check_choice
+from kernels.cpu_memory import keep_freed_memory
+from checkpoint import (save_checkpoint, load_checkpoint, CheckpointError, load_meta, training_state, restore,
+                        remove_stale_temps)
+from moe_model import build_model, model_config, model_args_of, MODEL_KEYS, RUN_KEYS
+from expert_parallel import ExpertParallel, config_error
 
 # -----------------------------------------------------------------------------
 # default config values designed to train a GPT-2 (124M) sized MoE on OpenWebText
@@ -111,10 +113,8 @@ globals().update(config)
 
 if init_from not in ('scratch', 'resume') and not init_from.startswith('gpt2'):
     fail(f"init_from={init_from!r}; allowed: 'scratch', 'resume', 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl'")
-if dtype not in ('float32', 'bfloat16', 'float16'):
-    fail(f"dtype={dtype!r}; allowed: 'float32', 'bfloat16', 'float16'")
-if on_nonfinite not in ('stop', 'skip'):
-    fail(f"on_nonfinite={on_nonfinite!r}; allowed: 'stop', 'skip'")
+check_choice(config, 'dtype', ('float32', 'bfloat16', 'float16'))
+check_choice(config, 'on_nonfinite', ('stop', 'skip'))
 for key in ('batch_size', 'gradient_accumulation_steps', 'block_size', 'eval_iters', 'log_interval', 'eval_interval'):
     if config[key] < 1:
         fail(f"{key}={config[key]} must be >= 1")
@@ -132,10 +132,7 @@ if os.path.exists(meta_path):
     except CheckpointError as e:
         fail(str(e))
     print(f"found vocab_size = {meta_vocab_size} (inside {meta_path})")
-model_args = {k: config[k] for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'dropout', 'n_expert', 'top_k',
-                                    'expert_hidden', 'moe_every', 'expert_impl', 'aux_loss_coef', 'z_loss_coef', 'capacity_factor',
-                                    'router', 'router_temperature', 'router_jitter', 'bias_update_rate', 'n_shared_expert',
-                                    'n_dense_layers', 'expert_dropout', 'aux_loss_scope')}
+model_args = {k: config[k] for k in MODEL_KEYS}
 model_args['vocab_size'] = vocab_size or meta_vocab_size or 50304
 resume_ckpt = None
 if init_from == 'resume':
@@ -143,42 +140,21 @@ if init_from == 'resume':
         resume_ckpt = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))
     except CheckpointError as e:
         fail(str(e))
-    # force these config attributes to be equal otherwise we can't even resume training;
-    # the rest of the attributes (e.g. dropout, expert_impl) can stay as desired from command line
-    for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size', 'n_expert', 'top_k', 'expert_hidden', 'moe_every',
-              'router', 'n_shared_expert', 'n_dense_layers'):
-        if k in resume_ckpt['model_args']:
-            model_args[k] = resume_ckpt['model_args'][k]
+    # the checkpoint's keys define its weights; the run may change the others (RUN_KEYS: dropout, expert_impl, ...)
+    model_args.update({k: v for k, v in resume_ckpt['model_args'].items() if k in MODEL_KEYS and k not in RUN_KEYS})
 # a model from a checkpoint or from GPT-2 can be cropped to a smaller block_size, never grown
 model_block_size = 1024 if init_from in ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl') else model_args['block_size']
 if block_size > model_block_size:
     fail(f"block_size={block_size} is larger than the model's block_size={model_block_size}")
-if model_args['n_expert'] > 0:  # model_args, not the config: a resumed checkpoint decides dense or MoE
-    try:
-        MoEConfig(**model_args)  # validates every model key (top_k <= n_expert, n_embd % n_head, ...)
-    except ValueError as e:
-        fail(str(e))
-elif model_args['n_embd'] % model_args['n_head'] != 0:
-    fail(f"n_embd={model_args['n_embd']} must be divisible by n_head={model_args['n_head']}")
+try:
+    model_config(model_args)  # validates every model key (top_k <= n_expert, n_embd % n_head, ...)
+except ValueError as e:
+    fail(str(e))
 if device.startswith('cuda') and not torch.cuda.is_available():
     fail(f"device={device!r} but CUDA is not available here; use --device=cpu")
-if not isinstance(expert_parallel, int) or expert_parallel < 1:
-    fail(f"expert_parallel={expert_parallel!r} must be a positive integer")
-if expert_parallel > 1:  # torchrun's WORLD_SIZE is known before the process group starts
-    world_size = int(os.environ.get('WORLD_SIZE', 1))
-    if model_args['n_expert'] == 0 or init_from.startswith('gpt2'):
-        fail(f"expert_parallel={expert_parallel} needs an MoE model (n_expert > 0, init_from 'scratch' or 'resume')")
-    if model_args['n_expert'] % expert_parallel:
-        fail(f"expert_parallel={expert_parallel} must divide n_expert={model_args['n_expert']}")
-    if expert_impl != 'grouped':
-        fail(f"expert_impl={expert_impl!r} with expert_parallel={expert_parallel}; allowed: 'grouped'")
-    if model_args['router'] == 'expert_choice':
-        fail(f"router='expert_choice' with expert_parallel={expert_parallel}; allowed: topk, noisy_topk, aux_free")
-    if dtype == 'float16':  # GradScaler checks for inf per rank, and expert gradients differ between ranks
-        fail(f"dtype='float16' with expert_parallel={expert_parallel}; allowed: 'float32', 'bfloat16'")
-    if world_size % expert_parallel:
-        fail(f"expert_parallel={expert_parallel} must divide the number of processes ({world_size}); "
-             f"launch with torchrun --nproc_per_node=<a multiple of {expert_parallel}>")
+# torchrun's WORLD_SIZE is known before the process group starts
+if message := config_error(expert_parallel, model_args, init_from, expert_impl, dtype, int(os.environ.get('WORLD_SIZE', 1))):
+    fail(message)
 
 # -----------------------------------------------------------------------------
 # various inits, derived attributes, I/O setup
@@ -208,10 +184,7 @@ print(f"tokens per iteration will be: {tokens_per_iter:,}")
 
 if master_process:
     os.makedirs(out_dir, exist_ok=True)
-    # a run killed while saving (kill -9, power loss) leaves its temp file: never a checkpoint, remove it
-    for name in os.listdir(out_dir):
-        if name.startswith(('ckpt.pt.', 'ckpt_best.pt.')) and name.endswith('.tmp'):
-            os.remove(os.path.join(out_dir, name))
+    remove_stale_temps(out_dir)
 torch.manual_seed(seed)
 random.seed(seed)
 np.random.seed(seed)
@@ -219,7 +192,7 @@ torch.backends.cuda.matmul.allow_tf32 = True  # allow tf32 on matmul
 torch.backends.cudnn.allow_tf32 = True  # allow tf32 on cudnn
 device_type = 'cuda' if 'cuda' in device else 'cpu'  # for later use in torch.autocast
 if device_type == 'cpu':
-    keep_freed_memory()  # reuse freed memory: no page faults on every step's large tensors (cpu_memory.py)
+    keep_freed_memory()  # reuse freed memory: no page faults on every step's large tensors (kernels/cpu_memory.py)
 # note: float16 data type will automatically use a GradScaler
 ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
 ctx = nullcontext() if device_type == 'cpu' else torch.amp.autocast(device_type=device_type, dtype=ptdtype)
@@ -258,9 +231,7 @@ if init_from == 'scratch':
 elif init_from == 'resume':
     print(f"Resuming training from {out_dir}")
     model = build_model(model_args)
-    model.load_state_dict(clean_state_dict(resume_ckpt['model']))
-    if resume_ckpt.get('probe_top1'):
-        model.probe_top1 = resume_ckpt['probe_top1']
+    model.load_state_dict(resume_ckpt['model'])
     iter_num = resume_ckpt['iter_num']
     best_val_loss = resume_ckpt['best_val_loss']
 elif init_from.startswith('gpt2'):
@@ -268,20 +239,15 @@ elif init_from.startswith('gpt2'):
     from model import GPT
     model = GPT.from_pretrained(init_from, dict(dropout=dropout))
     model_args = model_args_of(model)
-# crop down the model block size if desired, using model surgery
+# crop down the model block size if desired, using model surgery (growing it was refused above)
 if block_size < model.config.block_size:
     model.crop_block_size(block_size)
     model_args['block_size'] = block_size  # so that the checkpoint will have the right value
-elif block_size > model.config.block_size:
-    fail(f"block_size={block_size} is larger than the model's block_size={model.config.block_size}")
 n_total, n_active = model.get_num_params(), model.get_num_params(active=True)
 print(f"number of parameters: {n_total / 1e6:.2f}M total, {n_active / 1e6:.2f}M active per token")
 # expert parallelism: keep this rank's experts only (every rank built or loaded the same full model, on the CPU)
-if expert_parallel > 1:
-    ep_group, expert_dp_group = init_expert_parallel(expert_parallel, device_type)
-    shard_experts(model, ep_group)
-    print(f"expert parallel: {expert_parallel} ranks per EP group, {model_args['n_expert'] // expert_parallel} "
-          f"experts per layer on this rank")
+ep = ExpertParallel(expert_parallel, device_type)
+ep.shard(model)
 model.to(device)
 
 # initialize a GradScaler. If enabled=False scaler is a no-op
@@ -290,27 +256,17 @@ scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
 # optimizer
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
 if init_from == 'resume':
-    optimizer_state = resume_ckpt['optimizer']  # always the full model's
-    if expert_parallel > 1:
-        optimizer_state = shard_optimizer_state_dict(optimizer_state, optimizer, model, ep_group)
-    optimizer.load_state_dict(optimizer_state)
-    if 'scaler' in resume_ckpt:
-        scaler.load_state_dict(resume_ckpt['scaler'])
-    # the global RNGs drive dropout (and any router noise or sampling): restore them for an exact resume
-    set_rng_state(resume_ckpt['rng'], device)
+    restore(resume_ckpt, model, optimizer, scaler, ep, device)
 resume_ckpt = None  # free up memory
 
 # compile the model
 if compile:
     print("compiling the model... (takes a ~minute)")
-    unoptimized_model = model
     model = torch.compile(model)  # requires PyTorch 2.0
 
 # wrap model into DDP container
 if ddp:
-    if expert_parallel > 1:  # expert weights differ between ranks: sync_expert_grads all-reduces them instead
-        DDP._set_params_and_buffers_to_ignore_for_model(model, [name for name, _ in expert_params(model)])
-    model = DDP(model, device_ids=[ddp_local_rank] if device_type == 'cuda' else None)
+    model = ep.data_parallel(model, device_ids=[ddp_local_rank] if device_type == 'cuda' else None)
 raw_model = model.module if ddp else model  # unwrap DDP container if needed
 raw_model = getattr(raw_model, '_orig_mod', raw_model)  # and torch.compile
 
@@ -349,24 +305,6 @@ def get_lr(it):
     return min_lr + coeff * (learning_rate - min_lr)
 
 
-def checkpoint_state():
-    """What a checkpoint holds: always the full model and optimizer. Under expert parallelism the experts
-    are gathered from the EP group, so every rank must call this (then the master saves it)."""
-    ep = expert_parallel > 1
-    return {
-        'model': full_state_dict(raw_model, ep_group) if ep else raw_model.state_dict(),
-        'optimizer': full_optimizer_state_dict(optimizer, raw_model, ep_group) if ep else optimizer.state_dict(),
-        'scaler': scaler.state_dict(),
-        'model_args': model_args,
-        'iter_num': iter_num,
-        'best_val_loss': best_val_loss,
-        'config': config,
-        'rng': rng_state(device),
-        # the probe batch's top-1 experts at this eval, so that the first eval after a resume has a flip rate
-        'probe_top1': {i: t.cpu() for i, t in getattr(raw_model, 'probe_top1', {}).items()},
-    }
-
-
 def log(record):
     """One JSON line per event in out_dir/log.jsonl (and wandb when on): the run's machine-readable history."""
     with open(os.path.join(out_dir, 'log.jsonl'), 'a') as f:
@@ -397,37 +335,18 @@ signal.signal(signal.SIGTERM, request_stop)
 signal.signal(signal.SIGINT, request_stop)
 
 
-@torch.no_grad()
-def router_diagnosis(X):
-    """For the divergence guard: per MoE layer, the router's weight and aux losses from this step, then
-    its logits on the last micro-batch X, re-run in eval mode (no dropout, so no RNG is consumed)."""
-    stats, hooks = {}, []
-    for i, block in enumerate(raw_model.transformer.h):
-        layer = block.mlp
-        if not hasattr(layer, 'router'):  # a dense block
-            continue
-        w = layer.router.gate.weight
-        stats[f'layer{i}/gate_weight_norm'] = w.float().norm().item()
-        stats[f'layer{i}/gate_weight_finite'] = bool(torch.isfinite(w).all())
-        stats[f'layer{i}/z_loss'] = float(getattr(layer, 'z_loss', float('nan')))
-        stats[f'layer{i}/balance_loss'] = float(getattr(layer, 'balance_loss', float('nan')))
+def any_rank(flag):
+    """True on every rank if flag is True on any: the ranks take the same branch (collectives follow)."""
+    flag = torch.tensor(float(flag), device=device)
+    if ddp:
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return flag.item() > 0
 
-        def hook(module, args, out, i=i):
-            logits = out[2]
-            finite = torch.isfinite(logits)
-            stats[f'layer{i}/router_logits_finite'] = finite.float().mean().item()
-            if finite.any():
-                stats[f'layer{i}/router_logits_absmax'] = logits[finite].abs().max().item()
-                stats[f'layer{i}/router_logits_std'] = logits[finite].float().std().item()
-        hooks.append(layer.router.register_forward_hook(hook))
-    if hooks:
-        raw_model.eval()
-        with ctx:
-            raw_model(X)
-        raw_model.train()
-    for h in hooks:
-        h.remove()
-    return stats
+
+def checkpoint_state():
+    """Every rank calls this (expert parallelism gathers the experts); the master saves it."""
+    return training_state(raw_model, optimizer, scaler, ep, device, model_args=model_args, iter_num=iter_num,
+                          best_val_loss=best_val_loss, config=config)
 
 
 # logging
@@ -452,14 +371,14 @@ while True:
         losses = estimate_loss()
         improved = losses['val'] < best_val_loss  # each rank has its own eval batches; the master's decide
         best_val_loss = min(best_val_loss, losses['val'])
-        with ctx:  # routing flip rate: top-1 experts of a fixed probe batch against the previous eval
+        with ctx:  # routing flip rate: top-1 experts of a fixed batch against the previous eval
             flips = raw_model.routing_flips(get_batch('val', -2, 0)[0])  # every rank: EP forwards are collective
         state = checkpoint_state() if iter_num > 0 and not eval_only else None  # every rank: EP gathers experts
         if master_process:
             print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-            routing = {k: v for k, v in {**raw_model.routing_stats(), **flips}.items() if not isinstance(v, list)}
-            if routing:
-                print('routing (probe batch): ' + ', '.join(f'{k} {v:.3f}' for k, v in routing.items()))
+            stats = {k: v for k, v in {**raw_model.routing_stats(), **flips}.items() if not isinstance(v, list)}
+            if stats:
+                print('routing (fixed eval batch): ' + ', '.join(f'{k} {v:.3f}' for k, v in stats.items()))
             log({'iter': iter_num, 'train/ce': losses['train'], 'val/ce': losses['val'], 'lr': lr, **flips})
             if state is not None:
                 print(f"saving checkpoint to {out_dir}")
@@ -473,7 +392,6 @@ while True:
     # forward backward update, with optional gradient accumulation to simulate larger batch size
     # and using the GradScaler if data type is float16
     loss_sum = 0.0
-    a2a_bytes = 0  # under expert parallelism: bytes this rank sends to others by all-to-all in this step
     for micro_step in range(gradient_accumulation_steps):
         X, Y = get_batch('train', iter_num, ddp_rank * gradient_accumulation_steps + micro_step)
         if ddp:
@@ -490,24 +408,17 @@ while True:
         loss_sum = loss_sum + loss.detach()
         # backward pass, with gradient scaling if training in fp16
         scaler.scale(loss).backward()
-        if expert_parallel > 1:  # the backward's all-to-alls send as many bytes as the forward's
-            a2a_bytes += 2 * sum(layer.experts.a2a_bytes for layer in raw_model.moe_layers())
-    if expert_parallel > 1:
-        sync_expert_grads(raw_model, expert_dp_group, ddp_world_size)
-    # clip the gradient (or just measure its norm, for the non-finite guard)
+    ep.sync_grads(raw_model, ddp_world_size)  # expert weights that DDP left alone (expert parallelism)
+    # clip the gradient (or just measure its norm, for the non-finite guard), over the whole model
     scaler.unscale_(optimizer)
-    max_norm = grad_clip if grad_clip > 0 else float('inf')
-    if expert_parallel > 1:  # the norm of the whole model, not of this rank's experts
-        grad_norm = clip_grad_norm(raw_model, max_norm, ep_group)
-    else:
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-    # divergence guard: with fp16 the scaler already skips inf steps; otherwise a NaN would poison the weights
-    nonfinite = torch.tensor(float(not torch.isfinite(loss_sum + grad_norm)), device=device)
-    if ddp:  # every rank takes the same branch (the diagnosis below runs collective forwards under EP)
-        torch.distributed.all_reduce(nonfinite, op=torch.distributed.ReduceOp.MAX)
-    if not scaler.is_enabled() and nonfinite.item() > 0:
+    grad_norm = ep.clip_grad_norm(raw_model, grad_clip if grad_clip > 0 else float('inf'))
+    # divergence guard: with fp16 the scaler already skips inf steps; otherwise a NaN would poison the weights.
+    # Every rank takes the same branch (the diagnosis below runs collective forwards under expert parallelism)
+    nonfinite = any_rank(not torch.isfinite(loss_sum + grad_norm))
+    if not scaler.is_enabled() and nonfinite:
         message = f"non-finite loss or gradient at iter {iter_num} (loss {float(loss_sum):.4g}, grad norm {float(grad_norm):.4g})"
-        diagnosis = {**raw_model.routing_stats(), **router_diagnosis(X)}
+        with ctx:
+            diagnosis = raw_model.diagnose(X)
         if master_process:  # expert loads and router state at this step, for the post-mortem
             log({'iter': iter_num, 'event': 'nonfinite', 'loss': float(loss_sum), 'grad_norm': float(grad_norm), **diagnosis})
         if on_nonfinite == 'stop':
@@ -521,7 +432,7 @@ while True:
         continue
     # aux-loss-free bias update from the step's global-batch load, then the step loads restart; with fp16 the
     # scaler skips a non-finite step on its own (scaler.step below), and then the bias must not move either
-    raw_model.end_step(skipped=nonfinite.item() > 0)
+    raw_model.end_step(skipped=nonfinite)
     # step the optimizer and scaler if training in fp16
     scaler.step(optimizer)
     scaler.update()
@@ -539,21 +450,17 @@ while True:
             running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
         terms = {k: v.item() for k, v in raw_model.loss_terms.items()}
         parts = ', '.join(f'{k} {v:.4f}' for k, v in terms.items())
-        ep = {'a2a_MB': a2a_bytes / 1e6} if expert_parallel > 1 else {}
+        extra = ep.step_stats()  # all-to-all megabytes under expert parallelism
         print(f"iter {iter_num}/{max_iters}: loss {lossf:.4f} ({parts}), time {dt * 1000:.2f}ms, "
               f"{tokens_per_iter / dt:,.0f} tok/s" + (f", mfu {running_mfu * 100:.2f}%" if running_mfu >= 0 else '')
-              + (f", all-to-all {ep['a2a_MB']:.2f} MB sent by rank 0" if ep else ''))
+              + ''.join(f', {k} {v:.2f}' for k, v in extra.items()))
         log({'iter': iter_num, 'loss': lossf, **terms, 'lr': lr, 'grad_norm': float(grad_norm),
-             'dt_ms': dt * 1000, 'mfu': running_mfu, **ep, **raw_model.routing_stats()})
+             'dt_ms': dt * 1000, 'mfu': running_mfu, **extra, **raw_model.routing_stats()})
     iter_num += 1
     local_iter_num += 1
 
-    stop = stop_signal is not None
-    if ddp:  # ranks get the signal at different steps: agree on one, or a rank hangs in its next all-reduce
-        stop = torch.tensor(float(stop), device=device)
-        torch.distributed.all_reduce(stop, op=torch.distributed.ReduceOp.MAX)
-        stop = stop.item() > 0
-    if stop:
+    # ranks get the signal at different steps: agree on one, or a rank hangs in its next all-reduce
+    if any_rank(stop_signal is not None):
         state = checkpoint_state()
         if master_process:
             save_checkpoint(state, ckpt_path)

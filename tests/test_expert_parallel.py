@@ -12,8 +12,8 @@ import torch.multiprocessing as mp
 
 from conftest import ROOT, TINY, run, read_log
 from checkpoint import load_checkpoint, save_checkpoint
-from expert_parallel import init_expert_parallel, shard_experts, expert_params, full_state_dict, sync_expert_grads
-from moe_model import MoEConfig, MoEGPT, loop_experts, expert_parallel_experts
+from expert_parallel import ExpertParallel, expert_params, expert_parallel_experts
+from moe_model import MoEConfig, MoEGPT, loop_experts
 
 
 def spawn(worker, world_size, tmp_path, *args):
@@ -57,18 +57,18 @@ def _layer_worker(rank, world_size, tmp, ep, bias, routing):
     ref_y, _ = loop_experts(ref_x, topk_idx, ref_w, full)
     (ref_y * upstream).sum().backward()
 
-    ep_group, expert_dp_group = init_expert_parallel(ep, 'cpu')
-    shard_experts(model, ep_group)
+    parallel = ExpertParallel(ep, 'cpu')
+    parallel.shard(model)
     assert experts.c_fc.size(0) == E // ep
     ep_x, ep_w = x.clone().requires_grad_(True), weight.clone().requires_grad_(True)
-    ep_y, _ = expert_parallel_experts(ep_x, topk_idx, ep_w, experts)
+    ep_y, _ = expert_parallel_experts(ep_x, topk_idx, ep_w, experts, parallel)
     (ep_y * upstream).sum().backward()
-    sync_expert_grads(model, expert_dp_group, world_size)
+    parallel.sync_grads(model, world_size)
 
     torch.testing.assert_close(ep_y, ref_y, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ep_x.grad, ref_x.grad, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ep_w.grad, ref_w.grad, rtol=1e-5, atol=1e-5)
-    ep_rank, per_rank = dist.get_rank(ep_group), E // ep
+    ep_rank, per_rank = dist.get_rank(parallel.group), E // ep
     for name, p in full.named_parameters():
         total = p.grad.clone()
         dist.all_reduce(total)  # the gradient of the sum of every rank's loss
@@ -101,16 +101,16 @@ def _model_worker(rank, world_size, tmp, ep):
     ref_logits, ref_loss = ref(X, Y)
     ref_loss.backward()
 
-    ep_group, expert_dp_group = init_expert_parallel(ep, 'cpu')
-    shard_experts(model, ep_group)
+    parallel = ExpertParallel(ep, 'cpu')
+    parallel.shard(model)
     torch.manual_seed(1)
     logits, loss = model(X, Y)
     loss.backward()
     torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
-    sync_expert_grads(model, expert_dp_group, world_size)
+    parallel.sync_grads(model, world_size)
     expert_names = {name for name, _ in expert_params(model)}
-    ep_rank, per_rank = dist.get_rank(ep_group), MODEL['n_expert'] // ep
+    ep_rank, per_rank = dist.get_rank(parallel.group), MODEL['n_expert'] // ep
     for (name, p), (_, p_ref) in zip(model.named_parameters(), ref.named_parameters()):
         if name in expert_names:  # mean over ranks of the full-model gradient, this rank's shard
             total = p_ref.grad.clone()
@@ -122,7 +122,7 @@ def _model_worker(rank, world_size, tmp, ep):
 
     model.eval()
     probe = torch.arange(32).view(2, 16)
-    state = full_state_dict(model, ep_group)  # collective
+    state = parallel.state_dict(model)  # collective
     if rank == 0:
         save_checkpoint({'model': state, 'model_args': MODEL, 'logits': model(probe)[0]}, os.path.join(tmp, 'ckpt.pt'))
     else:
@@ -198,3 +198,36 @@ def test_nonfinite_guard_under_expert_parallel(shakespeare_char, tmp_path):
     torchrun(2, *STEPS, f'--out_dir={out}', '--expert_parallel=2', '--debug_nan_at_iter=1', '--on_nonfinite=skip')
     events = [r for r in read_log(out) if r.get('event') == 'nonfinite']
     assert [r['iter'] for r in events] == [1] and 'layer0/router_logits_absmax' in events[0]
+
+
+def test_expert_parallel_off_is_plain_torch():
+    """ExpertParallel(1), what train.py uses without EP: every method does what plain torch does."""
+    torch.manual_seed(0)
+    model, twin = MoEGPT(MoEConfig(**MODEL)), MoEGPT(MoEConfig(**MODEL))
+    twin.load_state_dict(model.state_dict())
+    parallel = ExpertParallel(1, 'cpu')
+    parallel.shard(model)
+    assert all(layer.backend is None for layer in model.moe_layers().values())  # the table's backend
+    assert model.transformer.h[0].mlp.experts.c_fc.shape[0] == MODEL['n_expert']  # nothing sharded
+    X = torch.randint(64, (3, 16))
+    optimizers = []
+    for m in (model, twin):
+        torch.manual_seed(1)  # the same router noise
+        m(X, X)[1].backward()
+        optimizers.append(torch.optim.AdamW(m.parameters(), lr=1e-3))
+    parallel.sync_grads(model, world_size=1)  # nothing to do: DDP (or one process) has the gradients
+    norm, twin_norm = parallel.clip_grad_norm(model, 0.1), torch.nn.utils.clip_grad_norm_(twin.parameters(), 0.1)
+    assert torch.equal(norm, twin_norm)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p.grad, q.grad)
+    for opt in optimizers:
+        opt.step()
+    sd = parallel.state_dict(model)
+    assert sd.keys() == model.state_dict().keys() and all(torch.equal(sd[k], v) for k, v in twin.state_dict().items()
+                                                           if torch.is_tensor(v))
+    opt_sd = parallel.optimizer_state_dict(optimizers[0], model)
+    assert opt_sd == optimizers[0].state_dict()
+    fresh = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    parallel.load_optimizer_state_dict(fresh, model, opt_sd)
+    assert all(torch.equal(fresh.state[p]['exp_avg'], optimizers[0].state[p]['exp_avg']) for p in model.parameters())
+    assert parallel.step_stats() == {}

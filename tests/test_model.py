@@ -98,7 +98,7 @@ def test_aux_loss_is_per_layer_mean_and_not_in_eval_loss():
     idx = torch.randint(97, (4, 16))
     model.train()
     _, loss = model(idx, idx)
-    layers = model.moe_layers()
+    layers = list(model.moe_layers().values())
     balance = sum(l.balance_loss for l in layers) / len(layers)
     z = sum(l.z_loss for l in layers) / len(layers)
     torch.testing.assert_close(loss, model.loss_terms['ce'] + 0.1 * balance + 0.01 * z)
@@ -191,3 +191,49 @@ def test_crop_block_size_and_from_pretrained_local_tiny_gpt2(tmp_path):
     assert model.transformer.wpe.weight.shape[0] == 8
     with pytest.raises(ValueError, match='block_size=32 is larger'):
         model.crop_block_size(32)
+
+
+def test_layers_carry_their_probe_in_checkpoints_and_old_checkpoints_still_load(tmp_path):
+    """The top-1 experts of the last routing_flips batch are each MoE layer's own state (state_dict's
+    _extra_state), so a checkpoint carries them with no train.py code; a checkpoint of before, which kept
+    them beside the model as {block index: tensor}, or not at all, still loads."""
+    from checkpoint import save_checkpoint, load_checkpoint
+    model = moe(moe_every=2, n_layer=4)
+    probe = torch.randint(97, (2, 16))
+    assert model.routing_flips(probe) == {}
+    sd = model.state_dict()
+    assert set(k for k in sd if k.endswith('_extra_state')) == {'transformer.h.1.mlp._extra_state',
+                                                               'transformer.h.3.mlp._extra_state'}
+    top1 = {i: layer.probe_top1.clone() for i, layer in model.moe_layers().items()}
+    rebuilt = build_model(model_args_of(model))
+    rebuilt.load_state_dict(sd)
+    assert all(torch.equal(rebuilt.moe_layers()[i].probe_top1, t) for i, t in top1.items())
+    assert rebuilt.routing_flips(probe) == {'layer1/flip_rate': 0.0, 'layer3/flip_rate': 0.0}
+    old = {k: v for k, v in sd.items() if not k.endswith('_extra_state')}
+    save_checkpoint({'model': old, 'model_args': model_args_of(model), 'probe_top1': top1}, tmp_path / 'old.pt')
+    save_checkpoint({'model': old, 'model_args': model_args_of(model)}, tmp_path / 'older.pt')
+    for name, expected in (('old.pt', top1), ('older.pt', {1: None, 3: None})):
+        rebuilt = build_model(model_args_of(model))
+        rebuilt.load_state_dict(load_checkpoint(str(tmp_path / name))['model'])  # strict
+        for i, t in expected.items():
+            assert (rebuilt.moe_layers()[i].probe_top1 is None) if t is None else torch.equal(rebuilt.moe_layers()[i].probe_top1, t)
+
+
+def test_the_model_keys_come_from_the_config_classes():
+    """train.py, bench.py and resume read one list of model keys: the config dataclasses' fields."""
+    from dataclasses import fields
+    from moe_model import MODEL_KEYS, RUN_KEYS
+    assert set(MODEL_KEYS) == {f.name for f in fields(MoEConfig)} >= {f.name for f in fields(GPTConfig)}
+    assert set(RUN_KEYS) < set(MODEL_KEYS) and 'n_expert' not in RUN_KEYS and 'n_embd' not in RUN_KEYS
+
+
+def test_diagnose_dense_is_empty_and_moe_names_each_layer():
+    torch.manual_seed(0)
+    idx = torch.randint(97, (2, 16))
+    assert GPT(GPTConfig(**SMALL)).diagnose(idx) == {}
+    model = moe()
+    model(idx, idx)
+    stats = model.diagnose(idx)
+    for i in (0, 1):
+        assert stats[f'layer{i}/gate_weight_finite'] is True and stats[f'layer{i}/router_logits_finite'] == 1.0
+        assert {f'layer{i}/max_load', f'layer{i}/router_logits_std', f'layer{i}/z_loss'} <= set(stats)

@@ -10,7 +10,7 @@ from conftest import TINY, run, read_log
 from checkpoint import load_checkpoint
 from model import MLP
 from moe_model import (MoEConfig, MoE, MoEGPT, Router, build_model, model_args_of, count_per_expert,
-                       load_balance_loss, loop_experts, expert_choice, expert_choice_experts)
+                       load_balance_loss, loop_experts, expert_choice, table_experts)
 
 SMALL = dict(n_layer=2, n_head=2, n_embd=16, block_size=16, vocab_size=50, dropout=0.0)
 
@@ -55,17 +55,17 @@ def test_expert_choice_gives_every_expert_exactly_its_capacity():
     assert moe.tokens_per_expert.max() > capacity
 
 
-def test_expert_choice_experts_matches_a_loop_reference_with_gradients():
+def test_expert_choice_table_matches_a_loop_reference_with_gradients():
     moe = layer(router='expert_choice', n_expert=4, top_k=2, bias=True)
     x = torch.randn(21, 16, requires_grad=True)
     probs = moe.router(x)[3]
     token, weight = expert_choice(probs, 2)
-    y = expert_choice_experts(x, token, weight, moe.experts)
+    y = table_experts(x, token, weight, moe.experts)
     ref = torch.zeros_like(x)
     for e in range(4):
         for c in range(token.size(1)):
             n = token[e, c]
-            ref = ref.index_add(0, n[None], weight[e, c] * moe.experts.forward_one(e, x[n][None]))
+            ref = ref.index_add(0, n[None], weight[e, c] * moe.experts(x[n][None], e))
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
     grads = torch.autograd.grad(y.pow(2).sum(), [x, *moe.parameters()], allow_unused=True, retain_graph=True)
     grads_ref = torch.autograd.grad(ref.pow(2).sum(), [x, *moe.parameters()], allow_unused=True)
@@ -171,7 +171,7 @@ def test_aux_free_bias_needs_end_step_and_eval_does_not_count():
     model.eval()
     model(idx)
     model.end_step()
-    assert all((l.router.expert_bias == 0).all() for l in model.moe_layers())  # eval forwards are not counted
+    assert all((l.router.expert_bias == 0).all() for l in model.moe_layers().values())  # eval forwards are not counted
 
 
 # -----------------------------------------------------------------------------
@@ -194,7 +194,7 @@ def test_global_aux_loss_scope_counts_every_micro_batch_of_the_step():
     model.train()
     model(torch.randint(50, (2, 16)))
     model.end_step()
-    assert all(l.step_counts is None for l in model.moe_layers())
+    assert all(l.step_counts is None for l in model.moe_layers().values())
 
 
 def _ddp_worker(rank, world_size, init_file, out_file):

@@ -1,5 +1,5 @@
 """
-Tests for the block-sparse Triton experts (moe_triton.py). On a machine without CUDA the
+Tests for the block-sparse Triton experts (kernels/moe_triton.py). On a machine without CUDA the
 kernels run under the Triton interpreter (TRITON_INTERPRET=1), so shapes are tiny.
 """
 import importlib
@@ -9,15 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must be set before the kernels are defined
 triton = pytest.importorskip("triton", reason="triton is not installed (optional dependency: pip install triton)")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import moe_triton as mt  # noqa: E402
+import moe_model  # noqa: E402
+from moe_model import loop_experts  # noqa: E402  (the reference)
+from kernels import moe_triton as mt  # noqa: E402
 
 if mt._interpret() != mt._KERNELS_INTERPRETED:
     mt = importlib.reload(mt)  # imported earlier (e.g. via moe_model) before TRITON_INTERPRET was set
@@ -33,26 +33,16 @@ def _kernel_settings(monkeypatch):
         monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
 
 # -----------------------------------------------------------------------------
-# reference and stand-in experts module
+# reference and experts module
 
-def loop_experts(x, topk_idx, topk_weight, experts):
-    y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-    for e in range(experts.c_fc.shape[0]):
-        token, slot = torch.where(topk_idx == e)
-        h = x[token] @ experts.c_fc[e]
-        if experts.c_fc_bias is not None: h = h + experts.c_fc_bias[e]
-        out = F.gelu(h) @ experts.c_proj[e]
-        if experts.c_proj_bias is not None: out = out + experts.c_proj_bias[e]
-        y.index_add_(0, token, (out * topk_weight[token, slot, None]).float())
-    return y.to(x.dtype), 0
-
-class Experts(nn.Module):
-    def __init__(self, n_expert, d, h, bias, dtype=torch.float32):
-        super().__init__()
-        p = lambda *s: nn.Parameter(0.3 * torch.randn(*s, device=DEVICE, dtype=dtype))
-        self.c_fc, self.c_proj = p(n_expert, d, h), p(n_expert, h, d)
-        self.c_fc_bias = p(n_expert, h) if bias else None
-        self.c_proj_bias = p(n_expert, d) if bias else None
+def Experts(n_expert, d, h, bias, dtype=torch.float32):
+    """moe_model's Experts with random weights (large enough that every product matters)."""
+    experts = moe_model.Experts(moe_model.MoEConfig(n_layer=1, n_head=1, n_embd=d, n_expert=n_expert, top_k=1,
+                                                    expert_hidden=h, bias=bias))
+    with torch.no_grad():
+        for p in experts.parameters():
+            p.copy_(0.3 * torch.randn(p.shape))
+    return experts.to(device=DEVICE, dtype=dtype)
 
 def make_routing(N, E, k, mode):
     if mode == "random":
@@ -276,7 +266,7 @@ def test_moe_layer_with_triton_backend_matches_loop():
     for impl in ("loop", "triton"):
         layer.zero_grad()
         xi = x.clone().requires_grad_(True)
-        layer.expert_impl = impl
+        layer.config.expert_impl = impl
         y = layer(xi)
         (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
         outs.append([y, xi.grad] + [p.grad for p in layer.parameters()])

@@ -4,7 +4,7 @@ layer's expert GEMMs one after another, each split over all threads, and an expe
 hundred rows) is too small to split well. cpu_grouped_mm.cpp instead gives each thread an equal share of the
 work, whole groups where it can (a big group is cut into slices of rows), each product an at::mm on one
 thread, so the arithmetic is torch's own. On 2 threads one MoE layer of 128 experts (64 rows each) went
-from 1.37x to 1.23x the time of a dense MLP of the same FLOPs (RESULTS.md section 2).
+from 1.37x to 1.23x the time of a dense MLP of the same FLOPs (RESULTS.md, "One MoE layer").
 
 It is compiled on first use with torch.utils.cpp_extension (a C++ compiler and ninja; a few seconds, cached
 under ~/.cache/torch_extensions). moe_model.grouped_mm uses it for CPU tensors where available() is True,

@@ -2,7 +2,7 @@
 On Linux, glibc's malloc serves every large block (from 128 KiB, adaptively up to 32 MiB) with fresh pages
 mapped from the OS and unmaps them on free, so on a CPU each training step page-faults its large
 activations and gradients in again. That costs an MoE with many experts dearly (its expert weight
-gradients are large: at 128 experts it was 45% of a layer's forward + backward, RESULTS.md section 2),
+gradients are large: at 128 experts it was 45% of a layer's forward + backward, RESULTS.md, "One MoE layer"),
 and a dense model less. keep_freed_memory() tells glibc to keep freed memory for reuse instead, which is
 what jemalloc or tcmalloc (the usual LD_PRELOAD advice for PyTorch on CPU) do. The price: the process
 keeps its peak memory until it exits. Elsewhere (macOS, musl, GPU runs) it does nothing.

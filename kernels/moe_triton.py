@@ -18,7 +18,7 @@ Shapes: the expert hidden size h must be a multiple of the block size B (B in
 ValueError is raised. The model width d may be anything (kernel tiles are masked).
 
 Fallback: see _use_kernels. Without triton, on CPU without TRITON_INTERPRET=1, or for
-tiny batches (N*k < MIN_TRITON_SLOTS) we run an equivalent plain-torch path.
+tiny batches (N*k < MIN_TRITON_SLOTS) moe_model.loop_experts runs instead (same results).
 """
 
 import os
@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from moe_model import compute_dtype, combine, loop_experts
 
 try:
     import triton
@@ -39,11 +41,14 @@ BLOCK_SIZE = None        # topology block size B; None = largest of (128, 64, 32
 MIN_TRITON_SLOTS = 256   # below this many (token, slot) pairs the torch path is used; 0 forces the kernels
 _BLOCK_CHOICES = (128, 64, 32, 16)
 
+
 def _interpret():
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
+
 # triton.jit picks compiled vs interpreted kernels when the module is imported, so remember which
 _KERNELS_INTERPRETED = _interpret()
+
 
 def _use_kernels(x, n_slots):
     # The fallback rule: run the Triton kernels iff triton is importable, the device can run
@@ -58,6 +63,7 @@ def _use_kernels(x, n_slots):
 
 # -----------------------------------------------------------------------------
 # kernels
+
 
 if HAS_TRITON:
     def _configs(tile_kwargs):
@@ -168,6 +174,7 @@ if HAS_TRITON:
 # -----------------------------------------------------------------------------
 # topology
 
+
 @dataclass
 class Topology:
     block: int                   # B
@@ -184,6 +191,7 @@ class Topology:
     offsets: torch.Tensor        # [P/B + 1] int32 CSR: the blocks of row block r are offsets[r]:offsets[r+1]
     offsets_t: torch.Tensor      # [E*h/B + 1] int32 CSC: the blocks of column block c are ...
     block_offsets_t: torch.Tensor  # [nnz] int32 ... block_offsets_t[offsets_t[c]:offsets_t[c+1]]
+
 
 def make_topology(topk_idx, n_expert, hidden, block):
     N, k = topk_idx.shape
@@ -210,6 +218,7 @@ def make_topology(topk_idx, n_expert, hidden, block):
     return Topology(B, E, nb, N, P, order, pos, row_src, block_expert.repeat_interleave(B),
                     i32(row_idx), i32(col_idx), i32(offsets), i32(offsets_t), i32(block_offsets_t))
 
+
 def blocks_to_dense(data, topo):
     """[nnz, B, B] block values -> the dense [P, E*h] matrix they represent (for tests / debugging)."""
     B = topo.block
@@ -220,11 +229,13 @@ def blocks_to_dense(data, topo):
 # -----------------------------------------------------------------------------
 # kernel launchers (weights are [E, *, *]; "trans" means use each w[e] transposed)
 
+
 def _precision(dtype):
     # fp32 inputs: follow torch's TF32 setting so results match torch matmul; 16-bit: irrelevant
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
         return "ieee"
     return "tf32"
+
 
 def sdd(a, w, topo, trans_w=False):
     """a [P, K] @ w[e] ([E, K, h], or [E, h, K] if trans_w) at the topology's blocks -> [nnz, B, B]."""
@@ -235,6 +246,7 @@ def sdd(a, w, topo, trans_w=False):
     _sdd_kernel[(nnz,)](a, w, out, topo.row_idx, topo.col_idx, K, a.stride(0), a.stride(1),
                         se, sk, sn, topo.blocks_per_expert, BLOCK=B, PRECISION=_precision(a.dtype))
     return out
+
 
 def dsd(data, w, topo, trans_w=False):
     """sparse [P, E*h] (block values [nnz, B, B]) @ w viewed as [E*h, N] (w [E, h, N], or [E, N, h]
@@ -248,6 +260,7 @@ def dsd(data, w, topo, trans_w=False):
                       topo.blocks_per_expert, BLOCK=B, PRECISION=_precision(data.dtype))
     return out
 
+
 def tsd(data, d, topo, trans_out=False):
     """sparse^T [E*h, P] @ d [P, N], per expert -> [E, h, N] (or [E, N, h] if trans_out).
     These are the weight gradients x_e^T @ grad_h_e and act_e^T @ grad_out_e."""
@@ -259,6 +272,7 @@ def tsd(data, d, topo, trans_out=False):
     _tsd_kernel[grid](data, topo.offsets_t, topo.block_offsets_t, topo.row_idx, d, out, N,
                       d.stride(0), d.stride(1), *so, nb, BLOCK=B, PRECISION=_precision(data.dtype))
     return out
+
 
 class SDD(torch.autograd.Function):
     """hidden blocks = a @ w (w [E, K, h]) at the topology's blocks."""
@@ -275,6 +289,7 @@ class SDD(torch.autograd.Function):
         grad_a = dsd(grad, w, ctx.topo, trans_w=True) if ctx.needs_input_grad[0] else None  # grad_h @ w^T
         grad_w = tsd(grad, a, ctx.topo, trans_out=True) if ctx.needs_input_grad[1] else None  # a_e^T @ grad_h_e
         return grad_a, grad_w, None
+
 
 class DSD(torch.autograd.Function):
     """dense out = sparse hidden blocks @ w (w [E, h, N])."""
@@ -295,11 +310,6 @@ class DSD(torch.autograd.Function):
 # -----------------------------------------------------------------------------
 # expert computation
 
-def _compute_dtype(x):
-    # under CUDA autocast the matmuls run in the autocast dtype, like the torch backends' matmuls
-    if x.is_cuda and torch.is_autocast_enabled("cuda"):
-        return torch.get_autocast_dtype("cuda")
-    return x.dtype
 
 def _block_size(h):
     if BLOCK_SIZE is not None:
@@ -314,12 +324,13 @@ def _block_size(h):
     raise ValueError(f"triton_experts: the expert hidden size h={h} must be a multiple of 16 "
                      f"(the block size B is one of {_BLOCK_CHOICES} and must divide h)")
 
+
 @torch.compiler.disable  # data-dependent shapes + a host sync: keep it out of compiled graphs
 def block_sparse_experts(x, topk_idx, topk_weight, c_fc, c_proj, c_fc_bias=None, c_proj_bias=None):
     """The Triton path of triton_experts (always runs the kernels)."""
     E, d, h = c_fc.shape
     B = _block_size(h)
-    dt = _compute_dtype(x)
+    dt = compute_dtype(x)
     topo = make_topology(topk_idx, E, h, B)
     # gather tokens into expert-sorted, per-expert-padded rows (padding rows read a zero row)
     x_pad = F.pad(x.to(dt), (0, 0, 0, 1))[topo.row_src]
@@ -330,44 +341,16 @@ def block_sparse_experts(x, topk_idx, topk_weight, c_fc, c_proj, c_fc_bias=None,
     out = DSD.apply(act, c_proj.to(dt).contiguous(), topo)                   # [P, d]
     if c_proj_bias is not None:
         out = out + c_proj_bias.to(dt)[topo.row_expert]
-    # weighted scatter-add of the k slots back to their tokens, in float32
-    weight = topk_weight.reshape(-1)[topo.order].float()
-    y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-    y = y.index_add(0, topo.order // topk_idx.shape[1], out[topo.pos].float() * weight[:, None])
-    return y.to(x.dtype)
+    # weight the k slots of each token and add them up, in float32
+    return combine(out[topo.pos], topk_weight, topo.order, topo.order // topk_idx.shape[1], x.size(0)).to(x.dtype)
 
-def torch_experts(x, topk_idx, topk_weight, experts):
-    """The plain-torch fallback: same sort-by-expert layout, one matmul pair per nonempty expert."""
-    N, k = topk_idx.shape
-    dt = _compute_dtype(x)
-    flat = topk_idx.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=experts.c_fc.shape[0]).tolist()
-    xs, ws, tok = x[order // k].to(dt), topk_weight.reshape(-1)[order].float(), order // k
-    outs = []
-    for e, (xe, n) in enumerate(zip(xs.split(counts), counts)):
-        if n == 0:
-            continue
-        h = xe @ experts.c_fc[e].to(dt)
-        if experts.c_fc_bias is not None:
-            h = h + experts.c_fc_bias[e].to(dt)
-        out = F.gelu(h) @ experts.c_proj[e].to(dt)
-        if experts.c_proj_bias is not None:
-            out = out + experts.c_proj_bias[e].to(dt)
-        outs.append(out.float())
-    y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-    if outs:
-        y = y.index_add(0, tok, torch.cat(outs) * ws[:, None])
-    return y.to(x.dtype)
 
 def triton_experts(x, topk_idx, topk_weight, experts):
-    """Dropless block-sparse MoE experts. x [N, d], topk_idx / topk_weight [N, k],
-    experts with c_fc [E, d, h], c_proj [E, h, d], c_fc_bias [E, h] | None, c_proj_bias [E, d] | None.
-    Returns (y [N, d] in x.dtype, n_dropped=0)."""
+    """The 'triton' backend (moe_model's signature): dropless block-sparse MoE experts, or moe_model's
+    loop where the kernels cannot or should not run (_use_kernels). Returns (y [N, d] in x.dtype, 0.0)."""
     _block_size(experts.c_fc.shape[2])  # same shape rule on both paths, whatever the batch size
-    if _use_kernels(x, topk_idx.numel()):
-        y = block_sparse_experts(x, topk_idx, topk_weight, experts.c_fc, experts.c_proj,
-                                 experts.c_fc_bias, experts.c_proj_bias)
-    else:
-        y = torch_experts(x, topk_idx, topk_weight, experts)
-    return y, 0
+    if not _use_kernels(x, topk_idx.numel()):
+        return loop_experts(x, topk_idx, topk_weight, experts)
+    y = block_sparse_experts(x, topk_idx, topk_weight, experts.c_fc, experts.c_proj,
+                             experts.c_fc_bias, experts.c_proj_bias)
+    return y, 0.0
