@@ -3,7 +3,7 @@ Benchmarks. Two modes:
 
 1) a whole training step (forward + backward + optimizer step) of the configured model, dense
    (n_expert=0) or MoE, on random tokens (or real data with real_data=True):
-   $ python bench.py config/train_shakespeare_char_moe_cpu.py
+   $ python bench.py --n_layer=4 --n_head=4 --n_embd=128 --block_size=64 --vocab_size=65 --n_expert=8 --expert_hidden=256
    $ python bench.py --init_from=resume --out_dir=out-shakespeare-char-moe   (the checkpoint's model)
    prints ms/iter, tokens/s and MFU (from ACTIVE parameters). compare_dense=True also times the dense
    twin (n_expert=0; needs top_k * expert_hidden = 4 * n_embd, every layer MoE, no shared experts), one
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from kernels import cpu_grouped_mm
-from configurator import configure, fail, check_choice
+from configurator import configure, fail, check_choice, check_range, check_device
 from kernels.cpu_memory import keep_freed_memory
 from checkpoint import load_checkpoint, CheckpointError
 from moe_model import build_model, MoE, MoEConfig, EXPERT_IMPLS, MODEL_KEYS
@@ -70,6 +70,9 @@ config = configure({k: v for k, v in globals().items() if not k.startswith('_') 
                    sys.argv[1:])
 globals().update(config)
 check_choice(config, 'dtype', ('float32', 'bfloat16', 'float16'))
+check_device(device)
+check_range(config, ('batch_size', 'block_size', 'bench_iters', 'layer_tokens'), 1)
+check_range(config, ('warmup_iters',), 0)
 
 torch.manual_seed(seed)
 torch.backends.cuda.matmul.allow_tf32 = True  # allow tf32 on matmul

@@ -1,5 +1,5 @@
 """
-Checkpoints: written atomically, loaded safely.
+Checkpoints: written atomically, loaded safely; and RunDir, all that a training run writes into out_dir.
 
 A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts (RNG states included, see
 rng_state), so it loads with torch.load(weights_only=True): loading one never runs code from the file.
@@ -7,6 +7,10 @@ Its zip CRCs are checked too, so a truncated or bit-flipped file is one clear er
 """
 
 import os
+import sys
+import json
+import fcntl
+import math
 import pickle
 import random
 import tempfile
@@ -31,9 +35,12 @@ def save_checkpoint(obj, path):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        # a failed write (disk full) reaches torch.save's zip writer, whose own error then hides it: raise the OSError
+        if isinstance(e, RuntimeError) and isinstance(e.__context__, OSError):
+            raise e.__context__ from None
         raise
     dir_fd = os.open(folder, os.O_RDONLY)  # make the rename itself durable
     try:
@@ -76,17 +83,64 @@ def training_state(model, optimizer, scaler, ep, device, **meta):
 
 
 def restore(ckpt, model, optimizer, scaler, ep, device):
-    """The inverse of training_state for a resumed run: optimizer (cut to this rank's experts), scaler
-    and RNGs (the global RNGs drive dropout, router noise and sampling: an exact resume needs them).
+    """The inverse of training_state for a resumed run: optimizer state (cut to this rank's experts), scaler
+    and RNGs (the global RNGs drive dropout, router noise and sampling: an exact resume needs them). The
+    optimizer's hyperparameters stay the run's own (load_state_dict would bring back the checkpoint's betas
+    and weight decay, silently overriding --beta1/--beta2/--weight_decay). What a checkpoint lacks (a
+    nanoGPT one has no RNG state; an fp32 one no scaler state for a float16 run) starts fresh, with a note.
     The model's weights are loaded before it is sharded and moved, see train.py."""
+    hyper = [{k: v for k, v in group.items() if k != 'params'} for group in optimizer.param_groups]
     ep.load_optimizer_state_dict(optimizer, model, ckpt['optimizer'])
-    if 'scaler' in ckpt:
-        scaler.load_state_dict(ckpt['scaler'])
-    set_rng_state(ckpt['rng'], device)
+    for group, own in zip(optimizer.param_groups, hyper):
+        group.update(own)
+    if scaler.is_enabled():
+        if ckpt.get('scaler'):
+            scaler.load_state_dict(ckpt['scaler'])
+        else:
+            print("note: the checkpoint has no GradScaler state (it was not a float16 run): the scaler starts fresh")
+    if 'rng' in ckpt:
+        set_rng_state(ckpt['rng'], device)
+    else:
+        print("note: the checkpoint has no RNG state: dropout and router noise do not continue the old sequence")
+
+
+def lock_out_dir(out_dir):
+    """Hold out_dir for this training run: an exclusive flock on out_dir/train.lock, which the kernel
+    releases when the process ends in any way (kill -9 too), so a lock is never stale. Returns the open
+    file: keep it for the life of the run. CheckpointError, naming the holder's pid, if another run holds it."""
+    f = open(os.path.join(out_dir, 'train.lock'), 'a+')
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or 'unknown'
+        f.close()
+        raise CheckpointError(f"out_dir {out_dir!r} is in use by another training run (pid {holder}); wait for it "
+                              f"to end or choose another --out_dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f'{os.getpid()}\n')
+    f.flush()
+    return f
+
+
+def nonfinite_tensor(state):
+    """The name of the first model weight or optimizer tensor of a training_state holding NaN or inf, or None:
+    such a state is never saved (it would replace the last good checkpoint)."""
+    named = [(f'model {k}', v) for k, v in state['model'].items()]
+    named += [(f'optimizer state {i} {k}', v) for i, s in state['optimizer']['state'].items() for k, v in s.items()]
+    return next((name for name, t in named if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all()),
+                None)
+
+
+def finite_or_none(record):
+    """record with NaN/inf floats as None: log.jsonl stays valid JSON (json.dumps writes bare NaN)."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
 
 
 def remove_stale_temps(out_dir):
-    """A run killed while saving (kill -9, power loss) leaves its temp file: never a checkpoint, remove it."""
+    """A run killed while saving (kill -9, power loss) leaves its temp file: never a checkpoint, remove it.
+    Only a run that holds out_dir's lock may call this: a live run's temp file is not stale."""
     for name in os.listdir(out_dir):
         if name.startswith(('ckpt.pt.', 'ckpt_best.pt.')) and name.endswith('.tmp'):
             os.remove(os.path.join(out_dir, name))
@@ -137,3 +191,52 @@ def clean_state_dict(state_dict):
     """Strip the '_orig_mod.' prefix that torch.compile adds to parameter names."""
     unwanted_prefix = '_orig_mod.'
     return {k[len(unwanted_prefix):] if k.startswith(unwanted_prefix) else k: v for k, v in state_dict.items()}
+
+
+class RunDir:
+    """What a training run writes into out_dir (its master process only): ckpt.pt and ckpt_best.pt, written
+    atomically, and log.jsonl, one JSON line per event (NaN/inf as null; to wandb too when given), under
+    out_dir's lock for the life of the run. A write that fails (disk full, quota) is one error line and exit
+    code 1; the checkpoint it would have replaced stays whole."""
+
+    def __init__(self, out_dir, wandb=None):
+        self.out_dir, self.wandb = out_dir, wandb
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+            self.lock = lock_out_dir(out_dir)
+        except OSError as e:
+            raise CheckpointError(f"out_dir={out_dir!r} cannot be used: {e.strerror or e}") from None
+        remove_stale_temps(out_dir)
+
+    def path(self, name):
+        return os.path.join(self.out_dir, name)
+
+    def last_good(self):
+        """ckpt.pt, if there is one: it passed nonfinite_tensor when it was saved."""
+        return self.path('ckpt.pt') if os.path.exists(self.path('ckpt.pt')) else 'none yet'
+
+    def save(self, state, name='ckpt.pt'):
+        self._write(self.path(name), lambda: save_checkpoint(state, self.path(name)))
+
+    def log(self, record):
+        record = finite_or_none(record)
+        line = json.dumps(record) + '\n'
+
+        def append():
+            with open(self.path('log.jsonl'), 'a') as f:
+                f.write(line)
+        self._write(self.path('log.jsonl'), append)
+        if self.wandb is not None:  # a list (tokens per expert) becomes one series per expert
+            flat = {}
+            for k, v in record.items():
+                flat.update({f'{k}/expert{e}': x for e, x in enumerate(v)} if isinstance(v, list) else {k: v})
+            self.wandb.log(flat, step=record['iter'])
+
+    @staticmethod
+    def _write(path, write):
+        try:
+            write()
+        except OSError as e:
+            print(f"error: could not write {path} ({e.strerror or e}); the checkpoint before it is intact",
+                  file=sys.stderr)
+            sys.exit(1)

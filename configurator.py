@@ -11,6 +11,7 @@ this will first run config/override_file.py, then override batch_size to 32.
 """
 
 import os
+import re
 import sys
 import types
 from ast import literal_eval
@@ -22,10 +23,57 @@ def fail(message):
     sys.exit(2)
 
 
+# -----------------------------------------------------------------------------
+# checks of values, before any work: each fails with one line naming the value and what is allowed
+
+
 def check_choice(config, key, allowed):
-    """fail() unless config[key] is one of `allowed`."""
+    """config[key] is one of `allowed`."""
     if config[key] not in allowed:
         fail(f"{key}={config[key]!r}; allowed: {', '.join(map(repr, allowed))}")
+
+
+def check_range(config, keys, low, high=None):
+    """low <= config[key] (< high if given, else finite) for each key."""
+    for key in keys:
+        if not low <= config[key] < (float('inf') if high is None else high):
+            fail(f"{key}={config[key]} must be >= {low} and " + (f"< {high}" if high is not None else "finite"))
+
+
+def check_device(device):
+    """'cpu', 'cuda' or 'cuda:N', and there."""
+    import torch
+    if not re.fullmatch(r'cpu|cuda(:\d+)?', device):
+        fail(f"device={device!r}; allowed: 'cpu', 'cuda', 'cuda:N' (mps and other devices are not supported)")
+    if device.startswith('cuda') and not torch.cuda.is_available():
+        fail(f"device={device!r} but CUDA is not available here; use --device=cpu")
+    if device.startswith('cuda:') and int(device[5:]) >= torch.cuda.device_count():
+        fail(f"device={device!r} but this machine has {torch.cuda.device_count()} CUDA devices")
+
+
+def check_memory(need, device):
+    """need bytes fit in the device's memory (the GPU's, or the machine's RAM)."""
+    import torch
+    have = (torch.cuda.get_device_properties(device).total_memory if device.startswith('cuda')
+            else os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES'))
+    if need > have:
+        fail(f"the model needs {need / 2**30:.1f} GiB for its fp32 weights, gradients and AdamW moments, more than "
+             f"the {have / 2**30:.1f} GiB of {device}; make it smaller (n_layer, n_embd, n_expert, expert_hidden)")
+
+
+def check_dataset(data_dir, dataset, block_size):
+    """train.bin and val.bin exist and hold uint16 token ids, at least block_size + 1 of them. Only their
+    sizes are read (a 9B-token file costs nothing here); train.py checks the ids of every batch."""
+    for split in ('train', 'val'):
+        path = os.path.join(data_dir, f'{split}.bin')
+        if not os.path.exists(path):
+            fail(f"dataset {dataset!r} is not prepared: {path} is missing; " + (
+                "write train.bin and val.bin there (uint16 token ids; see data/openwebtext/prepare.py --out_dir)"
+                if os.path.isabs(dataset) else f"run: python data/{dataset}/prepare.py"))
+        size = os.path.getsize(path)
+        if size % 2 or size // 2 < block_size + 1:
+            fail(f"{path} holds {size} bytes: it must be uint16 token ids (an even number of bytes), at least "
+                 f"block_size + 1 = {block_size + 1} of them")
 
 
 def _parse(text, default):

@@ -421,11 +421,11 @@ class MoE(nn.Module):
         state_dict.setdefault(prefix + '_extra_state', None)  # checkpoints from before the layer kept its probe
         super()._load_from_state_dict(state_dict, prefix, *args)
 
-    def get_extra_state(self):
-        return self.probe_top1
+    def get_extra_state(self):  # a tensor always (empty: none yet), so that a state_dict holds tensors only
+        return torch.zeros(0, dtype=torch.long) if self.probe_top1 is None else self.probe_top1
 
     def set_extra_state(self, state):
-        self.probe_top1 = state
+        self.probe_top1 = state if state is not None and state.numel() else None
 
 # -----------------------------------------------------------------------------
 # The model
@@ -495,7 +495,7 @@ class MoEGPT(GPT):
         flips = {}
         for i, layer in self.moe_layers().items():
             top1, previous = layer.topk_idx[:, 0].clone(), layer.probe_top1
-            if previous is not None:
+            if previous is not None and previous.shape == top1.shape:  # (a resumed run may have another batch size)
                 flips[f'layer{i}/flip_rate'] = (top1 != previous.to(top1.device)).float().mean().item()
             layer.probe_top1 = top1.cpu()
         return flips
@@ -569,3 +569,12 @@ def build_model(model_args):
 def model_args_of(model):
     """The constructor arguments of a model, for checkpoints (build_model inverts this)."""
     return {**asdict(model.config), 'n_expert': getattr(model.config, 'n_expert', 0)}
+
+
+def training_bytes(model_args, expert_parallel=1):
+    """Bytes of one rank's fp32 weights, gradients and two AdamW moments (16 per parameter; activations come
+    on top), with the experts split over expert_parallel ranks; counted on the meta device: nothing allocated."""
+    with torch.device('meta'):
+        model = build_model(model_args)
+    experts = sum(p.numel() for m in model.modules() if isinstance(m, Experts) for p in m.parameters())
+    return 16 * (sum(p.numel() for p in model.parameters()) - experts + experts // expert_parallel)

@@ -27,11 +27,16 @@ plot_dir = ''  # where the PNGs go; '' = out_dir
 def read_log(path):
     """The records of log.jsonl; a resumed run re-logs the steps after its checkpoint, so the last
     record of each (iter, kind) wins."""
-    records = {}
+    records, torn = {}, 0
     with open(path) as f:
         for line in f:
-            r = json.loads(line)
-            records[(r['iter'], 'val/ce' in r, 'event' in r)] = r
+            try:
+                r = json.loads(line)
+                records[(r['iter'], 'val/ce' in r, 'event' in r)] = r
+            except (ValueError, KeyError, TypeError):  # a run killed mid-write leaves a torn last line
+                torn += 1
+    if torn:
+        print(f"warning: skipped {torn} unreadable line(s) of {path}", file=sys.stderr)
     return sorted(records.values(), key=lambda r: r['iter'])
 
 

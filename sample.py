@@ -9,7 +9,7 @@ from contextlib import nullcontext
 
 import torch
 
-from configurator import configure, fail, check_choice
+from configurator import configure, fail, check_choice, check_range, check_device
 from checkpoint import load_checkpoint, load_meta, CheckpointError
 from moe_model import build_model
 
@@ -33,8 +33,20 @@ config = configure({k: v for k, v in globals().items() if not k.startswith('_') 
                    sys.argv[1:])
 globals().update(config)
 check_choice(config, 'dtype', ('float32', 'bfloat16', 'float16'))
-if start.startswith('FILE:') and not os.path.isfile(start[5:]):
-    fail(f"prompt file {start[5:]!r} not found")
+check_device(device)
+check_range(config, ('num_samples', 'max_new_tokens'), 1)
+if top_k is not None and top_k < 1:
+    fail(f"top_k={top_k} must be >= 1 (or None: no cropping)")
+if not temperature > 0:
+    fail(f"temperature={temperature} must be > 0 (lower is closer to always picking the most likely token)")
+if start.startswith('FILE:'):  # the prompt is read now, so that a bad file stops before the model loads
+    try:
+        with open(start[5:], encoding='utf-8') as f:
+            start = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        fail(f"prompt file {start[5:]!r} cannot be read as UTF-8 text ({e.strerror if isinstance(e, OSError) else e.reason})")
+if not start:
+    fail("start='' is empty: the model needs at least one token to continue (the default is a newline)")
 
 torch.manual_seed(seed)
 torch.cuda.manual_seed(seed)
@@ -42,7 +54,7 @@ torch.backends.cuda.matmul.allow_tf32 = True  # allow tf32 on matmul
 torch.backends.cudnn.allow_tf32 = True  # allow tf32 on cudnn
 device_type = 'cuda' if 'cuda' in device else 'cpu'  # for later use in torch.autocast
 ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
-ctx = nullcontext() if device_type == 'cpu' else torch.amp.autocast(device_type=device_type, dtype=ptdtype)
+ctx = nullcontext() if dtype == 'float32' else torch.amp.autocast(device_type=device_type, dtype=ptdtype)
 
 # model
 checkpoint = None
@@ -83,7 +95,7 @@ if meta_path and os.path.exists(meta_path):
     except CheckpointError as e:
         fail(str(e))
     stoi, itos = meta['stoi'], meta['itos']
-    unknown = sorted(set(c for c in (open(start[5:]).read() if start.startswith('FILE:') else start) if c not in stoi))
+    unknown = sorted(set(c for c in start if c not in stoi))
     if unknown:
         fail(f"the prompt has characters outside the model's vocabulary: {''.join(unknown)!r}")
     encode = lambda s: [stoi[c] for c in s]
@@ -97,9 +109,6 @@ else:
     decode = lambda l: enc.decode(l)
 
 # encode the beginning of the prompt
-if start.startswith('FILE:'):
-    with open(start[5:], 'r', encoding='utf-8') as f:
-        start = f.read()
 start_ids = encode(start)
 x = (torch.tensor(start_ids, dtype=torch.long, device=device)[None, ...])
 

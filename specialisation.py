@@ -40,7 +40,7 @@ except CheckpointError as e:
 model = build_model(checkpoint['model_args'])
 if not hasattr(model, 'moe_layers'):
     fail(f"{os.path.join(out_dir, ckpt)} is a dense model: no experts to look at")
-model.load_state_dict({k.removeprefix('_orig_mod.'): v for k, v in checkpoint['model'].items()})
+model.load_state_dict(checkpoint['model'])
 model.to(device).eval()
 T = model.config.block_size
 

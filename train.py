@@ -24,7 +24,6 @@ Beyond nanoGPT: the data order is a pure function of (seed, step), so a resume i
 import os
 import sys
 import time
-import json
 import math
 import random
 import signal
@@ -34,11 +33,10 @@ import numpy as np
 import torch
 from torch.distributed import init_process_group, destroy_process_group
 
-from configurator import configure, fail, check_choice
+from configurator import configure, fail, check_choice, check_range, check_device, check_dataset, check_memory
 from kernels.cpu_memory import keep_freed_memory
-from checkpoint import (save_checkpoint, load_checkpoint, CheckpointError, load_meta, training_state, restore,
-                        remove_stale_temps)
-from moe_model import build_model, model_config, model_args_of, MODEL_KEYS, RUN_KEYS
+from checkpoint import load_checkpoint, CheckpointError, load_meta, training_state, restore, nonfinite_tensor, RunDir
+from moe_model import build_model, model_config, model_args_of, training_bytes, MODEL_KEYS, RUN_KEYS
 from expert_parallel import ExpertParallel, config_error
 
 # -----------------------------------------------------------------------------
@@ -115,14 +113,17 @@ if init_from not in ('scratch', 'resume') and not init_from.startswith('gpt2'):
     fail(f"init_from={init_from!r}; allowed: 'scratch', 'resume', 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl'")
 check_choice(config, 'dtype', ('float32', 'bfloat16', 'float16'))
 check_choice(config, 'on_nonfinite', ('stop', 'skip'))
-for key in ('batch_size', 'gradient_accumulation_steps', 'block_size', 'eval_iters', 'log_interval', 'eval_interval'):
-    if config[key] < 1:
-        fail(f"{key}={config[key]} must be >= 1")
+check_device(device)
+check_range(config, ('batch_size', 'gradient_accumulation_steps', 'block_size', 'eval_iters', 'log_interval',
+                     'eval_interval'), 1)
+check_range(config, ('max_iters', 'warmup_iters', 'lr_decay_iters', 'learning_rate', 'min_lr', 'weight_decay',
+                     'grad_clip'), 0)
+check_range(config, ('beta1', 'beta2'), 0, 1)
+check_range(config, ('seed',), 0, 2**32)
+if not out_dir:
+    fail("out_dir='' must name a folder")
 data_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', dataset)
-for split in ('train', 'val'):
-    if not os.path.exists(os.path.join(data_dir, f'{split}.bin')):
-        fail(f"dataset {dataset!r} is not prepared: {os.path.join(data_dir, split + '.bin')} is missing; "
-             f"run: python data/{dataset}/prepare.py")
+check_dataset(data_dir, dataset, block_size)
 # attempt to derive vocab_size from the dataset
 meta_path = os.path.join(data_dir, 'meta.pkl')
 meta_vocab_size = None
@@ -134,12 +135,14 @@ if os.path.exists(meta_path):
     print(f"found vocab_size = {meta_vocab_size} (inside {meta_path})")
 model_args = {k: config[k] for k in MODEL_KEYS}
 model_args['vocab_size'] = vocab_size or meta_vocab_size or 50304
-resume_ckpt = None
+resume_ckpt, ckpt_path = None, os.path.join(out_dir, 'ckpt.pt')
 if init_from == 'resume':
     try:
-        resume_ckpt = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))
+        resume_ckpt = load_checkpoint(ckpt_path)
     except CheckpointError as e:
         fail(str(e))
+    if missing := {'optimizer', 'iter_num', 'best_val_loss'} - set(resume_ckpt):
+        fail(f"checkpoint {ckpt_path} cannot be resumed: it has no {', '.join(sorted(missing))}")
     # the checkpoint's keys define its weights; the run may change the others (RUN_KEYS: dropout, expert_impl, ...)
     model_args.update({k: v for k, v in resume_ckpt['model_args'].items() if k in MODEL_KEYS and k not in RUN_KEYS})
 # a model from a checkpoint or from GPT-2 can be cropped to a smaller block_size, never grown
@@ -150,11 +153,11 @@ try:
     model_config(model_args)  # validates every model key (top_k <= n_expert, n_embd % n_head, ...)
 except ValueError as e:
     fail(str(e))
-if device.startswith('cuda') and not torch.cuda.is_available():
-    fail(f"device={device!r} but CUDA is not available here; use --device=cpu")
 # torchrun's WORLD_SIZE is known before the process group starts
 if message := config_error(expert_parallel, model_args, init_from, expert_impl, dtype, int(os.environ.get('WORLD_SIZE', 1))):
     fail(message)
+if init_from in ('scratch', 'resume'):  # fp32 weights, gradients and AdamW moments: what cannot fit stops here
+    check_memory(training_bytes(model_args, expert_parallel), device)
 
 # -----------------------------------------------------------------------------
 # various inits, derived attributes, I/O setup
@@ -182,9 +185,15 @@ else:
 tokens_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size * block_size
 print(f"tokens per iteration will be: {tokens_per_iter:,}")
 
-if master_process:
-    os.makedirs(out_dir, exist_ok=True)
-    remove_stale_temps(out_dir)
+run_dir = None  # the master writes out_dir (one run at a time: a lock); eval_only never writes or deletes there
+if master_process and not eval_only:
+    try:
+        run_dir = RunDir(out_dir)
+    except CheckpointError as e:
+        fail(str(e))
+if ddp and sys.platform == 'linux':  # the launcher dies (kill -9): this worker gets SIGTERM, saves and exits
+    import ctypes
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 torch.manual_seed(seed)
 random.seed(seed)
 np.random.seed(seed)
@@ -195,7 +204,7 @@ if device_type == 'cpu':
     keep_freed_memory()  # reuse freed memory: no page faults on every step's large tensors (kernels/cpu_memory.py)
 # note: float16 data type will automatically use a GradScaler
 ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
-ctx = nullcontext() if device_type == 'cpu' else torch.amp.autocast(device_type=device_type, dtype=ptdtype)
+ctx = nullcontext() if dtype == 'float32' else torch.amp.autocast(device_type=device_type, dtype=ptdtype)
 
 
 # poor man's data loader
@@ -208,8 +217,11 @@ def get_batch(split, step, micro_step):
     # https://stackoverflow.com/questions/45132940/numpy-memmap-memory-usage-want-to-iterate-once/61472122#61472122
     data = np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=np.uint16, mode='r')
     ix = torch.randint(len(data) - block_size, (batch_size,), generator=g)
-    x = torch.stack([torch.from_numpy((data[i:i + block_size]).astype(np.int64)) for i in ix])
-    y = torch.stack([torch.from_numpy((data[i + 1:i + 1 + block_size]).astype(np.int64)) for i in ix])
+    xy = torch.stack([torch.from_numpy((data[i:i + block_size + 1]).astype(np.int64)) for i in ix])
+    if xy.max() >= model_args['vocab_size']:  # cheap here, a device-side assert or garbage later
+        fail(f"{split}.bin of {data_dir} holds token id {int(xy.max())}, but the model's vocab_size is "
+             f"{model_args['vocab_size']} (from meta.pkl, --vocab_size or the checkpoint)")
+    x, y = xy[:, :-1].contiguous(), xy[:, 1:].contiguous()
     if device_type == 'cuda':
         # pin arrays x,y, which allows us to move them to GPU asynchronously (non_blocking=True)
         x, y = x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
@@ -231,7 +243,11 @@ if init_from == 'scratch':
 elif init_from == 'resume':
     print(f"Resuming training from {out_dir}")
     model = build_model(model_args)
-    model.load_state_dict(resume_ckpt['model'])
+    try:
+        model.load_state_dict(resume_ckpt['model'])
+    except RuntimeError as e:  # torch's message lists every key: one line is enough
+        detail = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))
+        fail(f"checkpoint {ckpt_path} does not match its model_args: {detail[:300]}")
     iter_num = resume_ckpt['iter_num']
     best_val_loss = resume_ckpt['best_val_loss']
 elif init_from.startswith('gpt2'):
@@ -296,7 +312,7 @@ def get_lr(it):
     if it < warmup_iters:
         return learning_rate * (it + 1) / (warmup_iters + 1)
     # 2) if it > lr_decay_iters, return min learning rate
-    if it > lr_decay_iters:
+    if it >= lr_decay_iters:  # (the cosine below is min_lr there too; no 0/0 when warmup_iters == lr_decay_iters)
         return min_lr
     # 3) in between, use cosine decay down to min learning rate
     decay_ratio = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
@@ -305,59 +321,61 @@ def get_lr(it):
     return min_lr + coeff * (learning_rate - min_lr)
 
 
-def log(record):
-    """One JSON line per event in out_dir/log.jsonl (and wandb when on): the run's machine-readable history."""
-    with open(os.path.join(out_dir, 'log.jsonl'), 'a') as f:
-        f.write(json.dumps(record) + '\n')
-    if wandb_log:
-        flat = {}
-        for k, v in record.items():
-            if isinstance(v, list):  # tokens per expert: one series per expert
-                flat.update({f'{k}/expert{e}': x for e, x in enumerate(v)})
-            else:
-                flat[k] = v
-        wandb.log(flat, step=record['iter'])
-
-
-# SIGTERM / SIGINT (preemption, Ctrl-C): finish the step in flight, save, exit cleanly. torchrun passes
-# the signal on to every rank (and, being torchrun, exits 1 itself); the ranks agree on the step to stop at
+# SIGTERM / SIGINT / SIGHUP (preemption, Ctrl-C, a closed terminal): finish the step in flight, save, exit
+# cleanly. torchrun passes the signal on to every rank (and exits 1 itself); the ranks agree on the step
 stop_signal = None
 
 
 def request_stop(signum, frame):
     global stop_signal
-    if stop_signal is not None:  # a second signal: stop at once (checkpoint writes are atomic, so that is safe)
-        sys.exit(128 + signum)
+    if stop_signal is not None:  # a second signal: stop at once, even mid-save (writes are atomic: that is safe)
+        print(f"received {signal.Signals(signum).name} again: exiting now", file=sys.stderr, flush=True)
+        os._exit(128 + signum)
     stop_signal = signal.Signals(signum).name
 
 
-signal.signal(signal.SIGTERM, request_stop)
-signal.signal(signal.SIGINT, request_stop)
+for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    signal.signal(sig, request_stop)
 
 
 def any_rank(flag):
     """True on every rank if flag is True on any: the ranks take the same branch (collectives follow)."""
+    if not ddp:
+        return bool(flag)
     flag = torch.tensor(float(flag), device=device)
-    if ddp:
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
     return flag.item() > 0
 
 
 def checkpoint_state():
-    """Every rank calls this (expert parallelism gathers the experts); the master saves it."""
-    return training_state(raw_model, optimizer, scaler, ep, device, model_args=model_args, iter_num=iter_num,
-                          best_val_loss=best_val_loss, config=config)
+    """Every rank calls this (expert parallelism gathers the experts); the master saves it. A state with a
+    NaN/inf weight (a step can have a finite loss and gradient and still leave one) stops the run instead:
+    it would replace the last good checkpoint."""
+    state = training_state(raw_model, optimizer, scaler, ep, device, model_args=model_args, iter_num=iter_num,
+                           best_val_loss=best_val_loss, config=config)
+    if bad := nonfinite_tensor(state):  # the same full state on every rank: they all stop here
+        stop_nonfinite(f"non-finite values in {bad} at iter {iter_num}, not saved", {})
+    return state
+
+
+def stop_nonfinite(message, diagnosis):
+    """The divergence guard's stop: a 'nonfinite' record in log.jsonl, one error line, exit 1."""
+    if master_process:
+        run_dir.log({'iter': iter_num, 'event': 'nonfinite', 'message': message, **diagnosis})
+        print(f"error: {message}; stopping. Last good checkpoint: {run_dir.last_good()}", file=sys.stderr)
+    sys.exit(1)
 
 
 # logging
-if wandb_log and master_process:
+if wandb_log and run_dir:
     import wandb
     wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+    run_dir.wandb = wandb
 
 # training loop
-ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 t0 = time.time()
 local_iter_num = 0  # number of iterations in the lifetime of this process
+nonfinite_steps, MAX_NONFINITE_STEPS = 0, 25  # 25 halvings take fp16's initial loss scale 2**16 down to 2**-9
 running_mfu = -1.0
 while True:
 
@@ -379,12 +397,13 @@ while True:
             stats = {k: v for k, v in {**raw_model.routing_stats(), **flips}.items() if not isinstance(v, list)}
             if stats:
                 print('routing (fixed eval batch): ' + ', '.join(f'{k} {v:.3f}' for k, v in stats.items()))
-            log({'iter': iter_num, 'train/ce': losses['train'], 'val/ce': losses['val'], 'lr': lr, **flips})
+            if run_dir:
+                run_dir.log({'iter': iter_num, 'train/ce': losses['train'], 'val/ce': losses['val'], 'lr': lr, **flips})
             if state is not None:
                 print(f"saving checkpoint to {out_dir}")
-                save_checkpoint(state, ckpt_path)  # the latest, for resume
+                run_dir.save(state, 'ckpt.pt')  # the latest, for resume
                 if improved:
-                    save_checkpoint(state, os.path.join(out_dir, 'ckpt_best.pt'))  # the best val loss so far
+                    run_dir.save(state, 'ckpt_best.pt')  # the best val loss so far
         state = None
     if iter_num >= max_iters or eval_only:
         break
@@ -412,19 +431,20 @@ while True:
     # clip the gradient (or just measure its norm, for the non-finite guard), over the whole model
     scaler.unscale_(optimizer)
     grad_norm = ep.clip_grad_norm(raw_model, grad_clip if grad_clip > 0 else float('inf'))
-    # divergence guard: with fp16 the scaler already skips inf steps; otherwise a NaN would poison the weights.
+    # divergence guard: a NaN would poison the weights. fp16's GradScaler skips such a step itself (and lowers
+    # its scale), so there only MAX_NONFINITE_STEPS in a row mean divergence; 'skip' also stops after those.
     # Every rank takes the same branch (the diagnosis below runs collective forwards under expert parallelism)
     nonfinite = any_rank(not torch.isfinite(loss_sum + grad_norm))
-    if not scaler.is_enabled() and nonfinite:
-        message = f"non-finite loss or gradient at iter {iter_num} (loss {float(loss_sum):.4g}, grad norm {float(grad_norm):.4g})"
-        with ctx:
-            diagnosis = raw_model.diagnose(X)
-        if master_process:  # expert loads and router state at this step, for the post-mortem
-            log({'iter': iter_num, 'event': 'nonfinite', 'loss': float(loss_sum), 'grad_norm': float(grad_norm), **diagnosis})
-        if on_nonfinite == 'stop':
-            last = ckpt_path if os.path.exists(ckpt_path) else 'none yet'
-            print(f"error: {message}; stopping. Last good checkpoint: {last}", file=sys.stderr)
-            sys.exit(1)
+    nonfinite_steps = nonfinite_steps + 1 if nonfinite else 0
+    if nonfinite and (not scaler.is_enabled() or nonfinite_steps >= MAX_NONFINITE_STEPS):
+        message = (f"non-finite loss or gradient at iter {iter_num} (loss {float(loss_sum):.4g}, grad norm "
+                   f"{float(grad_norm):.4g})" + (f", {nonfinite_steps} steps in a row" if nonfinite_steps > 1 else ''))
+        with ctx:  # expert loads and router state at this step, for the post-mortem
+            diagnosis = {'loss': float(loss_sum), 'grad_norm': float(grad_norm), **raw_model.diagnose(X)}
+        if on_nonfinite == 'stop' or nonfinite_steps >= MAX_NONFINITE_STEPS:
+            stop_nonfinite(message, diagnosis)
+        if master_process:
+            run_dir.log({'iter': iter_num, 'event': 'nonfinite', **diagnosis})
         print(f"warning: {message}; skipping this step")
         raw_model.end_step(skipped=True)  # restart the step's loads; the bias does not move
         optimizer.zero_grad(set_to_none=True)
@@ -454,8 +474,8 @@ while True:
         print(f"iter {iter_num}/{max_iters}: loss {lossf:.4f} ({parts}), time {dt * 1000:.2f}ms, "
               f"{tokens_per_iter / dt:,.0f} tok/s" + (f", mfu {running_mfu * 100:.2f}%" if running_mfu >= 0 else '')
               + ''.join(f', {k} {v:.2f}' for k, v in extra.items()))
-        log({'iter': iter_num, 'loss': lossf, **terms, 'lr': lr, 'grad_norm': float(grad_norm),
-             'dt_ms': dt * 1000, 'mfu': running_mfu, **extra, **raw_model.routing_stats()})
+        run_dir.log({'iter': iter_num, 'loss': lossf, **terms, 'lr': lr, 'grad_norm': float(grad_norm),
+                     'dt_ms': dt * 1000, 'mfu': running_mfu, **extra, **raw_model.routing_stats()})
     iter_num += 1
     local_iter_num += 1
 
@@ -463,7 +483,7 @@ while True:
     if any_rank(stop_signal is not None):
         state = checkpoint_state()
         if master_process:
-            save_checkpoint(state, ckpt_path)
+            run_dir.save(state, 'ckpt.pt')
             print(f"received {stop_signal or 'a stop signal (on another rank)'}: saved checkpoint at iter {iter_num} "
                   f"to {ckpt_path}; continue with --init_from=resume")
         break

@@ -6,23 +6,32 @@ work, whole groups where it can (a big group is cut into slices of rows), each p
 thread, so the arithmetic is torch's own. On 2 threads one MoE layer of 128 experts (64 rows each) went
 from 1.37x to 1.23x the time of a dense MLP of the same FLOPs (RESULTS.md, "One MoE layer").
 
-It is compiled on first use with torch.utils.cpp_extension (a C++ compiler and ninja; a few seconds, cached
-under ~/.cache/torch_extensions). moe_model.grouped_mm uses it for CPU tensors where available() is True,
-and torch's grouped_mm elsewhere: on GPUs, where this file does not build (a warning says why), and
-with NANOMOE_CPU_GROUPED_MM=0 (to compare the two). `make venv` builds it ahead of time; a build that was
-killed midway (kill -9) leaves a lock that makes the next one wait forever: delete that folder
-(~/.cache/torch_extensions/py*/nanomoe_cpu_grouped_mm) and it builds again.
+It is compiled on first use with torch.utils.cpp_extension (a C++ compiler and ninja; a few seconds) into
+a folder named after a hash of the source, the flags and torch's version, under ~/.cache/torch_extensions
+(or $TORCH_EXTENSIONS_DIR). Once built, every process loads the library from there directly, taking no
+lock (torch's own load() takes the build lock, even for a no-op build). A build that was killed midway
+(kill -9) leaves its lock behind: the next process waits BUILD_WAIT_S for it, then warns (naming the folder
+to delete) and uses torch's grouped_mm, instead of waiting forever. moe_model.grouped_mm uses this kernel
+for CPU tensors where available() is True, and torch's grouped_mm elsewhere: on GPUs, where this file does
+not build (a warning says why), and with NANOMOE_CPU_GROUPED_MM=0 (to compare the two). `make venv`
+builds it ahead of time.
 """
 import os
 import re
-import shutil
 import sys
+import time
+import shutil
+import hashlib
+import platform
 import warnings
 
 import torch
 from torch.autograd.function import once_differentiable
 
 _built = None  # None: not tried yet; then True or False
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'cpu_grouped_mm.cpp')
+FLAGS = ['-O3', '-fopenmp']
+BUILD_WAIT_S = 120  # longer than a build takes on 2 cores; past it, the lock is a killed build's
 
 
 def available():
@@ -33,16 +42,43 @@ def available():
         if os.environ.get('NANOMOE_CPU_GROUPED_MM', '1') == '0':
             return False
         try:
-            from torch.utils.cpp_extension import load
-            if shutil.which('ninja') is None:  # pip's ninja lands in this interpreter's bin folder, maybe not on PATH
-                os.environ['PATH'] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get('PATH', '')
-            load(name='nanomoe_cpu_grouped_mm', sources=[os.path.join(os.path.dirname(__file__), 'cpu_grouped_mm.cpp')],
-                 extra_cflags=['-O3', '-fopenmp'], extra_ldflags=['-fopenmp'], is_python_module=False)
+            _load()
             _built = True
         except Exception as e:  # no compiler, no ninja, another OS: torch's grouped_mm still works
             warnings.warn(f"cpu_grouped_mm.cpp did not build ({build_error(e)}); on the CPU the grouped backend "
                           "uses torch's grouped_mm, which runs the experts one after another")
     return _built
+
+
+def build_folder():
+    """Where this source, built with these flags against this torch, lives."""
+    with open(SOURCE, 'rb') as f:
+        key = hashlib.sha1(f.read() + repr((FLAGS, torch.__version__, platform.machine())).encode()).hexdigest()[:12]
+    root = os.environ.get('TORCH_EXTENSIONS_DIR') or os.path.join(os.path.expanduser('~'), '.cache', 'torch_extensions')
+    return os.path.join(root, f'nanomoe_cpu_grouped_mm_{key}')
+
+
+def _load():
+    """Load the built library, building it first if need be (never waiting forever on a lock)."""
+    folder = build_folder()
+    library, lock = os.path.join(folder, 'nanomoe_cpu_grouped_mm.so'), os.path.join(folder, 'lock')
+    start = time.monotonic()
+    if os.path.exists(lock) and not os.path.exists(library):
+        print(f"waiting (at most {BUILD_WAIT_S} s) for another build of cpu_grouped_mm.cpp: {lock}", file=sys.stderr)
+    while os.path.exists(lock) and not os.path.exists(library):  # another process is building it, or was
+        if time.monotonic() - start > BUILD_WAIT_S:
+            raise RuntimeError(f"gave up after {BUILD_WAIT_S} s waiting for the build lock {lock}; if no other "
+                               f"build is running, a killed build left it: delete {folder}")
+        time.sleep(0.5)
+    if os.path.exists(library):
+        torch.ops.load_library(library)
+        return
+    from torch.utils.cpp_extension import load
+    if shutil.which('ninja') is None:  # pip's ninja lands in this interpreter's bin folder, maybe not on PATH
+        os.environ['PATH'] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get('PATH', '')
+    os.makedirs(folder, exist_ok=True)
+    load(name='nanomoe_cpu_grouped_mm', sources=[SOURCE], extra_cflags=FLAGS, extra_ldflags=['-fopenmp'],
+         build_directory=folder, is_python_module=False)
 
 
 def build_error(e):

@@ -18,7 +18,7 @@ Shapes: the expert hidden size h must be a multiple of the block size B (B in
 ValueError is raised. The model width d may be anything (kernel tiles are masked).
 
 Fallback: see _use_kernels. Without triton, on CPU without TRITON_INTERPRET=1, or for
-tiny batches (N*k < MIN_TRITON_SLOTS) moe_model.loop_experts runs instead (same results).
+tiny batches (N*k < MIN_TRITON_SLOTS) moe_model.loop_experts, the reference, runs instead.
 """
 
 import os

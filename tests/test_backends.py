@@ -1,11 +1,13 @@
 """Every fast expert backend against the for-loop reference: outputs and gradients."""
 import contextlib
 import math
+import os
 import warnings
 
 import pytest
 import torch
 
+from conftest import ROOT
 from kernels import cpu_grouped_mm
 from moe_model import MoEConfig, MoE, EXPERT_IMPLS, batched_experts, loop_experts
 
@@ -143,8 +145,9 @@ def test_cpu_grouped_mm_rejects_bad_offsets_and_a_double_backward():
         grad.sum().backward()
 
 
-def test_cpu_grouped_mm_falls_back_with_one_warning_when_it_cannot_build(monkeypatch):
+def test_cpu_grouped_mm_falls_back_with_one_warning_when_it_cannot_build(monkeypatch, tmp_path):
     import torch.utils.cpp_extension
+    monkeypatch.setenv('TORCH_EXTENSIONS_DIR', str(tmp_path))  # nothing built there yet
 
     def no_compiler(*args, **kwargs):  # what torch raises: the failed command first, the reason further down
         raise RuntimeError("Error building extension 'nanomoe_cpu_grouped_mm': [1/2] c++ -MMD -O3 -c cpu_grouped_mm.cpp\n"
@@ -160,6 +163,35 @@ def test_cpu_grouped_mm_falls_back_with_one_warning_when_it_cannot_build(monkeyp
     monkeypatch.setenv('NANOMOE_CPU_GROUPED_MM', '0')  # switched off: torch's grouped_mm, and no warning
     with warnings.catch_warnings():
         warnings.simplefilter('error')
+        assert not cpu_grouped_mm.available()
+
+
+def test_a_built_cpu_kernel_loads_without_the_build_lock(tmp_path):
+    """A kill -9 during the (no-op) build of an earlier start left the lock: the built library still loads,
+    directly, at once (torch's load() would wait on that lock forever)."""
+    import shutil
+    import subprocess
+    import sys
+    assert cpu_grouped_mm.available()
+    env = {**os.environ, 'TORCH_EXTENSIONS_DIR': str(tmp_path)}
+    folder = subprocess.run([sys.executable, '-c', 'from kernels import cpu_grouped_mm; print(cpu_grouped_mm.build_folder())'],
+                            cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout.strip()
+    os.makedirs(folder)
+    shutil.copy(os.path.join(cpu_grouped_mm.build_folder(), 'nanomoe_cpu_grouped_mm.so'), folder)
+    open(os.path.join(folder, 'lock'), 'w').close()
+    p = subprocess.run([sys.executable, '-c', 'from kernels import cpu_grouped_mm; print(cpu_grouped_mm.available())'],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert p.stdout.strip() == 'True', p.stderr
+
+
+def test_a_lock_left_by_a_killed_build_is_waited_on_for_a_bounded_time(monkeypatch, tmp_path):
+    monkeypatch.setenv('TORCH_EXTENSIONS_DIR', str(tmp_path))
+    monkeypatch.setattr(cpu_grouped_mm, '_built', None)
+    monkeypatch.setattr(cpu_grouped_mm, 'BUILD_WAIT_S', 1)
+    folder = cpu_grouped_mm.build_folder()
+    os.makedirs(folder)
+    open(os.path.join(folder, 'lock'), 'w').close()  # and no library: a first build killed midway
+    with pytest.warns(UserWarning, match=f"gave up after 1 s waiting for the build lock.*delete {folder}"):
         assert not cpu_grouped_mm.available()
 
 

@@ -23,9 +23,18 @@ offline_copy = os.path.join(here, '..', '..', '..', 'shared', 'data', 'tinyshake
 def atomic_write(path, write):
     """write(f) into a temp file next to path, then rename: never a half-written file under path."""
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix='.tmp')
-    with os.fdopen(fd, 'wb') as f:
-        write(f)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        os.remove(tmp)
+        raise
+
+
+def fail(message):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 def get_text():
@@ -34,8 +43,7 @@ def get_text():
     if len(sys.argv) == 2:
         source = sys.argv[1]
         if not os.path.isfile(source):
-            print(f"error: input file {source!r} not found", file=sys.stderr)
-            sys.exit(2)
+            fail(f"input file {source!r} not found")
     else:
         source = os.path.join(here, 'input.txt')
         if not os.path.exists(source):
@@ -48,19 +56,25 @@ def get_text():
                 print(f"download failed ({e}); using the offline copy {os.path.normpath(offline_copy)}")
                 source = offline_copy
                 if not os.path.isfile(source):
-                    print(f"error: no internet and no offline copy at {os.path.normpath(source)}; "
-                          f"pass the path of tiny shakespeare's input.txt", file=sys.stderr)
-                    sys.exit(2)
-    with open(source, 'r', encoding='utf-8') as f:
-        return f.read()
+                    fail(f"no internet and no offline copy at {os.path.normpath(source)}; "
+                         f"pass the path of tiny shakespeare's input.txt")
+    try:
+        with open(source, 'r', encoding='utf-8') as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        fail(f"{source} is not UTF-8 text ({e.reason} at byte {e.start})")
 
 
 data = get_text()
 print(f"length of dataset in characters: {len(data):,}")
+if len(data) < 20:  # 10% of it is the validation split: it needs a few characters too
+    fail(f"the input holds {len(data)} characters; at least 20 are needed")
 
 # get all the unique characters that occur in this text
 chars = sorted(list(set(data)))
 vocab_size = len(chars)
+if vocab_size > 2**16:  # the ids are written as uint16
+    fail(f"the input has {vocab_size:,} distinct characters; at most 65,536 fit in uint16 ids")
 print("all the unique characters:", ''.join(chars))
 print(f"vocab size: {vocab_size:,}")
 

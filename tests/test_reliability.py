@@ -1,0 +1,309 @@
+"""Reliability as a hostile or unlucky user meets it: one run per out_dir, no non-finite checkpoint ever, the
+fp16 guard, signals and a dead launcher, and one `error:` line for each bad input (train.py, sample.py,
+bench.py, plot.py, prepare.py)."""
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, TINY, run, read_log
+from checkpoint import load_checkpoint, save_checkpoint
+from test_faults import FAST, ENV, start, wait_for_steps
+
+
+def one_error_line(p, message, code=2):
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == code and 'Traceback' not in p.stderr, p.stderr[-3000:]
+    assert lines and lines[-1].startswith('error: ') and message in lines[-1], p.stderr[-3000:]
+
+
+@pytest.fixture(scope='module')
+def good_run(shakespeare_char, tmp_path_factory):
+    """A tiny MoE with a checkpoint at iter 6 (every weight finite)."""
+    out = str(tmp_path_factory.mktemp('good') / 'out')
+    run('train.py', *FAST, f'--out_dir={out}', '--max_iters=6', '--eval_interval=3')
+    return out
+
+# -----------------------------------------------------------------------------
+# one run per out_dir
+
+
+def test_a_second_run_on_a_live_out_dir_stops_and_eval_only_deletes_nothing(shakespeare_char, tmp_path):
+    out = str(tmp_path / 'out')
+    p = start(out, *FAST, '--eval_interval=1000', '--max_iters=100000')
+    try:
+        wait_for_steps(p, out, 2)
+        in_flight = os.path.join(out, 'ckpt.pt.live.tmp')  # what a live run's save looks like mid-write
+        open(in_flight, 'w').close()
+        second = run('train.py', *FAST, f'--out_dir={out}', check=False)
+        one_error_line(second, f"out_dir {out!r} is in use by another training run (pid {p.pid})")
+        lines_before = open(os.path.join(out, 'log.jsonl')).read().count('\n')
+        check = run('train.py', *FAST, f'--out_dir={out}', '--eval_only=True', check=False)  # "check the val loss"
+        assert check.returncode == 0 and 'val loss' in check.stdout, check.stderr
+        assert os.path.exists(in_flight)  # the live run's temp file is not "stale"
+        assert p.poll() is None  # the live run goes on
+        assert all('val/ce' not in json.loads(line) for line in open(os.path.join(out, 'log.jsonl')).readlines()[lines_before:])
+    finally:
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=120) == 0
+    run('train.py', *FAST, f'--out_dir={out}', '--init_from=resume', '--max_iters=1')
+    assert not os.path.exists(in_flight)  # now stale: the next run that holds the lock removes it
+
+
+def test_the_lock_of_a_killed_run_is_never_stale(shakespeare_char, tmp_path):
+    out = str(tmp_path / 'out')
+    p = start(out, *FAST, '--eval_interval=1000', '--max_iters=100000')
+    wait_for_steps(p, out, 1)
+    p.kill()  # kill -9: the kernel releases the flock
+    p.wait()
+    assert open(os.path.join(out, 'train.lock')).read().strip() == str(p.pid)
+    run('train.py', *FAST, f'--out_dir={out}', '--max_iters=2')
+
+# -----------------------------------------------------------------------------
+# no non-finite checkpoint, the fp16 guard
+
+
+def test_nonfinite_weights_are_never_saved_over_a_good_checkpoint(good_run, tmp_path):
+    """A step with a finite loss and gradient can still leave inf weights (weight decay 1e300 in fp32 AdamW):
+    the next eval would have saved them over ckpt.pt."""
+    out = str(tmp_path / 'out')
+    shutil.copytree(good_run, out)
+    p = run('train.py', *FAST, f'--out_dir={out}', '--init_from=resume', '--eval_interval=1', '--max_iters=10',
+            '--weight_decay=1e300', check=False)
+    ckpt = os.path.join(out, 'ckpt.pt')
+    one_error_line(p, f"non-finite values in model ", code=1)
+    assert f"at iter 7, not saved; stopping. Last good checkpoint: {ckpt}" in p.stderr
+    saved = load_checkpoint(ckpt)
+    assert saved['iter_num'] == 6 and all(torch.isfinite(v).all() for v in saved['model'].values() if torch.is_tensor(v))
+    assert read_log(out)[-1]['event'] == 'nonfinite'
+
+
+def test_float16_persistent_nan_stops_after_a_bounded_number_of_skipped_steps(shakespeare_char, tmp_path):
+    """fp16's GradScaler skips a non-finite step by itself; only 25 of them in a row stop the run (with the
+    same nonfinite record as in fp32), instead of training to max_iters on NaN and exiting 0."""
+    out = str(tmp_path / 'out')
+    p = run('train.py', *FAST, f'--out_dir={out}', '--dtype=float16', '--weight_decay=1e300', '--max_iters=60',
+            '--eval_interval=1000', check=False)
+    one_error_line(p, 'non-finite loss or gradient at iter 25 (loss nan, grad norm nan), 25 steps in a row; stopping',
+                   code=1)
+    records = read_log(out)
+    assert records[-1]['event'] == 'nonfinite' and records[-1]['loss'] is None  # JSON null, not a bare NaN
+    assert max(r['iter'] for r in records if 'loss' in r and 'event' not in r) == 24
+    for line in open(os.path.join(out, 'log.jsonl')):
+        json.loads(line, parse_constant=lambda c: pytest.fail(f'{c} in log.jsonl'))
+
+# -----------------------------------------------------------------------------
+# signals and a dead launcher
+
+
+def test_a_second_sigterm_exits_at_once_with_128_plus_the_signal_and_no_traceback(shakespeare_char, tmp_path):
+    out = str(tmp_path / 'out')
+    p = start(out, *FAST, '--eval_interval=1000', '--max_iters=100000', '--gradient_accumulation_steps=100')
+    wait_for_steps(p, out, 1)  # a step takes a second or more: both signals arrive within it
+    p.send_signal(signal.SIGTERM)
+    time.sleep(0.2)  # two signals sent at once would merge into one
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=60) == 128 + signal.SIGTERM
+    err = open(out + '.stderr').read()
+    assert 'Traceback' not in err and 'received SIGTERM again: exiting now' in err
+
+
+def test_sighup_saves_like_sigterm(shakespeare_char, tmp_path):
+    out = str(tmp_path / 'out')
+    p = start(out, *FAST, '--eval_interval=1000', '--max_iters=100000')
+    wait_for_steps(p, out, 1)
+    p.send_signal(signal.SIGHUP)
+    assert p.wait(timeout=120) == 0
+    assert 'received SIGHUP: saved checkpoint' in open(out + '.stdout').read()
+    assert load_checkpoint(os.path.join(out, 'ckpt.pt'))['iter_num'] >= 1
+
+
+def test_workers_save_and_exit_when_the_torchrun_launcher_is_killed(shakespeare_char, tmp_path):
+    out = str(tmp_path / 'out')
+    with open(out + '.stdout', 'w') as stdout, open(out + '.stderr', 'w') as stderr:
+        launcher = subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                                     os.path.join(ROOT, 'train.py'), *FAST, '--gradient_accumulation_steps=2',
+                                     '--eval_interval=1000', '--max_iters=100000', f'--out_dir={out}'],
+                                    cwd=ROOT, stdout=stdout, stderr=stderr, env=ENV)
+    wait_for_steps(launcher, out, 2, timeout=240)
+    workers = [int(pid) for pid in subprocess.run(['pgrep', '-P', str(launcher.pid)], capture_output=True,
+                                                   text=True).stdout.split()]
+    assert len(workers) == 2
+    launcher.kill()  # kill -9: no chance to pass a signal on
+    launcher.wait()
+    deadline = time.time() + 120
+    while any(os.path.exists(f'/proc/{pid}') and open(f'/proc/{pid}/stat').read().split()[2] != 'Z' for pid in workers):
+        assert time.time() < deadline, 'orphaned workers are still training'
+        time.sleep(0.2)
+    ckpt = load_checkpoint(os.path.join(out, 'ckpt.pt'))  # they saved before leaving
+    assert ckpt['iter_num'] >= 2
+
+# -----------------------------------------------------------------------------
+# bad input: one error line, exit 2, before any work
+
+
+def write_dataset(folder, tokens, vocab=None):
+    os.makedirs(folder, exist_ok=True)
+    for split in ('train', 'val'):
+        np.asarray(tokens, dtype=np.uint16).tofile(os.path.join(folder, f'{split}.bin'))
+    if vocab is not None:
+        import pickle
+        with open(os.path.join(folder, 'meta.pkl'), 'wb') as f:
+            pickle.dump({'vocab_size': vocab, 'itos': {}, 'stoi': {}}, f)
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--device=mps'], "device='mps'; allowed: 'cpu', 'cuda', 'cuda:N'"),
+    (['--device=tpu'], "device='tpu'; allowed"),
+    (['--seed=-1'], 'seed=-1 must be >= 0'),
+    (['--beta2=2'], 'beta2=2.0 must be >= 0 and < 1'),
+    (['--learning_rate=-1'], 'learning_rate=-1.0 must be >= 0'),
+    (['--learning_rate=1e999'], 'learning_rate=inf must be >= 0 and finite'),
+    (['--out_dir='], "out_dir='' must name a folder"),
+    (['--n_layer=64', '--n_embd=8192', '--n_head=64', '--n_expert=64', '--top_k=2'], 'GiB for its fp32 weights'),
+])
+def test_bad_values_fail_at_start_with_one_clear_line(shakespeare_char, tmp_path, args, message):
+    out = tmp_path / 'out'
+    p = run('train.py', *TINY, f'--out_dir={out}', *args, check=False)
+    one_error_line(p, message)
+    assert not out.exists()
+
+
+def test_out_dir_that_is_a_file_is_one_line(shakespeare_char, tmp_path):
+    (tmp_path / 'file').write_text('not a folder')
+    p = run('train.py', *TINY, f'--out_dir={tmp_path / "file"}', check=False)
+    one_error_line(p, f"out_dir='{tmp_path / 'file'}' cannot be used")
+
+
+@pytest.mark.parametrize('case, message', [
+    ('odd', 'it must be uint16 token ids (an even number of bytes), at least block_size + 1 = 33'),
+    ('short', 'at least block_size + 1 = 33'),
+    ('empty', 'holds 0 bytes'),
+    ('token_id', 'holds token id 70, but the model\'s vocab_size is 65'),
+])
+def test_malformed_data_is_one_line(tmp_path, case, message):
+    folder = str(tmp_path / case)
+    if case == 'odd':
+        write_dataset(folder, range(100))
+        with open(os.path.join(folder, 'train.bin'), 'ab') as f:
+            f.write(b'\x01')
+    elif case == 'short':
+        write_dataset(folder, range(20))
+    elif case == 'empty':
+        write_dataset(folder, [])
+    else:  # meta.pkl says 65, the data holds a 70: a smaller vocabulary than the data
+        write_dataset(folder, [1, 2, 70] * 40, vocab=65)
+    p = run('train.py', *TINY, f'--dataset={folder}', f'--out_dir={tmp_path / "out"}', check=False)
+    one_error_line(p, message)
+
+
+def test_an_absolute_dataset_path_gets_a_sensible_hint(tmp_path):
+    p = run('train.py', *TINY, f'--dataset={tmp_path / "nothing"}', f'--out_dir={tmp_path / "out"}', check=False)
+    one_error_line(p, 'write train.bin and val.bin there')
+    assert 'data//' not in p.stderr
+
+
+def test_checkpoints_that_do_not_fit_their_model_args_are_one_line(good_run, tmp_path):
+    ckpt = load_checkpoint(os.path.join(good_run, 'ckpt.pt'))
+    cases = {'mismatch': {**ckpt, 'model_args': {**ckpt['model_args'], 'expert_hidden': 64}},
+             'missing': {k: v for k, v in ckpt.items() if k != 'optimizer'}}
+    for name, broken in cases.items():
+        out = tmp_path / name
+        out.mkdir()
+        save_checkpoint(broken, str(out / 'ckpt.pt'))
+        p = run('train.py', *FAST, f'--out_dir={out}', '--init_from=resume', check=False)
+        one_error_line(p, 'does not match its model_args: size mismatch' if name == 'mismatch' else
+                       'cannot be resumed: it has no optimizer')
+
+
+def test_resume_applies_the_new_optimizer_settings_and_a_float32_checkpoint_resumes_in_float16(good_run, tmp_path):
+    out = str(tmp_path / 'out')
+    shutil.copytree(good_run, out)
+    p = run('train.py', *FAST, f'--out_dir={out}', '--init_from=resume', '--max_iters=9', '--eval_interval=3',
+            '--weight_decay=0.5', '--beta1=0.8', '--beta2=0.9', '--dtype=float16')
+    assert 'the checkpoint has no GradScaler state' in p.stdout
+    ckpt = load_checkpoint(os.path.join(out, 'ckpt.pt'))
+    decay, no_decay = ckpt['optimizer']['param_groups']
+    assert decay['weight_decay'] == 0.5 and no_decay['weight_decay'] == 0.0 and tuple(decay['betas']) == (0.8, 0.9)
+    assert ckpt['config']['weight_decay'] == 0.5 and ckpt['scaler']  # recorded and applied alike
+
+
+def test_warmup_equal_to_lr_decay_iters_trains_through(shakespeare_char, tmp_path):
+    p = run('train.py', *FAST, f'--out_dir={tmp_path / "out"}', '--decay_lr=True', '--warmup_iters=3',
+            '--lr_decay_iters=3', '--max_iters=6')
+    assert p.returncode == 0
+
+
+def test_bfloat16_on_the_cpu_runs_in_bfloat16(shakespeare_char, tmp_path):
+    losses = {}
+    for dtype in ('float32', 'bfloat16'):
+        out = tmp_path / dtype
+        run('train.py', *FAST, f'--out_dir={out}', f'--dtype={dtype}', '--max_iters=2')
+        losses[dtype] = [r['loss'] for r in read_log(str(out)) if 'loss' in r]
+    assert losses['float32'] != losses['bfloat16']  # it did not silently run float32
+
+
+def test_a_full_disk_at_save_is_one_line_and_the_checkpoint_before_stays(good_run, tmp_path):
+    out = str(tmp_path / 'out')
+    shutil.copytree(good_run, out)
+    size = os.path.getsize(os.path.join(out, 'ckpt.pt'))
+
+    def small_files():  # writes past 64 KiB fail (EFBIG, as ENOSPC would) instead of killing the process
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+    p = subprocess.run([sys.executable, os.path.join(ROOT, 'train.py'), *FAST, f'--out_dir={out}', '--init_from=resume',
+                        '--max_iters=8', '--eval_interval=2'], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                       preexec_fn=small_files, timeout=300)
+    one_error_line(p, f"could not write {os.path.join(out, 'ckpt.pt')} (File too large); the checkpoint before it "
+                      "is intact", code=1)
+    assert os.path.getsize(os.path.join(out, 'ckpt.pt')) == size and load_checkpoint(os.path.join(out, 'ckpt.pt'))
+    assert not [f for f in os.listdir(out) if f.endswith('.tmp')]
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--temperature=0'], 'temperature=0.0 must be > 0'),
+    (['--temperature=-1'], 'temperature=-1.0 must be > 0'),
+    (['--top_k=0'], 'top_k=0 must be >= 1'),
+    (['--top_k=-3'], 'top_k=-3 must be >= 1'),
+    (['--start='], "start='' is empty"),
+    (['--device=mps'], "device='mps'; allowed"),
+])
+def test_sample_bad_values_are_one_line(good_run, args, message):
+    one_error_line(run('sample.py', f'--out_dir={good_run}', '--device=cpu', *args, check=False), message)
+
+
+def test_sample_with_a_non_utf8_prompt_file_is_one_line(good_run, tmp_path):
+    (tmp_path / 'prompt.txt').write_bytes(b'\xff\xfe ROMEO')
+    p = run('sample.py', f'--out_dir={good_run}', '--device=cpu', f'--start=FILE:{tmp_path / "prompt.txt"}', check=False)
+    one_error_line(p, 'cannot be read as UTF-8 text')
+
+
+def test_bench_layer_tokens_0_is_one_line():
+    one_error_line(run('bench.py', '--device=cpu', '--moe_layer=True', '--layer_tokens=0', check=False),
+                   'layer_tokens=0 must be >= 1')
+
+
+def test_plot_skips_a_torn_last_line(good_run, tmp_path):
+    out = str(tmp_path / 'out')
+    shutil.copytree(good_run, out)
+    with open(os.path.join(out, 'log.jsonl'), 'a') as f:
+        f.write('{"iter": 7, "loss": 1.2')  # a run killed mid-write
+    p = run('plot.py', f'--out_dir={out}')
+    assert 'skipped 1 unreadable line(s)' in p.stderr and os.path.exists(os.path.join(out, 'loss.png'))
+
+
+@pytest.mark.parametrize('text, message', [('', 'the input holds 0 characters'),
+                                           (''.join(chr(i) for i in range(0x4e00, 0x4e00 + 72000) if not 0xd800 <= i < 0xe000), 'at most 65,536')])
+def test_prepare_refuses_empty_or_too_wide_input_and_leaves_no_temp_file(tmp_path, text, message):
+    (tmp_path / 'input.txt').write_text(text, encoding='utf-8')
+    before = set(os.listdir(os.path.join(ROOT, 'data', 'shakespeare_char')))
+    one_error_line(run('data/shakespeare_char/prepare.py', str(tmp_path / 'input.txt'), check=False), message)
+    assert set(os.listdir(os.path.join(ROOT, 'data', 'shakespeare_char'))) == before
