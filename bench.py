@@ -172,7 +172,7 @@ def bench_model():
         model_args = {k: config[k] for k in MODEL_KEYS if k in config}  # the rest: MoEConfig's defaults
     models = {'model': model_args}
     if compare_dense:
-        if model_args['n_expert'] == 0:
+        if model_args.get('n_expert', 0) == 0:
             fail("compare_dense needs an MoE model (n_expert > 0): its twin is the dense model")
         try:
             cfg = MoEConfig(**model_args)  # validates, and fills in expert_hidden

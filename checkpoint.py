@@ -67,7 +67,8 @@ def load_checkpoint(path, map_location='cpu'):
         raise CheckpointError(f"checkpoint {path} is truncated or corrupt and cannot be loaded ({first_line[:200]})") from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get('model'), dict) or 'model_args' not in ckpt:
         raise CheckpointError(f"checkpoint {path} is not a nanoMoE checkpoint (no 'model'/'model_args')")
-    ckpt['model'] = clean_state_dict(ckpt['model'])
+    # compile's prefix, and the causal-mask buffer nanoGPT's attention keeps without flash attention
+    ckpt['model'] = {k: v for k, v in clean_state_dict(ckpt['model']).items() if not k.endswith('.attn.bias')}
     # older checkpoints kept the MoE layers' probe top-1 experts beside the model, by block index
     for i, top1 in ckpt.pop('probe_top1', {}).items():
         ckpt['model'].setdefault(f'transformer.h.{i}.mlp._extra_state', top1)

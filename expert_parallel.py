@@ -28,7 +28,7 @@ def config_error(expert_parallel, model_args, init_from, expert_impl, dtype, wor
         return f"expert_parallel={expert_parallel!r} must be a positive integer"
     if expert_parallel == 1:
         return None
-    if model_args['n_expert'] == 0 or init_from.startswith('gpt2'):
+    if model_args['n_expert'] == 0 or init_from not in ('scratch', 'resume'):
         return f"expert_parallel={expert_parallel} needs an MoE model (n_expert > 0, init_from 'scratch' or 'resume')"
     if model_args['n_expert'] % expert_parallel:
         return f"expert_parallel={expert_parallel} must divide n_expert={model_args['n_expert']}"

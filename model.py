@@ -247,8 +247,11 @@ class GPT(nn.Module):
         assert all(k == 'dropout' for k in override_args)
         from transformers import GPT2LMHeadModel
         print("loading weights from pretrained gpt: %s" % model_type)
-
-        model_hf = GPT2LMHeadModel.from_pretrained(model_type)
+        try:
+            model_hf = GPT2LMHeadModel.from_pretrained(model_type)
+        except Exception as e:  # offline, a wrong name or folder: whatever transformers raises, one line
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+            raise ValueError(f"cannot load GPT-2 weights from {model_type!r}: {lines[0][:300]}") from None
         hf = model_hf.config
         config_args = dict(n_layer=hf.n_layer, n_head=hf.n_head, n_embd=hf.n_embd,
                            vocab_size=hf.vocab_size, block_size=hf.n_positions, bias=True)

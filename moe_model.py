@@ -567,8 +567,9 @@ def build_model(model_args):
 
 
 def model_args_of(model):
-    """The constructor arguments of a model, for checkpoints (build_model inverts this)."""
-    return {**asdict(model.config), 'n_expert': getattr(model.config, 'n_expert', 0)}
+    """The constructor arguments of a model, for checkpoints (build_model inverts this). A dense model's are
+    GPTConfig's alone, as nanoGPT writes them, so that nanoGPT's GPTConfig(**model_args) reads them too."""
+    return asdict(model.config)
 
 
 def training_bytes(model_args, expert_parallel=1):

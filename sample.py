@@ -14,7 +14,7 @@ from checkpoint import load_checkpoint, load_meta, CheckpointError
 from moe_model import build_model
 
 # -----------------------------------------------------------------------------
-init_from = 'resume'  # either 'resume' (from an out_dir) or a gpt2 variant (e.g. 'gpt2-xl')
+init_from = 'resume'  # 'resume' (from an out_dir), a gpt2 variant (e.g. 'gpt2-xl') or a local GPT2LMHeadModel folder
 out_dir = 'out'  # ignored if init_from is not 'resume'
 ckpt_name = 'ckpt.pt'  # or 'ckpt_best.pt'
 start = "\n"  # or "<|endoftext|>" or etc. Can also specify a file, use as: "FILE:prompt.txt"
@@ -72,12 +72,17 @@ if init_from == 'resume':
     except ValueError as e:
         fail(str(e))
     model.load_state_dict(checkpoint['model'])
-elif init_from.startswith('gpt2'):
-    # init from a given GPT-2 model
+elif init_from in ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl') or os.path.isdir(init_from):
+    # init from a given GPT-2 model, or a Hugging Face folder (GPT-2's, or one export_hf.py wrote)
     from model import GPT
-    model = GPT.from_pretrained(init_from, dict(dropout=0.0))
+    from export_hf import load_hf_folder
+    try:
+        model = load_hf_folder(init_from) if os.path.isdir(init_from) else GPT.from_pretrained(init_from, dict(dropout=0.0))
+    except (ValueError, OSError) as e:
+        fail(str(e))
 else:
-    fail(f"init_from={init_from!r}; allowed: 'resume' or a gpt2 variant")
+    fail(f"init_from={init_from!r}; allowed: 'resume', 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl' or a folder "
+         f"holding a saved GPT2LMHeadModel")
 
 model.eval()
 model.to(device)

@@ -24,6 +24,7 @@ Beyond nanoGPT: the data order is a pure function of (seed, step), so a resume i
 import os
 import sys
 import time
+import json
 import math
 import random
 import signal
@@ -47,7 +48,8 @@ eval_interval = 2000
 log_interval = 1
 eval_iters = 200
 eval_only = False  # if True, script exits right after the first eval
-init_from = 'scratch'  # 'scratch' or 'resume' or 'gpt2*'
+init_from = 'scratch'  # 'scratch' or 'resume' or 'gpt2*' or a local folder with a saved GPT2LMHeadModel
+always_save_checkpoint = True  # nanoGPT's: False writes ckpt.pt only at an eval that improves the val loss
 seed = 1337
 # wandb logging
 wandb_log = False  # disabled by default
@@ -96,6 +98,7 @@ warmup_iters = 2000  # how many steps to warm up for
 lr_decay_iters = 600000  # should be ~= max_iters per Chinchilla
 min_lr = 6e-5  # minimum learning rate, should be ~= learning_rate/10 per Chinchilla
 # system
+backend = ''  # DDP backend: 'nccl', 'gloo'; '' picks nccl on CUDA, gloo on CPU
 device = 'cuda' if torch.cuda.is_available() else 'cpu'  # 'cpu', 'cuda', 'cuda:0', 'mps'
 dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else ('float16' if torch.cuda.is_available() else 'float32')
 compile = torch.cuda.is_available()  # use PyTorch 2.0 to compile the model to be faster
@@ -109,8 +112,15 @@ globals().update(config)
 # -----------------------------------------------------------------------------
 # check everything we can before any work starts: one clear line and exit code 2 otherwise
 
-if init_from not in ('scratch', 'resume') and not init_from.startswith('gpt2'):
-    fail(f"init_from={init_from!r}; allowed: 'scratch', 'resume', 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl'")
+gpt2_folder = os.path.isdir(init_from) and os.path.isfile(os.path.join(init_from, 'config.json'))
+if init_from not in ('scratch', 'resume', 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl') and not gpt2_folder:
+    fail(f"init_from={init_from!r}; allowed: 'scratch', 'resume', 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl', "
+         f"or a folder holding a saved GPT2LMHeadModel (config.json and weights)")
+if wandb_log:
+    try:
+        import wandb
+    except ImportError:
+        fail("wandb_log=True needs the wandb package: pip install wandb")
 check_choice(config, 'dtype', ('float32', 'bfloat16', 'float16'))
 check_choice(config, 'on_nonfinite', ('stop', 'skip'))
 check_device(device)
@@ -143,10 +153,16 @@ if init_from == 'resume':
         fail(str(e))
     if missing := {'optimizer', 'iter_num', 'best_val_loss'} - set(resume_ckpt):
         fail(f"checkpoint {ckpt_path} cannot be resumed: it has no {', '.join(sorted(missing))}")
-    # the checkpoint's keys define its weights; the run may change the others (RUN_KEYS: dropout, expert_impl, ...)
-    model_args.update({k: v for k, v in resume_ckpt['model_args'].items() if k in MODEL_KEYS and k not in RUN_KEYS})
+    # the checkpoint's keys define its weights; the run may change the others (RUN_KEYS: dropout, expert_impl, ...).
+    # No n_expert: a dense model (nanoGPT's checkpoints, and this project's dense ones)
+    ckpt_args = {'n_expert': 0, **resume_ckpt['model_args']}
+    model_args.update({k: v for k, v in ckpt_args.items() if k in MODEL_KEYS and k not in RUN_KEYS})
 # a model from a checkpoint or from GPT-2 can be cropped to a smaller block_size, never grown
-model_block_size = 1024 if init_from in ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl') else model_args['block_size']
+model_block_size = 1024 if init_from.startswith('gpt2') else model_args['block_size']
+if gpt2_folder:
+    with open(os.path.join(init_from, 'config.json')) as f:
+        hf_config = json.load(f)
+    model_block_size = hf_config.get('n_positions') or hf_config.get('block_size', 1024)
 if block_size > model_block_size:
     fail(f"block_size={block_size} is larger than the model's block_size={model_block_size}")
 try:
@@ -163,8 +179,7 @@ if init_from in ('scratch', 'resume'):  # fp32 weights, gradients and AdamW mome
 # various inits, derived attributes, I/O setup
 ddp = int(os.environ.get('RANK', -1)) != -1  # is this a ddp run?
 if ddp:
-    backend = 'nccl' if device.startswith('cuda') else 'gloo'
-    init_process_group(backend=backend)
+    init_process_group(backend=backend or ('nccl' if device.startswith('cuda') else 'gloo'))
     ddp_rank = int(os.environ['RANK'])
     ddp_local_rank = int(os.environ['LOCAL_RANK'])
     ddp_world_size = int(os.environ['WORLD_SIZE'])
@@ -250,10 +265,14 @@ elif init_from == 'resume':
         fail(f"checkpoint {ckpt_path} does not match its model_args: {detail[:300]}")
     iter_num = resume_ckpt['iter_num']
     best_val_loss = resume_ckpt['best_val_loss']
-elif init_from.startswith('gpt2'):
-    print(f"Initializing from OpenAI GPT-2 weights: {init_from}")
+else:  # a GPT-2 name, or a Hugging Face folder (GPT-2's, or one export_hf.py wrote)
+    print(f"Initializing from pretrained weights: {init_from}")
     from model import GPT
-    model = GPT.from_pretrained(init_from, dict(dropout=dropout))
+    from export_hf import load_hf_folder
+    try:
+        model = load_hf_folder(init_from, dropout) if gpt2_folder else GPT.from_pretrained(init_from, dict(dropout=dropout))
+    except ValueError as e:
+        fail(str(e))
     model_args = model_args_of(model)
 # crop down the model block size if desired, using model surgery (growing it was refused above)
 if block_size < model.config.block_size:
@@ -351,8 +370,8 @@ def checkpoint_state():
     """Every rank calls this (expert parallelism gathers the experts); the master saves it. A state with a
     NaN/inf weight (a step can have a finite loss and gradient and still leave one) stops the run instead:
     it would replace the last good checkpoint."""
-    state = training_state(raw_model, optimizer, scaler, ep, device, model_args=model_args, iter_num=iter_num,
-                           best_val_loss=best_val_loss, config=config)
+    state = training_state(raw_model, optimizer, scaler, ep, device, model_args=model_args_of(raw_model),
+                           iter_num=iter_num, best_val_loss=best_val_loss, config=config)
     if bad := nonfinite_tensor(state):  # the same full state on every rank: they all stop here
         stop_nonfinite(f"non-finite values in {bad} at iter {iter_num}, not saved", {})
     return state
@@ -368,7 +387,6 @@ def stop_nonfinite(message, diagnosis):
 
 # logging
 if wandb_log and run_dir:
-    import wandb
     wandb.init(project=wandb_project, name=wandb_run_name, config=config)
     run_dir.wandb = wandb
 
@@ -400,8 +418,9 @@ while True:
             if run_dir:
                 run_dir.log({'iter': iter_num, 'train/ce': losses['train'], 'val/ce': losses['val'], 'lr': lr, **flips})
             if state is not None:
-                print(f"saving checkpoint to {out_dir}")
-                run_dir.save(state, 'ckpt.pt')  # the latest, for resume
+                if always_save_checkpoint or improved:
+                    print(f"saving checkpoint to {out_dir}")
+                    run_dir.save(state, 'ckpt.pt')  # the latest, for resume
                 if improved:
                     run_dir.save(state, 'ckpt_best.pt')  # the best val loss so far
         state = None

@@ -79,7 +79,7 @@ def test_nonfinite_weights_are_never_saved_over_a_good_checkpoint(good_run, tmp_
     p = run('train.py', *FAST, f'--out_dir={out}', '--init_from=resume', '--eval_interval=1', '--max_iters=10',
             '--weight_decay=1e300', check=False)
     ckpt = os.path.join(out, 'ckpt.pt')
-    one_error_line(p, f"non-finite values in model ", code=1)
+    one_error_line(p, "non-finite values in model ", code=1)
     assert f"at iter 7, not saved; stopping. Last good checkpoint: {ckpt}" in p.stderr
     saved = load_checkpoint(ckpt)
     assert saved['iter_num'] == 6 and all(torch.isfinite(v).all() for v in saved['model'].values() if torch.is_tensor(v))

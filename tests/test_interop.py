@@ -1,0 +1,233 @@
+"""A user coming from nanoGPT: its config files and checkpoints work here, this project's dense checkpoints
+work there, GPT-2 weights load from a local folder, and wandb logs (offline)."""
+import dataclasses
+import glob
+import os
+
+import pytest
+import torch
+
+from conftest import ROOT, run, read_log
+from checkpoint import load_checkpoint
+from model import GPT, GPTConfig
+
+TINY_OVERRIDES = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_size=8', '--eval_iters=2',
+                  '--device=cpu', '--compile=False', '--max_iters=4', '--eval_interval=2', '--log_interval=1']
+
+# the keys and values of nanoGPT's config/train_shakespeare_char.py and config/finetune_shakespeare.py
+NANOGPT_SHAKESPEARE_CHAR = """
+out_dir = 'out-shakespeare-char'
+eval_interval = 250 # keep frequent because we'll overfit
+eval_iters = 200
+log_interval = 10 # don't print too too often
+
+# we expect to overfit on this small dataset, so only save when val improves
+always_save_checkpoint = False
+
+wandb_log = False # override via command line if you like
+wandb_project = 'shakespeare-char'
+wandb_run_name = 'mini-gpt'
+
+dataset = 'shakespeare_char'
+gradient_accumulation_steps = 1
+batch_size = 64
+block_size = 256 # context of up to 256 previous characters
+
+# baby GPT model :)
+n_layer = 6
+n_head = 6
+n_embd = 384
+dropout = 0.2
+
+learning_rate = 1e-3 # with baby networks can afford to go a bit higher
+max_iters = 5000
+lr_decay_iters = 5000 # make equal to max_iters usually
+min_lr = 1e-4 # learning_rate / 10 usually
+beta2 = 0.99 # make a bit bigger because number of tokens per iter is small
+
+warmup_iters = 100 # not super necessary potentially
+"""
+
+NANOGPT_FINETUNE_SHAKESPEARE = """
+import time
+
+out_dir = 'out-shakespeare'
+eval_interval = 5
+eval_iters = 40
+wandb_log = False # feel free to turn on
+wandb_project = 'shakespeare'
+wandb_run_name = 'ft-' + str(time.time())
+
+dataset = 'shakespeare'
+init_from = 'gpt2-xl' # this is the largest GPT-2 model
+
+# only save checkpoints if the validation loss improves
+always_save_checkpoint = False
+
+# the number of examples per iter:
+# 1 batch_size * 32 grad_accum * 1024 tokens = 32,768 tokens/iter
+# shakespeare has 301,966 tokens, so 1 epoch ~= 9.2 iters
+batch_size = 1
+gradient_accumulation_steps = 32
+max_iters = 20
+
+# finetune at constant LR
+learning_rate = 3e-5
+decay_lr = False
+"""
+
+
+@dataclasses.dataclass
+class NanoGPTConfig:  # nanoGPT's model.GPTConfig, field for field
+    block_size: int = 1024
+    vocab_size: int = 50304
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True
+
+
+@pytest.fixture(scope='module')
+def tiny_gpt2(tmp_path_factory):
+    """A saved GPT2LMHeadModel with shakespeare_char's 65-token vocabulary (save_pretrained's folder)."""
+    transformers = pytest.importorskip('transformers')
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp('tiny-gpt2')
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=65, n_positions=64,
+                                                         activation_function='gelu')).save_pretrained(folder)
+    return str(folder)
+
+
+def test_nanogpt_shakespeare_char_config_runs_unchanged(shakespeare_char, tmp_path):
+    config = tmp_path / 'train_shakespeare_char.py'
+    config.write_text(NANOGPT_SHAKESPEARE_CHAR)
+    out = tmp_path / 'out'
+    run('train.py', str(config), *TINY_OVERRIDES, '--max_iters=6', '--warmup_iters=0', f'--out_dir={out}')
+    evals = [r for r in read_log(str(out)) if 'val/ce' in r]
+    ckpt = load_checkpoint(str(out / 'ckpt.pt'))
+    # always_save_checkpoint=False: ckpt.pt is written only at an eval that improved the val loss
+    best = min(range(1, len(evals)), key=lambda i: evals[i]['val/ce'])
+    assert ckpt['iter_num'] == evals[best]['iter'] and ckpt['config']['always_save_checkpoint'] is False
+
+
+def test_nanogpt_finetune_config_runs_with_a_local_gpt2_folder(shakespeare_char, tiny_gpt2, tmp_path):
+    config = tmp_path / 'finetune_shakespeare.py'
+    config.write_text(NANOGPT_FINETUNE_SHAKESPEARE)
+    out = tmp_path / 'out'
+    run('train.py', str(config), *TINY_OVERRIDES, f'--init_from={tiny_gpt2}', '--dataset=shakespeare_char',
+        '--gradient_accumulation_steps=2', f'--out_dir={out}', '--backend=gloo')
+    ckpt = load_checkpoint(str(out / 'ckpt.pt'))
+    assert ckpt['model_args'] == {**dataclasses.asdict(NanoGPTConfig(n_layer=2, n_head=2, n_embd=32, vocab_size=65,
+                                                                      block_size=32))}
+
+
+def test_init_from_a_relative_gpt2_folder_and_one_line_when_offline(shakespeare_char, tiny_gpt2, tmp_path):
+    out = tmp_path / 'out'
+    run('train.py', *TINY_OVERRIDES, f'--init_from={os.path.relpath(tiny_gpt2, ROOT)}', '--dataset=shakespeare_char',
+        f'--out_dir={out}')
+    assert load_checkpoint(str(out / 'ckpt.pt'))['model_args']['n_layer'] == 2
+    env = {**os.environ, 'HF_HUB_OFFLINE': '1'}  # what a machine without network meets, at once
+    import subprocess
+    import sys
+    for script, args in (('train.py', ['--dataset=shakespeare_char', '--block_size=32']), ('sample.py', [])):
+        p = subprocess.run([sys.executable, os.path.join(ROOT, script), '--init_from=gpt2-xl', '--device=cpu',
+                            f'--out_dir={tmp_path / "x"}', *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=300)
+        assert p.returncode == 2 and 'Traceback' not in p.stderr, p.stderr[-2000:]
+        assert p.stderr.strip().splitlines()[-1].startswith("error: cannot load GPT-2 weights from 'gpt2-xl'")
+
+
+def nanogpt_checkpoint(path, seed=0):
+    """What nanoGPT's train.py saves: its dense GPT (same parameter names as model.GPT), AdamW with nanoGPT's
+    two groups, model_args of its GPTConfig, and no RNG or scaler state."""
+    torch.manual_seed(seed)
+    model_args = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, bias=False, vocab_size=65, dropout=0.0)
+    model = GPT(GPTConfig(**model_args))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW([{'params': [p for p in params if p.dim() >= 2], 'weight_decay': 0.1},
+                                   {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}], lr=1e-3)
+    x = torch.randint(65, (4, 32))
+    model(x, x)[1].backward()
+    optimizer.step()
+    torch.save({'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'model_args': model_args,
+                'iter_num': 100, 'best_val_loss': torch.tensor(4.0), 'config': {'dataset': 'shakespeare_char'}}, path)
+    return model
+
+
+def test_a_nanogpt_checkpoint_resumes_here(shakespeare_char, tmp_path):
+    out = tmp_path / 'out'
+    out.mkdir()
+    nanogpt_checkpoint(str(out / 'ckpt.pt'))
+    p = run('train.py', *TINY_OVERRIDES, '--dataset=shakespeare_char', '--init_from=resume', '--max_iters=102',
+            f'--out_dir={out}')  # n_expert is 8 by default: the checkpoint still decides (dense)
+    assert 'note: the checkpoint has no RNG state' in p.stdout
+    ckpt = load_checkpoint(str(out / 'ckpt.pt'))
+    assert ckpt['iter_num'] == 102 and set(ckpt['model_args']) == {f.name for f in dataclasses.fields(NanoGPTConfig)}
+    run('sample.py', f'--out_dir={out}', '--device=cpu', '--num_samples=1', '--max_new_tokens=5')
+
+
+def test_a_dense_checkpoint_from_here_loads_in_nanogpt(shakespeare_char, tmp_path):
+    """What nanoGPT's sample.py does with a checkpoint: GPTConfig(**model_args), strip '_orig_mod.', load."""
+    out = tmp_path / 'out'
+    run('train.py', *TINY_OVERRIDES, '--dataset=shakespeare_char', '--n_expert=0', f'--out_dir={out}')
+    ckpt = torch.load(str(out / 'ckpt.pt'), map_location='cpu', weights_only=True)
+    config = NanoGPTConfig(**ckpt['model_args'])  # nanoGPT: gptconf = GPTConfig(**checkpoint['model_args'])
+    nanogpt_names = GPT(GPTConfig(**dataclasses.asdict(config))).state_dict().keys()  # nanoGPT's names are these
+    assert {k.removeprefix('_orig_mod.') for k in ckpt['model']} == set(nanogpt_names)
+    assert ckpt['config']['dataset'] == 'shakespeare_char'  # where nanoGPT's sample.py looks for meta.pkl
+
+
+def test_wandb_logs_offline(shakespeare_char, tmp_path):
+    pytest.importorskip('wandb')
+    import subprocess
+    import sys
+    env = {**os.environ, 'WANDB_MODE': 'offline', 'WANDB_DIR': str(tmp_path), 'WANDB_SILENT': 'true'}
+    p = subprocess.run([sys.executable, os.path.join(ROOT, 'train.py'), *TINY_OVERRIDES, '--dataset=shakespeare_char',
+                        '--n_expert=4', '--expert_hidden=32', '--wandb_log=True', f'--out_dir={tmp_path / "out"}'],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    (run_file,) = glob.glob(str(tmp_path / 'wandb' / 'offline-run-*' / 'run-*.wandb'))
+    data = open(run_file, 'rb').read()  # the run's records: the logged keys are there as plain strings
+    for key in (b'train/ce', b'val/ce', b'grad_norm', b'layer0/max_load', b'layer1/load/expert3', b'layer1/flip_rate'):
+        assert key in data, key
+
+# -----------------------------------------------------------------------------
+# Hugging Face export
+
+
+@pytest.mark.parametrize('kind', ['dense', 'moe'])
+def test_export_to_hugging_face_and_back(shakespeare_char, tmp_path, monkeypatch, kind):
+    transformers = pytest.importorskip('transformers')
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    out, hf_dir = tmp_path / 'out', tmp_path / 'hf'
+    model_args = (['--n_expert=0', '--bias=False'] if kind == 'dense' else  # no biases: exported as zeros
+                  ['--n_expert=4', '--top_k=2', '--expert_hidden=32', '--bias=True', '--router=aux_free',
+                   '--n_shared_expert=1', '--n_layer=3', '--n_dense_layers=1'])
+    run('train.py', *TINY_OVERRIDES, '--dataset=shakespeare_char', *model_args, f'--out_dir={out}')
+    run('export_hf.py', f'--out_dir={out}', f'--hf_dir={hf_dir}')
+    from export_hf import load_hf_folder
+    from moe_model import build_model
+    ckpt = load_checkpoint(str(out / 'ckpt.pt'))
+    model = build_model(ckpt['model_args']).eval()
+    model.load_state_dict(ckpt['model'])
+    if kind == 'dense':
+        hf = transformers.GPT2LMHeadModel.from_pretrained(str(hf_dir)).eval()
+    else:
+        assert os.path.exists(hf_dir / 'modeling_nanomoe.py')  # self-contained: the code travels with the weights
+        hf = transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir), trust_remote_code=True).eval()
+    idx = torch.randint(65, (3, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = model(idx, idx)[0]
+        torch.testing.assert_close(hf(idx).logits, ours, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(load_hf_folder(str(hf_dir)).eval()(idx, idx)[0], ours, rtol=1e-5, atol=1e-5)
+        greedy = hf.generate(idx[:, :4], max_new_tokens=8, do_sample=False)
+        x = idx[:, :4]
+        for _ in range(8):
+            x = torch.cat([x, model(x)[0][:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(greedy, x)
+    # init_from takes the exported folder back
+    run('train.py', *TINY_OVERRIDES, '--dataset=shakespeare_char', f'--init_from={hf_dir}', f'--out_dir={tmp_path / "again"}')
+    # and an existing folder is never overwritten
+    p = run('export_hf.py', f'--out_dir={out}', f'--hf_dir={hf_dir}', check=False)
+    assert p.returncode == 2 and 'exists and is not an empty folder' in p.stderr
