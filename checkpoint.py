@@ -75,15 +75,15 @@ def load_checkpoint(path, map_location='cpu'):
     return ckpt
 
 
-def training_state(model, optimizer, scaler, ep, device, **meta):
-    """What a checkpoint holds: always the full model and optimizer (ep gathers the experts under expert
-    parallelism, so every rank must call this; then the master saves it), the scaler, every RNG, and
-    meta (model_args, iter_num, best_val_loss, config)."""
-    return {'model': ep.state_dict(model), 'optimizer': ep.optimizer_state_dict(optimizer, model),
+def training_state(model, optimizer, scaler, parallel, device, **meta):
+    """What a checkpoint holds: always the full model and optimizer (parallel, an ExpertParallel, gathers the
+    experts under expert parallelism, so every rank must call this; then the master saves it), the scaler,
+    every RNG, and meta (model_args, iter_num, best_val_loss, config)."""
+    return {'model': parallel.state_dict(model), 'optimizer': parallel.optimizer_state_dict(optimizer, model),
             'scaler': scaler.state_dict(), 'rng': rng_state(device), **meta}
 
 
-def restore(ckpt, model, optimizer, scaler, ep, device):
+def restore(ckpt, model, optimizer, scaler, parallel, device):
     """The inverse of training_state for a resumed run: optimizer state (cut to this rank's experts), scaler
     and RNGs (the global RNGs drive dropout, router noise and sampling: an exact resume needs them). The
     optimizer's hyperparameters stay the run's own (load_state_dict would bring back the checkpoint's betas
@@ -91,7 +91,7 @@ def restore(ckpt, model, optimizer, scaler, ep, device):
     nanoGPT one has no RNG state; an fp32 one no scaler state for a float16 run) starts fresh, with a note.
     The model's weights are loaded before it is sharded and moved, see train.py."""
     hyper = [{k: v for k, v in group.items() if k != 'params'} for group in optimizer.param_groups]
-    ep.load_optimizer_state_dict(optimizer, model, ckpt['optimizer'])
+    parallel.load_optimizer_state_dict(optimizer, model, ckpt['optimizer'])
     for group, own in zip(optimizer.param_groups, hyper):
         group.update(own)
     if scaler.is_enabled():

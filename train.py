@@ -99,7 +99,7 @@ lr_decay_iters = 600000  # should be ~= max_iters per Chinchilla
 min_lr = 6e-5  # minimum learning rate, should be ~= learning_rate/10 per Chinchilla
 # system
 backend = ''  # DDP backend: 'nccl', 'gloo'; '' picks nccl on CUDA, gloo on CPU
-device = 'cuda' if torch.cuda.is_available() else 'cpu'  # 'cpu', 'cuda', 'cuda:0', 'mps'
+device = 'cuda' if torch.cuda.is_available() else 'cpu'  # 'cpu', 'cuda', 'cuda:0', ... (not 'mps')
 dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else ('float16' if torch.cuda.is_available() else 'float32')
 compile = torch.cuda.is_available()  # use PyTorch 2.0 to compile the model to be faster
 peak_flops = 312e12  # for MFU: A100 bf16 peak; an H100 SXM is 989e12
@@ -281,8 +281,8 @@ if block_size < model.config.block_size:
 n_total, n_active = model.get_num_params(), model.get_num_params(active=True)
 print(f"number of parameters: {n_total / 1e6:.2f}M total, {n_active / 1e6:.2f}M active per token")
 # expert parallelism: keep this rank's experts only (every rank built or loaded the same full model, on the CPU)
-ep = ExpertParallel(expert_parallel, device_type)
-ep.shard(model)
+parallel = ExpertParallel(expert_parallel, device_type)
+parallel.shard(model)
 model.to(device)
 
 # initialize a GradScaler. If enabled=False scaler is a no-op
@@ -291,7 +291,7 @@ scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
 # optimizer
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
 if init_from == 'resume':
-    restore(resume_ckpt, model, optimizer, scaler, ep, device)
+    restore(resume_ckpt, model, optimizer, scaler, parallel, device)
 resume_ckpt = None  # free up memory
 
 # compile the model
@@ -301,7 +301,7 @@ if compile:
 
 # wrap model into DDP container
 if ddp:
-    model = ep.data_parallel(model, device_ids=[ddp_local_rank] if device_type == 'cuda' else None)
+    model = parallel.data_parallel(model, device_ids=[ddp_local_rank] if device_type == 'cuda' else None)
 raw_model = model.module if ddp else model  # unwrap DDP container if needed
 raw_model = getattr(raw_model, '_orig_mod', raw_model)  # and torch.compile
 
@@ -370,7 +370,7 @@ def checkpoint_state():
     """Every rank calls this (expert parallelism gathers the experts); the master saves it. A state with a
     NaN/inf weight (a step can have a finite loss and gradient and still leave one) stops the run instead:
     it would replace the last good checkpoint."""
-    state = training_state(raw_model, optimizer, scaler, ep, device, model_args=model_args_of(raw_model),
+    state = training_state(raw_model, optimizer, scaler, parallel, device, model_args=model_args_of(raw_model),
                            iter_num=iter_num, best_val_loss=best_val_loss, config=config)
     if bad := nonfinite_tensor(state):  # the same full state on every rank: they all stop here
         stop_nonfinite(f"non-finite values in {bad} at iter {iter_num}, not saved", {})
@@ -446,10 +446,10 @@ while True:
         loss_sum = loss_sum + loss.detach()
         # backward pass, with gradient scaling if training in fp16
         scaler.scale(loss).backward()
-    ep.sync_grads(raw_model, ddp_world_size)  # expert weights that DDP left alone (expert parallelism)
+    parallel.sync_grads(raw_model, ddp_world_size)  # expert weights that DDP left alone (expert parallelism)
     # clip the gradient (or just measure its norm, for the non-finite guard), over the whole model
     scaler.unscale_(optimizer)
-    grad_norm = ep.clip_grad_norm(raw_model, grad_clip if grad_clip > 0 else float('inf'))
+    grad_norm = parallel.clip_grad_norm(raw_model, grad_clip if grad_clip > 0 else float('inf'))
     # divergence guard: a NaN would poison the weights. fp16's GradScaler skips such a step itself (and lowers
     # its scale), so there only MAX_NONFINITE_STEPS in a row mean divergence; 'skip' also stops after those.
     # Every rank takes the same branch (the diagnosis below runs collective forwards under expert parallelism)
@@ -489,7 +489,7 @@ while True:
             running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
         terms = {k: v.item() for k, v in raw_model.loss_terms.items()}
         parts = ', '.join(f'{k} {v:.4f}' for k, v in terms.items())
-        extra = ep.step_stats()  # all-to-all megabytes under expert parallelism
+        extra = parallel.step_stats()  # all-to-all megabytes under expert parallelism
         print(f"iter {iter_num}/{max_iters}: loss {lossf:.4f} ({parts}), time {dt * 1000:.2f}ms, "
               f"{tokens_per_iter / dt:,.0f} tok/s" + (f", mfu {running_mfu * 100:.2f}%" if running_mfu >= 0 else '')
               + ''.join(f', {k} {v:.2f}' for k, v in extra.items()))
