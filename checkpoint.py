@@ -75,6 +75,26 @@ def load_checkpoint(path, map_location='cpu'):
     return ckpt
 
 
+def load_for_resume(path):
+    """load_checkpoint, plus what a resume needs (CheckpointError if it lacks optimizer, iter_num or
+    best_val_loss); a checkpoint whose model_args have no n_expert (nanoGPT's, this project's dense ones)
+    is dense."""
+    ckpt = load_checkpoint(path)
+    if missing := {'optimizer', 'iter_num', 'best_val_loss'} - set(ckpt):
+        raise CheckpointError(f"checkpoint {path} cannot be resumed: it has no {', '.join(sorted(missing))}")
+    ckpt['model_args'] = {'n_expert': 0, **ckpt['model_args']}
+    return ckpt
+
+
+def load_weights(model, ckpt, path):
+    """model.load_state_dict(ckpt['model']); CheckpointError, one line, if the weights do not fit model_args."""
+    try:
+        model.load_state_dict(ckpt['model'])
+    except RuntimeError as e:  # torch's message lists every key: the first is enough
+        detail = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))
+        raise CheckpointError(f"checkpoint {path} does not match its model_args: {detail[:300]}") from None
+
+
 def training_state(model, optimizer, scaler, parallel, device, **meta):
     """What a checkpoint holds: always the full model and optimizer (parallel, an ExpertParallel, gathers the
     experts under expert parallelism, so every rank must call this; then the master saves it), the scaler,

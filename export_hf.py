@@ -18,7 +18,7 @@ import shutil
 import torch
 
 from configurator import configure, fail
-from checkpoint import load_checkpoint, CheckpointError
+from checkpoint import load_checkpoint, load_weights, CheckpointError
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'  # the run whose checkpoint is exported
@@ -53,11 +53,19 @@ def export_moe(model):
     return hf
 
 
+def hf_config(folder):
+    """The config.json of a Hugging Face model folder, or None if folder is not one."""
+    path = os.path.join(folder, 'config.json')
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
 def load_hf_folder(folder, dropout=0.0):
     """A GPT (a GPT2LMHeadModel folder, through model.GPT.from_pretrained) or an MoEGPT (a folder this file
     exported); ValueError with one line if it cannot be loaded."""
-    with open(os.path.join(folder, 'config.json')) as f:
-        cfg = json.load(f)
+    cfg = hf_config(folder)
     if cfg.get('model_type') != 'nanomoe':
         from model import GPT
         return GPT.from_pretrained(folder, dict(dropout=dropout))
@@ -90,9 +98,9 @@ if __name__ == '__main__':
     from moe_model import build_model
     try:
         model = build_model(ckpt['model_args'])
-        model.load_state_dict(ckpt['model'])
-    except (ValueError, RuntimeError) as e:
-        fail(f"checkpoint {path} does not match its model_args: {str(e).strip().splitlines()[-1][:300]}")
+        load_weights(model, ckpt, path)
+    except (ValueError, CheckpointError) as e:
+        fail(str(e))
     model.eval()
     hf = export_dense(model) if getattr(model.config, 'n_expert', 0) == 0 else export_moe(model)
     tmp = f'{hf_dir.rstrip(os.sep)}.tmp-{os.getpid()}'  # written whole, then renamed: never half a folder

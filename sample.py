@@ -10,7 +10,7 @@ from contextlib import nullcontext
 import torch
 
 from configurator import configure, fail, check_choice, check_range, check_device
-from checkpoint import load_checkpoint, load_meta, CheckpointError
+from checkpoint import load_checkpoint, load_weights, load_meta, CheckpointError
 from moe_model import build_model
 
 # -----------------------------------------------------------------------------
@@ -69,9 +69,9 @@ if init_from == 'resume':
         model_args['expert_impl'] = expert_impl
     try:
         model = build_model(model_args)
-    except ValueError as e:
+        load_weights(model, checkpoint, os.path.join(out_dir, ckpt_name))
+    except (ValueError, CheckpointError) as e:
         fail(str(e))
-    model.load_state_dict(checkpoint['model'])
 elif init_from in ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl') or os.path.isdir(init_from):
     # init from a given GPT-2 model, or a Hugging Face folder (GPT-2's, or one export_hf.py wrote)
     from model import GPT

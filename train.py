@@ -24,7 +24,6 @@ Beyond nanoGPT: the data order is a pure function of (seed, step), so a resume i
 import os
 import sys
 import time
-import json
 import math
 import random
 import signal
@@ -36,9 +35,11 @@ from torch.distributed import init_process_group, destroy_process_group
 
 from configurator import configure, fail, check_choice, check_range, check_device, check_dataset, check_memory
 from kernels.cpu_memory import keep_freed_memory
-from checkpoint import load_checkpoint, CheckpointError, load_meta, training_state, restore, nonfinite_tensor, RunDir
+from checkpoint import (load_for_resume, load_weights, CheckpointError, load_meta, training_state, restore,
+                        nonfinite_tensor, RunDir)
 from moe_model import build_model, model_config, model_args_of, training_bytes, MODEL_KEYS, RUN_KEYS
 from expert_parallel import ExpertParallel, config_error
+from export_hf import hf_config, load_hf_folder
 
 # -----------------------------------------------------------------------------
 # default config values designed to train a GPT-2 (124M) sized MoE on OpenWebText
@@ -112,8 +113,8 @@ globals().update(config)
 # -----------------------------------------------------------------------------
 # check everything we can before any work starts: one clear line and exit code 2 otherwise
 
-gpt2_folder = os.path.isdir(init_from) and os.path.isfile(os.path.join(init_from, 'config.json'))
-if init_from not in ('scratch', 'resume', 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl') and not gpt2_folder:
+hf_folder = hf_config(init_from)  # a Hugging Face model folder (GPT-2's, or one export_hf.py wrote), or None
+if init_from not in ('scratch', 'resume', 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl') and hf_folder is None:
     fail(f"init_from={init_from!r}; allowed: 'scratch', 'resume', 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl', "
          f"or a folder holding a saved GPT2LMHeadModel (config.json and weights)")
 if wandb_log:
@@ -148,21 +149,14 @@ model_args['vocab_size'] = vocab_size or meta_vocab_size or 50304
 resume_ckpt, ckpt_path = None, os.path.join(out_dir, 'ckpt.pt')
 if init_from == 'resume':
     try:
-        resume_ckpt = load_checkpoint(ckpt_path)
+        resume_ckpt = load_for_resume(ckpt_path)
     except CheckpointError as e:
         fail(str(e))
-    if missing := {'optimizer', 'iter_num', 'best_val_loss'} - set(resume_ckpt):
-        fail(f"checkpoint {ckpt_path} cannot be resumed: it has no {', '.join(sorted(missing))}")
-    # the checkpoint's keys define its weights; the run may change the others (RUN_KEYS: dropout, expert_impl, ...).
-    # No n_expert: a dense model (nanoGPT's checkpoints, and this project's dense ones)
-    ckpt_args = {'n_expert': 0, **resume_ckpt['model_args']}
-    model_args.update({k: v for k, v in ckpt_args.items() if k in MODEL_KEYS and k not in RUN_KEYS})
+    # the checkpoint's keys define its weights; the run may change the others (RUN_KEYS: dropout, expert_impl, ...)
+    model_args.update({k: v for k, v in resume_ckpt['model_args'].items() if k in MODEL_KEYS and k not in RUN_KEYS})
 # a model from a checkpoint or from GPT-2 can be cropped to a smaller block_size, never grown
-model_block_size = 1024 if init_from.startswith('gpt2') else model_args['block_size']
-if gpt2_folder:
-    with open(os.path.join(init_from, 'config.json')) as f:
-        hf_config = json.load(f)
-    model_block_size = hf_config.get('n_positions') or hf_config.get('block_size', 1024)
+model_block_size = (hf_folder.get('n_positions') or hf_folder.get('block_size', 1024) if hf_folder else
+                    1024 if init_from.startswith('gpt2') else model_args['block_size'])
 if block_size > model_block_size:
     fail(f"block_size={block_size} is larger than the model's block_size={model_block_size}")
 try:
@@ -259,18 +253,16 @@ elif init_from == 'resume':
     print(f"Resuming training from {out_dir}")
     model = build_model(model_args)
     try:
-        model.load_state_dict(resume_ckpt['model'])
-    except RuntimeError as e:  # torch's message lists every key: one line is enough
-        detail = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))
-        fail(f"checkpoint {ckpt_path} does not match its model_args: {detail[:300]}")
+        load_weights(model, resume_ckpt, ckpt_path)
+    except CheckpointError as e:
+        fail(str(e))
     iter_num = resume_ckpt['iter_num']
     best_val_loss = resume_ckpt['best_val_loss']
 else:  # a GPT-2 name, or a Hugging Face folder (GPT-2's, or one export_hf.py wrote)
     print(f"Initializing from pretrained weights: {init_from}")
     from model import GPT
-    from export_hf import load_hf_folder
     try:
-        model = load_hf_folder(init_from, dropout) if gpt2_folder else GPT.from_pretrained(init_from, dict(dropout=dropout))
+        model = load_hf_folder(init_from, dropout) if hf_folder else GPT.from_pretrained(init_from, dict(dropout=dropout))
     except ValueError as e:
         fail(str(e))
     model_args = model_args_of(model)
