@@ -154,14 +154,15 @@ def test_sigterm_saves_a_checkpoint_and_exits_0(sigtermed):
     assert steps == list(range(k))  # the step in flight finished, nothing after it
 
 
-def test_sigint_too(shakespeare_char, tmp_path):
+@pytest.mark.parametrize('sig', [signal.SIGINT, signal.SIGHUP])  # Ctrl-C; a closed terminal or ssh session
+def test_sigint_and_sighup_too(shakespeare_char, tmp_path, sig):
     out = str(tmp_path / 'out')
     p = start(out, *FAST, '--eval_interval=1000', '--max_iters=100000')
     wait_for_steps(p, out, 1)
-    p.send_signal(signal.SIGINT)
+    p.send_signal(sig)
     assert p.wait(timeout=120) == 0
     k = load_checkpoint(os.path.join(out, 'ckpt.pt'))['iter_num']
-    assert k >= 1 and f"received SIGINT: saved checkpoint at iter {k}" in open(out + '.stdout').read()
+    assert k >= 1 and f"received {sig.name}: saved checkpoint at iter {k}" in open(out + '.stdout').read()
 
 
 def test_resume_after_sigterm_is_bit_identical_to_an_uninterrupted_run(sigtermed, tmp_path):

@@ -116,16 +116,6 @@ def test_a_second_sigterm_exits_at_once_with_128_plus_the_signal_and_no_tracebac
     assert 'Traceback' not in err and 'received SIGTERM again: exiting now' in err
 
 
-def test_sighup_saves_like_sigterm(shakespeare_char, tmp_path):
-    out = str(tmp_path / 'out')
-    p = start(out, *FAST, '--eval_interval=1000', '--max_iters=100000')
-    wait_for_steps(p, out, 1)
-    p.send_signal(signal.SIGHUP)
-    assert p.wait(timeout=120) == 0
-    assert 'received SIGHUP: saved checkpoint' in open(out + '.stdout').read()
-    assert load_checkpoint(os.path.join(out, 'ckpt.pt'))['iter_num'] >= 1
-
-
 def test_workers_save_and_exit_when_the_torchrun_launcher_is_killed(shakespeare_char, tmp_path):
     out = str(tmp_path / 'out')
     with open(out + '.stdout', 'w') as stdout, open(out + '.stderr', 'w') as stderr:
