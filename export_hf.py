@@ -66,6 +66,8 @@ def load_hf_folder(folder, dropout=0.0):
     """A GPT (a GPT2LMHeadModel folder, through model.GPT.from_pretrained) or an MoEGPT (a folder this file
     exported); ValueError with one line if it cannot be loaded."""
     cfg = hf_config(folder)
+    if cfg is None:
+        raise ValueError(f"{folder} has no config.json: it is not a Hugging Face model folder")
     if cfg.get('model_type') != 'nanomoe':
         from model import GPT
         return GPT.from_pretrained(folder, dict(dropout=dropout))

@@ -227,9 +227,9 @@ def get_batch(split, step, micro_step):
     data = np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=np.uint16, mode='r')
     ix = torch.randint(len(data) - block_size, (batch_size,), generator=g)
     xy = torch.stack([torch.from_numpy((data[i:i + block_size + 1]).astype(np.int64)) for i in ix])
-    if xy.max() >= model_args['vocab_size']:  # cheap here, a device-side assert or garbage later
+    if xy.max() >= raw_model.config.vocab_size:  # cheap here, a device-side assert or garbage later
         fail(f"{split}.bin of {data_dir} holds token id {int(xy.max())}, but the model's vocab_size is "
-             f"{model_args['vocab_size']} (from meta.pkl, --vocab_size or the checkpoint)")
+             f"{raw_model.config.vocab_size} (from meta.pkl, --vocab_size, the checkpoint or the pretrained model)")
     x, y = xy[:, :-1].contiguous(), xy[:, 1:].contiguous()
     if device_type == 'cuda':
         # pin arrays x,y, which allows us to move them to GPU asynchronously (non_blocking=True)
@@ -265,11 +265,9 @@ else:  # a GPT-2 name, or a Hugging Face folder (GPT-2's, or one export_hf.py wr
         model = load_hf_folder(init_from, dropout) if hf_folder else GPT.from_pretrained(init_from, dict(dropout=dropout))
     except ValueError as e:
         fail(str(e))
-    model_args = model_args_of(model)
 # crop down the model block size if desired, using model surgery (growing it was refused above)
 if block_size < model.config.block_size:
-    model.crop_block_size(block_size)
-    model_args['block_size'] = block_size  # so that the checkpoint will have the right value
+    model.crop_block_size(block_size)  # the checkpoint's model_args are read off the model (model_args_of)
 n_total, n_active = model.get_num_params(), model.get_num_params(active=True)
 print(f"number of parameters: {n_total / 1e6:.2f}M total, {n_active / 1e6:.2f}M active per token")
 # expert parallelism: keep this rank's experts only (every rank built or loaded the same full model, on the CPU)
