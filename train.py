@@ -200,6 +200,7 @@ if master_process and not eval_only:
         run_dir = RunDir(out_dir)
     except CheckpointError as e:
         fail(str(e))
+launcher_pid = os.getppid()
 if ddp and sys.platform == 'linux':  # the launcher dies (kill -9): this worker gets SIGTERM, saves and exits
     import ctypes
     ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
@@ -337,6 +338,8 @@ stop_signal = None
 
 def request_stop(signum, frame):
     global stop_signal
+    if ddp and stop_signal is not None and os.getppid() != launcher_pid:
+        return  # the launcher died: the kernel sends its death signal once per thread that inherited it; one counts
     if stop_signal is not None:  # a second signal: stop at once, even mid-save (writes are atomic: that is safe)
         print(f"received {signal.Signals(signum).name} again: exiting now", file=sys.stderr, flush=True)
         os._exit(128 + signum)
