@@ -65,7 +65,7 @@ def load_checkpoint(path, map_location='cpu'):
     except Exception as e:  # whatever pickle or zip raise deep inside, the user gets one line
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"checkpoint {path} is truncated or corrupt and cannot be loaded ({first_line[:200]})") from None
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get('model'), dict) or 'model_args' not in ckpt:
+    if not (isinstance(ckpt, dict) and isinstance(ckpt.get('model'), dict) and isinstance(ckpt.get('model_args'), dict)):
         raise CheckpointError(f"checkpoint {path} is not a nanoMoE checkpoint (no 'model'/'model_args')")
     # compile's prefix, and the causal-mask buffer nanoGPT's attention keeps without flash attention
     ckpt['model'] = {k: v for k, v in clean_state_dict(ckpt['model']).items() if not k.endswith('.attn.bias')}
@@ -77,12 +77,10 @@ def load_checkpoint(path, map_location='cpu'):
 
 def load_for_resume(path):
     """load_checkpoint, plus what a resume needs (CheckpointError if it lacks optimizer, iter_num or
-    best_val_loss); a checkpoint whose model_args have no n_expert (nanoGPT's, this project's dense ones)
-    is dense."""
+    best_val_loss)."""
     ckpt = load_checkpoint(path)
     if missing := {'optimizer', 'iter_num', 'best_val_loss'} - set(ckpt):
         raise CheckpointError(f"checkpoint {path} cannot be resumed: it has no {', '.join(sorted(missing))}")
-    ckpt['model_args'] = {'n_expert': 0, **ckpt['model_args']}
     return ckpt
 
 

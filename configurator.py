@@ -98,8 +98,10 @@ def _checked(key, value, config, source):
     fail(f"{key}={value!r} (from {source}) must be of type {type(default).__name__}, got {type(value).__name__}")
 
 
-def configure(config, args):
-    """Apply config files and --key=value overrides from `args` to the dict `config`, in order."""
+def configure(config, args, given=None):
+    """Apply config files and --key=value overrides from `args` to the dict `config`, in order. The set
+    `given`, if passed, collects the keys they set (also to their default value)."""
+    given = set() if given is None else given
     for arg in args:
         if '=' not in arg:
             # assume it's the name of a config file
@@ -117,11 +119,13 @@ def configure(config, args):
                 if key.startswith('_') or isinstance(value, types.ModuleType):
                     continue
                 config[key] = _checked(key, value, config, arg)
+                given.add(key)
         else:
             # assume it's a --key=value argument
             if not arg.startswith('--'):
                 fail(f"bad argument {arg!r}: use --key=value")
             key, val = arg[2:].split('=', 1)
             config[key] = _checked(key, _parse(val, config.get(key)), config, arg)
+            given.add(key)
             print(f"Overriding: {key} = {config[key]!r}")
     return config

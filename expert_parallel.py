@@ -22,14 +22,14 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from moe_model import Experts, sort_by_expert, combine, compute_dtype, grouped_mlp
 
 
-def config_error(expert_parallel, model_args, init_from, expert_impl, dtype, world_size):
+def config_error(expert_parallel, model_args, expert_impl, dtype, world_size):
     """Why this run cannot use expert_parallel (a one-line message), or None."""
     if not isinstance(expert_parallel, int) or expert_parallel < 1:
         return f"expert_parallel={expert_parallel!r} must be a positive integer"
     if expert_parallel == 1:
         return None
-    if model_args['n_expert'] == 0 or init_from not in ('scratch', 'resume'):
-        return f"expert_parallel={expert_parallel} needs an MoE model (n_expert > 0, init_from 'scratch' or 'resume')"
+    if model_args['n_expert'] == 0:
+        return f"expert_parallel={expert_parallel} needs an MoE model (n_expert > 0)"
     if model_args['n_expert'] % expert_parallel:
         return f"expert_parallel={expert_parallel} must divide n_expert={model_args['n_expert']}"
     if expert_impl != 'grouped':

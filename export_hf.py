@@ -26,6 +26,10 @@ ckpt_name = 'ckpt.pt'  # or 'ckpt_best.pt'
 hf_dir = ''  # the folder to write (must not exist, or be empty)
 # -----------------------------------------------------------------------------
 CONV1D = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')  # HF stores x @ W
+MOE_KEYS = ('block_size', 'vocab_size', 'n_layer', 'n_head', 'n_embd', 'bias', 'n_expert', 'expert_hidden', 'moe_every',
+            'router', 'router_temperature', 'n_shared_expert', 'n_dense_layers')  # (+ top_k: num_experts_per_tok)
+GPT2_SIZES = {'gpt2': (12, 12, 768), 'gpt2-medium': (24, 16, 1024), 'gpt2-large': (36, 20, 1280),  # n_layer, n_head,
+              'gpt2-xl': (48, 25, 1600)}  # n_embd
 
 
 def export_dense(model):
@@ -46,9 +50,7 @@ def export_moe(model):
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'hf'))
     from modeling_nanomoe import NanoMoEConfig, NanoMoEForCausalLM
     c = model.config
-    hf = NanoMoEForCausalLM(NanoMoEConfig(num_experts_per_tok=c.top_k, **{k: getattr(c, k) for k in (
-        'block_size', 'vocab_size', 'n_layer', 'n_head', 'n_embd', 'bias', 'n_expert', 'expert_hidden', 'moe_every',
-        'router', 'router_temperature', 'n_shared_expert', 'n_dense_layers')}))
+    hf = NanoMoEForCausalLM(NanoMoEConfig(num_experts_per_tok=c.top_k, **{k: getattr(c, k) for k in MOE_KEYS}))
     hf.load_state_dict({k: v for k, v in model.state_dict().items() if not k.endswith('_extra_state')})
     return hf
 
@@ -62,6 +64,20 @@ def hf_config(folder):
         return json.load(f)
 
 
+def hf_model_args(init_from):
+    """The model_args of a GPT-2 name, or of a Hugging Face folder's config.json (GPT-2's, or one exported
+    here), read before any weights are."""
+    if init_from in GPT2_SIZES:
+        n_layer, n_head, n_embd = GPT2_SIZES[init_from]
+        return dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=1024, vocab_size=50257, bias=True,
+                    n_expert=0)
+    cfg = hf_config(init_from)
+    if cfg.get('model_type') == 'nanomoe':
+        return dict(top_k=cfg['num_experts_per_tok'], **{k: cfg[k] for k in MOE_KEYS})
+    return dict(n_layer=cfg.get('n_layer', 12), n_head=cfg.get('n_head', 12), n_embd=cfg.get('n_embd', 768),
+                block_size=cfg.get('n_positions', 1024), vocab_size=cfg.get('vocab_size', 50257), bias=True, n_expert=0)
+
+
 def load_hf_folder(folder, dropout=0.0):
     """A GPT (a GPT2LMHeadModel folder, through model.GPT.from_pretrained) or an MoEGPT (a folder this file
     exported); ValueError with one line if it cannot be loaded."""
@@ -73,9 +89,7 @@ def load_hf_folder(folder, dropout=0.0):
         return GPT.from_pretrained(folder, dict(dropout=dropout))
     from safetensors.torch import load_file
     from moe_model import MoEGPT, MoEConfig
-    model = MoEGPT(MoEConfig(top_k=cfg['num_experts_per_tok'], dropout=dropout, **{k: cfg[k] for k in (
-        'block_size', 'vocab_size', 'n_layer', 'n_head', 'n_embd', 'bias', 'n_expert', 'expert_hidden', 'moe_every',
-        'router', 'router_temperature', 'n_shared_expert', 'n_dense_layers')}))
+    model = MoEGPT(MoEConfig(dropout=dropout, **hf_model_args(folder)))
     sd = load_file(os.path.join(folder, 'model.safetensors'))
     sd.setdefault('lm_head.weight', sd['transformer.wte.weight'])  # tied: saved once
     try:

@@ -35,11 +35,12 @@ from torch.distributed import init_process_group, destroy_process_group
 
 from configurator import configure, fail, check_choice, check_range, check_device, check_dataset, check_memory
 from kernels.cpu_memory import keep_freed_memory
-from checkpoint import (load_for_resume, load_weights, CheckpointError, load_meta, training_state, restore,
-                        nonfinite_tensor, RunDir)
+from checkpoint import (load_checkpoint, load_for_resume, load_weights, CheckpointError, load_meta, training_state,
+                        restore, nonfinite_tensor, RunDir)
 from moe_model import build_model, model_config, model_args_of, training_bytes, MODEL_KEYS, RUN_KEYS
 from expert_parallel import ExpertParallel, config_error
-from export_hf import hf_config, load_hf_folder
+from export_hf import GPT2_SIZES, hf_config, hf_model_args, load_hf_folder
+from upcycle import upcycle_args, upcycle
 
 # -----------------------------------------------------------------------------
 # default config values designed to train a GPT-2 (124M) sized MoE on OpenWebText
@@ -49,7 +50,7 @@ eval_interval = 2000
 log_interval = 1
 eval_iters = 200
 eval_only = False  # if True, script exits right after the first eval
-init_from = 'scratch'  # 'scratch' or 'resume' or 'gpt2*' or a local folder with a saved GPT2LMHeadModel
+init_from = 'scratch'  # 'scratch', 'resume', 'gpt2*', a Hugging Face folder, or a checkpoint file (.pt): its weights
 always_save_checkpoint = True  # nanoGPT's: False writes ckpt.pt only at an eval that improves the val loss
 seed = 1337
 # wandb logging
@@ -86,6 +87,7 @@ n_dense_layers = 0
 expert_dropout = 0.0
 aux_loss_scope = 'micro'  # 'micro' or 'global' (all micro-batches and ranks of a step)
 expert_parallel = 1  # EP degree: each MoE layer's experts are split over this many ranks (torchrun); 1: none
+upcycle_noise = 0.0  # init_from a dense model and n_expert set: experts start as its MLPs plus this noise (upcycle.py)
 # adamw optimizer
 learning_rate = 6e-4  # max learning rate
 max_iters = 600000  # total number of training iterations
@@ -108,15 +110,16 @@ on_nonfinite = 'stop'  # a NaN/inf loss or grad norm: 'stop' the run, or 'skip' 
 debug_nan_at_iter = -1  # TEST ONLY: make the loss NaN at this iteration, to exercise the guard above
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
-config = configure({k: globals()[k] for k in config_keys}, sys.argv[1:])  # overrides from command line or config file
+given = set()  # the keys that the config files and the command line set
+config = configure({k: globals()[k] for k in config_keys}, sys.argv[1:], given)  # config files, --key=value
 globals().update(config)
 # -----------------------------------------------------------------------------
 # check everything we can before any work starts: one clear line and exit code 2 otherwise
 
 hf_folder = hf_config(init_from)  # a Hugging Face model folder (GPT-2's, or one export_hf.py wrote), or None
-if init_from not in ('scratch', 'resume', 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl') and hf_folder is None:
+if init_from not in ('scratch', 'resume', *GPT2_SIZES) and hf_folder is None and not init_from.endswith('.pt'):
     fail(f"init_from={init_from!r}; allowed: 'scratch', 'resume', 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl', "
-         f"or a folder holding a saved GPT2LMHeadModel (config.json and weights)")
+         f"a folder holding a saved GPT2LMHeadModel (config.json and weights), or a checkpoint file (.pt)")
 if wandb_log:
     try:
         import wandb
@@ -128,7 +131,7 @@ check_device(device)
 check_range(config, ('batch_size', 'gradient_accumulation_steps', 'block_size', 'eval_iters', 'log_interval',
                      'eval_interval'), 1)
 check_range(config, ('max_iters', 'warmup_iters', 'lr_decay_iters', 'learning_rate', 'min_lr', 'weight_decay',
-                     'grad_clip'), 0)
+                     'grad_clip', 'upcycle_noise'), 0)
 check_range(config, ('beta1', 'beta2'), 0, 1)
 check_range(config, ('seed',), 0, 2**32)
 if not out_dir:
@@ -146,27 +149,32 @@ if os.path.exists(meta_path):
     print(f"found vocab_size = {meta_vocab_size} (inside {meta_path})")
 model_args = {k: config[k] for k in MODEL_KEYS}
 model_args['vocab_size'] = vocab_size or meta_vocab_size or 50304
-resume_ckpt, ckpt_path = None, os.path.join(out_dir, 'ckpt.pt')
-if init_from == 'resume':
+init_ckpt, init_path = None, os.path.join(out_dir, 'ckpt.pt') if init_from == 'resume' else init_from
+if init_from == 'resume' or init_from.endswith('.pt'):  # (a .pt file: its weights start a new run)
     try:
-        resume_ckpt = load_for_resume(ckpt_path)
+        init_ckpt = (load_for_resume if init_from == 'resume' else load_checkpoint)(init_path)
     except CheckpointError as e:
         fail(str(e))
-    # the checkpoint's keys define its weights; the run may change the others (RUN_KEYS: dropout, expert_impl, ...)
-    model_args.update({k: v for k, v in resume_ckpt['model_args'].items() if k in MODEL_KEYS and k not in RUN_KEYS})
-# a model from a checkpoint or from GPT-2 can be cropped to a smaller block_size, never grown
-model_block_size = (hf_folder.get('n_positions') or hf_folder.get('block_size', 1024) if hf_folder else
-                    1024 if init_from.startswith('gpt2') else model_args['block_size'])
-if block_size > model_block_size:
-    fail(f"block_size={block_size} is larger than the model's block_size={model_block_size}")
+if init_from != 'scratch':  # the weights' keys define them; the run may change the others (RUN_KEYS: dropout, ...)
+    # (a checkpoint without n_expert, nanoGPT's or a dense one from here, is dense)
+    init_keys = {'n_expert': 0, **init_ckpt['model_args']} if init_ckpt else hf_model_args(init_from)
+    model_args.update({k: v for k, v in init_keys.items() if k in MODEL_KEYS and k not in RUN_KEYS})
+if block_size > model_args['block_size']:  # a model from weights can be cropped to a smaller block_size, never grown
+    fail(f"block_size={block_size} is larger than the model's block_size={model_args['block_size']}")
+init_args = model_args  # the model that the weights load into; sparse upcycling turns it into an MoE (upcycle.py)
+if init_from not in ('scratch', 'resume'):
+    try:
+        model_args = upcycle_args(init_args, config, given) or init_args
+    except ValueError as e:
+        fail(str(e))
 try:
     model_config(model_args)  # validates every model key (top_k <= n_expert, n_embd % n_head, ...)
 except ValueError as e:
     fail(str(e))
 # torchrun's WORLD_SIZE is known before the process group starts
-if message := config_error(expert_parallel, model_args, init_from, expert_impl, dtype, int(os.environ.get('WORLD_SIZE', 1))):
+if message := config_error(expert_parallel, model_args, expert_impl, dtype, int(os.environ.get('WORLD_SIZE', 1))):
     fail(message)
-if init_from in ('scratch', 'resume'):  # fp32 weights, gradients and AdamW moments: what cannot fit stops here
+if not (init_from in GPT2_SIZES or hf_folder) or model_args is not init_args:  # fp32 weights, gradients, AdamW moments
     check_memory(training_bytes(model_args, expert_parallel), device)
 
 # -----------------------------------------------------------------------------
@@ -200,10 +208,9 @@ if master_process and not eval_only:
         run_dir = RunDir(out_dir)
     except CheckpointError as e:
         fail(str(e))
-launcher_pid = os.getppid()
-if ddp and sys.platform == 'linux':  # the launcher dies (kill -9): this worker gets SIGTERM, saves and exits
+if ddp and sys.platform == 'linux':  # the launcher dies (kill -9): this worker gets SIGUSR1, saves and exits
     import ctypes
-    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    ctypes.CDLL(None).prctl(1, signal.SIGUSR1)  # PR_SET_PDEATHSIG
 torch.manual_seed(seed)
 random.seed(seed)
 np.random.seed(seed)
@@ -250,15 +257,16 @@ if init_from == 'scratch':
     if meta_vocab_size is None and not vocab_size:
         print("defaulting to vocab_size of GPT-2 to 50304 (50257 rounded up for efficiency)")
     model = build_model(model_args)
-elif init_from == 'resume':
-    print(f"Resuming training from {out_dir}")
-    model = build_model(model_args)
+elif init_ckpt:
+    print(f"Resuming training from {out_dir}" if init_from == 'resume' else f"Initializing from {init_from}")
+    model = build_model(init_args)
     try:
-        load_weights(model, resume_ckpt, ckpt_path)
+        load_weights(model, init_ckpt, init_path)
     except CheckpointError as e:
         fail(str(e))
-    iter_num = resume_ckpt['iter_num']
-    best_val_loss = resume_ckpt['best_val_loss']
+    if init_from == 'resume':
+        iter_num = init_ckpt['iter_num']
+        best_val_loss = init_ckpt['best_val_loss']
 else:  # a GPT-2 name, or a Hugging Face folder (GPT-2's, or one export_hf.py wrote)
     print(f"Initializing from pretrained weights: {init_from}")
     from model import GPT
@@ -266,6 +274,8 @@ else:  # a GPT-2 name, or a Hugging Face folder (GPT-2's, or one export_hf.py wr
         model = load_hf_folder(init_from, dropout) if hf_folder else GPT.from_pretrained(init_from, dict(dropout=dropout))
     except ValueError as e:
         fail(str(e))
+if model_args is not init_args:
+    model = upcycle(model, model_args, upcycle_noise)
 # crop down the model block size if desired, using model surgery (growing it was refused above)
 if block_size < model.config.block_size:
     model.crop_block_size(block_size)  # the checkpoint's model_args are read off the model (model_args_of)
@@ -282,8 +292,8 @@ scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
 # optimizer
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
 if init_from == 'resume':
-    restore(resume_ckpt, model, optimizer, scaler, parallel, device)
-resume_ckpt = None  # free up memory
+    restore(init_ckpt, model, optimizer, scaler, parallel, device)
+init_ckpt = None  # free up memory
 
 # compile the model
 if compile:
@@ -338,15 +348,14 @@ stop_signal = None
 
 def request_stop(signum, frame):
     global stop_signal
-    if ddp and stop_signal is not None and os.getppid() != launcher_pid:
-        return  # the launcher died: the kernel sends its death signal once per thread that inherited it; one counts
-    if stop_signal is not None:  # a second signal: stop at once, even mid-save (writes are atomic: that is safe)
+    if stop_signal is not None and signum != signal.SIGUSR1:  # a second signal: stop at once, even mid-save
         print(f"received {signal.Signals(signum).name} again: exiting now", file=sys.stderr, flush=True)
-        os._exit(128 + signum)
-    stop_signal = signal.Signals(signum).name
+        os._exit(128 + signum)  # (writes are atomic: that is safe)
+    # SIGUSR1 is the launcher's death (PR_SET_PDEATHSIG above), sent again as each of its threads dies: never urgent
+    stop_signal = stop_signal or signal.Signals(signum).name
 
 
-for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
     signal.signal(sig, request_stop)
 
 
@@ -497,7 +506,7 @@ while True:
         if master_process:
             run_dir.save(state, 'ckpt.pt')
             print(f"received {stop_signal or 'a stop signal (on another rank)'}: saved checkpoint at iter {iter_num} "
-                  f"to {ckpt_path}; continue with --init_from=resume")
+                  f"to {os.path.join(out_dir, 'ckpt.pt')}; continue with --init_from=resume")
         break
 
 if ddp:

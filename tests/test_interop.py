@@ -122,11 +122,8 @@ def test_nanogpt_finetune_config_runs_with_a_local_gpt2_folder(shakespeare_char,
                                                                       block_size=32))}
 
 
-def test_init_from_a_relative_gpt2_folder_and_one_line_when_offline(shakespeare_char, tiny_gpt2, tmp_path):
-    out = tmp_path / 'out'
-    run('train.py', *TINY_OVERRIDES, f'--init_from={os.path.relpath(tiny_gpt2, ROOT)}', '--dataset=shakespeare_char',
-        f'--out_dir={out}')
-    assert load_checkpoint(str(out / 'ckpt.pt'))['model_args']['n_layer'] == 2
+def test_gpt2_offline_is_one_line(shakespeare_char, tmp_path):
+    """Offline, a GPT-2 name is one error line at once. (A relative GPT-2 folder: the upcycling test below.)"""
     env = {**os.environ, 'HF_HUB_OFFLINE': '1'}  # what a machine without network meets, at once
     import subprocess
     import sys
@@ -231,3 +228,82 @@ def test_export_to_hugging_face_and_back(shakespeare_char, tmp_path, monkeypatch
     # and an existing folder is never overwritten
     p = run('export_hf.py', f'--out_dir={out}', f'--hf_dir={hf_dir}', check=False)
     assert p.returncode == 2 and 'exists and is not an empty folder' in p.stderr
+
+# -----------------------------------------------------------------------------
+# sparse upcycling: an MoE whose experts start as a dense model's MLPs
+
+
+def upcycled(dense, given=('n_expert',), **moe):
+    from moe_model import MoEConfig
+    from upcycle import upcycle_args, upcycle
+    config = {**dataclasses.asdict(MoEConfig()), 'expert_hidden': 0, 'init_from': 'x', **moe}  # train.py's defaults
+    args = upcycle_args({**dataclasses.asdict(dense.config), 'n_expert': 0}, config, set(given))
+    return args, upcycle(dense, args, config.get('upcycle_noise', 0.0))
+
+
+@pytest.mark.parametrize('bias', [True, False])
+@pytest.mark.parametrize('slices,copies', [(1, 4), (2, 1), (2, 2), (4, 2)])
+@pytest.mark.parametrize('expert_impl', ['loop', 'grouped'])
+def test_an_upcycled_model_computes_the_dense_function_at_step_0(bias, slices, copies, expert_impl):
+    """Copied experts (slices=1, top-2) or granular ones (each a 1/slices cut of the MLP, top_k = slices): the
+    chosen weights sum to 1, so the logits are the dense model's, whatever the (random) router picks."""
+    torch.manual_seed(0)
+    dense = GPT(GPTConfig(n_layer=3, n_head=2, n_embd=16, block_size=16, vocab_size=50, bias=bias, dropout=0.0)).eval()
+    args, moe = upcycled(dense, n_expert=slices * copies, expert_hidden=64 // slices, expert_impl=expert_impl,
+                         n_dense_layers=1, given=('n_expert', 'expert_impl'))
+    assert args['top_k'] == max(2, slices) and args['n_layer'] == 3  # the dense model's shape, the run's experts
+    moe.eval()
+    idx = torch.randint(50, (4, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(moe(idx, idx)[0], dense(idx, idx)[0], rtol=1e-5, atol=1e-5)
+        experts = moe.transformer.h[1].mlp.experts.c_fc
+        assert not torch.equal(experts[0], experts[1]) if slices > 1 else torch.equal(experts[0], experts[-1])
+    # upcycle_noise breaks the symmetry (and with it the exact copy)
+    _, noisy = upcycled(dense, n_expert=slices * copies, expert_hidden=64 // slices, upcycle_noise=0.1)
+    with torch.no_grad():
+        assert (noisy.eval()(idx, idx)[0] - dense(idx, idx)[0]).abs().max() > 1e-4
+
+
+def test_upcycling_refuses_what_it_cannot_copy_exactly():
+    from upcycle import upcycle_args
+    from moe_model import MoEConfig
+    dense = {**dataclasses.asdict(GPTConfig(n_embd=16, n_head=2)), 'n_expert': 0}
+
+    def error(given=('n_expert',), **moe):
+        config = {**dataclasses.asdict(MoEConfig()), 'expert_hidden': 0, 'init_from': 'dense.pt', **moe}
+        with pytest.raises(ValueError) as e:
+            upcycle_args(dense, config, set(given))
+        return str(e.value)
+
+    assert 'expert_hidden=48 must divide' in error(n_expert=4, expert_hidden=48)
+    assert 'n_expert=6 and top_k=4 must be multiples of 4' in error(n_expert=6, expert_hidden=16)
+    assert 'n_expert=8 and top_k=2 must be multiples of 4' in error(given=('n_expert', 'top_k'), n_expert=8,
+                                                                     expert_hidden=16, top_k=2)
+    assert 'n_shared_expert=1' in error(n_expert=4, n_shared_expert=1)
+    config = {**dataclasses.asdict(MoEConfig()), 'expert_hidden': 0, 'init_from': 'moe.pt', 'n_expert': 4}
+    with pytest.raises(ValueError, match="init_from='moe.pt' is an MoE with n_expert=8"):
+        upcycle_args({**dense, 'n_expert': 8}, config, {'n_expert'})
+    assert upcycle_args({**dense, 'n_expert': 8}, {**config, 'n_expert': 8}, {'n_expert'}) is None  # as it is
+    assert upcycle_args(dense, config, set()) is None  # n_expert not set: a dense model stays dense (nanoGPT)
+
+
+def test_upcycle_a_nanogpt_checkpoint_and_a_gpt2_folder_from_the_command_line(shakespeare_char, tiny_gpt2, tmp_path):
+    """Step 0's eval of the upcycled model is the dense model's, to the printed digit; from a checkpoint file the
+    run then trains and saves an MoE. A dense model stays dense unless n_expert is set (nanoGPT's finetuning)."""
+    nanogpt_checkpoint(str(tmp_path / 'dense.pt'))
+    for init_from in (str(tmp_path / 'dense.pt'), os.path.relpath(tiny_gpt2, ROOT)):  # (a relative folder works)
+        base = [*TINY_OVERRIDES, '--dataset=shakespeare_char', f'--init_from={init_from}', '--eval_iters=4']
+        p_dense = run('train.py', *base, '--eval_only=True', f'--out_dir={tmp_path / "eval"}')
+        train = init_from.endswith('.pt')  # (and the GPT-2 folder: its step 0 only)
+        p = run('train.py', *base, '--n_expert=4', '--expert_hidden=64', f'--out_dir={tmp_path / "up"}',
+                *([] if train else ['--eval_only=True']))  # 2 slices of the MLP's 128 hidden units: top_k=2
+        step0 = [line for line in p_dense.stdout.splitlines() if line.startswith('step 0:')]
+        assert step0 and step0[0] in p.stdout and 'sparse upcycling' in p.stdout and 'sparse' not in p_dense.stdout
+    ckpt = load_checkpoint(str(tmp_path / 'up' / 'ckpt.pt'))
+    assert ckpt['model_args']['n_expert'] == 4 and ckpt['model_args']['top_k'] == 2 and ckpt['iter_num'] == 4
+    p = run('train.py', *TINY_OVERRIDES, '--dataset=shakespeare_char', f'--init_from={tmp_path / "dense.pt"}',
+            '--n_expert=3', '--expert_hidden=64', f'--out_dir={tmp_path / "bad"}', check=False)
+    assert p.returncode == 2 and p.stderr.strip().splitlines() == [
+        'error: upcycling with expert_hidden=64 cuts each MLP into 2 slices: n_expert=3 and top_k=2 must be '
+        'multiples of 2 (top_k=2 keeps the dense model\'s active FLOPs)']
+    assert not (tmp_path / 'bad').exists()
