@@ -35,7 +35,7 @@ def config_error(expert_parallel, model_args, expert_impl, dtype, world_size):
     if expert_impl != 'grouped':
         return f"expert_impl={expert_impl!r} with expert_parallel={expert_parallel}; allowed: 'grouped'"
     if model_args['router'] == 'expert_choice':
-        return f"router='expert_choice' with expert_parallel={expert_parallel}; allowed: topk, noisy_topk, aux_free"
+        return f"router='expert_choice' with expert_parallel={expert_parallel}; allowed: topk, noisy_topk, aux_free, deepseek_v3"
     if dtype == 'float16':  # GradScaler checks for inf per rank, and expert gradients differ between ranks
         return f"dtype='float16' with expert_parallel={expert_parallel}; allowed: 'float32', 'bfloat16'"
     if world_size % expert_parallel:

@@ -27,7 +27,7 @@ hf_dir = ''  # the folder to write (must not exist, or be empty)
 # -----------------------------------------------------------------------------
 CONV1D = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')  # HF stores x @ W
 MOE_KEYS = ('block_size', 'vocab_size', 'n_layer', 'n_head', 'n_embd', 'bias', 'n_expert', 'expert_hidden', 'moe_every',
-            'router', 'router_temperature', 'n_shared_expert', 'n_dense_layers')  # (+ top_k: num_experts_per_tok)
+            'router', 'router_temperature', 'n_shared_expert', 'n_dense_layers', 'route_scale')  # + top_k
 GPT2_SIZES = {'gpt2': (12, 12, 768), 'gpt2-medium': (24, 16, 1024), 'gpt2-large': (36, 20, 1280),  # n_layer, n_head,
               'gpt2-xl': (48, 25, 1600)}  # n_embd
 
@@ -73,7 +73,7 @@ def hf_model_args(init_from):
                     n_expert=0)
     cfg = hf_config(init_from)
     if cfg.get('model_type') == 'nanomoe':
-        return dict(top_k=cfg['num_experts_per_tok'], **{k: cfg[k] for k in MOE_KEYS})
+        return dict(top_k=cfg['num_experts_per_tok'], **{k: cfg[k] for k in MOE_KEYS if k in cfg})  # (older: fewer)
     return dict(n_layer=cfg.get('n_layer', 12), n_head=cfg.get('n_head', 12), n_embd=cfg.get('n_embd', 768),
                 block_size=cfg.get('n_positions', 1024), vocab_size=cfg.get('vocab_size', 50257), bias=True, n_expert=0)
 

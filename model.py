@@ -9,7 +9,7 @@ References:
 Departures from nanoGPT's model.py:
 - hooks for moe_model.MoEGPT, no-ops here: make_mlp(layer_idx) builds each block's feed-forward layer (so
   MoEGPT swaps MLPs for experts without copying the constructor or forward), aux_loss(), routing_stats(),
-  routing_flips(), diagnose(), end_step(); get_num_params(active=True), and MFU from active parameters;
+  probe_routing(), diagnose(), end_step(); get_num_params(active=True), and MFU from active parameters;
 - the loss is the cross-entropy plus aux_loss() in training, the cross-entropy alone in eval, with its parts
   in model.loss_terms;
 - generate() keeps a KV cache (the same tokens as recomputing, faster);
@@ -164,8 +164,8 @@ class GPT(nn.Module):
         """Per-layer routing statistics after a forward, for logging (MoEGPT overrides this)."""
         return {}
 
-    def routing_flips(self, idx):
-        """Per-layer routing flip rate on a fixed probe batch since the last call (MoEGPT overrides this)."""
+    def probe_routing(self, idx):
+        """Per-layer routing on a fixed probe batch: flip rate, dead experts (MoEGPT overrides this)."""
         return {}
 
     def diagnose(self, idx):

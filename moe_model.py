@@ -44,14 +44,15 @@ class MoEConfig(GPTConfig):
     aux_loss_coef: float = 0.01  # weight of the Switch load-balancing loss
     z_loss_coef: float = 0.001   # weight of the ST-MoE router z-loss
     capacity_factor: float = 1.25  # capacity backends only: slots per expert = cf * tokens * top_k / n_expert
-    router: str = 'topk'         # one of ROUTERS below: 'topk', 'noisy_topk', 'expert_choice', 'aux_free'
+    router: str = 'topk'         # one of ROUTERS below: 'topk', 'noisy_topk', 'expert_choice', 'aux_free', 'deepseek_v3'
     router_temperature: float = 1.0  # softmax temperature of the router
     router_jitter: float = 0.0   # training only: router input times U(1 - jitter, 1 + jitter) (Switch)
-    bias_update_rate: float = 0.001  # router='aux_free': per-step change of an expert's selection bias
+    bias_update_rate: float = 0.001  # router='aux_free' or 'deepseek_v3': per-step change of an expert's selection bias
+    route_scale: float = 1.0     # router='deepseek_v3': the chosen experts' weights are scaled by this (DeepSeek-V3: 2.5)
     n_shared_expert: int = 0     # experts of expert_hidden that every token passes through (DeepSeekMoE)
     n_dense_layers: int = 0      # the first n_dense_layers blocks keep a dense MLP (DeepSeekMoE)
     expert_dropout: float = 0.0  # training only: each whole expert is dropped with this probability
-    aux_loss_scope: str = 'micro'  # balance-loss loads f_i over the 'micro'-batch or the 'global' batch
+    aux_loss_scope: str = 'micro'  # balance loss over the 'micro'-batch, the 'global' batch, or each 'sequence'
 
     def __post_init__(self):
         super().__post_init__()
@@ -78,10 +79,11 @@ class MoEConfig(GPTConfig):
                 raise ValueError(f"{key}={getattr(self, key)} must be >= 0")
         if self.router not in ROUTERS:
             raise ValueError(f"router={self.router!r} is unknown; allowed: {', '.join(ROUTERS)}")
-        if self.aux_loss_scope not in ('micro', 'global'):
-            raise ValueError(f"aux_loss_scope={self.aux_loss_scope!r} is unknown; allowed: micro, global")
-        if self.router_temperature <= 0:
-            raise ValueError(f"router_temperature={self.router_temperature} must be > 0")
+        if self.aux_loss_scope not in ('micro', 'global', 'sequence'):
+            raise ValueError(f"aux_loss_scope={self.aux_loss_scope!r} is unknown; allowed: micro, global, sequence")
+        for key in ('router_temperature', 'route_scale'):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"{key}={getattr(self, key)} must be > 0")
         for key in ('router_jitter', 'expert_dropout'):
             if not 0.0 <= getattr(self, key) < 1.0:
                 raise ValueError(f"{key}={getattr(self, key)} must be in [0, 1)")
@@ -99,7 +101,7 @@ class MoEConfig(GPTConfig):
 # Router and auxiliary losses
 
 
-ROUTERS = ('topk', 'noisy_topk', 'expert_choice', 'aux_free')
+ROUTERS = ('topk', 'noisy_topk', 'expert_choice', 'aux_free', 'deepseek_v3')
 
 
 class Router(nn.Module):
@@ -110,9 +112,12 @@ class Router(nn.Module):
                        logits before softmax and top-k; W_noise is learned. No noise in eval.
       'expert_choice'  Zhou et al. 2022: in training each expert picks its tokens (expert_choice() below,
                        called by MoE.forward); this forward is the per-token top-k that eval uses.
-      'aux_free'       DeepSeek-V3 auxiliary-loss-free balancing: a per-expert bias is added to the
-                       probabilities to pick the top-k, but not to the weights; MoEGPT.end_step() moves
-                       it against each expert's load error after every optimizer step.
+      'aux_free'       DeepSeek-V3's auxiliary-loss-free balancing on this softmax router: a per-expert
+                       bias is added to the probabilities to pick the top-k, but not to the weights;
+                       MoEGPT.end_step() moves it against each expert's load error after every step.
+      'deepseek_v3'    DeepSeek-V3's router (as torchtitan has it): sigmoid affinities s_i, the top-k of
+                       s_i + bias_i, weights = the chosen s_i normalised to sum 1 (top_k > 1) times
+                       route_scale; the same bias update. The balance loss's P_i are s_i / sum_j s_j.
     router_jitter > 0 (Switch): in training the router input is multiplied by U(1 - jitter, 1 + jitter).
     Noise and jitter are drawn row by row in the layer's token order (see the backends), so the same seed
     draws differently for 'batched' than for the dropless backends.
@@ -124,7 +129,8 @@ class Router(nn.Module):
         self.gate = nn.Linear(config.n_embd, config.n_expert, bias=False)
         self.noise = nn.Linear(config.n_embd, config.n_expert, bias=False) if config.router == 'noisy_topk' else None
         # a buffer, not a parameter: it gets no gradient, but is saved in checkpoints
-        self.register_buffer('expert_bias', torch.zeros(config.n_expert) if config.router == 'aux_free' else None)
+        biased = config.router in ('aux_free', 'deepseek_v3')
+        self.register_buffer('expert_bias', torch.zeros(config.n_expert) if biased else None)
 
     def forward(self, x):
         cfg = self.config
@@ -139,6 +145,13 @@ class Router(nn.Module):
             noisy = logits  # the z-loss sees the clean logits
             if self.training and self.noise is not None:
                 noisy = logits + torch.randn_like(logits) * F.softplus(F.linear(x, self.noise.weight.float()))
+        if cfg.router == 'deepseek_v3':
+            scores = noisy.sigmoid()
+            topk_idx = (scores + self.expert_bias).topk(cfg.top_k, dim=-1).indices  # the bias only selects
+            topk_weight = scores.gather(1, topk_idx)
+            if cfg.top_k > 1:  # (at k=1 the weight stays s_i: normalised it would be 1.0, with no gradient)
+                topk_weight = topk_weight / topk_weight.sum(dim=-1, keepdim=True)
+            return topk_idx, topk_weight * cfg.route_scale, logits, scores / scores.sum(dim=-1, keepdim=True)
         probs = noisy.softmax(dim=-1)
         if self.expert_bias is None:  # softmax keeps the order: the top-k logits are the top-k probabilities
             chosen_logits, topk_idx = noisy.topk(cfg.top_k, dim=-1)
@@ -172,6 +185,16 @@ def load_balance_loss(probs, topk_idx, counts=None):
     f = counts.float() / counts.sum()
     P = probs.mean(dim=0)
     return n_expert * torch.dot(f, P)
+
+
+def sequence_balance_loss(probs, topk_idx):
+    """DeepSeek-V3's sequence-wise balance loss: load_balance_loss within each sequence, averaged over the
+    sequences. probs [B, T, n_expert], topk_idx [B, T, k]."""
+    B, n_expert = probs.size(0), probs.size(-1)
+    idx = topk_idx.reshape(B, -1)
+    counts = torch.zeros(B, n_expert, device=probs.device).scatter_add_(1, idx, torch.ones(idx.shape, device=idx.device))
+    f = counts / counts.sum(dim=1, keepdim=True)
+    return n_expert * (f * probs.mean(dim=1)).sum(dim=1).mean()
 
 
 def router_z_loss(logits):
@@ -366,7 +389,7 @@ class MoE(nn.Module):
     each expert to its tokens), plus n_shared_expert shared experts that every token passes through.
     After each forward it holds its own aux-loss terms (balance_loss, z_loss) and routing stats
     (tokens_per_expert, drop_fraction, probs, topk_idx); its probe_top1 (the top-1 experts of the last
-    routing_flips batch) is saved in checkpoints as the module's extra state."""
+    probe_routing batch) is saved in checkpoints as the module's extra state."""
 
     def __init__(self, config):
         super().__init__()
@@ -407,7 +430,11 @@ class MoE(nn.Module):
                 # Qwen-style global-batch balancing: f_i over every micro-batch of this step so far, on
                 # every rank (the step's last micro-batch sees the whole global batch); P_i stays local
                 balance_counts = summed_over_ranks(self.step_counts)
-        self.balance_loss = load_balance_loss(probs, topk_idx, balance_counts)
+        if cfg.aux_loss_scope == 'sequence':
+            per_sequence = (lambda t: t.view(T, B, -1).transpose(0, 1)) if position_major else (lambda t: t.view(B, T, -1))
+            self.balance_loss = sequence_balance_loss(per_sequence(probs), per_sequence(topk_idx))
+        else:
+            self.balance_loss = load_balance_loss(probs, topk_idx, balance_counts)
         self.z_loss = router_z_loss(logits)
         self.tokens_per_expert = counts
         self.probs = probs.detach()  # for routing_stats' entropy, computed only when asked for
@@ -472,9 +499,10 @@ class MoEGPT(GPT):
         return n_params
 
     def routing_stats(self):
-        """Per MoE layer, after a forward: fraction of token-slots per expert, max/mean load, mean
-        router entropy (nats; log(n_expert) is uniform) and dropped fraction (of slots; with expert
-        choice in training, of tokens no expert took)."""
+        """Per MoE layer: fraction of token-slots per expert and max/mean load, of the last optimizer step
+        (all its micro-batches, this rank's; after end_step) or else of the last forward; and of the last
+        forward, mean router entropy (nats; log(n_expert) is uniform) and dropped fraction (of slots; with
+        expert choice in training, of tokens no expert took)."""
         stats = {}
         for i, layer in self.moe_layers().items():
             load = layer.tokens_per_expert.float()
@@ -485,20 +513,23 @@ class MoEGPT(GPT):
         return stats
 
     @torch.no_grad()
-    def routing_flips(self, idx):
-        """Routing flip rate: per MoE layer, the fraction of the probe batch idx's tokens whose top-1
-        expert changed since the previous call ({} on the first). Runs in eval mode: no noise."""
+    def probe_routing(self, idx):
+        """Routing on the fixed probe batch idx, per MoE layer, in eval mode (no noise): the dead-expert
+        fraction (experts given under 10% of the uniform share of its token-slots) and the flip rate (the
+        fraction of its tokens whose top-1 expert changed since the previous call; none on the first)."""
         training = self.training
         self.eval()
         self(idx)
         self.train(training)
-        flips = {}
+        stats = {}
         for i, layer in self.moe_layers().items():
+            share = layer.tokens_per_expert.float() / layer.tokens_per_expert.sum()
+            stats[f'layer{i}/dead_fraction'] = (share < 0.1 / self.config.n_expert).float().mean().item()
             top1, previous = layer.topk_idx[:, 0].clone(), layer.probe_top1
             if previous is not None and previous.shape == top1.shape:  # (a resumed run may have another batch size)
-                flips[f'layer{i}/flip_rate'] = (top1 != previous.to(top1.device)).float().mean().item()
+                stats[f'layer{i}/flip_rate'] = (top1 != previous.to(top1.device)).float().mean().item()
             layer.probe_top1 = top1.cpu()
-        return flips
+        return stats
 
     @torch.no_grad()
     def diagnose(self, idx):
@@ -531,17 +562,19 @@ class MoEGPT(GPT):
 
     @torch.no_grad()
     def end_step(self, skipped=False):
-        """Once per optimizer step, after its last micro-batch: with router='aux_free' each expert's
-        selection bias moves by bias_update_rate against its load error over the step's global batch
-        (DeepSeek-V3: overloaded experts down, underloaded up); not for a skipped step. Then the step's
-        load counts restart."""
+        """Once per optimizer step, after its last micro-batch: with router='aux_free' or 'deepseek_v3' each
+        expert's selection bias moves by bias_update_rate against its load error over the step's global
+        batch (DeepSeek-V3: overloaded experts down, underloaded up), minus the mean move, so that the
+        biases keep mean 0 and cannot drift together (a common shift picks the same experts); not for a
+        skipped step. The step's loads (this rank's) become tokens_per_expert, for routing_stats, and restart."""
         for layer in self.moe_layers().values():
             if layer.step_counts is None:
                 continue
             if layer.router.expert_bias is not None and not skipped:
                 load = summed_over_ranks(layer.step_counts).float()
-                layer.router.expert_bias += self.config.bias_update_rate * torch.sign(load.mean() - load)
-            layer.step_counts = None
+                move = self.config.bias_update_rate * torch.sign(load.mean() - load)
+                layer.router.expert_bias += move - move.mean()
+            layer.tokens_per_expert, layer.step_counts = layer.step_counts, None
 
 # -----------------------------------------------------------------------------
 # Building a model from its keys (the one place that picks the class)
@@ -549,7 +582,7 @@ class MoEGPT(GPT):
 MODEL_KEYS = tuple(f.name for f in fields(MoEConfig))  # every key a checkpoint's model_args may hold
 # keys that change how a model trains or runs, not what its weights mean: a resumed run may set them anew
 RUN_KEYS = ('dropout', 'expert_impl', 'aux_loss_coef', 'z_loss_coef', 'capacity_factor', 'router_temperature',
-            'router_jitter', 'bias_update_rate', 'expert_dropout', 'aux_loss_scope')
+            'router_jitter', 'bias_update_rate', 'expert_dropout', 'aux_loss_scope')  # (not route_scale: it weighs)
 
 
 def model_config(model_args):

@@ -3,8 +3,8 @@ Plots of one training run, from its out_dir/log.jsonl:
 $ python plot.py --out_dir=out-shakespeare-char-moe-cpu                 # PNGs into the run's out_dir
 $ python plot.py --out_dir=out-shakespeare-char-moe-cpu --plot_dir=assets/moe-cpu
   loss.png    training loss parts (cross-entropy, balance loss, z-loss) and train/val cross-entropy
-  load.png    per MoE layer: fraction of token-slots per expert over training (heatmap)
-  flips.png   per MoE layer: routing flip rate on the fixed probe batch, eval to eval
+  load.png    per MoE layer: fraction of token-slots per expert over training (heatmap; each optimizer step)
+  probe.png   per MoE layer, on the fixed probe batch, eval to eval: routing flip rate and dead experts
 A dense run gets loss.png only.
 """
 import os
@@ -79,15 +79,19 @@ def plot_load(steps, layers, path):
     plt.close(fig)
 
 
-def plot_flips(evals, layers, path):
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for layer in layers:
-        rows = [r for r in evals if f'{layer}/flip_rate' in r]
-        ax.plot([r['iter'] for r in rows], [r[f'{layer}/flip_rate'] for r in rows], marker='o', label=layer)
-    ax.set(title='routing flip rate: probe tokens whose top-1 expert changed since the last eval',
-           xlabel='iteration', ylabel='fraction of tokens')
-    ax.title.set_fontsize(9)
-    ax.legend()
+def plot_probe(evals, layers, path):
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4))
+    for key, ax, title, ylabel in (
+            ('flip_rate', axes[0], 'routing flip rate: probe tokens whose top-1 expert changed since the last eval',
+             'fraction of tokens'),
+            ('dead_fraction', axes[1], 'dead experts: under 10% of the uniform share of the probe batch',
+             'fraction of experts')):
+        for layer in layers:
+            rows = [r for r in evals if f'{layer}/{key}' in r]
+            ax.plot([r['iter'] for r in rows], [r[f'{layer}/{key}'] for r in rows], marker='o', label=layer)
+        ax.set(title=title, xlabel='iteration', ylabel=ylabel)
+        ax.title.set_fontsize(9)
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -109,6 +113,6 @@ if __name__ == '__main__':  # a script; study.py imports read_log from it
     if layers:
         written.append(os.path.join(plot_dir, 'load.png'))
         plot_load(steps, layers, written[-1])
-        written.append(os.path.join(plot_dir, 'flips.png'))
-        plot_flips(evals, layers, written[-1])
+        written.append(os.path.join(plot_dir, 'probe.png'))
+        plot_probe(evals, layers, written[-1])
     print('wrote ' + ', '.join(written))

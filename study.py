@@ -77,6 +77,11 @@ def summary(name, args):
            'best_val': min((r['val/ce'] for r in evals), default=math.nan), 'evals': evals,
            # the median step time (logged steps that hold an eval are slower) times the iterations
            'minutes': statistics.median(r['dt_ms'] for r in steps) * evals[-1]['iter'] / 6e4 if steps and evals else math.nan}
+    # routing, averaged over the MoE layers: max/mean load of the last logged step, and on the last eval's probe
+    # batch the dead-expert fraction and the flip rate (none for a dense run)
+    for col, rows, key in (('max_load', steps, '/max_load'), ('dead', evals, '/dead_fraction'), ('flips', evals, '/flip_rate')):
+        values = [v for k, v in (rows[-1] if rows else {}).items() if k.endswith(key)]
+        row[col] = statistics.mean(values) if values else math.nan
     ckpt_path = os.path.join(run_dir, 'ckpt.pt')
     if os.path.exists(ckpt_path):
         with torch.device('meta'):  # sizes only: no memory, no init cost
@@ -92,13 +97,16 @@ def write_table(rows, failed):
              f"Command: `{'OMP_NUM_THREADS=' + threads + ' ' if threads else ''}{command}` "
              f"(torch {torch.__version__}, {platform.machine()}, {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d')}). "
              f"Val loss is the cross-entropy of the last eval; train min is the median step time times the "
-             f"iterations (evals excluded); runs are in `{out_dir}/`.", '',
-             '| run | train.py arguments | params total / active | val loss | best val loss | train loss | iters | train min |',
-             '|---|---|---|---|---|---|---|---|']
+             f"iterations (evals excluded); max/mean load (last logged step), dead experts and flip rate (last "
+             f"eval's probe batch) are means over the MoE layers; runs are in `{out_dir}/`.", '',
+             '| run | train.py arguments | params total / active | val loss | best val loss | train loss | iters | '
+             'train min | max/mean load | dead experts | flip rate |',
+             '|---|---|---|---|---|---|---|---|---|---|---|']
     for r in rows:
         status = ' (FAILED: see train.log)' if r['name'] in failed else ''
         lines.append(f"| {r['name']}{status} | `{r['args']}` | {r.get('params', '?')} | {r['val']:.4f} | "
-                     f"{r['best_val']:.4f} | {r['train']:.4f} | {r['iters']} | {r['minutes']:.1f} |")
+                     f"{r['best_val']:.4f} | {r['train']:.4f} | {r['iters']} | {r['minutes']:.1f} | "
+                     + ' | '.join('-' if math.isnan(r[c]) else f'{r[c]:.3f}' for c in ('max_load', 'dead', 'flips')) + ' |')
     with open(results + '.md', 'w') as f:
         f.write('\n'.join(lines) + '\n')
 

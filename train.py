@@ -78,14 +78,15 @@ expert_impl = 'grouped'
 aux_loss_coef = 0.01
 z_loss_coef = 0.001
 capacity_factor = 1.25
-router = 'topk'  # 'topk', 'noisy_topk', 'expert_choice', 'aux_free' (see moe_model.Router)
+router = 'topk'  # 'topk', 'noisy_topk', 'expert_choice', 'aux_free', 'deepseek_v3' (see moe_model.Router)
 router_temperature = 1.0
 router_jitter = 0.0
-bias_update_rate = 0.001  # router='aux_free' only
+bias_update_rate = 0.001  # router='aux_free' or 'deepseek_v3'
+route_scale = 1.0  # router='deepseek_v3': the chosen experts' weights times this
 n_shared_expert = 0
 n_dense_layers = 0
 expert_dropout = 0.0
-aux_loss_scope = 'micro'  # 'micro' or 'global' (all micro-batches and ranks of a step)
+aux_loss_scope = 'micro'  # 'micro', 'global' (all micro-batches and ranks of a step) or 'sequence' (DeepSeek-V3)
 expert_parallel = 1  # EP degree: each MoE layer's experts are split over this many ranks (torchrun); 1: none
 upcycle_noise = 0.0  # init_from a dense model and n_expert set: experts start as its MLPs plus this noise (upcycle.py)
 # adamw optimizer
@@ -409,16 +410,16 @@ while True:
         losses = estimate_loss()
         improved = losses['val'] < best_val_loss  # each rank has its own eval batches; the master's decide
         best_val_loss = min(best_val_loss, losses['val'])
-        with ctx:  # routing flip rate: top-1 experts of a fixed batch against the previous eval
-            flips = raw_model.routing_flips(get_batch('val', -2, 0)[0])  # every rank: EP forwards are collective
+        with ctx:  # routing on a fixed batch: dead experts, top-1 flips since the previous eval
+            probe = raw_model.probe_routing(get_batch('val', -2, 0)[0])  # every rank: EP forwards are collective
         state = checkpoint_state() if iter_num > 0 and not eval_only else None  # every rank: EP gathers experts
         if master_process:
             print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-            stats = {k: v for k, v in {**raw_model.routing_stats(), **flips}.items() if not isinstance(v, list)}
+            stats = {k: v for k, v in {**raw_model.routing_stats(), **probe}.items() if not isinstance(v, list)}
             if stats:
                 print('routing (fixed eval batch): ' + ', '.join(f'{k} {v:.3f}' for k, v in stats.items()))
             if run_dir:
-                run_dir.log({'iter': iter_num, 'train/ce': losses['train'], 'val/ce': losses['val'], 'lr': lr, **flips})
+                run_dir.log({'iter': iter_num, 'train/ce': losses['train'], 'val/ce': losses['val'], 'lr': lr, **probe})
             if state is not None:
                 if always_save_checkpoint or improved:
                     print(f"saving checkpoint to {out_dir}")

@@ -22,11 +22,11 @@ class NanoMoEConfig(PretrainedConfig):
     # nanoMoE's keys, with top_k as num_experts_per_tok (transformers reads a config's top_k as a sampling setting)
     def __init__(self, block_size=1024, vocab_size=50304, n_layer=12, n_head=12, n_embd=768, bias=True, n_expert=8,
                  num_experts_per_tok=2, expert_hidden=3072, moe_every=1, router='topk', router_temperature=1.0,
-                 n_shared_expert=0, n_dense_layers=0, **kwargs):
+                 n_shared_expert=0, n_dense_layers=0, route_scale=1.0, **kwargs):
         self.block_size, self.vocab_size, self.n_layer, self.n_head, self.n_embd = block_size, vocab_size, n_layer, n_head, n_embd
         self.bias, self.n_expert, self.expert_hidden, self.moe_every = bias, n_expert, expert_hidden, moe_every
         self.num_experts_per_tok = num_experts_per_tok
-        self.router, self.router_temperature = router, router_temperature
+        self.router, self.router_temperature, self.route_scale = router, router_temperature, route_scale
         self.n_shared_expert, self.n_dense_layers = n_shared_expert, n_dense_layers
         kwargs.setdefault('tie_word_embeddings', True)
         kwargs.setdefault('use_cache', False)
@@ -76,14 +76,20 @@ class Router(nn.Module):
         self.config = config
         self.gate = nn.Linear(config.n_embd, config.n_expert, bias=False)
         self.noise = nn.Linear(config.n_embd, config.n_expert, bias=False) if config.router == 'noisy_topk' else None
-        self.register_buffer('expert_bias', torch.zeros(config.n_expert) if config.router == 'aux_free' else None)
+        biased = config.router in ('aux_free', 'deepseek_v3')
+        self.register_buffer('expert_bias', torch.zeros(config.n_expert) if biased else None)
 
     def forward(self, x):
         """Top-k experts and their weights per token, in float32 (eval: no noise)."""
         cfg = self.config
         logits = F.linear(x.float(), self.gate.weight.float()) / cfg.router_temperature
-        probs = logits.softmax(dim=-1)
         k = cfg.num_experts_per_tok
+        if cfg.router == 'deepseek_v3':  # sigmoid scores; the bias selects; the chosen scores, normalised, weigh
+            scores = logits.sigmoid()
+            topk_idx = (scores + self.expert_bias).topk(k, dim=-1).indices
+            weight = scores.gather(-1, topk_idx)
+            return topk_idx, (weight / weight.sum(dim=-1, keepdim=True) if k > 1 else weight) * cfg.route_scale
+        probs = logits.softmax(dim=-1)
         topk_idx = (probs if self.expert_bias is None else probs + self.expert_bias).topk(k, dim=-1).indices
         if k > 1 and cfg.router != 'expert_choice':  # renormalised over the chosen experts
             return topk_idx, logits.gather(-1, topk_idx).softmax(dim=-1)

@@ -32,12 +32,13 @@ def test_routing_metrics_are_in_the_jsonl_log(moe_run):
     assert 'layer0/flip_rate' not in evals[0]  # nothing to compare the first probe with
     flips = [r['layer1/flip_rate'] for r in evals[1:]]
     assert all(0 <= f <= 1 for f in flips) and max(flips) > 0  # the router learns, so routing moves
+    assert all(0 <= r[f'{layer}/dead_fraction'] <= 1 for r in evals for layer in ('layer0', 'layer1'))
 
 
 def test_plot_writes_the_three_pngs(moe_run, tmp_path):
     import matplotlib.image
     run('plot.py', f'--out_dir={moe_run}', f'--plot_dir={tmp_path}')
-    for name in ('loss.png', 'load.png', 'flips.png'):
+    for name in ('loss.png', 'load.png', 'probe.png'):
         path = tmp_path / name
         assert path.stat().st_size > 10_000, name
         pixels = matplotlib.image.imread(path)
@@ -76,6 +77,9 @@ def test_study_runs_configs_writes_one_table_and_plot_and_resumes(shakespeare_ch
     assert 'python study.py' in table  # the command that made it
     rows = {l.split('|')[1].strip(): l for l in table.splitlines() if l.startswith('| dense') or l.startswith('| moe')}
     assert set(rows) == {'dense', 'moe'} and all('nan' not in r for r in rows.values())
+    assert rows['dense'].rstrip(' |').endswith('| - | - | -')  # no routing columns for a dense run
+    max_load, dead, flips = (float(c) for c in rows['moe'].split('|')[-4:-1])
+    assert max_load >= 1 and 0 <= dead <= 1 and 0 <= flips <= 1
     assert (tmp_path / 'results.png').stat().st_size > 10_000
     mtime = os.path.getmtime(tmp_path / 'runs' / 'dense' / 'ckpt.pt')
     p = run('study.py', str(study))  # everything is finished: nothing is retrained

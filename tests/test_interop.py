@@ -307,3 +307,19 @@ def test_upcycle_a_nanogpt_checkpoint_and_a_gpt2_folder_from_the_command_line(sh
         'error: upcycling with expert_hidden=64 cuts each MLP into 2 slices: n_expert=3 and top_k=2 must be '
         'multiples of 2 (top_k=2 keeps the dense model\'s active FLOPs)']
     assert not (tmp_path / 'bad').exists()
+
+
+def test_the_exported_moe_routes_like_ours_with_the_deepseek_v3_router():
+    """hf/modeling_nanomoe.py's router is a copy of moe_model's: every router variant must agree (in process)."""
+    pytest.importorskip('transformers')
+    from export_hf import export_moe
+    from moe_model import MoEGPT, MoEConfig
+    torch.manual_seed(0)
+    model = MoEGPT(MoEConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=65, n_expert=4, top_k=2,
+                             expert_hidden=32, router='deepseek_v3', route_scale=2.5)).eval()
+    with torch.no_grad():
+        for layer in model.moe_layers().values():
+            layer.router.expert_bias.normal_(0, 0.5)  # a bias that changes which experts are picked
+    idx = torch.randint(65, (2, 32))
+    with torch.no_grad():
+        torch.testing.assert_close(export_moe(model).eval()(idx).logits, model(idx, idx)[0], rtol=1e-5, atol=1e-5)

@@ -10,7 +10,7 @@ from conftest import TINY, run, read_log
 from checkpoint import load_checkpoint
 from model import MLP
 from moe_model import (MoEConfig, MoE, MoEGPT, Router, build_model, model_args_of, count_per_expert,
-                       load_balance_loss, loop_experts, expert_choice, table_experts)
+                       load_balance_loss, sequence_balance_loss, loop_experts, expert_choice, table_experts)
 
 SMALL = dict(n_layer=2, n_head=2, n_embd=16, block_size=16, vocab_size=50, dropout=0.0)
 
@@ -138,9 +138,10 @@ def test_router_jitter_is_training_only():
 # aux-loss-free balancing (DeepSeek-V3)
 
 
-def test_aux_free_bias_moves_toward_balance_on_a_skewed_batch():
+@pytest.mark.parametrize('router', ['aux_free', 'deepseek_v3'])
+def test_the_bias_moves_toward_balance_on_a_skewed_batch_and_keeps_mean_0(router):
     torch.manual_seed(0)
-    model = MoEGPT(MoEConfig(**SMALL, n_expert=4, top_k=1, router='aux_free', bias_update_rate=0.01))
+    model = MoEGPT(MoEConfig(**SMALL, n_expert=4, top_k=1, router=router, bias_update_rate=0.01))
     moe = model.moe_layers()[0]
     with torch.no_grad():
         moe.router.gate.weight.normal_(0, 0.3)
@@ -156,13 +157,78 @@ def test_aux_free_bias_moves_toward_balance_on_a_skewed_batch():
     load = count_per_expert(moe.topk_idx, 4)
     assert load.max() <= 20, load  # nearly balanced: 16 each
     bias = moe.router.expert_bias
-    assert bias[0] < 0 and (bias[1:] > 0).all()  # overloaded expert pushed down, the others up
-    assert bias.abs().max().item() <= 60 * 0.01 + 1e-6  # moves by bias_update_rate per step
+    assert bias[0] < 0 and bias[0] == bias.min()  # the overloaded expert pushed down
+    assert abs(bias.mean().item()) < 1e-6  # re-centred every step: the biases cannot drift together
+    assert bias.abs().max().item() <= 60 * 2 * 0.01 + 1e-6  # a move of at most 2 * bias_update_rate per step
     # the bias only selects: probabilities and the chosen experts' weights come from the gate alone
     torch.testing.assert_close(moe.router(x[0])[3], probs_before)
-    idx, w, _, probs = moe.router(x[0])
-    torch.testing.assert_close(w, probs.gather(1, idx))
+    idx, w, logits, probs = moe.router(x[0])
+    torch.testing.assert_close(w, probs.gather(1, idx) if router == 'aux_free' else logits.sigmoid().gather(1, idx))
     assert 'transformer.h.0.mlp.router.expert_bias' in model.state_dict()  # checkpointed
+
+
+def test_deepseek_v3_router_formulas_on_hand_made_logits():
+    """Sigmoid scores; the top-k of score + bias; weights = the chosen scores normalised, times route_scale;
+    probabilities (the balance loss's P_i) = scores normalised over all experts."""
+    cfg = MoEConfig(n_layer=1, n_head=1, n_embd=4, n_expert=4, top_k=2, router='deepseek_v3', route_scale=2.5)
+    router = Router(cfg)
+    with torch.no_grad():
+        router.gate.weight.copy_(torch.eye(4))  # logits = x
+        router.expert_bias.copy_(torch.tensor([0.0, 0.0, 0.0, 0.5]))
+    x = torch.tensor([[2.0, 1.0, 0.0, -1.0], [0.0, 3.0, 1.0, 0.0]])
+    idx, w, logits, probs = router(x)
+    s = torch.sigmoid(x)
+    # row 0: scores .881 .731 .5 .269, + bias -> .881 .731 .5 .769: experts 0 and 3 (the bias picks 3, not 1)
+    # row 1: .5 .953 .731 .5, + bias -> .5 .953 .731 1.0: experts 3 and 1, in that order
+    assert idx[0].tolist() == [0, 3] and idx[1].tolist() == [3, 1]
+    torch.testing.assert_close(w[0], 2.5 * torch.stack([s[0, 0], s[0, 3]]) / (s[0, 0] + s[0, 3]))
+    torch.testing.assert_close(w[1], 2.5 * torch.stack([s[1, 3], s[1, 1]]) / (s[1, 1] + s[1, 3]))
+    torch.testing.assert_close(probs, s / s.sum(-1, keepdim=True))
+    torch.testing.assert_close(logits, x)
+    top1 = Router(MoEConfig(n_layer=1, n_head=1, n_embd=4, n_expert=4, top_k=1, router='deepseek_v3'))
+    with torch.no_grad():
+        top1.gate.weight.copy_(torch.eye(4))
+    torch.testing.assert_close(top1(x)[1][:, 0], torch.sigmoid(torch.tensor([2.0, 3.0])))  # k=1: the raw score
+
+
+@pytest.mark.parametrize('expert_impl', ['grouped', 'batched'])  # batched routes tokens position-major
+def test_sequence_balance_loss_is_the_mean_over_sequences(expert_impl):
+    moe = layer(aux_loss_scope='sequence', expert_impl=expert_impl, capacity_factor=4.0)
+    x = torch.randn(3, 10, 16)
+    moe.train()
+    moe(x)
+    direct = []
+    for b in range(3):  # each sequence alone: its own f_i and P_i
+        idx, _, _, probs = moe.router(x[b])
+        direct.append(load_balance_loss(probs, idx))
+    torch.testing.assert_close(moe.balance_loss, torch.stack(direct).mean())
+    whole = load_balance_loss(moe.router(x.view(30, 16))[3], moe.router(x.view(30, 16))[0])
+    assert not torch.allclose(moe.balance_loss, whole)  # not the micro-batch's
+    # the function itself, on hand-made numbers: one sequence all on expert 0 with P = (1, 0), one balanced
+    probs = torch.tensor([[[1.0, 0.0], [1.0, 0.0]], [[0.5, 0.5], [0.5, 0.5]]])
+    idx = torch.tensor([[[0], [0]], [[0], [1]]])
+    torch.testing.assert_close(sequence_balance_loss(probs, idx), torch.tensor((2 * 1.0 + 2 * 0.5) / 2))
+
+
+def test_step_loads_count_every_micro_batch_and_the_probe_counts_dead_experts():
+    torch.manual_seed(0)
+    model = MoEGPT(MoEConfig(**SMALL, n_expert=4, top_k=1))
+    moe = model.moe_layers()[0]
+    model.train()
+    counts = []
+    for seed in (1, 2):
+        model(torch.randint(50, (2, 16), generator=torch.Generator().manual_seed(seed)))
+        counts.append(moe.tokens_per_expert.clone())
+    model.end_step()
+    total = (counts[0] + counts[1]).float()
+    assert model.routing_stats()['layer0/load'] == pytest.approx((total / total.sum()).tolist())
+    with torch.no_grad():
+        moe.router.gate.weight.zero_()
+        moe.router.gate.weight[:, 0] = torch.tensor([3.0, 3.0, -3.0, -3.0])  # experts 2 and 3 lose every token
+    probe = torch.randint(50, (2, 16))
+    stats = model.probe_routing(probe)
+    share = moe.tokens_per_expert.float() / moe.tokens_per_expert.sum()
+    assert stats['layer0/dead_fraction'] == (share < 0.1 / 4).float().mean().item() >= 0.5
 
 
 def test_aux_free_bias_needs_end_step_and_eval_does_not_count():
@@ -272,15 +338,16 @@ def test_routing_stats_and_flip_rate():
     torch.manual_seed(0)
     model = MoEGPT(MoEConfig(**SMALL, n_expert=4, top_k=2))
     probe = torch.randint(50, (3, 16))
-    assert model.routing_flips(probe) == {}  # nothing to compare with yet
-    assert model.routing_flips(probe) == {'layer0/flip_rate': 0.0, 'layer1/flip_rate': 0.0}
+    assert set(model.probe_routing(probe)) == {'layer0/dead_fraction', 'layer1/dead_fraction'}  # no flips yet
+    assert {k: v for k, v in model.probe_routing(probe).items() if 'flip' in k} == {'layer0/flip_rate': 0.0,
+                                                                                      'layer1/flip_rate': 0.0}
     stats = model.routing_stats()
     assert {'layer0/load', 'layer0/max_load', 'layer0/entropy', 'layer0/drop_fraction'} <= set(stats)
     assert 0 < stats['layer0/entropy'] <= math.log(4) + 1e-6 and stats['layer0/max_load'] >= 1
     before = model.moe_layers()[0].topk_idx[:, 0].clone()
     with torch.no_grad():
         model.moe_layers()[0].router.gate.weight.add_(torch.randn(4, 16) * 0.05)
-    flips = model.routing_flips(probe)
+    flips = model.probe_routing(probe)
     expected = (model.moe_layers()[0].topk_idx[:, 0] != before).float().mean().item()
     assert flips['layer0/flip_rate'] == pytest.approx(expected) and expected > 0
     assert model.training  # the probe restores the mode it found
@@ -298,8 +365,9 @@ def test_every_new_key_round_trips_through_model_args():
 
 
 @pytest.mark.parametrize('kw, message', [
-    (dict(router='hash'), "router='hash' is unknown; allowed: topk, noisy_topk, expert_choice, aux_free"),
-    (dict(aux_loss_scope='batch'), "aux_loss_scope='batch' is unknown; allowed: micro, global"),
+    (dict(router='hash'), "router='hash' is unknown; allowed: topk, noisy_topk, expert_choice, aux_free, deepseek_v3"),
+    (dict(aux_loss_scope='batch'), "aux_loss_scope='batch' is unknown; allowed: micro, global, sequence"),
+    (dict(route_scale=0.0), 'route_scale=0.0 must be > 0'),
     (dict(router_temperature=0.0), 'router_temperature=0.0 must be > 0'),
     (dict(router_jitter=1.0), r'router_jitter=1.0 must be in \[0, 1\)'),
     (dict(expert_dropout=-0.1), r'expert_dropout=-0.1 must be in \[0, 1\)'),
@@ -315,7 +383,7 @@ def test_bad_routing_configs_raise_clear_errors(kw, message):
 def test_train_rejects_a_bad_router_before_any_work(shakespeare_char, tmp_path):
     p = run('train.py', *TINY, f'--out_dir={tmp_path / "out"}', '--router=hash', check=False)
     assert p.returncode == 2 and p.stderr.strip() == \
-        "error: router='hash' is unknown; allowed: topk, noisy_topk, expert_choice, aux_free"
+        "error: router='hash' is unknown; allowed: topk, noisy_topk, expert_choice, aux_free, deepseek_v3"
     assert not (tmp_path / 'out').exists()
 
 
