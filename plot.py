@@ -5,7 +5,8 @@ $ python plot.py --out_dir=out-shakespeare-char-moe-cpu --plot_dir=assets/moe-cp
   loss.png    training loss parts (cross-entropy, balance loss, z-loss) and train/val cross-entropy
   load.png    per MoE layer: fraction of token-slots per expert over training (heatmap; each optimizer step)
   probe.png   per MoE layer, on the fixed probe batch, eval to eval: routing flip rate and dead experts
-A dense run gets loss.png only.
+  hellaswag.png  HellaSwag acc and acc_norm at evals (a run with hellaswag_interval > 0)
+A dense run gets loss.png (and hellaswag.png) only.
 """
 import os
 import sys
@@ -97,6 +98,19 @@ def plot_probe(evals, layers, path):
     plt.close(fig)
 
 
+def plot_hellaswag(evals, path):
+    rows = [r for r in evals if r.get('hellaswag/acc_norm') is not None]  # (log.jsonl holds a NaN as null)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key in ('acc_norm', 'acc'):
+        ax.plot([r['iter'] for r in rows], [r[f'hellaswag/{key}'] for r in rows], marker='o', label=key)
+    ax.axhline(0.25, color='gray', ls='--', lw=0.8, label='chance')
+    ax.set(title='HellaSwag (validation examples scored at evals)', xlabel='iteration', ylabel='accuracy')
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 if __name__ == '__main__':  # a script; study.py imports read_log from it
     config = configure({'out_dir': out_dir, 'plot_dir': plot_dir}, sys.argv[1:])
     out_dir, plot_dir = config['out_dir'], config['plot_dir'] or config['out_dir']
@@ -115,4 +129,7 @@ if __name__ == '__main__':  # a script; study.py imports read_log from it
         plot_load(steps, layers, written[-1])
         written.append(os.path.join(plot_dir, 'probe.png'))
         plot_probe(evals, layers, written[-1])
+    if any('hellaswag/acc_norm' in r for r in evals):
+        written.append(os.path.join(plot_dir, 'hellaswag.png'))
+        plot_hellaswag(evals, written[-1])
     print('wrote ' + ', '.join(written))

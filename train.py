@@ -41,6 +41,7 @@ from moe_model import build_model, model_config, model_args_of, training_bytes, 
 from expert_parallel import ExpertParallel, config_error
 from export_hf import GPT2_SIZES, hf_config, hf_model_args, load_hf_folder
 from upcycle import upcycle_args, upcycle
+import hellaswag
 
 # -----------------------------------------------------------------------------
 # default config values designed to train a GPT-2 (124M) sized MoE on OpenWebText
@@ -50,6 +51,9 @@ eval_interval = 2000
 log_interval = 1
 eval_iters = 200
 eval_only = False  # if True, script exits right after the first eval
+hellaswag_interval = 0  # at evals where iter_num % hellaswag_interval == 0: HellaSwag acc (hellaswag.py); 0: off
+hellaswag_examples = 500  # the first N HellaSwag validation examples; 0: all 10,042
+hellaswag_dir = ''  # where hellaswag_val.jsonl is cached (downloaded on first use); '': data/hellaswag
 init_from = 'scratch'  # 'scratch', 'resume', 'gpt2*', a Hugging Face folder, or a checkpoint file (.pt): its weights
 always_save_checkpoint = True  # nanoGPT's: False writes ckpt.pt only at an eval that improves the val loss
 seed = 1337
@@ -132,7 +136,7 @@ check_device(device)
 check_range(config, ('batch_size', 'gradient_accumulation_steps', 'block_size', 'eval_iters', 'log_interval',
                      'eval_interval'), 1)
 check_range(config, ('max_iters', 'warmup_iters', 'lr_decay_iters', 'learning_rate', 'min_lr', 'weight_decay',
-                     'grad_clip', 'upcycle_noise'), 0)
+                     'grad_clip', 'upcycle_noise', 'hellaswag_interval', 'hellaswag_examples'), 0)
 check_range(config, ('beta1', 'beta2'), 0, 1)
 check_range(config, ('seed',), 0, 2**32)
 if not out_dir:
@@ -177,6 +181,11 @@ if message := config_error(expert_parallel, model_args, expert_impl, dtype, int(
     fail(message)
 if not (init_from in GPT2_SIZES or hf_folder) or model_args is not init_args:  # fp32 weights, gradients, AdamW moments
     check_memory(training_bytes(model_args, expert_parallel), device)
+if hellaswag_interval:  # read and tokenised now: a character-level dataset or no data file stops here
+    try:
+        hs_examples = hellaswag.prepare(hellaswag_dir, hellaswag_examples, block_size, model_args['vocab_size'], meta_path)
+    except hellaswag.HellaSwagError as e:
+        fail(f"hellaswag_interval={hellaswag_interval}: {e}")
 
 # -----------------------------------------------------------------------------
 # various inits, derived attributes, I/O setup
@@ -408,18 +417,23 @@ while True:
     # evaluate the loss on train/val sets and write checkpoints
     if iter_num % eval_interval == 0 or iter_num == max_iters or eval_only:
         losses = estimate_loss()
+        # every rank (EP forwards are collective: master-only would hang); raw_model: no DDP sync, no recompiles
+        hs = (hellaswag.metrics(raw_model, hs_examples, device, ctx)
+              if hellaswag_interval and iter_num % hellaswag_interval == 0 else {})
         improved = losses['val'] < best_val_loss  # each rank has its own eval batches; the master's decide
         best_val_loss = min(best_val_loss, losses['val'])
         with ctx:  # routing on a fixed batch: dead experts, top-1 flips since the previous eval
             probe = raw_model.probe_routing(get_batch('val', -2, 0)[0])  # every rank: EP forwards are collective
         state = checkpoint_state() if iter_num > 0 and not eval_only else None  # every rank: EP gathers experts
         if master_process:
-            print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+            print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
+                  + ''.join(f", {k} {v:.4f}" for k, v in hs.items()))
             stats = {k: v for k, v in {**raw_model.routing_stats(), **probe}.items() if not isinstance(v, list)}
             if stats:
                 print('routing (fixed eval batch): ' + ', '.join(f'{k} {v:.3f}' for k, v in stats.items()))
             if run_dir:
-                run_dir.log({'iter': iter_num, 'train/ce': losses['train'], 'val/ce': losses['val'], 'lr': lr, **probe})
+                run_dir.log({'iter': iter_num, 'train/ce': losses['train'], 'val/ce': losses['val'], 'lr': lr, **probe,
+                             **hs})
             if state is not None:
                 if always_save_checkpoint or improved:
                     print(f"saving checkpoint to {out_dir}")

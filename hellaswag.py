@@ -1,0 +1,246 @@
+"""
+HellaSwag accuracy of a GPT-2-BPE model (a checkpoint, GPT-2 or a GPT-2 folder), scored completion-style as
+llm.c's dev/data/hellaswag.py does:
+$ python hellaswag.py --out_dir=out-gpt2-moe                       # out_dir/ckpt.pt (--ckpt_name=ckpt_best.pt)
+$ python hellaswag.py --init_from=gpt2 --device=cuda              # gpt2-medium/-large/-xl, a GPT2LMHeadModel folder
+$ python hellaswag.py --out_dir=out-gpt2-moe --max_examples=500   # the first 500 of the 10,042 validation examples
+An example is a context and 4 endings. Each ending is scored by the model's cross-entropy on its own tokens,
+each predicted from the context and the ending's tokens before it: acc picks the ending with the lowest sum,
+acc_norm the lowest mean per token. llm.c measured acc 0.2859, acc_norm 0.2955 for gpt2 (124M) and 0.3842,
+0.4893 for gpt2-xl; chance is 0.25. The validation file is downloaded once into data/hellaswag/ (--data_dir).
+Rows longer than the model's block_size lose the start of their context (crop); an example whose ending itself
+does not fit is skipped, and the count says how many were scored.
+train.py calls prepare at start and score (through metrics) at its evals (hellaswag_interval).
+"""
+import os
+import sys
+import json
+import urllib.request
+from contextlib import nullcontext
+
+import torch
+from torch.nn import functional as F
+
+from configurator import configure, fail, check_choice, check_range, check_device
+
+URL = 'https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl'
+HERE = os.path.dirname(os.path.abspath(__file__))
+DATA_DIR = os.path.join(HERE, 'data', 'hellaswag')
+GPT2_VOCAB = 50257  # GPT-2's BPE (nanoGPT pads a model's vocab_size to 50304)
+
+# -----------------------------------------------------------------------------
+init_from = 'resume'  # 'resume' (out_dir/ckpt_name), a checkpoint file (.pt), 'gpt2*', or a Hugging Face folder
+out_dir = 'out'
+ckpt_name = 'ckpt.pt'  # or 'ckpt_best.pt'
+device = 'cuda' if torch.cuda.is_available() else 'cpu'
+dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'
+expert_impl = ''  # '' keeps the checkpoint's; any backend works with any checkpoint
+max_examples = 0  # the first N validation examples; 0: all
+data_dir = ''  # where hellaswag_val.jsonl is (downloaded to); '': data/hellaswag
+# -----------------------------------------------------------------------------
+
+
+class HellaSwagError(Exception):
+    """Bad input (no data file, a model that does not read GPT-2 BPE): one line, for fail()."""
+
+
+def one_line(e):
+    return ' '.join(str(e).split()) or type(e).__name__
+
+
+def download(url, path, timeout=30):
+    """url -> path atomically: a temp file in the same folder, then os.replace, so that a failed or killed
+    download never leaves half a file that a later run would read as the data."""
+    tmp = f'{path}.{os.getpid()}.tmp'
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r, open(tmp, 'wb') as f:
+            while chunk := r.read(1 << 20):
+                f.write(chunk)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def fetch(data_dir=''):
+    """The path of hellaswag_val.jsonl in data_dir ('' = data/hellaswag), downloaded there on first use."""
+    data_dir = data_dir or DATA_DIR
+    path = os.path.join(data_dir, os.path.basename(URL))
+    if os.path.isfile(path):
+        return path
+    print(f"downloading {URL} to {path}")
+    try:
+        os.makedirs(data_dir, exist_ok=True)
+        download(URL, path)
+    except Exception as e:  # offline: URLError, a timeout, a refused connection, an unwritable folder, ...
+        raise HellaSwagError(f"HellaSwag data {path} is missing and its download from {URL} failed ({one_line(e)}); "
+                             f"offline, download that file elsewhere and place it at {path}") from None
+    return path
+
+
+def load_examples(path, max_examples=0):
+    """The first max_examples (0: all) examples of a HellaSwag .jsonl file, each checked for what
+    render_example reads: ctx (a string), endings (4 strings) and label (0-3)."""
+    examples = []
+    try:
+        with open(path, encoding='utf-8') as f:
+            for i, line in enumerate(f, 1):
+                if max_examples and len(examples) == max_examples:
+                    break
+                try:
+                    ex = json.loads(line)
+                    ok = (isinstance(ex['ctx'], str) and isinstance(ex['endings'], list) and len(ex['endings']) == 4
+                          and all(isinstance(e, str) for e in ex['endings']) and ex['label'] in (0, 1, 2, 3))
+                except (ValueError, TypeError, KeyError):
+                    ok = False
+                if not ok:
+                    raise HellaSwagError(f"{path} line {i} is not a HellaSwag example (JSON with ctx, 4 endings and a "
+                                         f"label 0-3); delete the file to download it again")
+                examples.append(ex)
+    except (OSError, UnicodeDecodeError) as e:
+        raise HellaSwagError(f"{path} cannot be read ({one_line(e)})") from None
+    if not examples:
+        raise HellaSwagError(f"{path} holds no examples; delete it to download it again")
+    return examples
+
+
+def render_example(example, enc):
+    """tokens [4, T]: row i is the context then ' ' + ending i (GPT-2's BPE keeps a word's leading space in its
+    token), right-padded with 0; mask [4, T]: 1 on the ending's tokens; and the label (the right ending)."""
+    ctx = enc.encode_ordinary(example['ctx'])
+    rows = [ctx + enc.encode_ordinary(' ' + ending) for ending in example['endings']]
+    tokens = torch.zeros(4, max(map(len, rows)), dtype=torch.long)
+    mask = torch.zeros_like(tokens)
+    for i, row in enumerate(rows):
+        tokens[i, :len(row)] = torch.tensor(row)
+        mask[i, len(ctx):len(row)] = 1
+    return tokens, mask, example['label']
+
+
+def crop(tokens, mask, block_size):
+    """(tokens, mask) cut to block_size columns by dropping the first ones. The rows share the context, so every
+    ending keeps the same end of it. None if an ending would lose the context token that predicts its first
+    token (or the context is empty): that example cannot be scored in block_size."""
+    cut = max(0, tokens.size(1) - block_size)
+    if mask[:, :cut + 1].any():
+        return None
+    return tokens[:, cut:], mask[:, cut:]
+
+
+def ending_losses(model, tokens, mask):
+    """Per row, the sum and the mean of the cross-entropy of the ending's tokens. model.GPT returns the logits
+    of every position only when given targets (else of the last one): the targets are the next tokens on the
+    ending, -1 (ignored by the model's loss, which is not used) elsewhere."""
+    targets = F.pad(torch.where(mask[:, 1:].bool(), tokens[:, 1:], -1), (0, 1), value=-1)  # position t predicts t+1
+    logits, _ = model(tokens, targets)
+    losses = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1,
+                             reduction='none').view(targets.shape)  # 0 off the endings
+    total = losses.sum(1)
+    return total, total / mask[:, 1:].sum(1)
+
+
+@torch.no_grad()
+def score(model, examples, device, ctx=nullcontext(), verbose=False):
+    """(acc, acc_norm, n) of model on rendered examples (render_example), in eval mode (the model's mode is
+    restored after). n counts the examples that fit in model.config.block_size (crop); with none, NaNs."""
+    training = model.training
+    model.eval()
+    correct = correct_norm = n = 0
+    for tokens, mask, label in examples:
+        if (cropped := crop(tokens, mask, model.config.block_size)) is None:
+            continue
+        with ctx:
+            total, mean = ending_losses(model, *(t.to(device) for t in cropped))
+        n += 1
+        correct += int(total.argmin()) == label
+        correct_norm += int(mean.argmin()) == label
+        if verbose and n % 1000 == 0:
+            print(f"{n} examples: acc {correct / n:.4f}, acc_norm {correct_norm / n:.4f}")
+    model.train(training)
+    return (correct / n, correct_norm / n, n) if n else (float('nan'), float('nan'), 0)
+
+
+def metrics(model, examples, device, ctx=nullcontext()):
+    """score as train.py logs it."""
+    acc, acc_norm, _ = score(model, examples, device, ctx)
+    return {'hellaswag/acc': acc, 'hellaswag/acc_norm': acc_norm}
+
+
+def check_vocab(vocab_size, meta_path=None):
+    """HellaSwagError unless the model reads GPT-2 BPE: a dataset with a meta.pkl has its own vocabulary (a
+    character-level one), and so has a model with fewer than GPT-2's 50257 tokens."""
+    if meta_path and os.path.exists(meta_path):
+        raise HellaSwagError(f"HellaSwag needs a GPT-2 BPE model, but the dataset has its own vocabulary ({meta_path}): "
+                             f"a character-level model cannot read GPT-2 tokens")
+    if vocab_size < GPT2_VOCAB:
+        raise HellaSwagError(f"HellaSwag needs a GPT-2 BPE model (vocab_size >= {GPT2_VOCAB}), but this one has "
+                             f"vocab_size={vocab_size} (a character-level model?)")
+
+
+def prepare(data_dir='', max_examples=0, block_size=None, vocab_size=GPT2_VOCAB, meta_path=None):
+    """The first max_examples (0: all) validation examples, rendered for score; the file is downloaded if need
+    be. HellaSwagError, one line, for a model that is not GPT-2 BPE (check_vocab: checked first, before any
+    download), without the file or GPT-2's BPE, or if no example fits block_size."""
+    check_vocab(vocab_size, meta_path)
+    path = fetch(data_dir)
+    examples = load_examples(path, max_examples)
+    from data.tiktoken_offline import get_gpt2_encoding  # tiktoken 'gpt2', seeded offline if need be
+    try:
+        enc = get_gpt2_encoding(verbose=False)
+    except Exception as e:
+        raise HellaSwagError(one_line(e)) from None
+    rendered = [render_example(ex, enc) for ex in examples]
+    too_long = sum(crop(tokens, mask, block_size) is None for tokens, mask, _ in rendered) if block_size else 0
+    if too_long == len(rendered):
+        raise HellaSwagError(f"no HellaSwag example fits block_size={block_size} (an ending and a context token)")
+    print(f"hellaswag: {len(rendered)} examples from {path}" +
+          (f", {too_long} of them skipped (an ending longer than block_size={block_size})" if too_long else ''))
+    return rendered
+
+
+if __name__ == '__main__':
+    config = configure({k: globals()[k] for k in ('init_from', 'out_dir', 'ckpt_name', 'device', 'dtype', 'expert_impl',
+                                                  'max_examples', 'data_dir')}, sys.argv[1:])
+    globals().update(config)
+    check_choice(config, 'dtype', ('float32', 'bfloat16', 'float16'))
+    check_device(device)
+    check_range(config, ('max_examples',), 0)
+    from checkpoint import load_checkpoint, load_weights, CheckpointError
+    from export_hf import GPT2_SIZES, hf_config, hf_model_args, load_hf_folder
+    # the model's vocab_size and block_size first (no weights yet): a character-level model stops before any download
+    ckpt = None
+    if init_from == 'resume' or init_from.endswith('.pt'):
+        path = os.path.join(out_dir, ckpt_name) if init_from == 'resume' else init_from
+        try:
+            ckpt = load_checkpoint(path)
+        except CheckpointError as e:
+            fail(str(e))
+        model_args = dict(ckpt['model_args'], **({'expert_impl': expert_impl} if expert_impl else {}))
+        dataset = ckpt.get('config', {}).get('dataset')  # its meta.pkl, if any, says the vocabulary is its own
+        meta_path = os.path.join(HERE, 'data', dataset, 'meta.pkl') if isinstance(dataset, str) else None
+    elif init_from in GPT2_SIZES or hf_config(init_from) is not None:
+        model_args, meta_path = hf_model_args(init_from), None
+    else:
+        fail(f"init_from={init_from!r}; allowed: 'resume', a checkpoint file (.pt), 'gpt2', 'gpt2-medium', "
+             f"'gpt2-large', 'gpt2-xl', or a folder holding a saved GPT2LMHeadModel")
+    try:
+        examples = prepare(data_dir, max_examples, model_args['block_size'], model_args['vocab_size'], meta_path)
+    except HellaSwagError as e:
+        fail(str(e))
+    try:
+        if ckpt is not None:
+            from moe_model import build_model
+            model = build_model(model_args)
+            load_weights(model, ckpt, path)
+        else:
+            from model import GPT
+            model = load_hf_folder(init_from) if init_from not in GPT2_SIZES else GPT.from_pretrained(init_from)
+    except (ValueError, CheckpointError) as e:
+        fail(str(e))
+    ckpt = None  # free the memory
+    model.to(device)
+    device_type = 'cuda' if 'cuda' in device else 'cpu'
+    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+    ctx = nullcontext() if dtype == 'float32' else torch.amp.autocast(device_type=device_type, dtype=ptdtype)
+    acc, acc_norm, n = score(model, examples, device, ctx, verbose=True)
+    print(f"hellaswag: {n} examples, acc {acc:.4f}, acc_norm {acc_norm:.4f}")
