@@ -370,6 +370,26 @@ EXPERT_IMPLS = {'loop': loop_experts, 'grouped': grouped_experts, 'batched': bat
                 'triton': triton_experts}
 
 
+def auto_expert_impl(device, dtype, expert_hidden):
+    """What expert_impl='auto' (train.py's default) runs on this device: (backend, a warning or None).
+    CPU: 'grouped' (kernels/cpu_grouped_mm.cpp). CUDA sm90+ (H100, H200, B200): 'grouped', torch's fused
+    grouped_mm. Below sm90 torch's grouped_mm runs one GEMM per expert with a device-to-host sync, so
+    'triton' when it is installed and takes the dtype (no bfloat16 before sm80) and expert_hidden (a
+    multiple of 16); else 'grouped', with a warning that says why it will be slow."""
+    if not device.startswith('cuda'):
+        return 'grouped', None
+    major, minor = torch.cuda.get_device_capability(device)
+    if major >= 9:
+        return 'grouped', None
+    why = ('triton is not installed' if importlib.util.find_spec('triton') is None else
+           f'triton has no bfloat16 on sm{major}{minor}' if dtype == 'bfloat16' and major < 8 else
+           f'triton needs expert_hidden divisible by 16, not {expert_hidden}' if expert_hidden % 16 else None)
+    if why is None:
+        return 'triton', None
+    return 'grouped', (f"expert_impl='auto' runs 'grouped' on this sm{major}{minor} GPU, where torch's grouped_mm "
+                       f"is one GEMM per expert and a host sync per layer: slow; {why}")
+
+
 def expert_choice(probs, top_k):
     """Expert choice (Zhou et al. 2022), in training: each expert takes the capacity =
     ceil(top_k * N / n_expert) tokens that give it the highest probability, so every expert runs exactly

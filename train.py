@@ -37,7 +37,7 @@ from configurator import configure, fail, check_choice, check_range, check_devic
 from kernels.cpu_memory import keep_freed_memory
 from checkpoint import (load_checkpoint, load_for_resume, load_weights, CheckpointError, load_meta, training_state,
                         restore, nonfinite_tensor, RunDir)
-from moe_model import build_model, model_config, model_args_of, training_bytes, MODEL_KEYS, RUN_KEYS
+from moe_model import auto_expert_impl, build_model, model_config, model_args_of, training_bytes, MODEL_KEYS, RUN_KEYS
 from expert_parallel import ExpertParallel, config_error
 from export_hf import GPT2_SIZES, hf_config, hf_model_args, load_hf_folder
 from upcycle import upcycle_args, upcycle
@@ -78,7 +78,7 @@ n_expert = 8
 top_k = 2
 expert_hidden = 0  # 0: 4 * n_embd
 moe_every = 1
-expert_impl = 'grouped'
+expert_impl = 'auto'  # 'auto': the fast one for this device (moe_model.auto_expert_impl), or one of EXPERT_IMPLS
 aux_loss_coef = 0.01
 z_loss_coef = 0.001
 capacity_factor = 1.25
@@ -172,6 +172,11 @@ if init_from not in ('scratch', 'resume'):
         model_args = upcycle_args(init_args, config, given) or init_args
     except ValueError as e:
         fail(str(e))
+if model_args['n_expert'] and model_args['expert_impl'] == 'auto':  # resolved once; saved and logged as resolved
+    impl, warning = (('grouped', None) if expert_parallel != 1 else  # (expert parallelism computes with grouped's GEMMs)
+                     auto_expert_impl(device, dtype, model_args['expert_hidden'] or 4 * model_args['n_embd']))
+    print(f"expert_impl='auto': {impl}" + (f"\nwarning: {warning}" if warning else ''))
+    model_args['expert_impl'] = config['expert_impl'] = expert_impl = impl
 try:
     model_config(model_args)  # validates every model key (top_k <= n_expert, n_embd % n_head, ...)
 except ValueError as e:
@@ -402,6 +407,8 @@ if wandb_log and run_dir:
     wandb.init(project=wandb_project, name=wandb_run_name, config=config)
     run_dir.wandb = wandb
 
+if run_dir and model_args['n_expert']:  # which backend expert_impl='auto' picked, beside the run's numbers
+    run_dir.log({'iter': iter_num, 'event': 'start', 'expert_impl': expert_impl})
 # training loop
 t0 = time.time()
 local_iter_num = 0  # number of iterations in the lifetime of this process

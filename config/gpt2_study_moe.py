@@ -8,6 +8,5 @@ out_dir = 'out-study-moe'
 n_expert = 8
 top_k = 2
 expert_hidden = 4 * 768
-expert_impl = 'grouped'
 aux_loss_coef = 0.01
 z_loss_coef = 0.001

@@ -10,6 +10,5 @@ n_expert = 8
 top_k = 2
 expert_hidden = 4 * 768
 moe_every = 1
-expert_impl = 'grouped'
 aux_loss_coef = 0.01
 z_loss_coef = 0.001

@@ -295,3 +295,24 @@ def test_backend_runs_under_torch_compile_in_float32(impl):
     ref, got = run(layer, impl, x), run(torch.compile(layer, backend='aot_eager'), impl, x)
     for r, g in zip(ref, got):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('device, capability, triton, dtype, hidden, expected, why', [
+    ('cpu', None, True, 'float32', 64, 'grouped', None),
+    ('cuda', (9, 0), True, 'bfloat16', 64, 'grouped', None),      # H100/H200: torch's fused grouped_mm
+    ('cuda', (9, 0), False, 'bfloat16', 24, 'grouped', None),
+    ('cuda', (8, 0), True, 'bfloat16', 64, 'triton', None),       # A100
+    ('cuda', (8, 0), False, 'bfloat16', 64, 'grouped', 'triton is not installed'),
+    ('cuda', (8, 0), True, 'float16', 24, 'grouped', 'divisible by 16'),
+    ('cuda', (7, 0), True, 'float16', 64, 'triton', None),        # V100: fp16
+    ('cuda', (7, 0), True, 'bfloat16', 64, 'grouped', 'no bfloat16 on sm70'),
+])
+def test_auto_expert_impl_for_each_gpu(monkeypatch, device, capability, triton, dtype, hidden, expected, why):
+    import importlib.util
+    from moe_model import auto_expert_impl
+    monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda device=None: capability)
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *a: (object() if triton else None) if name == 'triton'
+                        else find_spec(name, *a))
+    impl, warning = auto_expert_impl(device, dtype, hidden)
+    assert impl == expected and (warning is None if why is None else why in warning and 'slow' in warning)

@@ -302,6 +302,9 @@ def test_upcycle_a_nanogpt_checkpoint_and_a_gpt2_folder_from_the_command_line(sh
         assert step0 and step0[0] in p.stdout and 'sparse upcycling' in p.stdout and 'sparse' not in p_dense.stdout
     ckpt = load_checkpoint(str(tmp_path / 'up' / 'ckpt.pt'))
     assert ckpt['model_args']['n_expert'] == 4 and ckpt['model_args']['top_k'] == 2 and ckpt['iter_num'] == 4
+    # (no --expert_impl: 'auto', saved and logged as what it resolved to, 'grouped' on a CPU)
+    assert ckpt['model_args']['expert_impl'] == ckpt['config']['expert_impl'] == 'grouped'
+    assert [r['expert_impl'] for r in read_log(str(tmp_path / 'up')) if r.get('event') == 'start'] == ['grouped']
     p = run('train.py', *TINY_OVERRIDES, '--dataset=shakespeare_char', f'--init_from={tmp_path / "dense.pt"}',
             '--n_expert=3', '--expert_hidden=64', f'--out_dir={tmp_path / "bad"}', check=False)
     assert p.returncode == 2 and p.stderr.strip().splitlines() == [
