@@ -35,12 +35,10 @@ from torch.distributed import init_process_group, destroy_process_group
 
 from configurator import configure, fail, check_choice, check_range, check_device, check_dataset, check_memory
 from kernels.cpu_memory import keep_freed_memory
-from checkpoint import (load_checkpoint, load_for_resume, load_weights, CheckpointError, load_meta, training_state,
-                        restore, nonfinite_tensor, RunDir)
-from moe_model import auto_expert_impl, build_model, model_config, model_args_of, training_bytes, MODEL_KEYS, RUN_KEYS
+from checkpoint import CheckpointError, load_meta, training_state, restore, nonfinite_tensor, RunDir
+from moe_model import auto_expert_impl, model_config, model_args_of, training_bytes
 from expert_parallel import ExpertParallel, config_error
-from export_hf import GPT2_SIZES, hf_config, hf_model_args, load_hf_folder
-from upcycle import upcycle_args, upcycle
+from init_model import Init
 import hellaswag
 
 # -----------------------------------------------------------------------------
@@ -121,10 +119,6 @@ globals().update(config)
 # -----------------------------------------------------------------------------
 # check everything we can before any work starts: one clear line and exit code 2 otherwise
 
-hf_folder = hf_config(init_from)  # a Hugging Face model folder (GPT-2's, or one export_hf.py wrote), or None
-if init_from not in ('scratch', 'resume', *GPT2_SIZES) and hf_folder is None and not init_from.endswith('.pt'):
-    fail(f"init_from={init_from!r}; allowed: 'scratch', 'resume', 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl', "
-         f"a folder holding a saved GPT2LMHeadModel (config.json and weights), or a checkpoint file (.pt)")
 if wandb_log:
     try:
         import wandb
@@ -152,26 +146,13 @@ if os.path.exists(meta_path):
     except CheckpointError as e:
         fail(str(e))
     print(f"found vocab_size = {meta_vocab_size} (inside {meta_path})")
-model_args = {k: config[k] for k in MODEL_KEYS}
-model_args['vocab_size'] = vocab_size or meta_vocab_size or 50304
-init_ckpt, init_path = None, os.path.join(out_dir, 'ckpt.pt') if init_from == 'resume' else init_from
-if init_from == 'resume' or init_from.endswith('.pt'):  # (a .pt file: its weights start a new run)
-    try:
-        init_ckpt = (load_for_resume if init_from == 'resume' else load_checkpoint)(init_path)
-    except CheckpointError as e:
-        fail(str(e))
-if init_from != 'scratch':  # the weights' keys define them; the run may change the others (RUN_KEYS: dropout, ...)
-    # (a checkpoint without n_expert, nanoGPT's or a dense one from here, is dense)
-    init_keys = {'n_expert': 0, **init_ckpt['model_args']} if init_ckpt else hf_model_args(init_from)
-    model_args.update({k: v for k, v in init_keys.items() if k in MODEL_KEYS and k not in RUN_KEYS})
-if block_size > model_args['block_size']:  # a model from weights can be cropped to a smaller block_size, never grown
-    fail(f"block_size={block_size} is larger than the model's block_size={model_args['block_size']}")
-init_args = model_args  # the model that the weights load into; sparse upcycling turns it into an MoE (upcycle.py)
-if init_from not in ('scratch', 'resume'):
-    try:
-        model_args = upcycle_args(init_args, config, given) or init_args
-    except ValueError as e:
-        fail(str(e))
+try:  # where the model comes from (init_model.py): a checkpoint, GPT-2, ...; the model keys are its
+    init = Init(init_from, out_dir, config, given, vocab_size or meta_vocab_size or 50304)
+except (ValueError, CheckpointError) as e:
+    fail(str(e))
+model_args = init.model_args
+if block_size > init.weights_args['block_size']:  # a model from weights can be cropped, never grown
+    fail(f"block_size={block_size} is larger than the model's block_size={init.weights_args['block_size']}")
 if model_args['n_expert'] and model_args['expert_impl'] == 'auto':  # resolved once; saved and logged as resolved
     impl, warning = (('grouped', None) if expert_parallel != 1 else  # (expert parallelism computes with grouped's GEMMs)
                      auto_expert_impl(device, dtype, model_args['expert_hidden'] or 4 * model_args['n_embd']))
@@ -184,7 +165,7 @@ except ValueError as e:
 # torchrun's WORLD_SIZE is known before the process group starts
 if message := config_error(expert_parallel, model_args, expert_impl, dtype, int(os.environ.get('WORLD_SIZE', 1))):
     fail(message)
-if not (init_from in GPT2_SIZES or hf_folder) or model_args is not init_args:  # fp32 weights, gradients, AdamW moments
+if not init.pretrained or model_args is not init.weights_args:  # fp32 weights, gradients and AdamW moments
     check_memory(training_bytes(model_args, expert_parallel), device)
 if hellaswag_interval:  # read and tokenised now: a character-level dataset or no data file stops here
     try:
@@ -267,30 +248,14 @@ iter_num = 0
 best_val_loss = 1e9
 
 # model init
-if init_from == 'scratch':
-    print("Initializing a new model from scratch")
-    if meta_vocab_size is None and not vocab_size:
-        print("defaulting to vocab_size of GPT-2 to 50304 (50257 rounded up for efficiency)")
-    model = build_model(model_args)
-elif init_ckpt:
-    print(f"Resuming training from {out_dir}" if init_from == 'resume' else f"Initializing from {init_from}")
-    model = build_model(init_args)
-    try:
-        load_weights(model, init_ckpt, init_path)
-    except CheckpointError as e:
-        fail(str(e))
-    if init_from == 'resume':
-        iter_num = init_ckpt['iter_num']
-        best_val_loss = init_ckpt['best_val_loss']
-else:  # a GPT-2 name, or a Hugging Face folder (GPT-2's, or one export_hf.py wrote)
-    print(f"Initializing from pretrained weights: {init_from}")
-    from model import GPT
-    try:
-        model = load_hf_folder(init_from, dropout) if hf_folder else GPT.from_pretrained(init_from, dict(dropout=dropout))
-    except ValueError as e:
-        fail(str(e))
-if model_args is not init_args:
-    model = upcycle(model, model_args, upcycle_noise)
+if meta_vocab_size is None and not vocab_size and init_from == 'scratch':
+    print("defaulting to vocab_size of GPT-2 to 50304 (50257 rounded up for efficiency)")
+try:
+    model = init.build()
+except (ValueError, CheckpointError) as e:
+    fail(str(e))
+if init_from == 'resume':
+    iter_num, best_val_loss = init.ckpt['iter_num'], init.ckpt['best_val_loss']
 # crop down the model block size if desired, using model surgery (growing it was refused above)
 if block_size < model.config.block_size:
     model.crop_block_size(block_size)  # the checkpoint's model_args are read off the model (model_args_of)
@@ -307,8 +272,8 @@ scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
 # optimizer
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
 if init_from == 'resume':
-    restore(init_ckpt, model, optimizer, scaler, parallel, device)
-init_ckpt = None  # free up memory
+    restore(init.ckpt, model, optimizer, scaler, parallel, device)
+init = None  # free up memory
 
 # compile the model
 if compile:

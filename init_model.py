@@ -1,0 +1,61 @@
+"""
+Where train.py's model comes from (its init_from), read and checked before any work, built after:
+  'scratch'     a new model of the run's keys
+  'resume'      out_dir/ckpt.pt: its weights (train.py then restores the optimizer, step and RNG states)
+  a .pt file    the weights of a checkpoint, this project's or nanoGPT's, for a new run
+  'gpt2*', a folder   GPT-2's weights (through transformers), a saved GPT2LMHeadModel, or an export_hf.py folder
+The weights' keys define the model (n_layer, n_embd, n_expert, ...; a checkpoint without n_expert is dense);
+the run sets the others (RUN_KEYS: dropout, expert_impl, ...). A dense model whose run sets n_expert is
+upcycled into an MoE (upcycle.py).
+"""
+import os
+
+from checkpoint import load_checkpoint, load_for_resume, load_weights
+from export_hf import GPT2_SIZES, hf_config, hf_model_args, load_hf_folder
+from moe_model import build_model, MODEL_KEYS, RUN_KEYS
+from upcycle import upcycle_args, upcycle
+
+
+class Init:
+
+    def __init__(self, init_from, out_dir, config, given, vocab_size):
+        """config: the run's keys, given: those its files and flags set; vocab_size: the dataset's.
+        ValueError or checkpoint.CheckpointError: one line, for configurator.fail."""
+        self.init_from, self.hf = init_from, hf_config(init_from)
+        self.pretrained = init_from in GPT2_SIZES or self.hf is not None  # (transformers reads the weights)
+        if init_from not in ('scratch', 'resume') and not self.pretrained and not init_from.endswith('.pt'):
+            raise ValueError(f"init_from={init_from!r}; allowed: 'scratch', 'resume', 'gpt2', 'gpt2-medium', "
+                             f"'gpt2-large', 'gpt2-xl', a folder holding a saved GPT2LMHeadModel (config.json and "
+                             f"weights), or a checkpoint file (.pt)")
+        self.path = os.path.join(out_dir, 'ckpt.pt') if init_from == 'resume' else init_from
+        self.ckpt = None
+        if init_from == 'resume' or init_from.endswith('.pt'):
+            self.ckpt = (load_for_resume if init_from == 'resume' else load_checkpoint)(self.path)
+        args = {**{k: config[k] for k in MODEL_KEYS}, 'vocab_size': vocab_size}
+        if init_from != 'scratch':
+            keys = {'n_expert': 0, **self.ckpt['model_args']} if self.ckpt else hf_model_args(init_from)
+            args.update({k: v for k, v in keys.items() if k in MODEL_KEYS and k not in RUN_KEYS})
+        self.weights_args = args  # the model that the weights load into
+        upcycled = init_from not in ('scratch', 'resume') and upcycle_args(args, config, given)
+        self.model_args = upcycled or args  # the model this run trains
+        self.upcycle_noise = config['upcycle_noise']
+
+    def build(self):
+        """The model, with its weights (a CheckpointError or ValueError, one line, if they cannot be loaded)."""
+        if self.init_from == 'scratch':
+            print("Initializing a new model from scratch")
+            return build_model(self.model_args)
+        if self.ckpt is not None:
+            print(f"Resuming training from {self.path}" if self.init_from == 'resume' else
+                  f"Initializing from {self.init_from}")
+            model = build_model(self.weights_args)
+            load_weights(model, self.ckpt, self.path)
+        else:
+            print(f"Initializing from pretrained weights: {self.init_from}")
+            from model import GPT
+            dropout = self.weights_args['dropout']
+            model = (load_hf_folder(self.init_from, dropout) if self.hf else
+                     GPT.from_pretrained(self.init_from, dict(dropout=dropout)))
+        if self.model_args is not self.weights_args:
+            model = upcycle(model, self.model_args, self.upcycle_noise)
+        return model
