@@ -6,20 +6,21 @@ Where train.py's model comes from (its init_from), read and checked before any w
   'gpt2*', a folder   GPT-2's weights (through transformers), a saved GPT2LMHeadModel, or an export_hf.py folder
 The weights' keys define the model (n_layer, n_embd, n_expert, ...; a checkpoint without n_expert is dense);
 the run sets the others (RUN_KEYS: dropout, expert_impl, ...). A dense model whose run sets n_expert is
-upcycled into an MoE (upcycle.py).
+upcycled into an MoE (upcycle.py). expert_impl='auto' becomes the backend for the run's device.
 """
 import os
 
 from checkpoint import load_checkpoint, load_for_resume, load_weights
 from export_hf import GPT2_SIZES, hf_config, hf_model_args, load_hf_folder
-from moe_model import build_model, MODEL_KEYS, RUN_KEYS
+from moe_model import auto_expert_impl, build_model, MODEL_KEYS, RUN_KEYS
 from upcycle import upcycle_args, upcycle
 
 
 class Init:
 
     def __init__(self, init_from, out_dir, config, given, vocab_size):
-        """config: the run's keys, given: those its files and flags set; vocab_size: the dataset's.
+        """config: the run's keys, given: those its files and flags set; vocab_size: the dataset's. A model
+        from weights can be cropped to the run's block_size (train.py does), never grown.
         ValueError or checkpoint.CheckpointError: one line, for configurator.fail."""
         self.init_from, self.hf = init_from, hf_config(init_from)
         self.pretrained = init_from in GPT2_SIZES or self.hf is not None  # (transformers reads the weights)
@@ -35,9 +36,18 @@ class Init:
         if init_from != 'scratch':
             keys = {'n_expert': 0, **self.ckpt['model_args']} if self.ckpt else hf_model_args(init_from)
             args.update({k: v for k, v in keys.items() if k in MODEL_KEYS and k not in RUN_KEYS})
+        if config['block_size'] > args['block_size']:
+            raise ValueError(f"block_size={config['block_size']} is larger than the model's "
+                             f"block_size={args['block_size']}")
         self.weights_args = args  # the model that the weights load into
         upcycled = init_from not in ('scratch', 'resume') and upcycle_args(args, config, given)
-        self.model_args = upcycled or args  # the model this run trains
+        self.model_args = args = upcycled or args  # the model this run trains
+        if args['n_expert'] and args['expert_impl'] == 'auto':  # resolved once, then saved and logged as resolved
+            hidden = args['expert_hidden'] or 4 * args['n_embd']
+            impl, warning = (('grouped', None) if config['expert_parallel'] != 1 else  # (EP runs grouped's GEMMs)
+                             auto_expert_impl(config['device'], config['dtype'], hidden))
+            print(f"expert_impl='auto': {impl}" + (f"\nwarning: {warning}" if warning else ''))
+            args['expert_impl'] = config['expert_impl'] = impl
         self.upcycle_noise = config['upcycle_noise']
 
     def build(self):

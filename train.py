@@ -36,7 +36,7 @@ from torch.distributed import init_process_group, destroy_process_group
 from configurator import configure, fail, check_choice, check_range, check_device, check_dataset, check_memory
 from kernels.cpu_memory import keep_freed_memory
 from checkpoint import CheckpointError, load_meta, training_state, restore, nonfinite_tensor, RunDir
-from moe_model import auto_expert_impl, model_config, model_args_of, training_bytes
+from moe_model import model_config, model_args_of, training_bytes
 from expert_parallel import ExpertParallel, config_error
 from init_model import Init
 import hellaswag
@@ -146,24 +146,18 @@ if os.path.exists(meta_path):
     except CheckpointError as e:
         fail(str(e))
     print(f"found vocab_size = {meta_vocab_size} (inside {meta_path})")
-try:  # where the model comes from (init_model.py): a checkpoint, GPT-2, ...; the model keys are its
+try:  # where the model comes from (init_model.py): a checkpoint, GPT-2, ...; and expert_impl='auto' resolved
     init = Init(init_from, out_dir, config, given, vocab_size or meta_vocab_size or 50304)
 except (ValueError, CheckpointError) as e:
     fail(str(e))
 model_args = init.model_args
-if block_size > init.weights_args['block_size']:  # a model from weights can be cropped, never grown
-    fail(f"block_size={block_size} is larger than the model's block_size={init.weights_args['block_size']}")
-if model_args['n_expert'] and model_args['expert_impl'] == 'auto':  # resolved once; saved and logged as resolved
-    impl, warning = (('grouped', None) if expert_parallel != 1 else  # (expert parallelism computes with grouped's GEMMs)
-                     auto_expert_impl(device, dtype, model_args['expert_hidden'] or 4 * model_args['n_embd']))
-    print(f"expert_impl='auto': {impl}" + (f"\nwarning: {warning}" if warning else ''))
-    model_args['expert_impl'] = config['expert_impl'] = expert_impl = impl
 try:
     model_config(model_args)  # validates every model key (top_k <= n_expert, n_embd % n_head, ...)
 except ValueError as e:
     fail(str(e))
 # torchrun's WORLD_SIZE is known before the process group starts
-if message := config_error(expert_parallel, model_args, expert_impl, dtype, int(os.environ.get('WORLD_SIZE', 1))):
+world_size = int(os.environ.get('WORLD_SIZE', 1))
+if message := config_error(expert_parallel, model_args, config['expert_impl'], dtype, world_size):
     fail(message)
 if not init.pretrained or model_args is not init.weights_args:  # fp32 weights, gradients and AdamW moments
     check_memory(training_bytes(model_args, expert_parallel), device)
@@ -373,7 +367,7 @@ if wandb_log and run_dir:
     run_dir.wandb = wandb
 
 if run_dir and model_args['n_expert']:  # which backend expert_impl='auto' picked, beside the run's numbers
-    run_dir.log({'iter': iter_num, 'event': 'start', 'expert_impl': expert_impl})
+    run_dir.log({'iter': iter_num, 'event': 'start', 'expert_impl': model_args['expert_impl']})
 # training loop
 t0 = time.time()
 local_iter_num = 0  # number of iterations in the lifetime of this process
