@@ -8,7 +8,8 @@ ckpt.pt reached max_iters), resumes interrupted ones from their ckpt.pt, and sta
 killed study continues where it stopped. To redo a run, delete its folder.
 The study's `results` key names the output (the bundled studies write assets/study_*): a table with one
 row per run (arguments, parameters total/active, val loss of the last eval, best val loss, train loss,
-iterations, training minutes) and a plot (val-loss curves, final val loss per run).
+iterations, training minutes; routing averaged over the MoE layers: the last logged step's max/mean load,
+the last eval's dead-expert fraction and flip rate) and a plot (val-loss curves, final val loss per run).
 """
 import os
 import sys
