@@ -38,7 +38,7 @@ def good_run(shakespeare_char, tmp_path_factory):
 
 def test_a_second_run_on_a_live_out_dir_stops_and_eval_only_deletes_nothing(shakespeare_char, tmp_path):
     out = str(tmp_path / 'out')
-    p = start(out, *FAST, '--eval_interval=1000', '--max_iters=100000')
+    p = start(out, *FAST, '--eval_interval=1000000', '--max_iters=100000')  # no eval of its own after iter 0
     try:
         wait_for_steps(p, out, 2)
         in_flight = os.path.join(out, 'ckpt.pt.live.tmp')  # what a live run's save looks like mid-write
