@@ -5,9 +5,10 @@ Benchmarks. Two modes:
    (n_expert=0) or MoE, on random tokens (or real data with real_data=True):
    $ python bench.py --n_layer=4 --n_head=4 --n_embd=128 --block_size=64 --vocab_size=65 --n_expert=8 --expert_hidden=256
    $ python bench.py --init_from=resume --out_dir=out-shakespeare-char-moe   (the checkpoint's model)
-   prints ms/iter, tokens/s and MFU (from ACTIVE parameters). compare_dense=True also times the dense
-   twin (n_expert=0; needs top_k * expert_hidden = 4 * n_embd, every layer MoE, no shared experts), one
-   step of each in turn: on a shared machine only a ratio measured that way means anything.
+   prints ms/iter, tokens/s, MFU (from ACTIVE parameters) and the step's peak memory (activation_checkpointing
+   = 'moe' or 'all' trades compute for it). compare_dense=True also times the dense twin (n_expert=0; needs
+   top_k * expert_hidden = 4 * n_embd, every layer MoE, no shared experts), one step of each in turn: on a
+   shared machine only a ratio measured that way means anything.
 
 2) moe_layer=True: ONE MoE layer forward + backward for every expert backend, next to a dense MLP
    with the same active FLOPs (hidden = top_k * expert_hidden), for each n_expert in layer_experts:
@@ -20,6 +21,7 @@ Benchmarks. Two modes:
 import os
 import sys
 import time
+import itertools
 from contextlib import nullcontext
 
 import numpy as np
@@ -29,6 +31,7 @@ from kernels import cpu_grouped_mm
 from configurator import configure, fail, check_choice, check_range, check_device
 from kernels.cpu_memory import keep_freed_memory
 from checkpoint import load_checkpoint, CheckpointError
+from model import CHECKPOINTING
 from moe_model import build_model, MoE, MoEConfig, EXPERT_IMPLS, MODEL_KEYS
 
 # -----------------------------------------------------------------------------
@@ -56,6 +59,7 @@ seed = 1337
 device = 'cuda' if torch.cuda.is_available() else 'cpu'  # examples: 'cpu', 'cuda', 'cuda:0', 'cuda:1', etc.
 dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'
 compile = False  # use PyTorch 2.0 to compile the model to be faster
+activation_checkpointing = 'none'  # 'none', 'moe' (the experts) or 'all': recompute activations in backward
 warmup_iters = 5
 bench_iters = 20
 peak_flops = 312e12  # for MFU: A100 bf16 peak; an H100 SXM is 989e12
@@ -70,6 +74,7 @@ config = configure({k: v for k, v in globals().items() if not k.startswith('_') 
                    sys.argv[1:])
 globals().update(config)
 check_choice(config, 'dtype', ('float32', 'bfloat16', 'float16'))
+check_choice(config, 'activation_checkpointing', CHECKPOINTING)
 check_device(device)
 check_range(config, ('batch_size', 'block_size', 'bench_iters', 'layer_tokens'), 1)
 check_range(config, ('warmup_iters',), 0)
@@ -187,9 +192,29 @@ def bench_model():
     for name, ms, step in zip(models, results, steps):
         mfu = step.model.estimate_mfu(batch_size, ms / 1000, peak_flops)
         print(f"{name}: {ms:.2f} ms/iter, {batch_size * step.model.config.block_size / (ms / 1000):,.0f} tokens/s, "
-              f"MFU {mfu * 100:.2f}% of {peak_flops / 1e12:.0f} TFLOP/s")
+              f"MFU {mfu * 100:.2f}% of {peak_flops / 1e12:.0f} TFLOP/s, peak memory {peak_memory(step) / 2**20:.1f} MiB "
+              f"(activation_checkpointing={activation_checkpointing})")
     if compare_dense:
         print(f"model / dense twin: {results[1] / results[0]:.2f}x (same active FLOPs, timed in turn in one run)")
+
+
+def peak_memory(step):
+    """Bytes at the peak of one (untimed) step: what the model and its optimizer hold between steps, plus
+    the most the step allocates on top. CUDA: from torch's max_memory_allocated; CPU: the highest running
+    sum of the allocations and frees the profiler records."""
+    held = sum(t.numel() * t.element_size() for t in itertools.chain(
+        step.model.parameters(), (v for s in step.optimizer.state.values() for v in s.values() if torch.is_tensor(v))))
+    if device_type == 'cuda':
+        sync()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        sync()
+        return held + torch.cuda.max_memory_allocated() - before
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = sorted(prof.events(), key=lambda e: e.time_range.start)
+    return held + max(itertools.accumulate(e.self_cpu_memory_usage for e in events), default=0)
 
 
 def make_step(name, model_args):
@@ -200,6 +225,7 @@ def make_step(name, model_args):
     except ValueError as e:
         fail(str(e))
     T = model.config.block_size
+    model.set_activation_checkpointing(activation_checkpointing)
     model.to(device)
     optimizer = model.configure_optimizers(weight_decay=1e-2, learning_rate=1e-4, betas=(0.9, 0.95), device_type=device_type)
     print(f"{name}: {model.get_num_params() / 1e6:.2f}M parameters, {model.get_num_params(active=True) / 1e6:.2f}M active")
@@ -228,7 +254,7 @@ def make_step(name, model_args):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    step.model = getattr(model, '_orig_mod', model)
+    step.model, step.optimizer = getattr(model, '_orig_mod', model), optimizer
     return step
 
 

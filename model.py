@@ -14,6 +14,7 @@ Departures from nanoGPT's model.py:
   in model.loss_terms;
 - generate() keeps a KV cache (the same tokens as recomputing, faster);
 - GPTConfig checks its values (one clear ValueError); MLP takes a hidden size (shared experts);
+- activation checkpointing (set_activation_checkpointing), off by default;
 - from_pretrained also takes a local folder; configure_optimizers uses fused AdamW on CPU too and tells
   stacked expert biases apart from weights by name.
 """
@@ -107,6 +108,14 @@ class MLP(nn.Module):
         return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
 
 
+def checkpointed(fn, *args):
+    """fn(*args), with its activations recomputed in backward instead of kept (activation checkpointing:
+    non-reentrant torch.utils.checkpoint, which replays the RNG, so dropout draws the same masks)."""
+    if not torch.is_grad_enabled():  # no backward to come: nothing to save
+        return fn(*args)
+    return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+
+
 class Block(nn.Module):
 
     def __init__(self, config, mlp):
@@ -115,11 +124,21 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config)
         self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = mlp
+        self.checkpoint = None  # recompute in backward (set_activation_checkpointing): None, 'block' or 'attn'
 
     def forward(self, x, kv_cache=None):
-        x = x + self.attn(self.ln_1(x), kv_cache)
+        if self.checkpoint == 'block' and kv_cache is None:
+            return checkpointed(self.sublayers, x)
+        return self.sublayers(x, kv_cache)
+
+    def sublayers(self, x, kv_cache=None):
+        attn = lambda x: self.attn(self.ln_1(x), kv_cache)
+        x = x + (checkpointed(attn, x) if self.checkpoint == 'attn' else attn(x))
         x = x + self.mlp(self.ln_2(x))
         return x
+
+
+CHECKPOINTING = ('none', 'moe', 'all')  # activation_checkpointing modes (GPT.set_activation_checkpointing)
 
 
 class GPT(nn.Module):
@@ -176,6 +195,14 @@ class GPT(nn.Module):
         """Called once per optimizer step, after the last micro-batch; skipped: the step was not taken
         (MoEGPT overrides this)."""
         pass
+
+    def set_activation_checkpointing(self, mode):
+        """Trade compute for memory: 'none'; 'moe' (the MoE layers' experts recompute their activations in
+        backward: nothing in a dense model); 'all' (every block recomputes; MoEGPT says how for MoE blocks)."""
+        if mode not in CHECKPOINTING:
+            raise ValueError(f"activation_checkpointing={mode!r} is unknown; allowed: {', '.join(CHECKPOINTING)}")
+        for block in self.transformer.h:
+            block.checkpoint = 'block' if mode == 'all' else None
 
     def get_num_params(self, non_embedding=True, active=False):
         """

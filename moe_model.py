@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch.nn import functional as F
 
 from kernels import cpu_grouped_mm
-from model import GPT, GPTConfig, MLP
+from model import GPT, GPTConfig, MLP, checkpointed
 
 
 @dataclass
@@ -274,15 +274,50 @@ def loop_experts(x, topk_idx, topk_weight, experts):
 _grouped_mm = getattr(F, 'grouped_mm', None) or getattr(torch, '_grouped_mm', None)
 
 
-def grouped_mm(a, b, offs):
-    """torch's grouped GEMM; on the CPU kernels/cpu_grouped_mm's, which runs the groups side by side.
-    torch.compile traces torch's in bfloat16 only (torch 2.13's shape function rejects other dtypes)
-    and cannot trace the CPU one, so those run eagerly under compile: a graph break, not a crash."""
-    if torch.compiler.is_compiling() and (a.dtype != torch.bfloat16 or a.device.type == 'cpu'):
-        return torch.compiler.disable(grouped_mm)(a, b, offs)
+# The grouped GEMMs are torch.library custom ops with a fake (shape-only) implementation and their own
+# autograd, so that torch.compile traces the whole MoE layer: torch's grouped_mm traces in bfloat16 only
+# (torch 2.13) and the CPU kernel not at all, which used to cost a graph break per GEMM.
+@torch.library.custom_op('nanomoe::grouped_mm', mutates_args=())
+def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """a [M, K] (rows sorted by group), b [G, K, N], offs [G] int32 (the end row of each group) -> [M, N]:
+    group g's rows times b[g]. On the CPU kernels/cpu_grouped_mm's kernel (groups side by side), else torch's."""
     if a.device.type == 'cpu' and cpu_grouped_mm.available():
-        return cpu_grouped_mm.GroupedMM.apply(a, b, offs)
+        return torch.ops.nanomoe_cpu.grouped_mm(a, b, offs)
     return _grouped_mm(a, b, offs=offs)
+
+
+@torch.library.custom_op('nanomoe::grouped_mm_t', mutates_args=())
+def grouped_mm_t(a: torch.Tensor, c: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """a [M, K], c [M, N], rows grouped by offs -> [G, K, N]: a_g^T @ c_g (grouped_mm's weight gradient;
+    an empty group gives zeros)."""
+    if a.device.type == 'cpu' and cpu_grouped_mm.available():
+        return torch.ops.nanomoe_cpu.grouped_mm_t(a, c, offs)
+    return _grouped_mm(a.t(), c, offs=offs)
+
+
+@grouped_mm.register_fake
+def _(a, b, offs):
+    return a.new_empty(a.size(0), b.size(2))
+
+
+@grouped_mm_t.register_fake
+def _(a, c, offs):
+    return a.new_empty(offs.size(0), a.size(1), c.size(1))
+
+
+def _grouped_mm_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _grouped_mm_backward(ctx, grad):
+    a, b, offs = ctx.saved_tensors
+    grad = grad.contiguous()  # y.sum() hands back a stride-0 gradient
+    grad_a = grouped_mm(grad, b.transpose(1, 2), offs) if ctx.needs_input_grad[0] else None
+    grad_b = grouped_mm_t(a, grad, offs) if ctx.needs_input_grad[1] else None
+    return grad_a, grad_b, None
+
+
+grouped_mm.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
 
 
 def grouped_mlp(x_sorted, counts, experts):
@@ -422,6 +457,7 @@ class MoE(nn.Module):
         self.backend = None  # None: EXPERT_IMPLS[config.expert_impl]; expert parallelism puts its dispatch here
         self.step_counts = None  # this rank's token-slots per expert over the optimizer step so far
         self.probe_top1 = None
+        self.checkpoint = False  # recompute the experts' activations in backward (set_activation_checkpointing)
 
     def forward(self, x):
         B, T, C = x.shape
@@ -430,18 +466,20 @@ class MoE(nn.Module):
         position_major = getattr(backend, 'position_major', False)
         x_flat = x.transpose(0, 1).reshape(T * B, C) if position_major else x.reshape(B * T, C)
         topk_idx, topk_weight, logits, probs = self.router(x_flat)
+        # the experts (not the router, whose forward has effects: the step's loads) may be recomputed in backward
+        run = checkpointed if self.checkpoint else (lambda fn, *args: fn(*args))
         keep = None
         if self.training and cfg.expert_dropout > 0:  # inverted dropout, one coin per whole expert
             keep = (torch.rand(cfg.n_expert, device=x.device) >= cfg.expert_dropout).float() / (1 - cfg.expert_dropout)
         if self.training and cfg.router == 'expert_choice':  # experts pick their tokens: a table (expert_choice)
             token, weight = expert_choice(probs, cfg.top_k)
-            y = table_experts(x_flat, token, weight if keep is None else weight * keep[:, None], self.experts).to(x.dtype)
+            y = run(table_experts, x_flat, token, weight if keep is None else weight * keep[:, None], self.experts).to(x.dtype)
             counts = torch.full((cfg.n_expert,), token.size(1), dtype=torch.long, device=x.device)
             taken = torch.zeros(x_flat.size(0), dtype=torch.bool, device=x.device).index_fill_(0, token.flatten(), True)
             self.drop_fraction = 1 - taken.float().mean()  # tokens that no expert took
         else:
             weight = topk_weight if keep is None else topk_weight * keep[topk_idx]
-            y, self.drop_fraction = backend(x_flat, topk_idx, weight, self.experts)
+            y, self.drop_fraction = run(backend, x_flat, topk_idx, weight, self.experts)
             counts = count_per_expert(topk_idx, cfg.n_expert)
         balance_counts = counts
         if self.training:
@@ -462,7 +500,7 @@ class MoE(nn.Module):
             topk_idx, y = topk_idx.view(T, B, -1).transpose(0, 1), y.view(T, B, C).transpose(0, 1).contiguous()
         self.topk_idx = topk_idx.reshape(B * T, -1)  # [token (b * T + t), choice]
         y = self.dropout(y.view(B, T, C))
-        return y if self.shared is None else y + self.shared(x)
+        return y if self.shared is None else y + run(self.shared, x)
 
     def _load_from_state_dict(self, state_dict, prefix, *args):
         state_dict.setdefault(prefix + '_extra_state', None)  # checkpoints from before the layer kept its probe
@@ -493,6 +531,15 @@ class MoEGPT(GPT):
         if expert_impl not in EXPERT_IMPLS:
             raise ValueError(f"expert_impl={expert_impl!r} is unknown; allowed: {', '.join(EXPERT_IMPLS)}")
         self.config.expert_impl = expert_impl  # the layers read the model's config
+
+    def set_activation_checkpointing(self, mode):
+        """As GPT's, but an MoE block is not recomputed whole: its router's forward has effects (the step's
+        loads, which 'global' balancing sums over ranks), so there the attention is recomputed alone ('all')
+        and the MoE layer recomputes its experts, routed and shared ('moe' and 'all')."""
+        super().set_activation_checkpointing(mode)
+        for i, layer in self.moe_layers().items():
+            self.transformer.h[i].checkpoint = 'attn' if mode == 'all' else None
+            layer.checkpoint = mode != 'none'
 
     def _init_weights(self, module):
         super()._init_weights(module)

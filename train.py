@@ -36,6 +36,7 @@ from torch.distributed import init_process_group, destroy_process_group
 from configurator import configure, fail, check_choice, check_range, check_device, check_dataset, check_memory
 from kernels.cpu_memory import keep_freed_memory
 from checkpoint import CheckpointError, load_meta, training_state, restore, nonfinite_tensor, RunDir
+from model import CHECKPOINTING
 from moe_model import model_config, model_args_of, training_bytes
 from expert_parallel import ExpertParallel, config_error
 from init_model import Init
@@ -108,6 +109,7 @@ backend = ''  # DDP backend: 'nccl', 'gloo'; '' picks nccl on CUDA, gloo on CPU
 device = 'cuda' if torch.cuda.is_available() else 'cpu'  # 'cpu', 'cuda', 'cuda:0', ... (not 'mps')
 dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else ('float16' if torch.cuda.is_available() else 'float32')
 compile = torch.cuda.is_available()  # use PyTorch 2.0 to compile the model to be faster
+activation_checkpointing = 'none'  # recompute activations in backward to save memory: 'none', 'moe' (experts), 'all'
 peak_flops = 312e12  # for MFU: A100 bf16 peak; an H100 SXM is 989e12
 on_nonfinite = 'stop'  # a NaN/inf loss or grad norm: 'stop' the run, or 'skip' the step
 debug_nan_at_iter = -1  # TEST ONLY: make the loss NaN at this iteration, to exercise the guard above
@@ -126,6 +128,7 @@ if wandb_log:
         fail("wandb_log=True needs the wandb package: pip install wandb")
 check_choice(config, 'dtype', ('float32', 'bfloat16', 'float16'))
 check_choice(config, 'on_nonfinite', ('stop', 'skip'))
+check_choice(config, 'activation_checkpointing', CHECKPOINTING)
 check_device(device)
 check_range(config, ('batch_size', 'gradient_accumulation_steps', 'block_size', 'eval_iters', 'log_interval',
                      'eval_interval'), 1)
@@ -255,6 +258,7 @@ if block_size < model.config.block_size:
     model.crop_block_size(block_size)  # the checkpoint's model_args are read off the model (model_args_of)
 n_total, n_active = model.get_num_params(), model.get_num_params(active=True)
 print(f"number of parameters: {n_total / 1e6:.2f}M total, {n_active / 1e6:.2f}M active per token")
+model.set_activation_checkpointing(activation_checkpointing)
 # expert parallelism: keep this rank's experts only (every rank built or loaded the same full model, on the CPU)
 parallel = ExpertParallel(expert_parallel, device_type)
 parallel.shard(model)

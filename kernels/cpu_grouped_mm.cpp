@@ -80,12 +80,12 @@ at::Tensor grouped_mm_t(const at::Tensor& a, const at::Tensor& c, const at::Tens
 
 }  // namespace
 
-TORCH_LIBRARY(nanomoe, m) {
+TORCH_LIBRARY(nanomoe_cpu, m) {
   m.def("grouped_mm(Tensor a, Tensor b, Tensor offs) -> Tensor");
   m.def("grouped_mm_t(Tensor a, Tensor c, Tensor offs) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(nanomoe, CPU, m) {
+TORCH_LIBRARY_IMPL(nanomoe_cpu, CPU, m) {
   m.impl("grouped_mm", grouped_mm);
   m.impl("grouped_mm_t", grouped_mm_t);
 }

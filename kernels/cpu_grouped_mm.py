@@ -11,10 +11,11 @@ a folder named after a hash of the source, the flags and torch's version, under 
 (or $TORCH_EXTENSIONS_DIR). Once built, every process loads the library from there directly, taking no
 lock (torch's own load() takes the build lock, even for a no-op build). A build that was killed midway
 (kill -9) leaves its lock behind: the next process waits BUILD_WAIT_S for it, then warns (naming the folder
-to delete) and uses torch's grouped_mm, instead of waiting forever. moe_model.grouped_mm uses this kernel
-for CPU tensors where available() is True, and torch's grouped_mm elsewhere: on GPUs, where this file does
-not build (a warning says why), and with NANOMOE_CPU_GROUPED_MM=0 (to compare the two). `make venv`
-builds it ahead of time.
+to delete) and uses torch's grouped_mm, instead of waiting forever. The library defines the ops
+torch.ops.nanomoe_cpu.grouped_mm and grouped_mm_t; moe_model's grouped_mm custom ops (which carry the
+autograd and the fake implementations torch.compile traces) call them for CPU tensors where available() is
+True, and torch's grouped_mm elsewhere: on GPUs, where this file does not build (a warning says why), and
+with NANOMOE_CPU_GROUPED_MM=0 (to compare the two). `make venv` builds it ahead of time.
 """
 import os
 import re
@@ -26,7 +27,6 @@ import platform
 import warnings
 
 import torch
-from torch.autograd.function import once_differentiable
 
 _built = None  # None: not tried yet; then True or False
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'cpu_grouped_mm.cpp')
@@ -85,22 +85,3 @@ def build_error(e):
     """The line of a failed build that says why: torch's message starts with the compile command."""
     lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
     return next((line for line in lines[1:] if re.search(r'error|not found|no such file', line, re.I)), lines[0])
-
-
-class GroupedMM(torch.autograd.Function):
-    """a [M, K] (rows sorted by group), b [G, K, N], offs [G] (the end row of each group) -> [M, N]:
-    group g's rows times b[g]; backward: the same kernel for a's gradient, grouped_mm_t for b's."""
-
-    @staticmethod
-    def forward(ctx, a, b, offs):
-        ctx.save_for_backward(a, b, offs)
-        return torch.ops.nanomoe.grouped_mm(a, b, offs)
-
-    @staticmethod
-    @once_differentiable  # the kernels have no autograd of their own: a double backward is a clear error
-    def backward(ctx, grad):
-        a, b, offs = ctx.saved_tensors
-        grad = grad.contiguous()  # y.sum() hands back a stride-0 gradient
-        grad_a = torch.ops.nanomoe.grouped_mm(grad, b.transpose(1, 2), offs) if ctx.needs_input_grad[0] else None
-        grad_b = torch.ops.nanomoe.grouped_mm_t(a, grad, offs) if ctx.needs_input_grad[1] else None
-        return grad_a, grad_b, None

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from moe_model import compute_dtype, combine, loop_experts
+from moe_model import compute_dtype, combine, count_per_expert, loop_experts
 
 try:
     import triton
@@ -181,7 +181,7 @@ class Topology:
     n_expert: int                # E
     blocks_per_expert: int       # h // B
     n_tokens: int                # N
-    n_rows: int                  # P, slots padded per expert to a multiple of B
+    n_rows: int                  # P: room for every expert's slots padded to a multiple of B, in the worst case
     order: torch.Tensor          # [N*k] flat slot ids sorted (stably) by expert
     pos: torch.Tensor            # [N*k] padded row of each sorted slot
     row_src: torch.Tensor        # [P] source token of each padded row (N = the zero padding row)
@@ -192,28 +192,40 @@ class Topology:
     offsets_t: torch.Tensor      # [E*h/B + 1] int32 CSC: the blocks of column block c are ...
     block_offsets_t: torch.Tensor  # [nnz] int32 ... block_offsets_t[offsets_t[c]:offsets_t[c+1]]
 
+    def tensors(self):
+        """What the kernel ops below take, as their arguments *topo (custom ops take tensors, not this class;
+        and tensors one by one: torch 2.13's autograd for custom ops mishandles a list of tensors)."""
+        return self.row_idx, self.col_idx, self.offsets, self.offsets_t, self.block_offsets_t
+
 
 def make_topology(topk_idx, n_expert, hidden, block):
+    """Every size here depends on N, k, E and B alone, never on the routing: each expert pads its slots to
+    a multiple of B, which takes at most N*k + E*(B - 1) rows in all, and P is that worst case. So there is
+    no device-to-host sync (the CPU can queue the next layers while the GPU works) and torch.compile sees
+    static shapes. The row blocks past the real ones are zero rows given to the last expert: they add at
+    most E*(B-1) rows of work (3% at 8 experts, B=128 and 16k tokens top-2) and nothing to any result."""
     N, k = topk_idx.shape
     dev, E, B = topk_idx.device, n_expert, block
     flat = topk_idx.reshape(-1)
     order = torch.argsort(flat, stable=True)
     expert_sorted = flat[order]
-    counts = torch.bincount(flat, minlength=E)
+    counts = count_per_expert(topk_idx, E)
     padded = (counts + B - 1) // B * B
     start = torch.cumsum(counts, 0) - counts
     pstart = torch.cumsum(padded, 0) - padded
-    P = int(padded.sum())  # the one host sync: every buffer size depends on it
+    R, nb = (N * k + E * (B - 1)) // B, hidden // B
+    P = R * B
     pos = pstart[expert_sorted] + torch.arange(N * k, device=dev) - start[expert_sorted]
     row_src = torch.full((P,), N, dtype=torch.long, device=dev)
     row_src[pos] = order // k
-    R, nb = P // B, hidden // B
-    block_expert = torch.repeat_interleave(torch.arange(E, device=dev), padded // B, output_size=R)
+    # row block r belongs to the first expert whose padded rows end past it (the tail: to the last expert)
+    block_expert = torch.searchsorted(torch.cumsum(padded // B, 0), torch.arange(R, device=dev), right=True)
+    block_expert = block_expert.clamp(max=E - 1)
     row_idx = torch.arange(R, device=dev).repeat_interleave(nb)
     col_idx = (block_expert[:, None] * nb + torch.arange(nb, device=dev)).reshape(-1)
     offsets = torch.arange(R + 1, device=dev) * nb
     block_offsets_t = torch.argsort(col_idx, stable=True)  # stable: blocks of a column stay in row order
-    offsets_t = F.pad(torch.cumsum(torch.bincount(col_idx, minlength=E * nb), 0), (1, 0))
+    offsets_t = F.pad(torch.cumsum(count_per_expert(col_idx[:, None], E * nb), 0), (1, 0))
     i32 = lambda t: t.to(torch.int32).contiguous()
     return Topology(B, E, nb, N, P, order, pos, row_src, block_expert.repeat_interleave(B),
                     i32(row_idx), i32(col_idx), i32(offsets), i32(offsets_t), i32(block_offsets_t))
@@ -227,7 +239,10 @@ def blocks_to_dense(data, topo):
     return dense.transpose(1, 2).reshape(topo.n_rows, -1)
 
 # -----------------------------------------------------------------------------
-# kernel launchers (weights are [E, *, *]; "trans" means use each w[e] transposed)
+# The block-sparse products, as torch.library custom ops: torch.compile traces them as opaque ops (from
+# their fake implementations, which give the output shapes) and autograd differentiates them (each one's
+# backward is two of these products). *topo is Topology.tensors(); weights are [E, *, *], and "trans" means
+# each w[e] is used transposed.
 
 
 def _precision(dtype):
@@ -237,75 +252,90 @@ def _precision(dtype):
     return "tf32"
 
 
-def sdd(a, w, topo, trans_w=False):
+def _weight_strides(w, trans):
+    return (w.stride(0), w.stride(2), w.stride(1)) if trans else w.stride()
+
+
+@torch.library.custom_op("nanomoe::sdd", mutates_args=())
+def sdd(a: torch.Tensor, w: torch.Tensor, row_idx: torch.Tensor, col_idx: torch.Tensor, offsets: torch.Tensor,
+        offsets_t: torch.Tensor, block_offsets_t: torch.Tensor, trans_w: bool = False) -> torch.Tensor:
     """a [P, K] @ w[e] ([E, K, h], or [E, h, K] if trans_w) at the topology's blocks -> [nnz, B, B]."""
-    B, nnz = topo.block, topo.row_idx.numel()
-    K = a.shape[1]
-    se, sk, sn = (w.stride(0), w.stride(2), w.stride(1)) if trans_w else w.stride()
-    out = torch.empty(nnz, B, B, device=a.device, dtype=a.dtype)
-    _sdd_kernel[(nnz,)](a, w, out, topo.row_idx, topo.col_idx, K, a.stride(0), a.stride(1),
-                        se, sk, sn, topo.blocks_per_expert, BLOCK=B, PRECISION=_precision(a.dtype))
+    B = a.shape[0] // (offsets.numel() - 1)
+    out = torch.empty(row_idx.numel(), B, B, device=a.device, dtype=a.dtype)
+    _sdd_kernel[(row_idx.numel(),)](a, w, out, row_idx, col_idx, a.shape[1], a.stride(0), a.stride(1),
+                                    *_weight_strides(w, trans_w), w.shape[1 if trans_w else 2] // B,
+                                    BLOCK=B, PRECISION=_precision(a.dtype))
     return out
 
 
-def dsd(data, w, topo, trans_w=False):
+@torch.library.custom_op("nanomoe::dsd", mutates_args=())
+def dsd(data: torch.Tensor, w: torch.Tensor, row_idx: torch.Tensor, col_idx: torch.Tensor, offsets: torch.Tensor,
+        offsets_t: torch.Tensor, block_offsets_t: torch.Tensor, trans_w: bool = False) -> torch.Tensor:
     """sparse [P, E*h] (block values [nnz, B, B]) @ w viewed as [E*h, N] (w [E, h, N], or [E, N, h]
     if trans_w) -> dense [P, N]."""
-    B, data = topo.block, data.contiguous()  # the kernels index blocks as [nnz, B, B] row-major
-    se, sk, sn = (w.stride(0), w.stride(2), w.stride(1)) if trans_w else w.stride()
+    B, data = data.shape[1], data.contiguous()  # the kernels index blocks as [nnz, B, B] row-major
     N = w.shape[1] if trans_w else w.shape[2]
-    out = torch.empty(topo.n_rows, N, device=data.device, dtype=data.dtype)
-    grid = lambda meta: (topo.n_rows // B, triton.cdiv(N, meta["BLOCK_N"]))
-    _dsd_kernel[grid](data, topo.offsets, topo.col_idx, w, out, N, se, sk, sn, out.stride(0), out.stride(1),
-                      topo.blocks_per_expert, BLOCK=B, PRECISION=_precision(data.dtype))
+    out = torch.empty((offsets.numel() - 1) * B, N, device=data.device, dtype=data.dtype)
+    grid = lambda meta: (offsets.numel() - 1, triton.cdiv(N, meta["BLOCK_N"]))
+    _dsd_kernel[grid](data, offsets, col_idx, w, out, N, *_weight_strides(w, trans_w), out.stride(0), out.stride(1),
+                      w.shape[2 if trans_w else 1] // B, BLOCK=B, PRECISION=_precision(data.dtype))
     return out
 
 
-def tsd(data, d, topo, trans_out=False):
+@torch.library.custom_op("nanomoe::tsd", mutates_args=())
+def tsd(data: torch.Tensor, d: torch.Tensor, row_idx: torch.Tensor, col_idx: torch.Tensor, offsets: torch.Tensor,
+        offsets_t: torch.Tensor, block_offsets_t: torch.Tensor, n_expert: int, trans_out: bool = False) -> torch.Tensor:
     """sparse^T [E*h, P] @ d [P, N], per expert -> [E, h, N] (or [E, N, h] if trans_out).
     These are the weight gradients x_e^T @ grad_h_e and act_e^T @ grad_out_e."""
-    B, E, nb = topo.block, topo.n_expert, topo.blocks_per_expert
-    N, data = d.shape[1], data.contiguous()
+    B, E, N, data = data.shape[1], n_expert, d.shape[1], data.contiguous()
+    nb = (offsets_t.numel() - 1) // E
     out = torch.empty((E, N, nb * B) if trans_out else (E, nb * B, N), device=d.device, dtype=d.dtype)
-    so = (out.stride(0), out.stride(2), out.stride(1)) if trans_out else out.stride()
     grid = lambda meta: (E * nb, triton.cdiv(N, meta["BLOCK_N"]))
-    _tsd_kernel[grid](data, topo.offsets_t, topo.block_offsets_t, topo.row_idx, d, out, N,
-                      d.stride(0), d.stride(1), *so, nb, BLOCK=B, PRECISION=_precision(data.dtype))
+    _tsd_kernel[grid](data, offsets_t, block_offsets_t, row_idx, d, out, N, d.stride(0), d.stride(1),
+                      *_weight_strides(out, trans_out), nb, BLOCK=B, PRECISION=_precision(data.dtype))
     return out
 
 
-class SDD(torch.autograd.Function):
-    """hidden blocks = a @ w (w [E, K, h]) at the topology's blocks."""
-    @staticmethod
-    def forward(ctx, a, w, topo):
-        ctx.save_for_backward(a, w)
-        ctx.topo = topo
-        return sdd(a, w, topo)
-
-    @staticmethod
-    def backward(ctx, grad):
-        a, w = ctx.saved_tensors
-        grad = grad.contiguous()
-        grad_a = dsd(grad, w, ctx.topo, trans_w=True) if ctx.needs_input_grad[0] else None  # grad_h @ w^T
-        grad_w = tsd(grad, a, ctx.topo, trans_out=True) if ctx.needs_input_grad[1] else None  # a_e^T @ grad_h_e
-        return grad_a, grad_w, None
+@sdd.register_fake
+def _(a, w, row_idx, col_idx, offsets, offsets_t, block_offsets_t, trans_w=False):
+    B = a.shape[0] // (offsets.numel() - 1)
+    return a.new_empty(row_idx.numel(), B, B)
 
 
-class DSD(torch.autograd.Function):
-    """dense out = sparse hidden blocks @ w (w [E, h, N])."""
-    @staticmethod
-    def forward(ctx, data, w, topo):
-        ctx.save_for_backward(data, w)
-        ctx.topo = topo
-        return dsd(data, w, topo)
+@dsd.register_fake
+def _(data, w, row_idx, col_idx, offsets, offsets_t, block_offsets_t, trans_w=False):
+    return data.new_empty((offsets.numel() - 1) * data.shape[1], w.shape[1] if trans_w else w.shape[2])
 
-    @staticmethod
-    def backward(ctx, grad):
-        data, w = ctx.saved_tensors
-        grad = grad.contiguous()
-        grad_data = sdd(grad, w, ctx.topo, trans_w=True) if ctx.needs_input_grad[0] else None  # grad @ w^T
-        grad_w = tsd(data, grad, ctx.topo) if ctx.needs_input_grad[1] else None  # act_e^T @ grad_e
-        return grad_data, grad_w, None
+
+@tsd.register_fake
+def _(data, d, row_idx, col_idx, offsets, offsets_t, block_offsets_t, n_expert, trans_out=False):
+    h = (offsets_t.numel() - 1) // n_expert * data.shape[1]
+    return d.new_empty((n_expert, d.shape[1], h) if trans_out else (n_expert, h, d.shape[1]))
+
+
+def _setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:7])  # x, w and the topology
+    ctx.trans = inputs[7]
+
+
+def _sdd_backward(ctx, grad):
+    a, w, *topo = ctx.saved_tensors
+    grad = grad.contiguous()
+    grad_a = dsd(grad, w, *topo, trans_w=not ctx.trans) if ctx.needs_input_grad[0] else None  # grad_h @ w[e]^T
+    grad_w = tsd(grad, a, *topo, w.shape[0], trans_out=not ctx.trans) if ctx.needs_input_grad[1] else None  # a_e^T @ grad_h_e
+    return grad_a, grad_w, *[None] * 6
+
+
+def _dsd_backward(ctx, grad):
+    data, w, *topo = ctx.saved_tensors
+    grad = grad.contiguous()
+    grad_data = sdd(grad, w, *topo, trans_w=not ctx.trans) if ctx.needs_input_grad[0] else None  # grad @ w[e]^T
+    grad_w = tsd(data, grad, *topo, w.shape[0], trans_out=ctx.trans) if ctx.needs_input_grad[1] else None  # act_e^T @ grad_e
+    return grad_data, grad_w, *[None] * 6
+
+
+sdd.register_autograd(_sdd_backward, setup_context=_setup)
+dsd.register_autograd(_dsd_backward, setup_context=_setup)
 
 # -----------------------------------------------------------------------------
 # expert computation
@@ -325,7 +355,6 @@ def _block_size(h):
                      f"(the block size B is one of {_BLOCK_CHOICES} and must divide h)")
 
 
-@torch.compiler.disable  # data-dependent shapes + a host sync: keep it out of compiled graphs
 def block_sparse_experts(x, topk_idx, topk_weight, c_fc, c_proj, c_fc_bias=None, c_proj_bias=None):
     """The Triton path of triton_experts (always runs the kernels)."""
     E, d, h = c_fc.shape
@@ -334,11 +363,11 @@ def block_sparse_experts(x, topk_idx, topk_weight, c_fc, c_proj, c_fc_bias=None,
     topo = make_topology(topk_idx, E, h, B)
     # gather tokens into expert-sorted, per-expert-padded rows (padding rows read a zero row)
     x_pad = F.pad(x.to(dt), (0, 0, 0, 1))[topo.row_src]
-    hid = SDD.apply(x_pad, c_fc.to(dt).contiguous(), topo)                    # [nnz, B, B]
+    hid = sdd(x_pad, c_fc.to(dt).contiguous(), *topo.tensors())                # [nnz, B, B]
     if c_fc_bias is not None:
         hid = hid + c_fc_bias.to(dt).reshape(-1, B)[topo.col_idx.long()].unsqueeze(1)
     act = F.gelu(hid)  # elementwise on the block values, so the sparsity is preserved
-    out = DSD.apply(act, c_proj.to(dt).contiguous(), topo)                   # [P, d]
+    out = dsd(act, c_proj.to(dt).contiguous(), *topo.tensors())                # [P, d]
     if c_proj_bias is not None:
         out = out + c_proj_bias.to(dt)[topo.row_expert]
     # weight the k slots of each token and add them up, in float32

@@ -9,6 +9,7 @@ import torch
 
 from conftest import ROOT
 from kernels import cpu_grouped_mm
+import moe_model
 from moe_model import MoEConfig, MoE, EXPERT_IMPLS, batched_experts, loop_experts
 
 FAST = ['grouped', 'batched']  # triton: tests/test_triton.py (under TRITON_INTERPRET=1)
@@ -111,7 +112,7 @@ def test_cpu_grouped_mm_matches_a_matmul_per_group(n_threads, sizes, dtype, a_la
         a.grad = b.grad = None
         if name == 'kernel':
             with threads(n_threads):
-                out = cpu_grouped_mm.GroupedMM.apply(a, b, offs)
+                out = moe_model.grouped_mm(a, b, offs)
                 (out * w).sum().backward()
         else:
             out = torch.cat([rows @ b[g] for g, rows in enumerate(a.split(sizes))])
@@ -132,17 +133,24 @@ def test_grouped_matches_loop_on_two_threads():
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
 
 
-def test_cpu_grouped_mm_rejects_bad_offsets_and_a_double_backward():
+def test_cpu_grouped_mm_rejects_bad_offsets():
     assert cpu_grouped_mm.available()
     a, b = torch.randn(8, 4), torch.randn(3, 4, 5)
     for offs, message in (([5, 3, 8], 'must not decrease'), ([3, 5, 7], 'must end at the row count 8')):
         with pytest.raises(RuntimeError, match=message):
-            torch.ops.nanomoe.grouped_mm(a, b, torch.tensor(offs, dtype=torch.int32))
-    a.requires_grad_(True)
-    out = cpu_grouped_mm.GroupedMM.apply(a, b, torch.tensor([3, 5, 8], dtype=torch.int32))
-    (grad,) = torch.autograd.grad(out.square().sum(), a, create_graph=True)
-    with pytest.raises(RuntimeError, match='once_differentiable'):
-        grad.sum().backward()
+            torch.ops.nanomoe_cpu.grouped_mm(a, b, torch.tensor(offs, dtype=torch.int32))
+
+
+def test_grouped_mm_double_backward_matches_a_matmul_per_group():
+    """grouped_mm's backward is made of grouped_mm ops, so it is differentiable again (e.g. gradient penalties)."""
+    sizes, a, b = [3, 0, 5], torch.randn(8, 4, requires_grad=True), torch.randn(3, 4, 5, requires_grad=True)
+    grads = []
+    for fn in (lambda: moe_model.grouped_mm(a, b, torch.tensor(sizes).cumsum(0).to(torch.int32)),
+               lambda: torch.cat([rows @ b[g] for g, rows in enumerate(a.split(sizes))])):
+        (grad_a,) = torch.autograd.grad(fn().square().sum(), a, create_graph=True)
+        grads.append(torch.autograd.grad(grad_a.square().sum(), (a, b)))
+    for got, ref in zip(*grads):
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
 
 
 def test_cpu_grouped_mm_falls_back_with_one_warning_when_it_cannot_build(monkeypatch, tmp_path):
@@ -285,16 +293,39 @@ def test_grouped_runs_its_gemms_in_the_autocast_dtype():
     assert (out['grouped'] - out['fp32']).abs().max() > 1e-4 * scale  # it did not run in float32
 
 
-@pytest.mark.parametrize('impl', FAST)
-def test_backend_runs_under_torch_compile_in_float32(impl):
-    """torch.compile traces grouped_mm in bf16 only (torch 2.13): in float32 grouped runs it eagerly
-    inside the compiled layer. Same outputs and gradients as eager. aot_eager: no C++ compiler needed."""
-    layer = make_layer(E=4, k=2, d=16, h=32, bias=True)
-    layer.config.expert_impl = impl
-    x = torch.randn(2, 8, 16, generator=torch.Generator().manual_seed(4))
-    ref, got = run(layer, impl, x), run(torch.compile(layer, backend='aot_eager'), impl, x)
-    for r, g in zip(ref, got):
-        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+def compiled_step_matches_eager(impl, dtype=torch.float32, checkpointing='none'):
+    """A training step of a small MoE model (forward, cross-entropy + aux losses, backward) under
+    torch.compile: no graph break (dynamo's counters), and the loss and every gradient equal eager's (eager
+    without activation checkpointing; the compiled step with `checkpointing`).
+    aot_eager traces as inductor does (fake tensors, AOT autograd) without needing a C++ compiler."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    from moe_model import build_model
+    torch.manual_seed(0)
+    model = build_model(dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64, n_expert=4, top_k=2,
+                             expert_hidden=32, expert_impl=impl, bias=True, n_shared_expert=1)).to(dtype)
+    x, y = torch.randint(64, (4, 16)), torch.randint(64, (4, 16))
+    results = []
+    for step in (model, torch.compile(model, backend='aot_eager')):
+        model.set_activation_checkpointing('none' if step is model else checkpointing)
+        torch._dynamo.reset()
+        counters.clear()
+        model.zero_grad()
+        _, loss = step(x, y)
+        loss.backward()
+        results.append([loss.detach()] + [p.grad.clone() for p in model.parameters()])
+    assert not counters['graph_break'], dict(counters['graph_break'])
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for r, g in zip(*results):
+        torch.testing.assert_close(g, r, **tol)
+
+
+@pytest.mark.parametrize('impl, dtype, checkpointing', [('grouped', torch.float32, 'none'), ('grouped', torch.bfloat16, 'none'),
+                                                        ('batched', torch.float32, 'none'), ('grouped', torch.float32, 'all')])
+def test_compiled_training_step_has_no_graph_break(impl, dtype, checkpointing):
+    """The grouped GEMMs are custom ops (moe_model.grouped_mm): compile traces them in every dtype, on the CPU
+    kernel too, and with activation checkpointing."""
+    compiled_step_matches_eager(impl, dtype, checkpointing)
 
 
 @pytest.mark.parametrize('device, capability, triton, dtype, hidden, expected, why', [

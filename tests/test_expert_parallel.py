@@ -166,11 +166,13 @@ def assert_same_weights(a, b):
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=2e-5, msg=k)
 
 
-@pytest.mark.parametrize('nproc, ep', [(2, 2), (4, 2)])  # EP=4 of 4: the layer tests above
-def test_train_with_expert_parallel_equals_ddp(shakespeare_char, tmp_path, nproc, ep):
-    """Same global batch, same seed: EP trains the weights plain DDP does, and logs its all-to-all bytes."""
+@pytest.mark.parametrize('nproc, ep, checkpointing', [(2, 2, 'all'), (4, 2, 'none')])  # EP=4 of 4: the layer tests above
+def test_train_with_expert_parallel_equals_ddp(shakespeare_char, tmp_path, nproc, ep, checkpointing):
+    """Same global batch, same seed: EP trains the weights plain DDP does (also when EP recomputes its
+    activations, all-to-alls included, in backward), and logs its all-to-all bytes."""
     torchrun(nproc, *STEPS, f'--out_dir={tmp_path / "ddp"}')
-    torchrun(nproc, *STEPS, f'--out_dir={tmp_path / "ep"}', f'--expert_parallel={ep}')
+    torchrun(nproc, *STEPS, f'--out_dir={tmp_path / "ep"}', f'--expert_parallel={ep}',
+             f'--activation_checkpointing={checkpointing}')
     assert_same_weights(weights(tmp_path / 'ep'), weights(tmp_path / 'ddp'))
     steps = [r for r in read_log(tmp_path / 'ep') if 'loss' in r]
     ddp_steps = [r for r in read_log(tmp_path / 'ddp') if 'loss' in r]

@@ -240,3 +240,35 @@ def test_diagnose_dense_is_empty_and_moe_names_each_layer():
     for i in (0, 1):
         assert stats[f'layer{i}/gate_weight_finite'] is True and stats[f'layer{i}/router_logits_finite'] == 1.0
         assert {f'layer{i}/max_load', f'layer{i}/router_logits_std', f'layer{i}/z_loss'} <= set(stats)
+
+
+@pytest.mark.parametrize('impl, router, mode', [('loop', 'topk', 'moe'), ('grouped', 'topk', 'all'),
+                                                ('batched', 'noisy_topk', 'all'), ('grouped', 'expert_choice', 'moe'),
+                                                ('dense', None, 'all')])
+def test_activation_checkpointing_keeps_less_and_gives_the_same_gradients(impl, router, mode):
+    """With dropout and a shared expert: the same loss and gradients as without checkpointing (the RNG is
+    replayed in the recompute), and fewer bytes kept for backward (else nothing was checkpointed)."""
+    args = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64, dropout=0.1, bias=True)
+    if impl != 'dense':
+        args.update(n_expert=4, top_k=2, expert_hidden=32, expert_impl=impl, router=router, n_shared_expert=1)
+    x, y = torch.randint(64, (4, 16)), torch.randint(64, (4, 16))
+    results, kept = [], []
+    for m in ('none', mode):
+        torch.manual_seed(0)
+        model = build_model(args)
+        model.set_activation_checkpointing(m)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
+                                                      lambda t: t):
+            _, loss = model(x, y)
+        loss.backward()
+        kept.append(sum(saved))
+        results.append([loss.detach()] + [p.grad for p in model.parameters()])
+    assert kept[1] < 0.8 * kept[0], kept
+    for r, g in zip(*results):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
+
+
+def test_activation_checkpointing_rejects_an_unknown_mode():
+    with pytest.raises(ValueError, match="activation_checkpointing='some' is unknown; allowed: none, moe, all"):
+        GPT(GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=8, vocab_size=16)).set_activation_checkpointing('some')

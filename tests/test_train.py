@@ -60,6 +60,7 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(shakespeare_char, tm
     (['--top_k=5'], 'top_k=5 must be <= n_expert=4'),
     (['--n_embd=33'], 'n_embd=33 must be divisible by n_head=2'),
     (['--expert_impl=fast'], "expert_impl='fast' is unknown; allowed: loop, grouped, batched, triton"),
+    (['--activation_checkpointing=some'], "activation_checkpointing='some'"),
     (['--expert_impl=batched', '--capacity_factor=0'], 'capacity_factor=0.0 must be > 0'),
     (['--n_exprt=4'], "unknown config key 'n_exprt'"),
     (['--batch_size=big'], "batch_size='big' (from --batch_size=big) must be of type int"),
@@ -103,11 +104,18 @@ def test_truncated_checkpoint_gives_a_clear_error(trained, tmp_path):
 
 
 def test_bench_runs_dense_moe_and_the_layer_mode():
-    for args in (['--n_expert=0'], ['--n_expert=4']):
-        p = run('bench.py', '--n_layer=1', '--n_head=2', '--n_embd=32', '--block_size=16', '--batch_size=2',
-                '--vocab_size=64', '--warmup_iters=1', '--bench_iters=2', '--device=cpu', *args)
-        assert 'ms/iter' in p.stdout and 'MFU' in p.stdout
+    """The model mode times an MoE and its dense twin and reports each one's peak memory, which activation
+    checkpointing lowers; the layer mode times every backend."""
+    peaks = {}
+    for mode in ('none', 'all'):
+        p = run('bench.py', '--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_size=8',
+                '--vocab_size=64', '--warmup_iters=1', '--bench_iters=2', '--device=cpu', '--n_expert=4',
+                '--expert_hidden=64', '--compare_dense=True', f'--activation_checkpointing={mode}')
         assert 'grouped GEMMs on the CPU: cpu_grouped_mm.cpp' in p.stdout  # a bench says which kernel it timed
+        lines = [l for l in p.stdout.splitlines() if 'ms/iter' in l and 'MFU' in l]
+        assert [l.split(':')[0] for l in lines] == ['dense twin', 'model']
+        peaks[mode] = [float(l.split('peak memory ')[1].split(' MiB')[0]) for l in lines]
+    assert all(0 < b < 0.8 * a for a, b in zip(peaks['none'], peaks['all'])), peaks
     p = run('bench.py', '--moe_layer=True', '--n_embd=16', '--expert_hidden=32', '--layer_tokens=64',
             '--layer_experts=4,8', '--warmup_iters=1', '--bench_iters=2', '--device=cpu')
     rows = [l.split() for l in p.stdout.splitlines() if l.split() and l.split()[0] in ('4', '8')]
@@ -116,14 +124,16 @@ def test_bench_runs_dense_moe_and_the_layer_mode():
 
 def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(shakespeare_char, tmp_path):
     """torchrun with 2 CPU processes (gloo) and gradient_accumulation_steps=2 (one micro-batch each)
-    trains exactly what one process does with 2 micro-batches: same weights after a few steps."""
+    trains exactly what one process does with 2 micro-batches: same weights after a few steps, with the
+    DDP run's activations checkpointed (recomputed in backward)."""
     import subprocess, sys
     from conftest import ROOT
     args = [*TINY, '--gradient_accumulation_steps=2', '--max_iters=4', '--eval_interval=4']
     run('train.py', *args, f'--out_dir={tmp_path / "single"}')
     env = {**os.environ, 'OMP_NUM_THREADS': '1'}
     p = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-                        os.path.join(ROOT, 'train.py'), *args, f'--out_dir={tmp_path / "ddp"}'],
+                        os.path.join(ROOT, 'train.py'), *args, f'--out_dir={tmp_path / "ddp"}',
+                        '--activation_checkpointing=all'],
                        cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     single = load_checkpoint(str(tmp_path / 'single' / 'ckpt.pt'))['model']
