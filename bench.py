@@ -7,14 +7,16 @@ Benchmarks. Two modes:
    $ python bench.py --init_from=resume --out_dir=out-shakespeare-char-moe   (the checkpoint's model)
    prints ms/iter, tokens/s, MFU (from ACTIVE parameters) and the step's peak memory (activation_checkpointing
    = 'moe' or 'all' trades compute for it). compare_dense=True also times the dense twin (n_expert=0; needs
-   top_k * expert_hidden = 4 * n_embd, every layer MoE, no shared experts), one step of each in turn: on a
-   shared machine only a ratio measured that way means anything.
+   top_k * expert_hidden = 4 * n_embd, every layer MoE, no shared experts), and compare_compile=True each
+   model both eager and compiled, one step of each in turn: on a shared machine only a ratio measured that
+   way means anything.
+   $ python bench.py --n_layer=4 --n_head=4 --n_embd=128 --block_size=64 --vocab_size=65 --expert_hidden=256 --compare_compile=True
 
 2) moe_layer=True: ONE MoE layer forward + backward for every expert backend, next to a dense MLP
    with the same active FLOPs (hidden = top_k * expert_hidden), for each n_expert in layer_experts:
    $ python bench.py --moe_layer=True --n_embd=384 --expert_hidden=1536 --layer_tokens=4096
-   prints ms, the ratio to the dense-equivalent MLP (timed in turn with each backend), achieved GFLOP/s and
-   peak memory (CUDA only). On the CPU, NANOMOE_CPU_GROUPED_MM=0 times torch's grouped_mm instead of
+   prints ms, the ratio to the dense-equivalent MLP (timed in turn with each backend), achieved GFLOP/s, that
+   as a share of torch's dense GEMM of the same FLOPs (the ceiling, timed first) and peak memory (CUDA only). On the CPU, NANOMOE_CPU_GROUPED_MM=0 times torch's grouped_mm instead of
    kernels/cpu_grouped_mm.cpp:
    $ NANOMOE_CPU_GROUPED_MM=0 python bench.py --moe_layer=True --n_embd=384 --expert_hidden=1536 --layer_impls=grouped
 """
@@ -64,6 +66,7 @@ warmup_iters = 5
 bench_iters = 20
 peak_flops = 312e12  # for MFU: A100 bf16 peak; an H100 SXM is 989e12
 compare_dense = False  # model mode: also time the dense twin (n_expert=0), interleaved step by step, and print the ratio
+compare_compile = False  # model mode: time each model eager and compiled (torch.compile), interleaved, and print the ratio
 # moe_layer mode
 moe_layer = False
 layer_tokens = 4096
@@ -136,14 +139,20 @@ def bench_moe_layer():
     def peak_memory():
         return f"{torch.cuda.max_memory_allocated() / 2**20:8.0f} MiB" if device_type == 'cuda' else '     n/a'
 
+    # the ceiling: torch's dense GEMM, [tokens, d] @ [d, top_k * hidden], in the compute dtype
+    a = torch.randn(layer_tokens, n_embd, device=device, dtype=ptdtype)
+    w = torch.randn(n_embd, top_k * hidden, device=device, dtype=ptdtype)
+    gemm = flops / 6 / time_it(lambda: a @ w) / 1e6
+    print(f"torch's dense GEMM [{layer_tokens}, {n_embd}] @ [{n_embd}, {top_k * hidden}], {dtype}: {gemm:.1f} GFLOP/s (the ceiling)")
     if device_type == 'cpu' and ptdtype != torch.float32:
         dense = dense.to(ptdtype)
     dense_step = layer_step(dense)
     if device_type == 'cuda':
         torch.cuda.reset_peak_memory_stats()
     dense_ms = time_it(dense_step)
-    print(f"{'n_expert':>8} {'impl':>8} {'ms':>9} {'x dense':>8} {'dense ms':>9} {'GFLOP/s':>9} {'peak mem':>12}")
-    print(f"{'-':>8} {'dense':>8} {dense_ms:9.2f} {1.0:8.2f} {dense_ms:9.2f} {flops / dense_ms / 1e6:9.1f} {peak_memory():>12}")
+    print(f"{'n_expert':>8} {'impl':>8} {'ms':>9} {'x dense':>8} {'dense ms':>9} {'GFLOP/s':>9} {'% GEMM':>7} {'peak mem':>12}")
+    print(f"{'-':>8} {'dense':>8} {dense_ms:9.2f} {1.0:8.2f} {dense_ms:9.2f} {flops / dense_ms / 1e6:9.1f} "
+          f"{100 * flops / dense_ms / 1e6 / gemm:7.1f} {peak_memory():>12}")
     for E in [int(e) for e in layer_experts.split(',')]:
         cfg = MoEConfig(n_embd=n_embd, n_head=1, n_layer=1, bias=bias, n_expert=E, top_k=top_k, expert_hidden=hidden,
                         capacity_factor=capacity_factor)
@@ -163,7 +172,8 @@ def bench_moe_layer():
             mem = peak_memory()
             # timed in turn with the dense MLP, so that the ratio compares the two under the same machine load
             ms, dense_ms = time_it(step, dense_step)
-            print(f"{E:>8} {impl:>8} {ms:9.2f} {ms / dense_ms:8.2f} {dense_ms:9.2f} {flops / ms / 1e6:9.1f} {mem:>12}")
+            print(f"{E:>8} {impl:>8} {ms:9.2f} {ms / dense_ms:8.2f} {dense_ms:9.2f} {flops / ms / 1e6:9.1f} "
+                  f"{100 * flops / ms / 1e6 / gemm:7.1f} {mem:>12}")
 
 
 def bench_model():
@@ -187,15 +197,23 @@ def bench_model():
             fail(f"compare_dense needs a twin of equal active FLOPs: top_k * expert_hidden = {cfg.top_k * cfg.expert_hidden} "
                  f"must be 4 * n_embd = {4 * cfg.n_embd}, with every layer MoE and no shared experts")
         models = {'dense twin': {**model_args, 'n_expert': 0}, 'model': model_args}
-    steps = [make_step(name, args) for name, args in models.items()]
-    results = time_it(*steps) if compare_dense else [time_it(*steps)]
-    for name, ms, step in zip(models, results, steps):
+    runs = [(name, c) for name in models for c in ((False, True) if compare_compile else (compile,))]
+    steps = [make_step(name, models[name], c) for name, c in runs]
+    results = time_it(*steps) if len(steps) > 1 else [time_it(*steps)]
+    for (name, compiled), ms, step in zip(runs, results, steps):
+        name += ' (compiled)' if compiled else ''
         mfu = step.model.estimate_mfu(batch_size, ms / 1000, peak_flops)
         print(f"{name}: {ms:.2f} ms/iter, {batch_size * step.model.config.block_size / (ms / 1000):,.0f} tokens/s, "
               f"MFU {mfu * 100:.2f}% of {peak_flops / 1e12:.0f} TFLOP/s, peak memory {peak_memory(step) / 2**20:.1f} MiB "
               f"(activation_checkpointing={activation_checkpointing})")
-    if compare_dense:
-        print(f"model / dense twin: {results[1] / results[0]:.2f}x (same active FLOPs, timed in turn in one run)")
+    ms = dict(zip(runs, results))
+    for compiled in sorted({c for _, c in runs}):
+        if compare_dense:
+            print(f"model / dense twin{' (compiled)' if compiled else ''}: "
+                  f"{ms['model', compiled] / ms['dense twin', compiled]:.2f}x (same active FLOPs, timed in turn in one run)")
+    for name in models:
+        if compare_compile:
+            print(f"{name} compiled / eager: {ms[name, True] / ms[name, False]:.2f}x (timed in turn in one run)")
 
 
 def peak_memory(step):
@@ -217,8 +235,8 @@ def peak_memory(step):
     return held + max(itertools.accumulate(e.self_cpu_memory_usage for e in events), default=0)
 
 
-def make_step(name, model_args):
-    """A training step (forward, backward, AdamW) of a fresh model; the model is step.model."""
+def make_step(name, model_args, compiled=False):
+    """A training step (forward, backward, AdamW) of a fresh model, compiled or not; the model is step.model."""
     torch.manual_seed(seed)
     try:
         model = build_model(model_args)
@@ -242,8 +260,8 @@ def make_step(name, model_args):
         x = torch.randint(model.config.vocab_size, (batch_size, T), device=device)
         y = torch.randint(model.config.vocab_size, (batch_size, T), device=device)
         get_batch = lambda: (x, y)
-    if compile:
-        print("Compiling model...")
+    if compiled:
+        print(f"{name}: compiling...")
         model = torch.compile(model)  # pytorch 2.0
 
     def step():

@@ -1,5 +1,6 @@
 """train.py and sample.py end to end, as a user runs them (subprocesses, tiny models, CPU)."""
 import os
+import re
 
 import pytest
 import torch
@@ -120,6 +121,22 @@ def test_bench_runs_dense_moe_and_the_layer_mode():
             '--layer_experts=4,8', '--warmup_iters=1', '--bench_iters=2', '--device=cpu')
     rows = [l.split() for l in p.stdout.splitlines() if l.split() and l.split()[0] in ('4', '8')]
     assert [(r[0], r[1]) for r in rows] == [(e, i) for e in '48' for i in ('loop', 'grouped', 'batched')]
+
+
+def test_gpu_check_quick_runs_every_part_and_writes_one_report(shakespeare_char, tmp_path):
+    """gpu_check.py --quick is the GPU check on the CPU with tiny sizes, so that the command cannot rot."""
+    report = tmp_path / 'gpu_check.md'
+    p = run('gpu_check.py', '--quick', f'--out={report}', f'--out_dir={tmp_path / "run"}')
+    text = report.read_text()
+    for part in 'abcd':
+        assert f'## ({part}) ' in text
+    assert text.count('exit code 0,') == 5 and 'FAILED' not in text
+    summary = text.split('## Summary')[1].split('## (a)')[0]
+    assert 'skipped' in summary and '`grouped`: ' in summary and '% of the dense GEMM' in summary
+    assert 'model / dense twin: ' in summary and 'activation_checkpointing=all' in summary
+    assert re.search(r'val loss \d\.\d{4} \(no target', summary)
+    p = run('gpu_check.py', check=False)  # no GPU here: one line that says what to do
+    assert p.returncode == 2 and p.stderr.strip().splitlines()[-1].endswith('no CUDA GPU here; --quick runs the check on the CPU')
 
 
 def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(shakespeare_char, tmp_path):
