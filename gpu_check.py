@@ -75,7 +75,8 @@ def sizes(quick, long, out_dir):
 def run(cmd, timeout):
     """(exit code, stdout + stderr, seconds); a command past its time limit is killed (exit code 124)."""
     t0 = time.time()
-    env = {**os.environ, 'PYTHONUNBUFFERED': '1'}
+    # the tests check correctness: one Triton configuration each, not minutes of autotuning
+    env = {**os.environ, 'PYTHONUNBUFFERED': '1', **({'NANOMOE_TRITON_AUTOTUNE': '0'} if 'pytest' in cmd else {})}
     try:
         p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
         code, out = p.returncode, p.stdout + p.stderr

@@ -414,19 +414,26 @@ def auto_expert_impl(device, dtype, expert_hidden):
     """What expert_impl='auto' (train.py's default) runs on this device: (backend, a warning or None).
     CPU: 'grouped' (kernels/cpu_grouped_mm.cpp). CUDA sm90+ (H100, H200, B200): 'grouped', torch's fused
     grouped_mm. Below sm90 torch's grouped_mm runs one GEMM per expert with a device-to-host sync, so
-    'triton' when it is installed and takes the dtype (no bfloat16 before sm80) and expert_hidden (a
-    multiple of 16); else 'grouped', with a warning that says why it will be slow."""
+    'triton' when it is installed, its kernels compile and fit this GPU in this dtype (moe_triton.SUPPORTED,
+    checked ahead of time by kernels/triton_aot.py) and expert_hidden is a multiple of 16; else 'grouped',
+    with a warning that says why it will be slow."""
     if not device.startswith('cuda'):
         return 'grouped', None
     major, minor = torch.cuda.get_device_capability(device)
     if major >= 9:
         return 'grouped', None
-    why = ('triton is not installed' if importlib.util.find_spec('triton') is None else
-           f'triton has no bfloat16 on sm{major}{minor}' if dtype == 'bfloat16' and major < 8 else
-           f'triton needs expert_hidden divisible by 16, not {expert_hidden}' if expert_hidden % 16 else None)
+    cc = 10 * major + minor
+    if importlib.util.find_spec('triton') is None:
+        why = 'triton is not installed'
+    else:
+        from kernels import moe_triton
+        why = (f'sm{cc} has no tensor cores for {dtype}' if (cc, dtype) in moe_triton.NOT_FAST else
+               f'moe_triton.SUPPORTED does not list sm{cc} with {dtype}: not all its Triton configurations compile and '
+               'fit there, or they were not checked (kernels/triton_aot.py)' if (cc, dtype) not in moe_triton.SUPPORTED else
+               f'triton needs expert_hidden divisible by 16, not {expert_hidden}' if expert_hidden % 16 else None)
     if why is None:
         return 'triton', None
-    return 'grouped', (f"expert_impl='auto' runs 'grouped' on this sm{major}{minor} GPU, where torch's grouped_mm "
+    return 'grouped', (f"expert_impl='auto' runs 'grouped' on this sm{cc} GPU, where torch's grouped_mm "
                        f"is one GEMM per expert and a host sync per layer: slow; {why}")
 
 

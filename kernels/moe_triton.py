@@ -65,12 +65,28 @@ def _use_kernels(x, n_slots):
 # kernels
 
 
+# What the autotuner tries on a GPU: every tile size but the first (the interpreter's single small one)
+# with every num_warps and num_stages. kernels/triton_aot.py compiles them ahead of time for each GPU.
+TILES = {"sdd": [{"BLOCK_K": 16}, {"BLOCK_K": 32}, {"BLOCK_K": 64}],
+         "dsd": [{"BLOCK_N": 32, "BLOCK_K": 16}, {"BLOCK_N": 64, "BLOCK_K": 32}, {"BLOCK_N": 64, "BLOCK_K": 64},
+                 {"BLOCK_N": 128, "BLOCK_K": 32}]}
+TILES["tsd"] = TILES["dsd"]
+WARPS, STAGES = (4, 8), (3, 4)
+# (compute capability, dtype) where every configuration above compiles and fits the GPU's shared memory,
+# as kernels/triton_aot.py finds (the tests check it); moe_model.auto_expert_impl uses 'triton' only there.
+# Before sm80 there are no tensor cores for bfloat16 or TF32: not used there even where they compile.
+# float32 (TF32) fits nowhere: sdd with BLOCK=128, BLOCK_K=64 and 4 stages needs 256 KiB on sm90, 192 on sm80.
+SUPPORTED = {(70, 'float16'), (75, 'float16'), (80, 'bfloat16'), (80, 'float16'), (86, 'bfloat16'), (86, 'float16'),
+             (89, 'bfloat16'), (89, 'float16'), (90, 'bfloat16'), (90, 'float16')}
+NOT_FAST = {(cc, dtype) for cc in (70, 75) for dtype in ('bfloat16', 'float32')}
+
 if HAS_TRITON:
     def _configs(tile_kwargs):
         if _KERNELS_INTERPRETED:  # the interpreter is slow and cannot benchmark: a single small config
             return [triton.Config(tile_kwargs[0], num_warps=4, num_stages=1)]
-        return [triton.Config(kw, num_warps=w, num_stages=s)
-                for kw in tile_kwargs[1:] for w in (4, 8) for s in (3, 4)]
+        if os.environ.get("NANOMOE_TRITON_AUTOTUNE") == "0":  # correctness tests on a GPU: one config, no tuning
+            return [triton.Config(tile_kwargs[1], num_warps=4, num_stages=3)]
+        return [triton.Config(kw, num_warps=w, num_stages=s) for kw in tile_kwargs[1:] for w in WARPS for s in STAGES]
 
     def _prune_block_k(configs, nargs, **kwargs):
         # DSD/TSD step through a BxB block BLOCK_K at a time, so BLOCK_K must divide B
@@ -78,8 +94,7 @@ if HAS_TRITON:
         kept = [c for c in configs if c.kwargs["BLOCK_K"] <= B]
         return kept or [triton.Config({**configs[0].kwargs, "BLOCK_K": B}, num_warps=4, num_stages=3)]
 
-    @triton.autotune(configs=_configs([{"BLOCK_K": 16}, {"BLOCK_K": 32}, {"BLOCK_K": 64}]),
-                     key=["K", "BLOCK"])
+    @triton.autotune(configs=_configs(TILES["sdd"]), key=["K", "BLOCK"])
     @triton.jit
     def _sdd_kernel(a_ptr, w_ptr, out_ptr, row_idx_ptr, col_idx_ptr, K,
                     stride_am, stride_ak, stride_we, stride_wk, stride_wn, BLOCKS_PER_EXPERT,
@@ -106,9 +121,8 @@ if HAS_TRITON:
         out_ptrs = out_ptr + b * BLOCK * BLOCK + offs_blk[:, None] * BLOCK + offs_blk[None, :]
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty))
 
-    @triton.autotune(configs=_configs([{"BLOCK_N": 32, "BLOCK_K": 16}, {"BLOCK_N": 64, "BLOCK_K": 32},
-                                       {"BLOCK_N": 64, "BLOCK_K": 64}, {"BLOCK_N": 128, "BLOCK_K": 32}]),
-                     key=["N", "BLOCK"], prune_configs_by={"early_config_prune": _prune_block_k})
+    @triton.autotune(configs=_configs(TILES["dsd"]), key=["N", "BLOCK"],
+                     prune_configs_by={"early_config_prune": _prune_block_k})
     @triton.jit
     def _dsd_kernel(data_ptr, offsets_ptr, col_idx_ptr, w_ptr, out_ptr, N,
                     stride_we, stride_wk, stride_wn, stride_om, stride_on, BLOCKS_PER_EXPERT,
@@ -137,9 +151,8 @@ if HAS_TRITON:
         out_ptrs = out_ptr + (r * BLOCK + offs_m)[:, None] * stride_om + offs_n[None, :] * stride_on
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=n_mask[None, :])
 
-    @triton.autotune(configs=_configs([{"BLOCK_N": 32, "BLOCK_K": 16}, {"BLOCK_N": 64, "BLOCK_K": 32},
-                                       {"BLOCK_N": 64, "BLOCK_K": 64}, {"BLOCK_N": 128, "BLOCK_K": 32}]),
-                     key=["N", "BLOCK"], prune_configs_by={"early_config_prune": _prune_block_k})
+    @triton.autotune(configs=_configs(TILES["tsd"]), key=["N", "BLOCK"],
+                     prune_configs_by={"early_config_prune": _prune_block_k})
     @triton.jit
     def _tsd_kernel(data_ptr, offsets_t_ptr, block_offsets_t_ptr, row_idx_ptr, d_ptr, out_ptr, N,
                     stride_dm, stride_dn, stride_oe, stride_ok, stride_on, BLOCKS_PER_EXPERT,
