@@ -1,6 +1,7 @@
 """
 The one-shot GPU check: everything this repo should show on a GPU, in one command and one markdown report.
-$ python data/shakespeare_char/prepare.py            # once, where there is a network (downloads nothing here)
+$ python data/shakespeare_char/prepare.py            # once, where there is a network (gpu_check downloads nothing;
+                                                      # elsewhere bring data/shakespeare_char/*.bin and meta.pkl)
 $ python gpu_check.py                                 # about 6 minutes on one H100/H200 -> gpu_check.md
 $ python gpu_check.py --quick                         # the same on the CPU with tiny sizes (the test suite runs it)
 $ python gpu_check.py --long                          # (d) becomes the project goal run (longer)
@@ -10,8 +11,9 @@ $ python gpu_check.py --long                          # (d) becomes the project 
   (b) one MoE layer at GPT-2 small width (d=768), 16k tokens, per backend: ms, ratio to a dense MLP of the
       same active FLOPs, and GFLOP/s against torch's dense GEMM (the ceiling): 8 experts x 3072 top-2 and
       64 experts x 384 top-8 (bench.py --moe_layer)
-  (c) a training step, MoE vs its dense twin, eager and compiled, bf16: tokens/s, MFU (active parameters),
-      peak memory; and the peak memory with activation checkpointing (bench.py)
+  (c) a training step at GPT-2 small width (6 layers, to keep compiling short), MoE (8 experts x 1536,
+      top-2) vs its dense twin, eager and compiled, bf16: tokens/s, MFU (active parameters), peak memory;
+      and the peak memory with activation checkpointing (bench.py)
   (d) a short shakespeare_char MoE run (train.py) and its val loss; --long: about 10M active parameters to
       val loss < 1.467 (nanoGPT's dense 10.7M model reaches 1.4697)
 Each part is a subprocess with its own time limit; the report is rewritten after each part (so a run that is
@@ -27,6 +29,8 @@ import platform
 import subprocess
 
 import torch
+
+from moe_model import auto_expert_impl
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 TARGETS = {'layer': 0.70, 'step': 1.15, 'val': 1.467}  # share of the GEMM ceiling; MoE/dense step; val loss
@@ -50,7 +54,7 @@ def sizes(quick, long, out_dir):
         dev = ['--device=cuda', '--dtype=bfloat16', f'--peak_flops={peak}']
         layer = dev + ['--moe_layer=True', '--n_embd=768', '--layer_tokens=16384', '--warmup_iters=3', '--bench_iters=20',
                        '--layer_impls=loop,grouped,batched,triton']
-        step = dev + ['--n_layer=12', '--n_head=12', '--n_embd=768', '--block_size=1024', '--batch_size=8',
+        step = dev + ['--n_layer=6', '--n_head=12', '--n_embd=768', '--block_size=1024', '--batch_size=8',
                       '--vocab_size=50304', '--warmup_iters=3', '--bench_iters=10']
         train = ['config/train_shakespeare_char_moe.py', '--device=cuda', '--dtype=bfloat16', '--compile=True']
         train += [] if long else ['--max_iters=300', '--eval_interval=300', '--eval_iters=50', '--lr_decay_iters=300',
@@ -140,7 +144,9 @@ def main():
         parser.error(f"--out_dir={args.out_dir!r} exists: (d) trains from scratch into a new folder")
     if 'd' in args.parts and not os.path.exists(os.path.join(ROOT, 'data', 'shakespeare_char', 'val.bin')):
         parser.error('data/shakespeare_char is not prepared: python data/shakespeare_char/prepare.py (or --parts=abc)')
-    device = 'CPU (--quick)' if args.quick else torch.cuda.get_device_name()
+    device = 'CPU (--quick)' if args.quick else (
+        f"{torch.cuda.get_device_name()} (sm{''.join(map(str, torch.cuda.get_device_capability()))}; expert_impl='auto' "
+        f"picks {auto_expert_impl('cuda', 'bfloat16', 1536)[0]!r} in bf16, {auto_expert_impl('cuda', 'float16', 1536)[0]!r} in fp16)")
     header = ['# nanoMoE GPU check', '',
               f"{device}; torch {torch.__version__}, CUDA {torch.version.cuda}, python {platform.python_version()}; "
               f"{time.strftime('%Y-%m-%d %H:%M')}; `{' '.join(['python gpu_check.py'] + sys.argv[1:])}`", '',

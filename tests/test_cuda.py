@@ -39,7 +39,7 @@ def test_backend_matches_loop_on_the_gpu(impl, dtype, E, k, d, h):
         torch.testing.assert_close(g, r, rtol=0.05, atol=0.05 * r.abs().mean().item() + 1e-6, msg=lambda m: f'tensor {i}: {m}')
 
 
-@pytest.mark.parametrize('impl', FAST)
+@pytest.mark.parametrize('impl', [i for i in FAST if i != 'batched'])  # (batched: the CPU tests compile it)
 def test_compiled_step_has_no_graph_break_and_matches_eager_on_the_gpu(impl):
     """Inductor on the GPU: no graph break in a training step, and eager's loss and gradients (bf16 autocast)."""
     import torch._dynamo
