@@ -302,3 +302,9 @@ def test_kernels_compile_ahead_of_time_for_each_gpu_and_auto_excludes_what_does_
         assert "every configuration fits" in verdicts[pair]
     assert "EXCLUDED" in verdicts["sm80 float32"] and "does not fit" in p.stdout
     assert (80, "float32") not in mt.SUPPORTED and (80, "bfloat16") in mt.SUPPORTED
+
+
+def test_activation_checkpointing_recomputes_the_triton_experts_exactly():
+    """activation_checkpointing='all' with the triton backend: the same loss and gradients, less kept."""
+    from test_model import test_activation_checkpointing_keeps_less_and_gives_the_same_gradients as check
+    check("triton", "topk", "all")
