@@ -16,8 +16,8 @@ Benchmarks. Two modes:
    with the same active FLOPs (hidden = top_k * expert_hidden), for each n_expert in layer_experts:
    $ python bench.py --moe_layer=True --n_embd=384 --expert_hidden=1536 --layer_tokens=4096
    prints ms, the ratio to the dense-equivalent MLP (timed in turn with each backend), achieved GFLOP/s, that
-   as a share of torch's dense GEMM of the same FLOPs (the ceiling, timed first) and peak memory (CUDA only). On the CPU, NANOMOE_CPU_GROUPED_MM=0 times torch's grouped_mm instead of
-   kernels/cpu_grouped_mm.cpp:
+   as a share of torch's dense GEMM of the same FLOPs (the ceiling, timed first) and peak memory (CUDA only).
+   On the CPU, NANOMOE_CPU_GROUPED_MM=0 times torch's grouped_mm instead of kernels/cpu_grouped_mm.cpp:
    $ NANOMOE_CPU_GROUPED_MM=0 python bench.py --moe_layer=True --n_embd=384 --expert_hidden=1536 --layer_impls=grouped
 """
 import os
