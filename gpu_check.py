@@ -2,7 +2,7 @@
 The one-shot GPU check: everything this repo should show on a GPU, in one command and one markdown report.
 $ python data/shakespeare_char/prepare.py            # once, where there is a network (gpu_check downloads nothing;
                                                       # elsewhere bring data/shakespeare_char/*.bin and meta.pkl)
-$ python gpu_check.py                                 # about 6 minutes on one H100/H200 -> gpu_check.md
+$ python gpu_check.py                                 # ~6 min on one H100/H200 (estimated) -> gpu_check.md
 $ python gpu_check.py --quick                         # the same on the CPU with tiny sizes (the test suite runs it)
 $ python gpu_check.py --long                          # (d) becomes the project goal run (longer)
 
