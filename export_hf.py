@@ -78,18 +78,20 @@ def hf_model_args(init_from):
                 block_size=cfg.get('n_positions', 1024), vocab_size=cfg.get('vocab_size', 50257), bias=True, n_expert=0)
 
 
-def load_hf_folder(folder, dropout=0.0):
+def load_hf_folder(folder, run_args=None):
     """A GPT (a GPT2LMHeadModel folder, through model.GPT.from_pretrained) or an MoEGPT (a folder this file
-    exported); ValueError with one line if it cannot be loaded."""
+    exported); ValueError with one line if it cannot be loaded. run_args: a run's model keys, the folder's
+    shape keys among them (init_model.Init's): the keys that config.json does not fix, dropout and the
+    RUN_KEYS (expert_impl, aux_loss_coef, ...), are the run's; without run_args, MoEConfig's defaults."""
     cfg = hf_config(folder)
     if cfg is None:
         raise ValueError(f"{folder} has no config.json: it is not a Hugging Face model folder")
     if cfg.get('model_type') != 'nanomoe':
         from model import GPT
-        return GPT.from_pretrained(folder, dict(dropout=dropout))
+        return GPT.from_pretrained(folder, dict(dropout=(run_args or {}).get('dropout', 0.0)))
     from safetensors.torch import load_file
     from moe_model import MoEGPT, MoEConfig
-    model = MoEGPT(MoEConfig(dropout=dropout, **hf_model_args(folder)))
+    model = MoEGPT(MoEConfig(**(run_args or hf_model_args(folder))))
     sd = load_file(os.path.join(folder, 'model.safetensors'))
     sd.setdefault('lm_head.weight', sd['transformer.wte.weight'])  # tied: saved once
     try:

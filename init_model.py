@@ -63,9 +63,8 @@ class Init:
         else:
             print(f"Initializing from pretrained weights: {self.init_from}")
             from model import GPT
-            dropout = self.weights_args['dropout']
-            model = (load_hf_folder(self.init_from, dropout) if self.hf else
-                     GPT.from_pretrained(self.init_from, dict(dropout=dropout)))
+            model = (load_hf_folder(self.init_from, self.weights_args) if self.hf else
+                     GPT.from_pretrained(self.init_from, dict(dropout=self.weights_args['dropout'])))
         if self.model_args is not self.weights_args:
             model = upcycle(model, self.model_args, self.upcycle_noise)
         return model

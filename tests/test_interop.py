@@ -223,9 +223,12 @@ def test_export_to_hugging_face_and_back(shakespeare_char, tmp_path, monkeypatch
         for _ in range(8):
             x = torch.cat([x, model(x)[0][:, -1].argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(greedy, x)
-    if kind == 'moe':  # init_from takes the exported folder back (a GPT-2 folder: the tests above)
+    if kind == 'moe':  # init_from takes the exported folder back (a GPT-2 folder: the tests above), with the
+        # run's own keys where config.json does not fix them
         run('train.py', *TINY_OVERRIDES, '--dataset=shakespeare_char', f'--init_from={hf_dir}',
-            f'--out_dir={tmp_path / "again"}')
+            f'--out_dir={tmp_path / "again"}', '--expert_impl=batched', '--aux_loss_coef=0.05', '--dropout=0.1')
+        args = load_checkpoint(str(tmp_path / 'again' / 'ckpt.pt'))['model_args']
+        assert (args['expert_impl'], args['aux_loss_coef'], args['dropout'], args['n_shared_expert']) == ('batched', 0.05, 0.1, 1)
     else:  # an existing folder is never overwritten
         p = run('export_hf.py', f'--out_dir={out}', f'--hf_dir={hf_dir}', check=False)
         assert p.returncode == 2 and 'exists and is not an empty folder' in p.stderr
