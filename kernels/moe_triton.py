@@ -81,8 +81,8 @@ SUPPORTED = {(70, 'float16'), (75, 'float16'), (80, 'bfloat16'), (80, 'float16')
 NOT_FAST = {(cc, dtype) for cc in (70, 75) for dtype in ('bfloat16', 'float32')}
 
 if HAS_TRITON:
-    def _configs(tile_kwargs):
-        if _KERNELS_INTERPRETED:  # the interpreter is slow and cannot benchmark: a single small config
+    def _configs(tile_kwargs, interpreted=_KERNELS_INTERPRETED):  # interpreted=False: a GPU's (triton_aot.py)
+        if interpreted:  # the interpreter is slow and cannot benchmark: a single small config
             return [triton.Config(tile_kwargs[0], num_warps=4, num_stages=1)]
         if os.environ.get("NANOMOE_TRITON_AUTOTUNE") == "0":  # correctness tests on a GPU: one config, no tuning
             return [triton.Config(tile_kwargs[1], num_warps=4, num_stages=3)]
