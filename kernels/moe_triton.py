@@ -75,14 +75,16 @@ WARPS, STAGES = (4, 8), (3, 4)
 # (compute capability, dtype) where every configuration above compiles and fits the GPU's shared memory,
 # as kernels/triton_aot.py finds (the tests check it); moe_model.auto_expert_impl uses 'triton' only there.
 # Before sm80 there are no tensor cores for bfloat16 or TF32: not used there even where they compile.
-# float32 (TF32) fits nowhere: sdd with BLOCK=128, BLOCK_K=64 and 4 stages needs 256 KiB on sm90, 192 on sm80.
+# The most a 16-bit configuration needs (sdd, BLOCK=128, BLOCK_K=64, 4 stages): 32 KiB before sm80, 96 on
+# sm80-sm89 (3 buffers of pipelined loads: sm86/sm89 allow 99, so one more stage would not fit), 128 on sm90.
+# float32 (TF32) fits nowhere: that configuration needs 256 KiB on sm90, 192 on sm80.
 SUPPORTED = {(70, 'float16'), (75, 'float16'), (80, 'bfloat16'), (80, 'float16'), (86, 'bfloat16'), (86, 'float16'),
              (89, 'bfloat16'), (89, 'float16'), (90, 'bfloat16'), (90, 'float16')}
 NOT_FAST = {(cc, dtype) for cc in (70, 75) for dtype in ('bfloat16', 'float32')}
 
 if HAS_TRITON:
-    def _configs(tile_kwargs):
-        if _KERNELS_INTERPRETED:  # the interpreter is slow and cannot benchmark: a single small config
+    def _configs(tile_kwargs, interpreted=_KERNELS_INTERPRETED):  # interpreted=False: a GPU's (triton_aot.py)
+        if interpreted:  # the interpreter is slow and cannot benchmark: a single small config
             return [triton.Config(tile_kwargs[0], num_warps=4, num_stages=1)]
         if os.environ.get("NANOMOE_TRITON_AUTOTUNE") == "0":  # correctness tests on a GPU: one config, no tuning
             return [triton.Config(tile_kwargs[1], num_warps=4, num_stages=3)]
