@@ -188,6 +188,22 @@ def set_rng_state(state, device='cpu'):
         random.setstate((version, tuple(mt), gauss_next))
 
 
+def read_log(path):
+    """The records of log.jsonl; a resumed run re-logs the steps after its checkpoint, so the last
+    record of each (iter, kind) wins."""
+    records, torn = {}, 0
+    with open(path) as f:
+        for line in f:
+            try:
+                r = json.loads(line)
+                records[(r['iter'], 'val/ce' in r, 'event' in r)] = r
+            except (ValueError, KeyError, TypeError):  # a run killed mid-write leaves a torn last line
+                torn += 1
+    if torn:
+        print(f"warning: skipped {torn} unreadable line(s) of {path}", file=sys.stderr)
+    return sorted(records.values(), key=lambda r: r['iter'])
+
+
 class _PlainUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only plain data is allowed")

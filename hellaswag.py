@@ -1,16 +1,13 @@
 """
-HellaSwag accuracy of a GPT-2-BPE model (a checkpoint, GPT-2 or a GPT-2 folder), scored completion-style as
-llm.c's dev/data/hellaswag.py does:
-$ python hellaswag.py --out_dir=out-gpt2-moe                       # out_dir/ckpt.pt (--ckpt_name=ckpt_best.pt)
-$ python hellaswag.py --init_from=gpt2 --device=cuda              # gpt2-medium/-large/-xl, a GPT2LMHeadModel folder
-$ python hellaswag.py --out_dir=out-gpt2-moe --max_examples=500   # the first 500 of the 10,042 validation examples
-An example is a context and 4 endings. Each ending is scored by the model's cross-entropy on its own tokens,
-each predicted from the context and the ending's tokens before it: acc picks the ending with the lowest sum,
-acc_norm the lowest mean per token. llm.c measured acc 0.2859, acc_norm 0.2955 for gpt2 (124M) and 0.3842,
-0.4893 for gpt2-xl; chance is 0.25. The validation file is downloaded once into data/hellaswag/ (--data_dir).
-Rows longer than the model's block_size lose the start of their context (crop); an example whose ending itself
-does not fit is skipped, and the count says how many were scored.
-train.py calls prepare at start and score (through metrics) at its evals (hellaswag_interval).
+HellaSwag accuracy of a GPT-2-BPE model, scored completion-style as llm.c's dev/data/hellaswag.py does
+(tools/eval_hellaswag.py is the command line; train.py calls prepare at start and metrics at its evals,
+hellaswag_interval). An example is a context and 4 endings. Each ending is scored by the model's
+cross-entropy on its own tokens, each predicted from the context and the ending's tokens before it: acc
+picks the ending with the lowest sum, acc_norm the lowest mean per token. llm.c measured acc 0.2859,
+acc_norm 0.2955 for gpt2 (124M) and 0.3842, 0.4893 for gpt2-xl; chance is 0.25. The validation file is
+downloaded once into data/hellaswag/. Rows longer than the model's block_size lose the start of their
+context (crop); an example whose ending itself does not fit is skipped, and the count says how many were
+scored.
 """
 import os
 import sys
@@ -21,24 +18,10 @@ from contextlib import nullcontext
 import torch
 from torch.nn import functional as F
 
-from configurator import configure, fail, check_choice, check_range, check_device
-
 URL = 'https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl'
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA_DIR = os.path.join(HERE, 'data', 'hellaswag')
 GPT2_VOCAB = 50257  # GPT-2's BPE (nanoGPT pads a model's vocab_size to 50304)
-
-# -----------------------------------------------------------------------------
-init_from = 'resume'  # 'resume' (out_dir/ckpt_name), a checkpoint file (.pt), 'gpt2*', or a Hugging Face folder
-out_dir = 'out'
-ckpt_name = 'ckpt.pt'  # or 'ckpt_best.pt'
-device = 'cuda' if torch.cuda.is_available() else 'cpu'
-dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'
-expert_impl = ''  # '' keeps the checkpoint's; any backend works with any checkpoint
-max_examples = 0  # the first N validation examples; 0: all
-data_dir = ''  # where hellaswag_val.jsonl is (downloaded to); '': data/hellaswag
-# -----------------------------------------------------------------------------
-
 
 class HellaSwagError(Exception):
     """Bad input (no data file, a model that does not read GPT-2 BPE): one line, for fail()."""
@@ -196,51 +179,3 @@ def prepare(data_dir='', max_examples=0, block_size=None, vocab_size=GPT2_VOCAB,
     print(f"hellaswag: {len(rendered)} examples from {path}" +
           (f", {too_long} of them skipped (an ending longer than block_size={block_size})" if too_long else ''))
     return rendered
-
-
-if __name__ == '__main__':
-    config = configure({k: globals()[k] for k in ('init_from', 'out_dir', 'ckpt_name', 'device', 'dtype', 'expert_impl',
-                                                  'max_examples', 'data_dir')}, sys.argv[1:])
-    globals().update(config)
-    check_choice(config, 'dtype', ('float32', 'bfloat16', 'float16'))
-    check_device(device)
-    check_range(config, ('max_examples',), 0)
-    from checkpoint import load_checkpoint, load_weights, CheckpointError
-    from export_hf import GPT2_SIZES, hf_config, hf_model_args, load_hf_folder
-    # the model's vocab_size and block_size first (no weights yet): a character-level model stops before any download
-    ckpt = None
-    if init_from == 'resume' or init_from.endswith('.pt'):
-        path = os.path.join(out_dir, ckpt_name) if init_from == 'resume' else init_from
-        try:
-            ckpt = load_checkpoint(path)
-        except CheckpointError as e:
-            fail(str(e))
-        model_args = dict(ckpt['model_args'], **({'expert_impl': expert_impl} if expert_impl else {}))
-        dataset = ckpt.get('config', {}).get('dataset')  # its meta.pkl, if any, says the vocabulary is its own
-        meta_path = os.path.join(HERE, 'data', dataset, 'meta.pkl') if isinstance(dataset, str) else None
-    elif init_from in GPT2_SIZES or hf_config(init_from) is not None:
-        model_args, meta_path = hf_model_args(init_from), None
-    else:
-        fail(f"init_from={init_from!r}; allowed: 'resume', a checkpoint file (.pt), 'gpt2', 'gpt2-medium', "
-             f"'gpt2-large', 'gpt2-xl', or a folder holding a saved GPT2LMHeadModel")
-    try:
-        examples = prepare(data_dir, max_examples, model_args['block_size'], model_args['vocab_size'], meta_path)
-    except HellaSwagError as e:
-        fail(str(e))
-    try:
-        if ckpt is not None:
-            from moe_model import build_model
-            model = build_model(model_args)
-            load_weights(model, ckpt, path)
-        else:
-            from model import GPT
-            model = load_hf_folder(init_from) if init_from not in GPT2_SIZES else GPT.from_pretrained(init_from)
-    except (ValueError, CheckpointError) as e:
-        fail(str(e))
-    ckpt = None  # free the memory
-    model.to(device)
-    device_type = 'cuda' if 'cuda' in device else 'cpu'
-    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
-    ctx = nullcontext() if dtype == 'float32' else torch.amp.autocast(device_type=device_type, dtype=ptdtype)
-    acc, acc_norm, n = score(model, examples, device, ctx, verbose=True)
-    print(f"hellaswag: {n} examples, acc {acc:.4f}, acc_norm {acc_norm:.4f}")

@@ -11,7 +11,7 @@ upcycled into an MoE (upcycle.py). expert_impl='auto' becomes the backend for th
 import os
 
 from checkpoint import load_checkpoint, load_for_resume, load_weights
-from export_hf import GPT2_SIZES, hf_config, hf_model_args, load_hf_folder
+from hf import GPT2_SIZES, hf_config, hf_model_args, load_hf_folder
 from moe_model import auto_expert_impl, build_model, MODEL_KEYS, RUN_KEYS
 from upcycle import upcycle_args, upcycle
 

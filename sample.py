@@ -75,7 +75,7 @@ if init_from == 'resume':
 elif init_from in ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl') or os.path.isdir(init_from):
     # init from a given GPT-2 model, or a Hugging Face folder (GPT-2's, or one export_hf.py wrote)
     from model import GPT
-    from export_hf import load_hf_folder
+    from hf import load_hf_folder
     try:
         model = load_hf_folder(init_from) if os.path.isdir(init_from) else GPT.from_pretrained(init_from, dict(dropout=0.0))
     except (ValueError, OSError) as e:

@@ -37,18 +37,18 @@ def test_routing_metrics_are_in_the_jsonl_log(moe_run):
 
 def test_plot_writes_the_three_pngs(moe_run, tmp_path):
     import matplotlib.image
-    run('plot.py', f'--out_dir={moe_run}', f'--plot_dir={tmp_path}')
+    run('tools/plot.py', f'--out_dir={moe_run}', f'--plot_dir={tmp_path}')
     for name in ('loss.png', 'load.png', 'probe.png'):
         path = tmp_path / name
         assert path.stat().st_size > 10_000, name
         pixels = matplotlib.image.imread(path)
         assert pixels.std() > 0.05, name  # a real figure, not a blank canvas
-    run('plot.py', f'--out_dir={moe_run}')  # default: next to the log
+    run('tools/plot.py', f'--out_dir={moe_run}')  # default: next to the log
     assert os.path.exists(os.path.join(moe_run, 'load.png'))
 
 
 def test_specialisation_table_and_image(moe_run, tmp_path):
-    p = run('specialisation.py', f'--out_dir={moe_run}', f'--plot_dir={tmp_path}', '--n_windows=16', '--batch_size=8')
+    p = run('tools/specialisation.py', f'--out_dir={moe_run}', f'--plot_dir={tmp_path}', '--n_windows=16', '--batch_size=8')
     table = (tmp_path / 'specialisation.md').read_text()
     assert '## layer 0' in table and '## layer 1' in table
     rows = [l for l in table.splitlines() if l.startswith('| ') and l[2].isdigit()]
@@ -70,11 +70,11 @@ def test_study_runs_configs_writes_one_table_and_plot_and_resumes(shakespeare_ch
     ckpt['config']['max_iters'] = 4
     save_checkpoint(ckpt, ckpt_path)
 
-    p = run('study.py', str(study))
+    p = run('tools/study.py', str(study))
     assert 'dense: training' in p.stdout and 'moe: resuming at iter 2' in p.stdout
     assert [r['iter'] for r in read_log(tmp_path / 'runs' / 'moe') if 'val/ce' in r][-1] == 4
     table = (tmp_path / 'results.md').read_text()
-    assert 'python study.py' in table  # the command that made it
+    assert 'python tools/study.py' in table  # the command that made it
     rows = {l.split('|')[1].strip(): l for l in table.splitlines() if l.startswith('| dense') or l.startswith('| moe')}
     assert set(rows) == {'dense', 'moe'} and all('nan' not in r for r in rows.values())
     assert rows['dense'].rstrip(' |').endswith('| - | - | -')  # no routing columns for a dense run
@@ -82,5 +82,5 @@ def test_study_runs_configs_writes_one_table_and_plot_and_resumes(shakespeare_ch
     assert max_load >= 1 and 0 <= dead <= 1 and 0 <= flips <= 1
     assert (tmp_path / 'results.png').stat().st_size > 10_000
     mtime = os.path.getmtime(tmp_path / 'runs' / 'dense' / 'ckpt.pt')
-    p = run('study.py', str(study))  # everything is finished: nothing is retrained
+    p = run('tools/study.py', str(study))  # everything is finished: nothing is retrained
     assert p.stdout.count('skipping') == 2 and os.path.getmtime(tmp_path / 'runs' / 'dense' / 'ckpt.pt') == mtime

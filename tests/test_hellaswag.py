@@ -199,11 +199,11 @@ def gpt2_checkpoint(out_dir, vocab_size=V, dataset='owt-like'):
 
 
 def command(monkeypatch, capsys, *args):
-    """python hellaswag.py *args, in this process: (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, 'argv', ['hellaswag.py', '--device=cpu', '--dtype=float32', *args])
+    """python tools/eval_hellaswag.py *args, in this process: (exit code, stdout, stderr)."""
+    monkeypatch.setattr(sys, 'argv', ['tools/eval_hellaswag.py', '--device=cpu', '--dtype=float32', *args])
     code = 0
     try:
-        runpy.run_path(os.path.join(ROOT, 'hellaswag.py'), run_name='__main__')
+        runpy.run_path(os.path.join(ROOT, 'tools/eval_hellaswag.py'), run_name='__main__')
     except SystemExit as e:
         code = e.code
     out, err = capsys.readouterr()
@@ -258,6 +258,6 @@ def test_train_logs_hellaswag_at_its_interval_and_plot_draws_it(tmp_path, data_d
                                                                                    (True, True)]
     assert all(r['hellaswag/acc_norm'] in (0, 0.5, 1) for r in evals[::2])  # 2 examples
     assert 'hellaswag/acc_norm' in p.stdout.split('step 2: ')[1].splitlines()[0]  # printed with the eval
-    monkeypatch.setattr(sys, 'argv', ['plot.py', f'--out_dir={out}'])
-    runpy.run_path(os.path.join(ROOT, 'plot.py'), run_name='__main__')
+    monkeypatch.setattr(sys, 'argv', ['tools/plot.py', f'--out_dir={out}'])
+    runpy.run_path(os.path.join(ROOT, 'tools/plot.py'), run_name='__main__')
     assert (out / 'hellaswag.png').stat().st_size > 0

@@ -202,8 +202,8 @@ def test_export_to_hugging_face_and_back(shakespeare_char, tmp_path, monkeypatch
                   ['--n_expert=4', '--top_k=2', '--expert_hidden=32', '--bias=True', '--router=aux_free',
                    '--n_shared_expert=1', '--n_layer=3', '--n_dense_layers=1'])
     run('train.py', *TINY_OVERRIDES, '--dataset=shakespeare_char', *model_args, f'--out_dir={out}')
-    run('export_hf.py', f'--out_dir={out}', f'--hf_dir={hf_dir}')
-    from export_hf import load_hf_folder
+    run('tools/export_hf.py', f'--out_dir={out}', f'--hf_dir={hf_dir}')
+    from hf import load_hf_folder
     from moe_model import build_model
     ckpt = load_checkpoint(str(out / 'ckpt.pt'))
     model = build_model(ckpt['model_args']).eval()
@@ -230,7 +230,7 @@ def test_export_to_hugging_face_and_back(shakespeare_char, tmp_path, monkeypatch
         args = load_checkpoint(str(tmp_path / 'again' / 'ckpt.pt'))['model_args']
         assert (args['expert_impl'], args['aux_loss_coef'], args['dropout'], args['n_shared_expert']) == ('batched', 0.05, 0.1, 1)
     else:  # an existing folder is never overwritten
-        p = run('export_hf.py', f'--out_dir={out}', f'--hf_dir={hf_dir}', check=False)
+        p = run('tools/export_hf.py', f'--out_dir={out}', f'--hf_dir={hf_dir}', check=False)
         assert p.returncode == 2 and 'exists and is not an empty folder' in p.stderr
 
 # -----------------------------------------------------------------------------
@@ -319,7 +319,7 @@ def test_upcycle_a_nanogpt_checkpoint_and_a_gpt2_folder_from_the_command_line(sh
 def test_the_exported_moe_routes_like_ours_with_the_deepseek_v3_router():
     """hf/modeling_nanomoe.py's router is a copy of moe_model's: every router variant must agree (in process)."""
     pytest.importorskip('transformers')
-    from export_hf import export_moe
+    from hf import export_moe
     from moe_model import MoEGPT, MoEConfig
     torch.manual_seed(0)
     model = MoEGPT(MoEConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=65, n_expert=4, top_k=2,

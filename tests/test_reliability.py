@@ -286,7 +286,7 @@ def test_plot_skips_a_torn_last_line(good_run, tmp_path):
     shutil.copytree(good_run, out)
     with open(os.path.join(out, 'log.jsonl'), 'a') as f:
         f.write('{"iter": 7, "loss": 1.2')  # a run killed mid-write
-    p = run('plot.py', f'--out_dir={out}')
+    p = run('tools/plot.py', f'--out_dir={out}')
     assert 'skipped 1 unreadable line(s)' in p.stderr and os.path.exists(os.path.join(out, 'loss.png'))
 
 

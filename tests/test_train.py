@@ -126,7 +126,7 @@ def test_bench_runs_dense_moe_and_the_layer_mode():
 def test_gpu_check_quick_runs_every_part_and_writes_one_report(shakespeare_char, tmp_path):
     """gpu_check.py --quick is the GPU check on the CPU with tiny sizes, so that the command cannot rot."""
     report = tmp_path / 'gpu_check.md'
-    p = run('gpu_check.py', '--quick', f'--out={report}', f'--out_dir={tmp_path / "run"}')
+    p = run('tools/gpu_check.py', '--quick', f'--out={report}', f'--out_dir={tmp_path / "run"}')
     text = report.read_text()
     for part in 'abcd':
         assert f'## ({part}) ' in text
@@ -135,7 +135,7 @@ def test_gpu_check_quick_runs_every_part_and_writes_one_report(shakespeare_char,
     assert 'skipped' in summary and '`grouped`: ' in summary and '% of the dense GEMM' in summary
     assert 'model / dense twin: ' in summary and 'activation_checkpointing=all' in summary
     assert re.search(r'val loss \d\.\d{4} \(no target', summary)
-    p = run('gpu_check.py', check=False)  # no GPU here: one line that says what to do
+    p = run('tools/gpu_check.py', check=False)  # no GPU here: one line that says what to do
     assert p.returncode == 2 and p.stderr.strip().splitlines()[-1].endswith('no CUDA GPU here; --quick runs the check on the CPU')
 
 

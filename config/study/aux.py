@@ -1,5 +1,5 @@
 # load-balancing loss weight on the 8-expert top-2 CPU MoE
-# $ OMP_NUM_THREADS=2 python study.py config/study/aux.py
+# $ OMP_NUM_THREADS=2 python tools/study.py config/study/aux.py
 title = 'aux_loss_coef 0 / 0.01 / 0.1 (shakespeare_char, CPU)'
 out_dir = 'out-study-aux'
 results = 'assets/study_aux'

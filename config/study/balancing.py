@@ -2,7 +2,7 @@
 # the Switch balance loss per micro-batch (topk-aux, the default), the same loss per sequence
 # (DeepSeek-V3's sequence-wise loss), and the two loss-free bias routers: aux_free (softmax + bias) and
 # deepseek_v3 (sigmoid + re-centred bias). Two seeds; every arm of a seed shares its data and eval batches.
-# $ OMP_NUM_THREADS=2 python study.py config/study/balancing.py
+# $ OMP_NUM_THREADS=2 python tools/study.py config/study/balancing.py
 title = 'load balancing: balance loss per micro-batch / per sequence, aux_free, deepseek_v3 (shakespeare_char, CPU)'
 out_dir = 'out-study-balancing'
 results = 'assets/study_balancing'

@@ -1,7 +1,7 @@
 # dense vs 4/8/16 experts at constant ACTIVE FLOPs on shakespeare_char, small enough for 2 CPU cores:
 # every MoE runs top-2 of experts of hidden 2*n_embd, which is the dense MLP's 4*n_embd per token.
 # Two seeds of each (init, data order and eval batches all follow the seed), to see the noise.
-# $ OMP_NUM_THREADS=2 python study.py config/study/experts.py
+# $ OMP_NUM_THREADS=2 python tools/study.py config/study/experts.py
 title = 'dense vs 4/8/16 experts at constant active FLOPs (shakespeare_char, CPU)'
 out_dir = 'out-study-experts'
 results = 'assets/study_experts'

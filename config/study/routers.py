@@ -1,5 +1,5 @@
 # router variants on the 8-expert top-2 CPU MoE (config/train_shakespeare_char_moe_cpu.py)
-# $ OMP_NUM_THREADS=2 python study.py config/study/routers.py
+# $ OMP_NUM_THREADS=2 python tools/study.py config/study/routers.py
 title = 'routers: top-k vs noisy top-k vs expert choice vs aux-loss-free (shakespeare_char, CPU)'
 out_dir = 'out-study-routers'
 results = 'assets/study_routers'

@@ -1,5 +1,5 @@
 # top-1 vs top-2 at constant active FLOPs: one expert of 4*n_embd or two of 2*n_embd per token
-# $ OMP_NUM_THREADS=2 python study.py config/study/topk.py
+# $ OMP_NUM_THREADS=2 python tools/study.py config/study/topk.py
 title = 'top-1 vs top-2 at constant active FLOPs, 8 experts (shakespeare_char, CPU)'
 out_dir = 'out-study-topk'
 results = 'assets/study_topk'

@@ -4,7 +4,7 @@
 # trained from scratch gets all 1500 steps (scratch-moe). Every arm of a seed shares the seed, so the same
 # eval batches (the continuations restart the data order: they see steps 0-499's batches again, with a
 # fresh warmup and cosine schedule). Two seeds.
-# $ OMP_NUM_THREADS=2 python study.py config/study/upcycle.py
+# $ OMP_NUM_THREADS=2 python tools/study.py config/study/upcycle.py
 title = 'sparse upcycling: dense 1000 steps + 500 dense / upcycled MoE, vs an MoE from scratch for 1500 (shakespeare_char, CPU)'
 out_dir = 'out-study-upcycle'
 results = 'assets/study_upcycle'

@@ -1,7 +1,7 @@
 """
 Plots of one training run, from its out_dir/log.jsonl:
-$ python plot.py --out_dir=out-shakespeare-char-moe-cpu                 # PNGs into the run's out_dir
-$ python plot.py --out_dir=out-shakespeare-char-moe-cpu --plot_dir=assets/moe-cpu
+$ python tools/plot.py --out_dir=out-shakespeare-char-moe-cpu                 # PNGs into the run's out_dir
+$ python tools/plot.py --out_dir=out-shakespeare-char-moe-cpu --plot_dir=assets/moe-cpu
   loss.png    training loss parts (cross-entropy, balance loss, z-loss) and train/val cross-entropy
   load.png    per MoE layer: fraction of token-slots per expert over training (heatmap; each optimizer step)
   probe.png   per MoE layer, on the fixed probe batch, eval to eval: routing flip rate and dead experts
@@ -17,28 +17,14 @@ import matplotlib
 matplotlib.use('Agg')  # files only, no display
 import matplotlib.pyplot as plt
 
-from configurator import configure, fail
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root, for its modules
+from configurator import configure, fail  # noqa: E402
+from checkpoint import read_log  # noqa: E402
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'  # the run: reads out_dir/log.jsonl
 plot_dir = ''  # where the PNGs go; '' = out_dir
 # -----------------------------------------------------------------------------
-
-
-def read_log(path):
-    """The records of log.jsonl; a resumed run re-logs the steps after its checkpoint, so the last
-    record of each (iter, kind) wins."""
-    records, torn = {}, 0
-    with open(path) as f:
-        for line in f:
-            try:
-                r = json.loads(line)
-                records[(r['iter'], 'val/ce' in r, 'event' in r)] = r
-            except (ValueError, KeyError, TypeError):  # a run killed mid-write leaves a torn last line
-                torn += 1
-    if torn:
-        print(f"warning: skipped {torn} unreadable line(s) of {path}", file=sys.stderr)
-    return sorted(records.values(), key=lambda r: r['iter'])
 
 
 def moe_layers(records):
@@ -111,12 +97,12 @@ def plot_hellaswag(evals, path):
     plt.close(fig)
 
 
-if __name__ == '__main__':  # a script; study.py imports read_log from it
+if __name__ == '__main__':
     config = configure({'out_dir': out_dir, 'plot_dir': plot_dir}, sys.argv[1:])
     out_dir, plot_dir = config['out_dir'], config['plot_dir'] or config['out_dir']
     log_path = os.path.join(out_dir, 'log.jsonl')
     if not os.path.exists(log_path):
-        fail(f"{log_path} not found: plot.py reads the log.jsonl that train.py writes into out_dir")
+        fail(f"{log_path} not found: tools/plot.py reads the log.jsonl that train.py writes into out_dir")
     records = read_log(log_path)
     steps = [r for r in records if 'loss' in r and 'event' not in r]
     evals = [r for r in records if 'val/ce' in r]

@@ -1,30 +1,18 @@
 """
-Export a checkpoint to a Hugging Face model folder (config.json + model.safetensors), for transformers,
-the Hub and lm-eval-harness:
-$ python export_hf.py --out_dir=out-shakespeare-char-moe-cpu --hf_dir=hf-shakespeare-char-moe
-- a dense model becomes a plain GPT2LMHeadModel (activation_function='gelu', nanoGPT's exact GELU, so the
-  logits are this project's; zero biases where the model has none);
-- an MoE becomes NanoMoEForCausalLM, whose code (hf/modeling_nanomoe.py) is copied into the folder:
-  AutoModelForCausalLM.from_pretrained(hf_dir, trust_remote_code=True) loads it with no nanoMoE checkout.
-The folder is written whole or not at all, and an existing one is never overwritten. No tokenizer is
-written: a GPT-2 BPE model uses GPT-2's (AutoTokenizer 'gpt2'), a character-level one its meta.pkl.
-load_hf_folder is the way back (train.py and sample.py --init_from=<folder>).
+Hugging Face model folders, both ways (tools/export_hf.py is the command line):
+- export_dense: a dense model as a plain GPT2LMHeadModel (activation_function='gelu', nanoGPT's exact GELU,
+  so the logits are this project's; zero biases where the model has none);
+- export_moe: an MoE as NanoMoEForCausalLM, whose code (hf/modeling_nanomoe.py) travels in the folder:
+  AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True) loads it with no nanoMoE checkout;
+- load_hf_folder: the way back (train.py, sample.py and tools/eval_hellaswag.py --init_from=<folder>);
+  hf_model_args reads a folder's keys before any weights.
 """
 import os
 import sys
 import json
-import shutil
 
 import torch
 
-from configurator import configure, fail
-from checkpoint import load_checkpoint, load_weights, CheckpointError
-
-# -----------------------------------------------------------------------------
-out_dir = 'out'  # the run whose checkpoint is exported
-ckpt_name = 'ckpt.pt'  # or 'ckpt_best.pt'
-hf_dir = ''  # the folder to write (must not exist, or be empty)
-# -----------------------------------------------------------------------------
 CONV1D = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')  # HF stores x @ W
 MOE_KEYS = ('block_size', 'vocab_size', 'n_layer', 'n_head', 'n_embd', 'bias', 'n_expert', 'expert_hidden', 'moe_every',
             'router', 'router_temperature', 'n_shared_expert', 'n_dense_layers', 'route_scale')  # + top_k
@@ -47,8 +35,7 @@ def export_dense(model):
 
 def export_moe(model):
     """A NanoMoEForCausalLM (hf/modeling_nanomoe.py) holding model's weights, under the same names."""
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'hf'))
-    from modeling_nanomoe import NanoMoEConfig, NanoMoEForCausalLM
+    from hf.modeling_nanomoe import NanoMoEConfig, NanoMoEForCausalLM
     c = model.config
     hf = NanoMoEForCausalLM(NanoMoEConfig(num_experts_per_tok=c.top_k, **{k: getattr(c, k) for k in MOE_KEYS}))
     hf.load_state_dict({k: v for k, v in model.state_dict().items() if not k.endswith('_extra_state')})
@@ -99,35 +86,3 @@ def load_hf_folder(folder, run_args=None):
     except RuntimeError as e:
         raise ValueError(f"{folder} does not match its config.json: {str(e).strip().splitlines()[-1][:300]}") from None
     return model
-
-
-if __name__ == '__main__':
-    config = configure({'out_dir': out_dir, 'ckpt_name': ckpt_name, 'hf_dir': hf_dir}, sys.argv[1:])
-    out_dir, ckpt_name, hf_dir = config['out_dir'], config['ckpt_name'], config['hf_dir']
-    if not hf_dir:
-        fail("hf_dir='' must name the folder to write, e.g. --hf_dir=hf-my-model")
-    if os.path.exists(hf_dir) and (not os.path.isdir(hf_dir) or os.listdir(hf_dir)):
-        fail(f"hf_dir={hf_dir!r} exists and is not an empty folder: nothing is overwritten; choose another")
-    path = os.path.join(out_dir, ckpt_name)
-    try:
-        ckpt = load_checkpoint(path)
-    except CheckpointError as e:
-        fail(str(e))
-    from moe_model import build_model
-    try:
-        model = build_model(ckpt['model_args'])
-        load_weights(model, ckpt, path)
-    except (ValueError, CheckpointError) as e:
-        fail(str(e))
-    model.eval()
-    hf = export_dense(model) if getattr(model.config, 'n_expert', 0) == 0 else export_moe(model)
-    tmp = f'{hf_dir.rstrip(os.sep)}.tmp-{os.getpid()}'  # written whole, then renamed: never half a folder
-    try:
-        hf.save_pretrained(tmp)
-        if os.path.isdir(hf_dir):
-            os.rmdir(hf_dir)  # empty, checked above
-        os.rename(tmp, hf_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    print(f"wrote {type(hf).__name__} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters) to "
-          f"{hf_dir}" + ("; load it with trust_remote_code=True" if type(hf).__name__ != 'GPT2LMHeadModel' else ''))

@@ -1,7 +1,7 @@
 """
 Ablation runner: train a list of configs one after the other, then write one results table (markdown)
 and one loss-vs-config plot. A study is a config file (config/study/*.py) naming its runs:
-$ python study.py config/study/experts.py
+$ python tools/study.py config/study/experts.py
 
 Each run trains with train.py into out_dir/<run name>. Re-running a study skips finished runs (their
 ckpt.pt reached max_iters), resumes interrupted ones from their ckpt.pt, and starts the rest, so a
@@ -21,10 +21,10 @@ import subprocess
 
 import torch
 
-from configurator import configure, fail
-from plot import read_log
-from checkpoint import load_checkpoint
-from moe_model import build_model
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root, for its modules
+from configurator import configure, fail  # noqa: E402
+from checkpoint import load_checkpoint, read_log  # noqa: E402
+from moe_model import build_model  # noqa: E402
 
 # -----------------------------------------------------------------------------
 runs = {}  # run name -> train.py arguments (config files and --key=value), e.g. {'moe8': ['config/x.py', '--n_expert=8']}
@@ -37,7 +37,7 @@ config = configure({k: v for k, v in globals().items() if not k.startswith('_') 
 globals().update(config)
 if not runs:
     fail("the study has no runs: set runs = {'name': ['config/x.py', '--key=value', ...], ...} in its config file")
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def progress(run_dir):
@@ -92,7 +92,7 @@ def summary(name, args):
 
 
 def write_table(rows, failed):
-    command = ' '.join(['python', 'study.py', *sys.argv[1:]])
+    command = ' '.join(['python', 'tools/study.py', *sys.argv[1:]])
     threads = os.environ.get('OMP_NUM_THREADS')
     lines = [f"# {title}", '',
              f"Command: `{'OMP_NUM_THREADS=' + threads + ' ' if threads else ''}{command}` "

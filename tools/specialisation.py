@@ -1,7 +1,7 @@
 """
 Token specialisation of a trained MoE: which tokens each expert of each layer receives, like the
 expert specialisation tables of Switch Transformer / ST-MoE:
-$ python specialisation.py --out_dir=out-shakespeare-char-moe-cpu
+$ python tools/specialisation.py --out_dir=out-shakespeare-char-moe-cpu
   specialisation.md    per layer and expert: its share of token-slots and its most frequent tokens,
                        each with the share of that token's occurrences that this expert gets
   specialisation.png   per layer: P(expert | token) for the most frequent tokens (rows sum to top_k)
@@ -14,9 +14,10 @@ import sys
 import numpy as np
 import torch
 
-from configurator import configure, fail
-from checkpoint import load_checkpoint, load_meta, CheckpointError
-from moe_model import build_model
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root, for its modules
+from configurator import configure, fail  # noqa: E402
+from checkpoint import load_checkpoint, load_meta, CheckpointError  # noqa: E402
+from moe_model import build_model  # noqa: E402
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'  # the run: reads out_dir/<ckpt>
@@ -46,7 +47,7 @@ T = model.config.block_size
 
 # the data and a way to print its tokens
 dataset = checkpoint['config']['dataset']
-data_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', dataset)
+data_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'data', dataset)
 data = np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=np.uint16, mode='r')
 if os.path.exists(os.path.join(data_dir, 'meta.pkl')):
     try:

@@ -2,9 +2,9 @@
 The one-shot GPU check: everything this repo should show on a GPU, in one command and one markdown report.
 $ python data/shakespeare_char/prepare.py            # once, where there is a network (gpu_check downloads nothing;
                                                       # elsewhere bring data/shakespeare_char/*.bin and meta.pkl)
-$ python gpu_check.py                                 # ~6 min on one H100/H200 (estimated) -> gpu_check.md
-$ python gpu_check.py --quick                         # the same on the CPU with tiny sizes (the test suite runs it)
-$ python gpu_check.py --long                          # (d) becomes the project goal run (longer)
+$ python tools/gpu_check.py                                 # ~6 min on one H100/H200 (estimated) -> gpu_check.md
+$ python tools/gpu_check.py --quick                         # the same on the CPU with tiny sizes (the test suite runs it)
+$ python tools/gpu_check.py --long                          # (d) becomes the project goal run (longer)
 
   (a) the CUDA tests: tests/test_cuda.py (every backend in bf16 and fp16 against loop, compiled vs eager,
       auto's choice) and tests/test_triton.py (the kernels compiled on the GPU); needs pytest
@@ -30,9 +30,9 @@ import subprocess
 
 import torch
 
-from moe_model import auto_expert_impl
-
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repo root: the parts run there
+sys.path.insert(0, ROOT)
+from moe_model import auto_expert_impl  # noqa: E402
 TARGETS = {'layer': 0.70, 'step': 1.15, 'val': 1.467}  # share of the GEMM ceiling; MoE/dense step; val loss
 
 
@@ -149,7 +149,7 @@ def main():
         f"picks {auto_expert_impl('cuda', 'bfloat16', 1536)[0]!r} in bf16, {auto_expert_impl('cuda', 'float16', 1536)[0]!r} in fp16)")
     header = ['# nanoMoE GPU check', '',
               f"{device}; torch {torch.__version__}, CUDA {torch.version.cuda}, python {platform.python_version()}; "
-              f"{time.strftime('%Y-%m-%d %H:%M')}; `{' '.join(['python gpu_check.py'] + sys.argv[1:])}`", '',
+              f"{time.strftime('%Y-%m-%d %H:%M')}; `{' '.join(['python tools/gpu_check.py'] + sys.argv[1:])}`", '',
               f"Targets (issue 17): MoE layer `grouped` >= {TARGETS['layer']:.0%} of the dense GEMM's FLOP/s; "
               f"MoE step <= {TARGETS['step']}x its dense twin; shakespeare_char MoE val loss < {TARGETS['val']}.", '']
     out_dir = os.path.abspath(args.out_dir)

@@ -1,0 +1,58 @@
+"""
+Export a checkpoint to a Hugging Face model folder (config.json + model.safetensors), for transformers,
+the Hub and lm-eval-harness:
+$ python tools/export_hf.py --out_dir=out-shakespeare-char-moe-cpu --hf_dir=hf-shakespeare-char-moe
+- a dense model becomes a plain GPT2LMHeadModel (activation_function='gelu', nanoGPT's exact GELU, so the
+  logits are this project's; zero biases where the model has none);
+- an MoE becomes NanoMoEForCausalLM, whose code (hf/modeling_nanomoe.py) is copied into the folder:
+  AutoModelForCausalLM.from_pretrained(hf_dir, trust_remote_code=True) loads it with no nanoMoE checkout.
+The folder is written whole or not at all, and an existing one is never overwritten. No tokenizer is
+written: a GPT-2 BPE model uses GPT-2's (AutoTokenizer 'gpt2'), a character-level one its meta.pkl.
+load_hf_folder is the way back (train.py and sample.py --init_from=<folder>).
+"""
+import os
+import sys
+import json
+import shutil
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root, for its modules
+from configurator import configure, fail  # noqa: E402
+from checkpoint import load_checkpoint, load_weights, CheckpointError  # noqa: E402
+from hf import export_dense, export_moe  # noqa: E402
+
+# -----------------------------------------------------------------------------
+out_dir = 'out'  # the run whose checkpoint is exported
+ckpt_name = 'ckpt.pt'  # or 'ckpt_best.pt'
+hf_dir = ''  # the folder to write (must not exist, or be empty)
+# -----------------------------------------------------------------------------
+
+if __name__ == '__main__':
+    config = configure({'out_dir': out_dir, 'ckpt_name': ckpt_name, 'hf_dir': hf_dir}, sys.argv[1:])
+    out_dir, ckpt_name, hf_dir = config['out_dir'], config['ckpt_name'], config['hf_dir']
+    if not hf_dir:
+        fail("hf_dir='' must name the folder to write, e.g. --hf_dir=hf-my-model")
+    if os.path.exists(hf_dir) and (not os.path.isdir(hf_dir) or os.listdir(hf_dir)):
+        fail(f"hf_dir={hf_dir!r} exists and is not an empty folder: nothing is overwritten; choose another")
+    path = os.path.join(out_dir, ckpt_name)
+    try:
+        ckpt = load_checkpoint(path)
+    except CheckpointError as e:
+        fail(str(e))
+    from moe_model import build_model
+    try:
+        model = build_model(ckpt['model_args'])
+        load_weights(model, ckpt, path)
+    except (ValueError, CheckpointError) as e:
+        fail(str(e))
+    model.eval()
+    hf = export_dense(model) if getattr(model.config, 'n_expert', 0) == 0 else export_moe(model)
+    tmp = f'{hf_dir.rstrip(os.sep)}.tmp-{os.getpid()}'  # written whole, then renamed: never half a folder
+    try:
+        hf.save_pretrained(tmp)
+        if os.path.isdir(hf_dir):
+            os.rmdir(hf_dir)  # empty, checked above
+        os.rename(tmp, hf_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"wrote {type(hf).__name__} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters) to "
+          f"{hf_dir}" + ("; load it with trust_remote_code=True" if type(hf).__name__ != 'GPT2LMHeadModel' else ''))
