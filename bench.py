@@ -25,6 +25,7 @@ import sys
 import time
 import itertools
 from contextlib import nullcontext
+from dataclasses import fields
 
 import numpy as np
 import torch
@@ -40,21 +41,9 @@ from moe_model import build_model, MoE, MoEConfig, EXPERT_IMPLS, MODEL_KEYS
 init_from = 'scratch'  # 'scratch' (the config below) or 'resume' (the model of out_dir/ckpt.pt)
 out_dir = 'out'
 batch_size = 12
-block_size = 1024
-n_layer = 12
-n_head = 12
-n_embd = 768
+# the model: every key of moe_model.MoEConfig, at its default there (n_expert = 0: the dense GPT), except for these
+globals().update({f.name: f.default for f in fields(MoEConfig)})
 bias = False
-vocab_size = 50304
-n_expert = 8  # 0: dense GPT
-top_k = 2
-expert_hidden = 0
-moe_every = 1
-expert_impl = 'grouped'
-capacity_factor = 1.25
-router = 'topk'
-n_shared_expert = 0
-n_dense_layers = 0
 real_data = False
 dataset = 'openwebtext'
 seed = 1337
@@ -73,8 +62,8 @@ layer_tokens = 4096
 layer_experts = '8,32,128'  # comma-separated n_expert values
 layer_impls = 'loop,grouped,batched'  # comma-separated backends (add triton on a GPU)
 # -----------------------------------------------------------------------------
-config = configure({k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))},
-                   sys.argv[1:])
+config = configure({k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))
+                    or k in MODEL_KEYS}, sys.argv[1:])
 globals().update(config)
 check_choice(config, 'dtype', ('float32', 'bfloat16', 'float16'))
 check_choice(config, 'activation_checkpointing', CHECKPOINTING)
@@ -184,7 +173,7 @@ def bench_model():
             fail(str(e))
         model_args['expert_impl'] = expert_impl
     else:
-        model_args = {k: config[k] for k in MODEL_KEYS if k in config}  # the rest: MoEConfig's defaults
+        model_args = {k: config[k] for k in MODEL_KEYS}
     models = {'model': model_args}
     if compare_dense:
         if model_args.get('n_expert', 0) == 0:

@@ -1,5 +1,6 @@
 """
-Checkpoints: written atomically, loaded safely; and RunDir, all that a training run writes into out_dir.
+Checkpoints: written atomically, loaded safely; RunDir, all that a training run writes into out_dir; and how a
+run stops: StopSignal (a signal: save and exit) and DivergenceGuard (a NaN/inf step: skip it or stop).
 
 A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts (RNG states included, see
 rng_state), so it loads with torch.load(weights_only=True): loading one never runs code from the file.
@@ -13,6 +14,7 @@ import fcntl
 import math
 import pickle
 import random
+import signal
 import tempfile
 import zipfile
 
@@ -275,3 +277,47 @@ class RunDir:
             print(f"error: could not write {path} ({e.strerror or e}); the checkpoint before it is intact",
                   file=sys.stderr)
             sys.exit(1)
+
+
+class StopSignal:
+    """SIGTERM, SIGINT, SIGHUP (preemption, Ctrl-C, a closed terminal): the run finishes the step in flight,
+    saves and exits cleanly (torchrun passes the signal on to every rank; the ranks agree on the step); a
+    second one exits at once (writes are atomic: that is safe). A torchrun worker also gets SIGUSR1 when its
+    launcher dies (kill -9; PR_SET_PDEATHSIG), sent again as each of the launcher's threads dies: it stops the
+    run like SIGTERM, but is never taken as a second signal. Installed before the model is built."""
+
+    def __init__(self, ddp=False):
+        self.name = None  # the first signal's name, once one came
+        if ddp and sys.platform == 'linux':
+            import ctypes
+            ctypes.CDLL(None).prctl(1, signal.SIGUSR1)  # PR_SET_PDEATHSIG
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+            signal.signal(sig, self.handle)
+
+    def handle(self, signum, frame):
+        if self.name is not None and signum != signal.SIGUSR1:
+            print(f"received {signal.Signals(signum).name} again: exiting now", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        self.name = self.name or signal.Signals(signum).name
+
+
+class DivergenceGuard:
+    """A NaN/inf loss or gradient norm would poison the weights. on_nonfinite='stop' stops the run at the
+    first, 'skip' skips that step. fp16's GradScaler skips such a step itself (and lowers its scale), so there
+    only `patience` in a row mean divergence; 'skip' also stops after `patience` in a row (25 halvings take
+    fp16's initial loss scale 2**16 down to 2**-9)."""
+
+    def __init__(self, on_nonfinite, scaler_skips, patience=25):
+        self.on_nonfinite, self.scaler_skips, self.patience = on_nonfinite, scaler_skips, patience
+        self.in_a_row = 0
+
+    def __call__(self, nonfinite):
+        """What to do with this step: 'ok' (fp16's scaler may still skip it), 'skip' or 'stop'."""
+        self.in_a_row = self.in_a_row + 1 if nonfinite else 0
+        if not nonfinite or self.scaler_skips and self.in_a_row < self.patience:
+            return 'ok'
+        return 'stop' if self.on_nonfinite == 'stop' or self.in_a_row >= self.patience else 'skip'
+
+    def message(self, iter_num, loss, grad_norm):
+        return (f"non-finite loss or gradient at iter {iter_num} (loss {float(loss):.4g}, grad norm {float(grad_norm):.4g})"
+                + (f", {self.in_a_row} steps in a row" if self.in_a_row > 1 else ''))

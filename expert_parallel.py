@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from moe_model import Experts, sort_by_expert, combine, compute_dtype, grouped_mlp
+from moe_model import Experts, MoEConfig, sort_by_expert, combine, compute_dtype, grouped_mlp
 
 
 def config_error(expert_parallel, model_args, expert_impl, dtype, world_size):
@@ -34,8 +34,9 @@ def config_error(expert_parallel, model_args, expert_impl, dtype, world_size):
         return f"expert_parallel={expert_parallel} must divide n_expert={model_args['n_expert']}"
     if expert_impl != 'grouped':
         return f"expert_impl={expert_impl!r} with expert_parallel={expert_parallel}; allowed: 'grouped'"
-    if model_args['router'] == 'expert_choice':
-        return f"router='expert_choice' with expert_parallel={expert_parallel}; allowed: topk, noisy_topk, aux_free, deepseek_v3"
+    if MoEConfig(**model_args).expert_choice:  # (the router preset's, or the run's own setting)
+        return (f"router={model_args['router']!r} with expert_parallel={expert_parallel}: expert choice "
+                f"(expert_choice=True) is not supported under expert parallelism")
     if dtype == 'float16':  # GradScaler checks for inf per rank, and expert gradients differ between ranks
         return f"dtype='float16' with expert_parallel={expert_parallel}; allowed: 'float32', 'bfloat16'"
     if world_size % expert_parallel:

@@ -4,15 +4,18 @@ Where train.py's model comes from (its init_from), read and checked before any w
   'resume'      out_dir/ckpt.pt: its weights (train.py then restores the optimizer, step and RNG states)
   a .pt file    the weights of a checkpoint, this project's or nanoGPT's, for a new run
   'gpt2*', a folder   GPT-2's weights (through transformers), a saved GPT2LMHeadModel, or an export_hf.py folder
-The weights' keys define the model (n_layer, n_embd, n_expert, ...; a checkpoint without n_expert is dense);
-the run sets the others (RUN_KEYS: dropout, expert_impl, ...). A dense model whose run sets n_expert is
-upcycled into an MoE (upcycle.py). expert_impl='auto' becomes the backend for the run's device.
+The weights fix their 'shape' keys (n_layer, n_embd, n_expert, ...; a checkpoint without n_expert is dense):
+a run that gives another value stops with one line (block_size may only shrink: train.py crops). A
+'forward' key the run gives (top_k, router_temperature, ...) replaces the weights' own, said in one line;
+'train' keys (dropout, expert_impl, ...) are the run's (model.key says which key is which). A dense model
+whose run sets n_expert is upcycled into an MoE (upcycle.py). expert_impl='auto' becomes the backend for
+the run's device.
 """
 import os
 
 from checkpoint import load_checkpoint, load_for_resume, load_weights
 from hf import GPT2_SIZES, hf_config, hf_model_args, load_hf_folder
-from moe_model import auto_expert_impl, build_model, MODEL_KEYS, RUN_KEYS
+from moe_model import auto_expert_impl, build_model, MODEL_KEYS, SHAPE_KEYS, TRAIN_KEYS
 from upcycle import upcycle_args, upcycle
 
 
@@ -35,8 +38,10 @@ class Init:
         args = {**{k: config[k] for k in MODEL_KEYS}, 'vocab_size': vocab_size}
         if init_from != 'scratch':
             keys = {'n_expert': 0, **self.ckpt['model_args']} if self.ckpt else hf_model_args(init_from)
-            args.update({k: v for k, v in keys.items() if k in MODEL_KEYS and k not in RUN_KEYS})
-        if config['block_size'] > args['block_size']:
+            args.update(weights_keys(keys, config, given, init_from))
+        if 'block_size' not in given:  # the weights' (the run's default is for a new model)
+            config['block_size'] = args['block_size']
+        elif config['block_size'] > args['block_size']:
             raise ValueError(f"block_size={config['block_size']} is larger than the model's "
                              f"block_size={args['block_size']}")
         self.weights_args = args  # the model that the weights load into
@@ -68,3 +73,25 @@ class Init:
         if self.model_args is not self.weights_args:
             model = upcycle(model, self.model_args, self.upcycle_noise)
         return model
+
+
+def weights_keys(weights_args, config, given, init_from):
+    """The model keys that weights with model_args weights_args fix for a run with keys config (given: those
+    its files and flags set): their shape keys, and their forward keys that the run does not give. A given
+    shape key that differs is a ValueError (one line, naming both values), except block_size (Init: it may
+    shrink, a crop) and, for a new run, n_expert (upcycling: upcycle.py); a given forward key is printed."""
+    fixed, changed = {}, []
+    for k, v in weights_args.items():
+        if k not in MODEL_KEYS or k in TRAIN_KEYS:
+            continue
+        upcycling = k == 'n_expert' and init_from != 'resume'  # (upcycle_args decides)
+        if k not in given or config[k] == v or k == 'block_size' or upcycling:  # (block_size: Init checks it)
+            fixed[k] = v
+        elif k in SHAPE_KEYS:
+            raise ValueError(f"{k}={config[k]!r}, but the weights of init_from={init_from!r} have {k}={v!r}: it "
+                             f"fixes their shape, so it cannot change (leave it out, or start a new run)")
+        elif k not in SHAPE_KEYS:
+            changed.append(f"{k} {v!r} -> {config[k]!r}")
+    if changed:
+        print(f"note: this run changes what the weights of init_from={init_from!r} compute: {', '.join(changed)}")
+    return fixed

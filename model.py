@@ -13,7 +13,8 @@ Departures from nanoGPT's model.py:
 - the loss is the cross-entropy plus aux_loss() in training, the cross-entropy alone in eval, with its parts
   in model.loss_terms;
 - generate() keeps a KV cache (the same tokens as recomputing, faster);
-- GPTConfig checks its values (one clear ValueError); MLP takes a hidden size (shared experts);
+- GPTConfig checks its values (one clear ValueError) and says what each key is (key() below); MLP takes a
+  hidden size (shared experts);
 - activation checkpointing (set_activation_checkpointing), off by default;
 - from_pretrained also takes a local folder; configure_optimizers uses fused AdamW on CPU too and tells
   stacked expert biases apart from weights by name.
@@ -21,22 +22,40 @@ Departures from nanoGPT's model.py:
 
 import math
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
 
+KINDS = ('shape', 'forward', 'train')
+
+
+def key(default, kind):
+    """A model key, declared once in a config dataclass with its default and its kind, from which every list
+    of keys is derived (checkpoints, resume, train.py, bench.py, the Hugging Face export, README's table):
+      'shape'    the weights' names or shapes depend on it: fixed once a model has weights
+      'forward'  what the model computes, not its weights: exported; a resumed run may change it, and says so
+      'train'    how the model trains or which backend runs it: the run's own, never exported"""
+    assert kind in KINDS
+    return field(default=default, metadata={'kind': kind})
+
+
+def keys_of(config_class, *kinds):
+    """The names of config_class's model keys of these kinds (all kinds if none are named), in order."""
+    return tuple(f.name for f in fields(config_class) if not kinds or f.metadata['kind'] in kinds)
+
+
 @dataclass
 class GPTConfig:
-    block_size: int = 1024
-    vocab_size: int = 50304  # GPT-2 vocab_size of 50257, padded up to nearest multiple of 64 for efficiency
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    dropout: float = 0.0
-    bias: bool = True  # True: bias in Linears and LayerNorms, like GPT-2. False: a bit better and faster
+    block_size: int = key(1024, 'shape')
+    vocab_size: int = key(50304, 'shape')  # GPT-2 vocab_size of 50257, padded up to nearest multiple of 64 for efficiency
+    n_layer: int = key(12, 'shape')
+    n_head: int = key(12, 'forward')
+    n_embd: int = key(768, 'shape')
+    dropout: float = key(0.0, 'train')
+    bias: bool = key(True, 'shape')  # True: bias in Linears and LayerNorms, like GPT-2. False: a bit better and faster
 
     def __post_init__(self):
         for key in ('block_size', 'vocab_size', 'n_layer', 'n_head', 'n_embd'):
@@ -226,21 +245,7 @@ class GPT(nn.Module):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def forward(self, idx, targets=None, kv_caches=None):
-        device = idx.device
-        b, t = idx.size()
-        past = kv_caches[0]['k'].size(2) if kv_caches and 'k' in kv_caches[0] else 0
-        assert past + t <= self.config.block_size, \
-            f"Cannot forward sequence of length {past + t}, block size is only {self.config.block_size}"
-        pos = torch.arange(past, past + t, dtype=torch.long, device=device)  # shape (t)
-
-        # forward the GPT model itself
-        tok_emb = self.transformer.wte(idx)  # token embeddings of shape (b, t, n_embd)
-        pos_emb = self.transformer.wpe(pos)  # position embeddings of shape (t, n_embd)
-        x = self.transformer.drop(tok_emb + pos_emb)
-        for i, block in enumerate(self.transformer.h):
-            x = block(x, kv_caches[i] if kv_caches is not None else None)
-        x = self.transformer.ln_f(x)
-
+        x = self.hidden(idx, kv_caches)
         if targets is not None:
             # if we are given some desired targets also calculate the loss
             logits = self.lm_head(x)
@@ -255,6 +260,23 @@ class GPT(nn.Module):
             loss = None
 
         return logits, loss
+
+    def hidden(self, idx, kv_caches=None):
+        """The last layer's normalised output [b, t, n_embd], before the language-model head."""
+        device = idx.device
+        b, t = idx.size()
+        past = kv_caches[0]['k'].size(2) if kv_caches and 'k' in kv_caches[0] else 0
+        assert past + t <= self.config.block_size, \
+            f"Cannot forward sequence of length {past + t}, block size is only {self.config.block_size}"
+        pos = torch.arange(past, past + t, dtype=torch.long, device=device)  # shape (t)
+
+        # forward the GPT model itself
+        tok_emb = self.transformer.wte(idx)  # token embeddings of shape (b, t, n_embd)
+        pos_emb = self.transformer.wpe(pos)  # position embeddings of shape (t, n_embd)
+        x = self.transformer.drop(tok_emb + pos_emb)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, kv_caches[i] if kv_caches is not None else None)
+        return self.transformer.ln_f(x)
 
     def crop_block_size(self, block_size):
         # model surgery to decrease the block size if necessary

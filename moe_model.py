@@ -2,9 +2,9 @@
 Mixture-of-Experts GPT: model.py's dense GPT with routed experts in place of (some of) its MLPs.
 
 Reading order:
-  MoEConfig                 the MoE keys, on top of GPTConfig's
-  Router, aux losses        fp32 logits and top-k (or noisy top-k, expert choice, aux-loss-free bias);
-                            the Switch balance loss and the ST-MoE z-loss, per layer
+  ROUTERS, MoEConfig        router presets; the MoE keys, on top of GPTConfig's (model.key: what each is)
+  Router, aux losses        fp32 scores and top-k, with orthogonal settings (score function, renormalisation,
+                            selection bias, noise, scale); the Switch balance loss and the ST-MoE z-loss, per layer
   dispatch helpers          sort token-slots by expert; weight and sum them back (combine)
   Experts                   every expert's weights stacked [n_expert, ...], named like the MLP's
   backends                  one signature, looked up by name in EXPERT_IMPLS:
@@ -16,13 +16,13 @@ Reading order:
                             'triton'   block-sparse kernels (kernels/moe_triton.py, optional)
                             (expert parallelism puts expert_parallel.py's all-to-all dispatch in their place)
   expert choice             experts pick their tokens (training only), run as batched's table
-  MoE                       drop-in for MLP; keeps its aux terms and routing stats on itself
+  MoE                       drop-in for MLP: token order, routing, the backend; record() keeps its aux terms,
+                            routing stats and the step's loads on itself
   MoEGPT, build_model       the model, and the one place that picks GPT or MoEGPT
 """
 
 import math
 import importlib.util
-import warnings
 from dataclasses import dataclass, fields, asdict
 
 import torch
@@ -30,37 +30,56 @@ import torch.nn as nn
 import torch.distributed as dist
 from torch.nn import functional as F
 
-from kernels import cpu_grouped_mm
-from model import GPT, GPTConfig, MLP, checkpointed
+from kernels.grouped_mm import grouped_mm  # the grouped GEMM as a custom op (torch.compile traces it)
+from model import GPT, GPTConfig, MLP, checkpointed, key, keys_of
+
+
+# Router presets: each names the router settings that a run leaves unset (None). The names stay those that
+# configs and checkpoints have always used; every router name is written here and only here.
+_TOPK = dict(router_score='softmax', norm_topk=True, router_bias=False, router_noise=False, expert_choice=False)
+ROUTERS = {
+    'topk': _TOPK,                                             # Switch, GShard, Mixtral
+    'noisy_topk': {**_TOPK, 'router_noise': True},             # Shazeer et al. 2017
+    'expert_choice': {**_TOPK, 'norm_topk': False, 'expert_choice': True},  # Zhou et al. 2022
+    'aux_free': {**_TOPK, 'router_bias': True},                # DeepSeek-V3's balancing, softmax scores
+    'deepseek_v3': {**_TOPK, 'router_score': 'sigmoid', 'router_bias': True},  # DeepSeek-V3's router (torchtitan)
+}
 
 
 @dataclass
 class MoEConfig(GPTConfig):
-    n_expert: int = 8            # experts per MoE layer
-    top_k: int = 2               # experts each token is sent to
-    expert_hidden: int = 0       # hidden size of one expert; 0 means 4 * n_embd, like the dense MLP
-    moe_every: int = 1           # every moe_every-th block is MoE (1: all; 2: every other, as in Switch)
-    expert_impl: str = 'grouped' # one of EXPERT_IMPLS below; all share the same parameters
-    aux_loss_coef: float = 0.01  # weight of the Switch load-balancing loss
-    z_loss_coef: float = 0.001   # weight of the ST-MoE router z-loss
-    capacity_factor: float = 1.25  # capacity backends only: slots per expert = cf * tokens * top_k / n_expert
-    router: str = 'topk'         # one of ROUTERS below: 'topk', 'noisy_topk', 'expert_choice', 'aux_free', 'deepseek_v3'
-    router_temperature: float = 1.0  # softmax temperature of the router
-    router_jitter: float = 0.0   # training only: router input times U(1 - jitter, 1 + jitter) (Switch)
-    bias_update_rate: float = 0.001  # router='aux_free' or 'deepseek_v3': per-step change of an expert's selection bias
-    route_scale: float = 1.0     # router='deepseek_v3': the chosen experts' weights are scaled by this (DeepSeek-V3: 2.5)
-    n_shared_expert: int = 0     # experts of expert_hidden that every token passes through (DeepSeekMoE)
-    n_dense_layers: int = 0      # the first n_dense_layers blocks keep a dense MLP (DeepSeekMoE)
-    expert_dropout: float = 0.0  # training only: each whole expert is dropped with this probability
-    aux_loss_scope: str = 'micro'  # balance loss over the 'micro'-batch, the 'global' batch, or each 'sequence'
+    n_expert: int = key(8, 'shape')         # experts per MoE layer
+    top_k: int = key(2, 'forward')          # experts each token is sent to
+    expert_hidden: int = key(0, 'shape')    # hidden size of one expert; 0 means 4 * n_embd, like the dense MLP
+    moe_every: int = key(1, 'shape')        # every moe_every-th block is MoE (1: all; 2: every other, as in Switch)
+    n_shared_expert: int = key(0, 'shape')  # experts of expert_hidden that every token passes through (DeepSeekMoE)
+    n_dense_layers: int = key(0, 'shape')   # the first n_dense_layers blocks keep a dense MLP (DeepSeekMoE)
+    expert_impl: str = key('grouped', 'train')  # one of EXPERT_IMPLS below; all share the same parameters
+    capacity_factor: float = key(1.25, 'train')  # capacity backends only: slots per expert = cf * tokens * top_k / n_expert
+    # the router (Router below): a preset of ROUTERS, whose settings a run may set one by one
+    router: str = key('topk', 'shape')
+    router_score: str = key(None, 'forward')   # 'softmax' over the experts, or each expert's 'sigmoid'
+    norm_topk: bool = key(None, 'forward')     # the chosen experts' weights divided by their sum (top_k > 1)
+    router_bias: bool = key(None, 'shape')     # aux-loss-free balancing: a per-expert bias that only selects
+    router_noise: bool = key(None, 'shape')    # noisy top-k: learned Gaussian noise on the logits, training only
+    expert_choice: bool = key(None, 'train')   # training only: each expert picks its tokens (eval: top-k)
+    router_temperature: float = key(1.0, 'forward')  # softmax temperature of the router (logits / temperature)
+    route_scale: float = key(1.0, 'forward')   # the chosen experts' weights are scaled by this (DeepSeek-V3: 2.5)
+    router_jitter: float = key(0.0, 'train')   # training only: router input times U(1 - jitter, 1 + jitter) (Switch)
+    bias_update_rate: float = key(0.001, 'train')  # router_bias: per-step change of an expert's selection bias
+    # the auxiliary losses and regularisers of training
+    aux_loss_coef: float = key(0.01, 'train')  # weight of the Switch load-balancing loss
+    z_loss_coef: float = key(0.001, 'train')   # weight of the ST-MoE router z-loss
+    aux_loss_scope: str = key('micro', 'train')  # balance loss over the 'micro'-batch, the 'global' batch, each 'sequence'
+    expert_dropout: float = key(0.0, 'train')  # training only: each whole expert is dropped with this probability
 
     def __post_init__(self):
         super().__post_init__()
         if self.expert_hidden == 0:
             self.expert_hidden = 4 * self.n_embd
-        for key in ('n_expert', 'top_k', 'expert_hidden', 'moe_every'):
-            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
-                raise ValueError(f"{key}={getattr(self, key)!r} must be a positive integer")
+        for key_ in ('n_expert', 'top_k', 'expert_hidden', 'moe_every'):
+            if not isinstance(getattr(self, key_), int) or getattr(self, key_) < 1:
+                raise ValueError(f"{key_}={getattr(self, key_)!r} must be a positive integer")
         if self.top_k > self.n_expert:
             raise ValueError(f"top_k={self.top_k} must be <= n_expert={self.n_expert}")
         if self.moe_every > self.n_layer:
@@ -74,22 +93,29 @@ class MoEConfig(GPTConfig):
             raise ValueError(f"expert_impl='triton' needs expert_hidden divisible by 16, got {self.expert_hidden}")
         if self.capacity_factor <= 0:
             raise ValueError(f"capacity_factor={self.capacity_factor} must be > 0")
-        for key in ('aux_loss_coef', 'z_loss_coef', 'bias_update_rate'):
-            if getattr(self, key) < 0:
-                raise ValueError(f"{key}={getattr(self, key)} must be >= 0")
         if self.router not in ROUTERS:
             raise ValueError(f"router={self.router!r} is unknown; allowed: {', '.join(ROUTERS)}")
+        for key_, preset in ROUTERS[self.router].items():  # the settings a run left unset are the preset's
+            if getattr(self, key_) is None:
+                setattr(self, key_, preset)
+            elif not isinstance(getattr(self, key_), type(preset)):
+                raise ValueError(f"{key_}={getattr(self, key_)!r} must be a {type(preset).__name__}")
+        if self.router_score not in ('softmax', 'sigmoid'):
+            raise ValueError(f"router_score={self.router_score!r} is unknown; allowed: softmax, sigmoid")
+        for key_ in ('aux_loss_coef', 'z_loss_coef', 'bias_update_rate'):
+            if getattr(self, key_) < 0:
+                raise ValueError(f"{key_}={getattr(self, key_)} must be >= 0")
         if self.aux_loss_scope not in ('micro', 'global', 'sequence'):
             raise ValueError(f"aux_loss_scope={self.aux_loss_scope!r} is unknown; allowed: micro, global, sequence")
-        for key in ('router_temperature', 'route_scale'):
-            if getattr(self, key) <= 0:
-                raise ValueError(f"{key}={getattr(self, key)} must be > 0")
-        for key in ('router_jitter', 'expert_dropout'):
-            if not 0.0 <= getattr(self, key) < 1.0:
-                raise ValueError(f"{key}={getattr(self, key)} must be in [0, 1)")
-        for key in ('n_shared_expert', 'n_dense_layers'):
-            if not isinstance(getattr(self, key), int) or getattr(self, key) < 0:
-                raise ValueError(f"{key}={getattr(self, key)!r} must be a non-negative integer")
+        for key_ in ('router_temperature', 'route_scale'):
+            if getattr(self, key_) <= 0:
+                raise ValueError(f"{key_}={getattr(self, key_)} must be > 0")
+        for key_ in ('router_jitter', 'expert_dropout'):
+            if not 0.0 <= getattr(self, key_) < 1.0:
+                raise ValueError(f"{key_}={getattr(self, key_)} must be in [0, 1)")
+        for key_ in ('n_shared_expert', 'n_dense_layers'):
+            if not isinstance(getattr(self, key_), int) or getattr(self, key_) < 0:
+                raise ValueError(f"{key_}={getattr(self, key_)!r} must be a non-negative integer")
         if not any(self.is_moe_layer(i) for i in range(self.n_layer)):
             raise ValueError(f"n_dense_layers={self.n_dense_layers} with moe_every={self.moe_every} leaves no MoE "
                              f"layer among n_layer={self.n_layer}")
@@ -101,40 +127,36 @@ class MoEConfig(GPTConfig):
 # Router and auxiliary losses
 
 
-ROUTERS = ('topk', 'noisy_topk', 'expert_choice', 'aux_free', 'deepseek_v3')
-
-
 class Router(nn.Module):
-    """A bias-free linear gate: softmax over all experts (logits / router_temperature), then each token
-    keeps its top_k. config.router picks a variant:
-      'topk'           just that (Switch, GShard, Mixtral).
-      'noisy_topk'     Shazeer et al. 2017: in training, N(0, 1) * softplus(x @ W_noise) is added to the
-                       logits before softmax and top-k; W_noise is learned. No noise in eval.
-      'expert_choice'  Zhou et al. 2022: in training each expert picks its tokens (expert_choice() below,
-                       called by MoE.forward); this forward is the per-token top-k that eval uses.
-      'aux_free'       DeepSeek-V3's auxiliary-loss-free balancing on this softmax router: a per-expert
-                       bias is added to the probabilities to pick the top-k, but not to the weights;
-                       MoEGPT.end_step() moves it against each expert's load error after every step.
-      'deepseek_v3'    DeepSeek-V3's router (as torchtitan has it): sigmoid affinities s_i, the top-k of
-                       s_i + bias_i, weights = the chosen s_i normalised to sum 1 (top_k > 1) times
-                       route_scale; the same bias update. The balance loss's P_i are s_i / sum_j s_j.
-    router_jitter > 0 (Switch): in training the router input is multiplied by U(1 - jitter, 1 + jitter).
+    """A bias-free linear gate in float32 (routing flips on tiny logit differences, so autocast is off here),
+    with orthogonal settings (MoEConfig; ROUTERS names the usual combinations):
+      router_score   'softmax' over the experts (logits / router_temperature), or each expert's 'sigmoid'
+                     (DeepSeek-V3); the balance loss's P_i are the softmax, or s_i / sum_j s_j
+      router_noise   in training N(0, 1) * softplus(x @ W_noise) is added to the logits, W_noise learned
+                     (Shazeer et al. 2017); no noise in eval
+      router_bias    a per-expert bias added to the scores to pick the top-k, not to the weights; MoEGPT.end_step()
+                     moves it against each expert's load error after every step (DeepSeek-V3's balancing)
+      norm_topk      with top_k > 1 the chosen weights are divided by their sum (a softmax of the chosen logits);
+                     at top_k = 1 that would make every weight 1.0 and cut the router off from the language-model
+                     gradient, so k = 1 keeps the raw score
+      route_scale    the weights times this
+      expert_choice  in training each expert picks its tokens (expert_choice() below, called by MoE.forward)
+      router_jitter  in training the router input is multiplied by U(1 - jitter, 1 + jitter) (Switch)
     Noise and jitter are drawn row by row in the layer's token order (see the backends), so the same seed
     draws differently for 'batched' than for the dropless backends.
-    Returns topk_idx, topk_weight, the clean logits (for the z-loss) and the probabilities."""
+    Returns topk_idx, topk_weight, the clean logits (for the z-loss) and the probabilities P (for the balance
+    loss and expert choice)."""
 
     def __init__(self, config):
         super().__init__()
         self.config = config
         self.gate = nn.Linear(config.n_embd, config.n_expert, bias=False)
-        self.noise = nn.Linear(config.n_embd, config.n_expert, bias=False) if config.router == 'noisy_topk' else None
+        self.noise = nn.Linear(config.n_embd, config.n_expert, bias=False) if config.router_noise else None
         # a buffer, not a parameter: it gets no gradient, but is saved in checkpoints
-        biased = config.router in ('aux_free', 'deepseek_v3')
-        self.register_buffer('expert_bias', torch.zeros(config.n_expert) if biased else None)
+        self.register_buffer('expert_bias', torch.zeros(config.n_expert) if config.router_bias else None)
 
     def forward(self, x):
         cfg = self.config
-        # routing flips on tiny logit differences, so logits and softmax run in float32, autocast off
         with torch.autocast(device_type=x.device.type, enabled=False):
             x = x.float()
             if self.training and cfg.router_jitter > 0:
@@ -145,28 +167,19 @@ class Router(nn.Module):
             noisy = logits  # the z-loss sees the clean logits
             if self.training and self.noise is not None:
                 noisy = logits + torch.randn_like(logits) * F.softplus(F.linear(x, self.noise.weight.float()))
-        if cfg.router == 'deepseek_v3':
-            scores = noisy.sigmoid()
-            topk_idx = (scores + self.expert_bias).topk(cfg.top_k, dim=-1).indices  # the bias only selects
-            topk_weight = scores.gather(1, topk_idx)
-            if cfg.top_k > 1:  # (at k=1 the weight stays s_i: normalised it would be 1.0, with no gradient)
-                topk_weight = topk_weight / topk_weight.sum(dim=-1, keepdim=True)
-            return topk_idx, topk_weight * cfg.route_scale, logits, scores / scores.sum(dim=-1, keepdim=True)
-        probs = noisy.softmax(dim=-1)
-        if self.expert_bias is None:  # softmax keeps the order: the top-k logits are the top-k probabilities
-            chosen_logits, topk_idx = noisy.topk(cfg.top_k, dim=-1)
-        else:  # the bias only selects
-            topk_idx = (probs + self.expert_bias).topk(cfg.top_k, dim=-1).indices
-            chosen_logits = noisy.gather(1, topk_idx)
-        if cfg.top_k > 1 and cfg.router != 'expert_choice':
-            # renormalised over the chosen experts, p_i / sum_j p_j, which is a softmax of their logits.
-            # With k=1 that would make every weight 1.0 and cut the router off from the language-model
-            # gradient, so k=1 keeps the raw probability. Expert choice keeps raw probabilities too: that
-            # is how its training weighs experts
-            topk_weight = chosen_logits.softmax(dim=-1)
-        else:
-            topk_weight = probs.gather(1, topk_idx)
-        return topk_idx, topk_weight, logits, probs
+        softmax = cfg.router_score == 'softmax'
+        scores = noisy.softmax(dim=-1) if softmax else noisy.sigmoid()
+        if self.expert_bias is not None:  # the bias only selects
+            topk_idx = (scores + self.expert_bias).topk(cfg.top_k, dim=-1).indices
+        else:  # softmax keeps the order of the logits (and keeps ties that its rounding would make apart)
+            topk_idx = (noisy if softmax else scores).topk(cfg.top_k, dim=-1).indices
+        topk_weight = scores.gather(1, topk_idx)
+        if cfg.norm_topk and cfg.top_k > 1:
+            topk_weight = noisy.gather(1, topk_idx).softmax(dim=-1) if softmax else \
+                topk_weight / topk_weight.sum(dim=-1, keepdim=True)
+        if cfg.route_scale != 1.0:
+            topk_weight = topk_weight * cfg.route_scale
+        return topk_idx, topk_weight, logits, scores if softmax else scores / scores.sum(dim=-1, keepdim=True)
 
 
 def count_per_expert(topk_idx, n_expert):
@@ -271,60 +284,6 @@ def loop_experts(x, topk_idx, topk_weight, experts):
     return y.to(x.dtype), 0.0
 
 
-_grouped_mm = getattr(F, 'grouped_mm', None) or getattr(torch, '_grouped_mm', None)
-
-
-# The grouped GEMMs are torch.library custom ops with a fake (shape-only) implementation and their own
-# autograd, so that torch.compile traces the whole MoE layer: torch's grouped_mm traces in bfloat16 only
-# (torch 2.13) and the CPU kernel not at all, which used to cost a graph break per GEMM.
-@torch.library.custom_op('nanomoe::grouped_mm', mutates_args=())
-def _grouped_mm_op(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """a [M, K] (rows sorted by group), b [G, K, N], offs [G] int32 (the end row of each group) -> [M, N]:
-    group g's rows times b[g]. On the CPU kernels/cpu_grouped_mm's kernel (groups side by side), else torch's."""
-    if a.device.type == 'cpu' and cpu_grouped_mm.available():
-        return torch.ops.nanomoe_cpu.grouped_mm(a, b, offs)
-    return _grouped_mm(a, b, offs=offs)
-
-
-@torch.library.custom_op('nanomoe::grouped_mm_t', mutates_args=())
-def _grouped_mm_t_op(a: torch.Tensor, c: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """a [M, K], c [M, N], rows grouped by offs -> [G, K, N]: a_g^T @ c_g (grouped_mm's weight gradient;
-    an empty group gives zeros)."""
-    if a.device.type == 'cpu' and cpu_grouped_mm.available():
-        return torch.ops.nanomoe_cpu.grouped_mm_t(a, c, offs)
-    return _grouped_mm(a.t(), c, offs=offs)
-
-
-# callers use the registered ops themselves: that skips custom_op's Python wrapper, which cost as much
-# again as the rest of a small grouped_mm's forward and backward on the CPU (0.33 vs 0.25 ms)
-grouped_mm, grouped_mm_t = torch.ops.nanomoe.grouped_mm.default, torch.ops.nanomoe.grouped_mm_t.default
-
-
-@_grouped_mm_op.register_fake
-def _(a, b, offs):
-    return a.new_empty(a.size(0), b.size(2))
-
-
-@_grouped_mm_t_op.register_fake
-def _(a, c, offs):
-    return a.new_empty(offs.size(0), a.size(1), c.size(1))
-
-
-def _grouped_mm_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
-
-
-def _grouped_mm_backward(ctx, grad):
-    a, b, offs = ctx.saved_tensors
-    grad = grad.contiguous()  # y.sum() hands back a stride-0 gradient
-    grad_a = grouped_mm(grad, b.transpose(1, 2), offs) if ctx.needs_input_grad[0] else None
-    grad_b = grouped_mm_t(a, grad, offs) if ctx.needs_input_grad[1] else None
-    return grad_a, grad_b, None
-
-
-_grouped_mm_op.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
-
-
 def grouped_mlp(x_sorted, counts, experts):
     """The expert MLPs on rows sorted by expert (counts[e] rows for expert e), as two grouped GEMMs,
     in compute_dtype (grouped_mm is not on autocast's list everywhere, so the casts are explicit).
@@ -356,9 +315,6 @@ def grouped_mlp(x_sorted, counts, experts):
 def grouped_experts(x, topk_idx, topk_weight, experts):
     """Dropless: sort token-slots by expert, then one grouped GEMM per layer of the expert MLP. An expert
     without tokens is an empty group: its weights get a zero gradient, so DDP sees every parameter used."""
-    if _grouped_mm is None:
-        warnings.warn(f"torch {torch.__version__} has no grouped_mm: expert_impl='grouped' falls back to 'loop'")
-        return loop_experts(x, topk_idx, topk_weight, experts)
     order, token, counts = sort_by_expert(topk_idx, experts.c_fc.size(0))
     # index_select rather than x[token]: its backward is a fast index_add, not an accumulating index_put
     out = grouped_mlp(x.index_select(0, token), counts, experts)
@@ -441,22 +397,35 @@ def expert_choice(probs, top_k):
     """Expert choice (Zhou et al. 2022), in training: each expert takes the capacity =
     ceil(top_k * N / n_expert) tokens that give it the highest probability, so every expert runs exactly
     `capacity` tokens and a token gets 0..n_expert experts (top_k on average: the FLOPs of top-k routing).
-    Returns the table_experts table: token [n_expert, capacity] and its weight, the raw probability.
-    Non-causal: a token's experts depend on all tokens of the batch, so eval routes per token instead."""
+    Returns the table_experts table: token [n_expert, capacity] and its weight, the raw probability, and the
+    fraction of tokens that no expert took. Non-causal: a token's experts depend on all tokens of the batch,
+    so eval routes per token instead."""
     N, E = probs.shape
     weight, token = probs.t().topk(min(N, math.ceil(top_k * N / E)), dim=1)
-    return token, weight
+    taken = torch.zeros(N, dtype=torch.bool, device=probs.device).index_fill_(0, token.flatten(), True)
+    return token, weight, 1 - taken.float().mean()
+
+
+def as_rows(x, position_major):
+    """x [B, T, ...] as rows [B * T, ...]: batch-major (b * T + t), or position-major (t * B + b) for the
+    backends that drop over capacity in token order (see the backends)."""
+    return (x.transpose(0, 1) if position_major else x).flatten(0, 1)
+
+
+def from_rows(rows, B, T, position_major):
+    """as_rows's inverse: rows [B * T, ...] -> [B, T, ...], contiguous (as x is)."""
+    return rows.unflatten(0, (T, B)).transpose(0, 1).contiguous() if position_major else rows.unflatten(0, (B, T))
 
 # -----------------------------------------------------------------------------
 # The MoE layer
 
 
 class MoE(nn.Module):
-    """Drop-in for MLP: routes each token to top_k experts (with router='expert_choice', in training,
-    each expert to its tokens), plus n_shared_expert shared experts that every token passes through.
-    After each forward it holds its own aux-loss terms (balance_loss, z_loss) and routing stats
-    (tokens_per_expert, drop_fraction, probs, topk_idx); its probe_top1 (the top-1 experts of the last
-    probe_routing batch) is saved in checkpoints as the module's extra state."""
+    """Drop-in for MLP: routes each token to top_k experts (with expert_choice, in training, each expert to
+    its tokens), plus n_shared_expert shared experts that every token passes through. After each forward it
+    holds its own aux-loss terms (balance_loss, z_loss) and routing stats (tokens_per_expert, drop_fraction,
+    probs, topk_idx): record() below; its probe_top1 (the top-1 experts of the last probe_routing batch) is
+    saved in checkpoints as the module's extra state."""
 
     def __init__(self, config):
         super().__init__()
@@ -472,27 +441,33 @@ class MoE(nn.Module):
         self.checkpoint = False  # recompute the experts' activations in backward (set_activation_checkpointing)
 
     def forward(self, x):
-        B, T, C = x.shape
-        cfg = self.config
+        cfg, (B, T, C) = self.config, x.shape
         backend = self.backend or EXPERT_IMPLS[cfg.expert_impl]
         position_major = getattr(backend, 'position_major', False)
-        x_flat = x.transpose(0, 1).reshape(T * B, C) if position_major else x.reshape(B * T, C)
-        topk_idx, topk_weight, logits, probs = self.router(x_flat)
+        x_rows = as_rows(x, position_major)
+        topk_idx, topk_weight, logits, probs = self.router(x_rows)
         # the experts (not the router, whose forward has effects: the step's loads) may be recomputed in backward
         run = checkpointed if self.checkpoint else (lambda fn, *args: fn(*args))
-        keep = None
-        if self.training and cfg.expert_dropout > 0:  # inverted dropout, one coin per whole expert
+        keep = None  # expert dropout: inverted dropout, one coin per whole expert
+        if self.training and cfg.expert_dropout > 0:
             keep = (torch.rand(cfg.n_expert, device=x.device) >= cfg.expert_dropout).float() / (1 - cfg.expert_dropout)
-        if self.training and cfg.router == 'expert_choice':  # experts pick their tokens: a table (expert_choice)
-            token, weight = expert_choice(probs, cfg.top_k)
-            y = run(table_experts, x_flat, token, weight if keep is None else weight * keep[:, None], self.experts).to(x.dtype)
+        if self.training and cfg.expert_choice:  # experts pick their tokens: a table
+            token, weight, drop_fraction = expert_choice(probs, cfg.top_k)
+            y = run(table_experts, x_rows, token, weight if keep is None else weight * keep[:, None], self.experts)
             counts = torch.full((cfg.n_expert,), token.size(1), dtype=torch.long, device=x.device)
-            taken = torch.zeros(x_flat.size(0), dtype=torch.bool, device=x.device).index_fill_(0, token.flatten(), True)
-            self.drop_fraction = 1 - taken.float().mean()  # tokens that no expert took
         else:
             weight = topk_weight if keep is None else topk_weight * keep[topk_idx]
-            y, self.drop_fraction = run(backend, x_flat, topk_idx, weight, self.experts)
+            y, drop_fraction = run(backend, x_rows, topk_idx, weight, self.experts)
             counts = count_per_expert(topk_idx, cfg.n_expert)
+        self.record(counts, drop_fraction, logits, probs, topk_idx, lambda rows: from_rows(rows, B, T, position_major))
+        y = self.dropout(from_rows(y.to(x.dtype), B, T, position_major))
+        return y if self.shared is None else y + run(self.shared, x)
+
+    def record(self, counts, drop_fraction, logits, probs, topk_idx, by_sequence):
+        """This forward's aux losses and routing stats, and the step's loads (in training), kept on the layer
+        for MoEGPT. logits, probs and topk_idx are rows in the backend's order; by_sequence([B*T, ...]) gives
+        [B, T, ...] in x's."""
+        cfg = self.config
         balance_counts = counts
         if self.training:
             self.step_counts = counts if self.step_counts is None else self.step_counts + counts
@@ -501,18 +476,13 @@ class MoE(nn.Module):
                 # every rank (the step's last micro-batch sees the whole global batch); P_i stays local
                 balance_counts = summed_over_ranks(self.step_counts)
         if cfg.aux_loss_scope == 'sequence':
-            per_sequence = (lambda t: t.view(T, B, -1).transpose(0, 1)) if position_major else (lambda t: t.view(B, T, -1))
-            self.balance_loss = sequence_balance_loss(per_sequence(probs), per_sequence(topk_idx))
+            self.balance_loss = sequence_balance_loss(by_sequence(probs), by_sequence(topk_idx))
         else:
             self.balance_loss = load_balance_loss(probs, topk_idx, balance_counts)
         self.z_loss = router_z_loss(logits)
-        self.tokens_per_expert = counts
+        self.tokens_per_expert, self.drop_fraction = counts, drop_fraction
         self.probs = probs.detach()  # for routing_stats' entropy, computed only when asked for
-        if position_major:  # back to x's order
-            topk_idx, y = topk_idx.view(T, B, -1).transpose(0, 1), y.view(T, B, C).transpose(0, 1).contiguous()
-        self.topk_idx = topk_idx.reshape(B * T, -1)  # [token (b * T + t), choice]
-        y = self.dropout(y.view(B, T, C))
-        return y if self.shared is None else y + run(self.shared, x)
+        self.topk_idx = by_sequence(topk_idx).flatten(0, 1)  # [token (b * T + t), choice]
 
     def _load_from_state_dict(self, state_dict, prefix, *args):
         state_dict.setdefault(prefix + '_extra_state', None)  # checkpoints from before the layer kept its probe
@@ -641,7 +611,7 @@ class MoEGPT(GPT):
 
     @torch.no_grad()
     def end_step(self, skipped=False):
-        """Once per optimizer step, after its last micro-batch: with router='aux_free' or 'deepseek_v3' each
+        """Once per optimizer step, after its last micro-batch: with router_bias (aux_free, deepseek_v3) each
         expert's selection bias moves by bias_update_rate against its load error over the step's global
         batch (DeepSeek-V3: overloaded experts down, underloaded up), minus the mean move, so that the
         biases keep mean 0 and cannot drift together (a common shift picks the same experts); not for a
@@ -658,10 +628,10 @@ class MoEGPT(GPT):
 # -----------------------------------------------------------------------------
 # Building a model from its keys (the one place that picks the class)
 
-MODEL_KEYS = tuple(f.name for f in fields(MoEConfig))  # every key a checkpoint's model_args may hold
-# keys that change how a model trains or runs, not what its weights mean: a resumed run may set them anew
-RUN_KEYS = ('dropout', 'expert_impl', 'aux_loss_coef', 'z_loss_coef', 'capacity_factor', 'router_temperature',
-            'router_jitter', 'bias_update_rate', 'expert_dropout', 'aux_loss_scope')  # (not route_scale: it weighs)
+MODEL_KEYS = keys_of(MoEConfig)  # every key a checkpoint's model_args may hold (model.key says what each is)
+SHAPE_KEYS = keys_of(MoEConfig, 'shape')  # fixed by the weights
+TRAIN_KEYS = keys_of(MoEConfig, 'train')  # the run's own, whatever the weights were trained with
+EXPORTED_KEYS = keys_of(MoEConfig, 'shape', 'forward')  # what a model is, wherever it goes (Hugging Face)
 
 
 def model_config(model_args):

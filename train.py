@@ -26,8 +26,8 @@ import sys
 import time
 import math
 import random
-import signal
 from contextlib import nullcontext
+from dataclasses import fields
 
 import numpy as np
 import torch
@@ -35,9 +35,10 @@ from torch.distributed import init_process_group, destroy_process_group
 
 from configurator import configure, fail, check_choice, check_range, check_device, check_dataset, check_memory
 from kernels.cpu_memory import keep_freed_memory
-from checkpoint import CheckpointError, load_meta, training_state, restore, nonfinite_tensor, RunDir
+from checkpoint import (CheckpointError, load_meta, training_state, restore, nonfinite_tensor, RunDir, StopSignal,
+                        DivergenceGuard)
 from model import CHECKPOINTING
-from moe_model import model_config, model_args_of, training_bytes
+from moe_model import MODEL_KEYS, MoEConfig, model_config, model_args_of, training_bytes
 from expert_parallel import ExpertParallel, config_error
 from init_model import Init
 import hellaswag
@@ -64,32 +65,12 @@ wandb_run_name = 'gpt2-moe'  # 'run' + str(time.time())
 dataset = 'openwebtext'
 gradient_accumulation_steps = 5 * 8  # used to simulate larger batch sizes
 batch_size = 12  # if gradient_accumulation_steps > 1, this is the micro-batch size
-block_size = 1024
-# model
-n_layer = 12
-n_head = 12
-n_embd = 768
-dropout = 0.0  # for pretraining 0 is good, for finetuning try 0.1+
+# model: every key of moe_model.MoEConfig (GPTConfig's and the MoE's, block_size among them; n_expert = 0 trains
+# the dense GPT), at its default there (what each key is, and the router presets: moe_model.py), except for these
+globals().update({f.name: f.default for f in fields(MoEConfig)})
 bias = False  # do we use bias inside LayerNorm and Linear layers?
 vocab_size = 0  # 0: from the dataset's meta.pkl, else GPT-2's 50304
-# mixture of experts (n_expert = 0 trains the dense GPT)
-n_expert = 8
-top_k = 2
-expert_hidden = 0  # 0: 4 * n_embd
-moe_every = 1
 expert_impl = 'auto'  # 'auto': the fast one for this device (moe_model.auto_expert_impl), or one of EXPERT_IMPLS
-aux_loss_coef = 0.01
-z_loss_coef = 0.001
-capacity_factor = 1.25
-router = 'topk'  # 'topk', 'noisy_topk', 'expert_choice', 'aux_free', 'deepseek_v3' (see moe_model.Router)
-router_temperature = 1.0
-router_jitter = 0.0
-bias_update_rate = 0.001  # router='aux_free' or 'deepseek_v3'
-route_scale = 1.0  # router='deepseek_v3': the chosen experts' weights times this
-n_shared_expert = 0
-n_dense_layers = 0
-expert_dropout = 0.0
-aux_loss_scope = 'micro'  # 'micro', 'global' (all micro-batches and ranks of a step) or 'sequence' (DeepSeek-V3)
 expert_parallel = 1  # EP degree: each MoE layer's experts are split over this many ranks (torchrun); 1: none
 upcycle_noise = 0.0  # init_from a dense model and n_expert set: experts start as its MLPs plus this noise (upcycle.py)
 # adamw optimizer
@@ -112,9 +93,9 @@ compile = torch.cuda.is_available()  # use PyTorch 2.0 to compile the model to b
 activation_checkpointing = 'none'  # recompute activations in backward to save memory: 'none', 'moe' (experts), 'all'
 peak_flops = 312e12  # for MFU: A100 bf16 peak; an H100 SXM is 989e12
 on_nonfinite = 'stop'  # a NaN/inf loss or grad norm: 'stop' the run, or 'skip' the step
-debug_nan_at_iter = -1  # TEST ONLY: make the loss NaN at this iteration, to exercise the guard above
 # -----------------------------------------------------------------------------
-config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
+config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))
+               or k in MODEL_KEYS]
 given = set()  # the keys that the config files and the command line set
 config = configure({k: globals()[k] for k in config_keys}, sys.argv[1:], given)  # config files, --key=value
 globals().update(config)
@@ -149,11 +130,13 @@ if os.path.exists(meta_path):
     except CheckpointError as e:
         fail(str(e))
     print(f"found vocab_size = {meta_vocab_size} (inside {meta_path})")
+ddp = int(os.environ.get('RANK', -1)) != -1  # is this a ddp run?
+stop = StopSignal(ddp)  # SIGTERM, Ctrl-C, ...: finish the step, save, exit (from here on: building a model takes time)
 try:  # where the model comes from (init_model.py): a checkpoint, GPT-2, ...; and expert_impl='auto' resolved
     init = Init(init_from, out_dir, config, given, vocab_size or meta_vocab_size or 50304)
 except (ValueError, CheckpointError) as e:
     fail(str(e))
-model_args = init.model_args
+model_args, block_size = init.model_args, config['block_size']  # (the weights' unless the run gives one)
 try:
     model_config(model_args)  # validates every model key (top_k <= n_expert, n_embd % n_head, ...)
 except ValueError as e:
@@ -172,7 +155,6 @@ if hellaswag_interval:  # read and tokenised now: a character-level dataset or n
 
 # -----------------------------------------------------------------------------
 # various inits, derived attributes, I/O setup
-ddp = int(os.environ.get('RANK', -1)) != -1  # is this a ddp run?
 if ddp:
     init_process_group(backend=backend or ('nccl' if device.startswith('cuda') else 'gloo'))
     ddp_rank = int(os.environ['RANK'])
@@ -201,9 +183,6 @@ if master_process and not eval_only:
         run_dir = RunDir(out_dir)
     except CheckpointError as e:
         fail(str(e))
-if ddp and sys.platform == 'linux':  # the launcher dies (kill -9): this worker gets SIGUSR1, saves and exits
-    import ctypes
-    ctypes.CDLL(None).prctl(1, signal.SIGUSR1)  # PR_SET_PDEATHSIG
 torch.manual_seed(seed)
 random.seed(seed)
 np.random.seed(seed)
@@ -256,6 +235,7 @@ if init_from == 'resume':
 # crop down the model block size if desired, using model surgery (growing it was refused above)
 if block_size < model.config.block_size:
     model.crop_block_size(block_size)  # the checkpoint's model_args are read off the model (model_args_of)
+config.update({k: v for k, v in {'n_expert': 0, **model_args_of(model)}.items() if k in config})  # what ran
 n_total, n_active = model.get_num_params(), model.get_num_params(active=True)
 print(f"number of parameters: {n_total / 1e6:.2f}M total, {n_active / 1e6:.2f}M active per token")
 model.set_activation_checkpointing(activation_checkpointing)
@@ -319,24 +299,6 @@ def get_lr(it):
     return min_lr + coeff * (learning_rate - min_lr)
 
 
-# SIGTERM / SIGINT / SIGHUP (preemption, Ctrl-C, a closed terminal): finish the step in flight, save, exit
-# cleanly. torchrun passes the signal on to every rank (and exits 1 itself); the ranks agree on the step
-stop_signal = None
-
-
-def request_stop(signum, frame):
-    global stop_signal
-    if stop_signal is not None and signum != signal.SIGUSR1:  # a second signal: stop at once, even mid-save
-        print(f"received {signal.Signals(signum).name} again: exiting now", file=sys.stderr, flush=True)
-        os._exit(128 + signum)  # (writes are atomic: that is safe)
-    # SIGUSR1 is the launcher's death (PR_SET_PDEATHSIG above), sent again as each of its threads dies: never urgent
-    stop_signal = stop_signal or signal.Signals(signum).name
-
-
-for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
-    signal.signal(sig, request_stop)
-
-
 def any_rank(flag):
     """True on every rank if flag is True on any: the ranks take the same branch (collectives follow)."""
     if not ddp:
@@ -375,7 +337,8 @@ if run_dir and model_args['n_expert']:  # which backend expert_impl='auto' picke
 # training loop
 t0 = time.time()
 local_iter_num = 0  # number of iterations in the lifetime of this process
-nonfinite_steps, MAX_NONFINITE_STEPS = 0, 25  # 25 halvings take fp16's initial loss scale 2**16 down to 2**-9
+guard = DivergenceGuard(on_nonfinite, scaler_skips=scaler.is_enabled())
+debug_nan_at = int(os.environ.get('NANOMOE_DEBUG_NAN_AT_ITER', -1))  # tests only: a NaN loss at this iteration
 running_mfu = -1.0
 while True:
 
@@ -428,8 +391,8 @@ while True:
         with ctx:
             logits, loss = model(X, Y)
             loss = loss / gradient_accumulation_steps  # scale the loss to account for gradient accumulation
-        if iter_num == debug_nan_at_iter:
-            loss = loss * float('nan')  # test-only fault injection
+        if iter_num == debug_nan_at:
+            loss = loss * float('nan')
         loss_sum = loss_sum + loss.detach()
         # backward pass, with gradient scaling if training in fp16
         scaler.scale(loss).backward()
@@ -437,17 +400,13 @@ while True:
     # clip the gradient (or just measure its norm, for the non-finite guard), over the whole model
     scaler.unscale_(optimizer)
     grad_norm = parallel.clip_grad_norm(raw_model, grad_clip if grad_clip > 0 else float('inf'))
-    # divergence guard: a NaN would poison the weights. fp16's GradScaler skips such a step itself (and lowers
-    # its scale), so there only MAX_NONFINITE_STEPS in a row mean divergence; 'skip' also stops after those.
-    # Every rank takes the same branch (the diagnosis below runs collective forwards under expert parallelism)
+    # the divergence guard; every rank takes the same branch (the diagnosis runs collective forwards under EP)
     nonfinite = any_rank(not torch.isfinite(loss_sum + grad_norm))
-    nonfinite_steps = nonfinite_steps + 1 if nonfinite else 0
-    if nonfinite and (not scaler.is_enabled() or nonfinite_steps >= MAX_NONFINITE_STEPS):
-        message = (f"non-finite loss or gradient at iter {iter_num} (loss {float(loss_sum):.4g}, grad norm "
-                   f"{float(grad_norm):.4g})" + (f", {nonfinite_steps} steps in a row" if nonfinite_steps > 1 else ''))
+    if (action := guard(nonfinite)) != 'ok':
+        message = guard.message(iter_num, loss_sum, grad_norm)
         with ctx:  # expert loads and router state at this step, for the post-mortem
             diagnosis = {'loss': float(loss_sum), 'grad_norm': float(grad_norm), **raw_model.diagnose(X)}
-        if on_nonfinite == 'stop' or nonfinite_steps >= MAX_NONFINITE_STEPS:
+        if action == 'stop':
             stop_nonfinite(message, diagnosis)
         if master_process:
             run_dir.log({'iter': iter_num, 'event': 'nonfinite', **diagnosis})
@@ -486,11 +445,11 @@ while True:
     local_iter_num += 1
 
     # ranks get the signal at different steps: agree on one, or a rank hangs in its next all-reduce
-    if any_rank(stop_signal is not None):
+    if any_rank(stop.name is not None):
         state = checkpoint_state()
         if master_process:
             run_dir.save(state, 'ckpt.pt')
-            print(f"received {stop_signal or 'a stop signal (on another rank)'}: saved checkpoint at iter {iter_num} "
+            print(f"received {stop.name or 'a stop signal (on another rank)'}: saved checkpoint at iter {iter_num} "
                   f"to {os.path.join(out_dir, 'ckpt.pt')}; continue with --init_from=resume")
         break
 

@@ -18,14 +18,12 @@ With top_k = 1 the weight is the router probability (< 1) and the output is scal
 adds noise * std(weight) * N(0, 1) to every expert weight, so that copies differ from the first step.
 The routers start from their usual random init.
 """
-from dataclasses import fields
-
 import torch
 
-from model import GPTConfig
+from model import GPTConfig, keys_of
 from moe_model import build_model, MODEL_KEYS
 
-SHAPE_KEYS = tuple(f.name for f in fields(GPTConfig) if f.name != 'dropout')  # what the dense model decides
+DENSE_KEYS = keys_of(GPTConfig, 'shape', 'forward')  # what the dense model decides
 
 
 def upcycle_args(dense_args, config, given):
@@ -52,7 +50,7 @@ def upcycle_args(dense_args, config, given):
     if config['n_shared_expert']:
         raise ValueError(f"n_shared_expert={config['n_shared_expert']}: upcycling makes routed experts only; "
                          f"set n_shared_expert=0")
-    return {**{k: config[k] for k in MODEL_KEYS}, **{k: dense_args[k] for k in SHAPE_KEYS},
+    return {**{k: config[k] for k in MODEL_KEYS}, **{k: dense_args[k] for k in DENSE_KEYS},
             'n_expert': n_expert, 'top_k': top_k, 'expert_hidden': expert_hidden}
 
 

@@ -19,13 +19,18 @@ TINY = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_
         '--decay_lr=False', '--log_interval=1', '--max_iters=10']
 
 
-def run(script, *args, check=True, timeout=300):
-    """Run one of the repo's scripts with this interpreter; returns the CompletedProcess."""
+def run(script, *args, check=True, timeout=300, env=None):
+    """Run one of the repo's scripts with this interpreter (env: variables to set); returns the CompletedProcess."""
     p = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=ROOT, capture_output=True,
-                       text=True, timeout=timeout)
+                       text=True, timeout=timeout, env={**os.environ, **(env or {})})
     if check and p.returncode != 0:
         raise AssertionError(f"{script} {' '.join(args)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     return p
+
+
+def nan_at(iter_num):
+    """The environment that makes train.py's loss NaN at iteration iter_num (its fault injection)."""
+    return {'NANOMOE_DEBUG_NAN_AT_ITER': str(iter_num)}
 
 
 def read_log(out_dir):

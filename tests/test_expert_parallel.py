@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import ROOT, TINY, run, read_log
+from conftest import ROOT, TINY, run, read_log, nan_at
 from checkpoint import load_checkpoint, save_checkpoint
 from expert_parallel import ExpertParallel, expert_params, expert_parallel_experts
 from moe_model import MoEConfig, MoEGPT, loop_experts
@@ -147,8 +147,8 @@ def test_expert_parallel_model_equals_one_process_and_its_checkpoint_loads_unsha
 STEPS = [*TINY, '--gradient_accumulation_steps=4', '--max_iters=4', '--eval_interval=2', '--bias=True', '--grad_clip=0.05']
 
 
-def torchrun(nproc, *args):
-    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+def torchrun(nproc, *args, env=None):
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', **(env or {})}
     p = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}',
                         os.path.join(ROOT, 'train.py'), *args], cwd=ROOT, capture_output=True, text=True,
                        timeout=300, env=env)
@@ -197,7 +197,7 @@ def test_checkpoints_move_between_ep_degrees_and_sample_in_one_process(shakespea
 def test_nonfinite_guard_under_expert_parallel(shakespeare_char, tmp_path):
     """Every rank takes the guard's branch together (its diagnosis forward is collective under EP)."""
     out = tmp_path / 'nan'
-    torchrun(2, *STEPS, f'--out_dir={out}', '--expert_parallel=2', '--debug_nan_at_iter=1', '--on_nonfinite=skip')
+    torchrun(2, *STEPS, f'--out_dir={out}', '--expert_parallel=2', '--on_nonfinite=skip', env=nan_at(1))
     events = [r for r in read_log(out) if r.get('event') == 'nonfinite']
     assert [r['iter'] for r in events] == [1] and 'layer0/router_logits_absmax' in events[0]
 

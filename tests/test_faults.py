@@ -13,11 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, TINY, run, read_log
+from conftest import ROOT, TINY, run, read_log, nan_at
 from checkpoint import save_checkpoint, load_checkpoint, CheckpointError, rng_state, set_rng_state, load_meta
 from configurator import configure
+from moe_model import MODEL_KEYS
 
 FAST = [*TINY, '--gradient_accumulation_steps=1']
+RUN_ONLY = [a for a in FAST if a[2:].split('=')[0] not in MODEL_KEYS]  # for weights that fix the model keys
 ENV = {**os.environ, 'OMP_NUM_THREADS': '1'}  # see conftest.run
 
 
@@ -179,11 +181,17 @@ def test_resume_after_sigterm_is_bit_identical_to_an_uninterrupted_run(sigtermed
         assert_same(ca[key], cb[key], key)
 
 
-def test_a_dense_checkpoint_resumes_dense_whatever_n_expert_says(small_dense_ckpt, tmp_path):
-    """A dense checkpoint resumes as dense even when the config says n_expert=4."""
+def test_a_dense_checkpoint_resumes_dense_and_a_run_that_says_n_expert_stops(small_dense_ckpt, tmp_path):
+    """A dense checkpoint resumes as dense (train.py's default n_expert=8 is not the run's word); a run that
+    says n_expert=4 stops with one line: the checkpoint fixes the model's shape (it used to resume dense,
+    silently)."""
     out = str(tmp_path / 'out')
     shutil.copytree(small_dense_ckpt, out)
-    run('train.py', *FAST, f'--out_dir={out}', '--init_from=resume', '--max_iters=3')
+    p = run('train.py', *FAST, f'--out_dir={out}', '--init_from=resume', '--max_iters=3', check=False)
+    assert p.returncode == 2 and p.stderr.strip().splitlines() == [
+        "error: n_expert=4, but the weights of init_from='resume' have n_expert=0: it fixes their shape, so it "
+        "cannot change (leave it out, or start a new run)"]
+    run('train.py', *RUN_ONLY, f'--out_dir={out}', '--init_from=resume', '--max_iters=3')
     args = load_checkpoint(os.path.join(out, 'ckpt.pt'))['model_args']  # dense: nanoGPT's keys, no n_expert
     assert set(args) == {'block_size', 'vocab_size', 'n_layer', 'n_head', 'n_embd', 'dropout', 'bias'}
 
@@ -204,8 +212,8 @@ def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
 @pytest.mark.parametrize('mode', ['stop', 'skip'])
 def test_injected_nan_triggers_the_guard(shakespeare_char, tmp_path, mode):
     out = str(tmp_path / 'out')
-    p = run('train.py', *FAST, f'--out_dir={out}', '--eval_interval=5', '--max_iters=10', '--debug_nan_at_iter=7',
-            f'--on_nonfinite={mode}', check=False)
+    p = run('train.py', *FAST, f'--out_dir={out}', '--eval_interval=5', '--max_iters=10',
+            f'--on_nonfinite={mode}', check=False, env=nan_at(7))
     records = [r for r in read_log(out) if r.get('event') == 'nonfinite']
     assert len(records) == 1 and records[0]['iter'] == 7
     diagnosis = records[0]
@@ -225,8 +233,8 @@ def test_injected_nan_triggers_the_guard(shakespeare_char, tmp_path, mode):
         assert ckpt['iter_num'] == 10 and sorted(step_losses(out)) == [0, 1, 2, 3, 4, 5, 6, 8, 9]
 
 def test_a_dense_model_skips_a_nonfinite_step_too(shakespeare_char, tmp_path):
-    p = run('train.py', *FAST, '--n_expert=0', f'--out_dir={tmp_path}', '--max_iters=4', '--debug_nan_at_iter=2',
-            '--on_nonfinite=skip')
+    p = run('train.py', *FAST, '--n_expert=0', f'--out_dir={tmp_path}', '--max_iters=4',
+            '--on_nonfinite=skip', env=nan_at(2))
     assert 'non-finite loss or gradient at iter 2' in p.stdout and 'skipping this step' in p.stdout
 
 
@@ -235,8 +243,8 @@ def test_a_skipped_step_leaves_the_model_as_if_it_never_ran(shakespeare_char, tm
     # with the aux-loss-free router: the skipped step's loads must not move the expert bias either
     args = [*FAST, '--router=aux_free', '--bias_update_rate=0.01', f'--dtype={dtype}']
     skipped, clean = str(tmp_path / 'skipped'), str(tmp_path / 'clean')
-    run('train.py', *args, f'--out_dir={skipped}', '--max_iters=8', '--eval_interval=8', '--debug_nan_at_iter=7',
-        '--on_nonfinite=skip')  # checkpoint at iter 8: steps 0-6 trained, 7 skipped
+    run('train.py', *args, f'--out_dir={skipped}', '--max_iters=8', '--eval_interval=8',
+        '--on_nonfinite=skip', env=nan_at(7))  # checkpoint at iter 8: steps 0-6 trained, 7 skipped
     run('train.py', *args, f'--out_dir={clean}', '--max_iters=7', '--eval_interval=7')  # checkpoint after steps 0-6
     a, b = (load_checkpoint(os.path.join(out, 'ckpt.pt')) for out in (skipped, clean))
     assert a['model']['transformer.h.0.mlp.router.expert_bias'].abs().sum() > 0  # the bias did move in steps 0-6
@@ -256,13 +264,13 @@ def assert_clean_failure(p, message):
 
 def test_resume_with_a_larger_block_size_fails_before_any_work(small_dense_ckpt):
     before = {f: os.path.getmtime(os.path.join(small_dense_ckpt, f)) for f in os.listdir(small_dense_ckpt)}
-    p = run('train.py', *FAST, f'--out_dir={small_dense_ckpt}', '--init_from=resume', '--block_size=64', check=False)
+    p = run('train.py', *RUN_ONLY, f'--out_dir={small_dense_ckpt}', '--init_from=resume', '--block_size=64', check=False)
     assert_clean_failure(p, "block_size=64 is larger than the model's block_size=32")
     assert {f: os.path.getmtime(os.path.join(small_dense_ckpt, f)) for f in os.listdir(small_dense_ckpt)} == before
 
 
 def test_gpt2_with_a_larger_block_size_fails_before_any_work(shakespeare_char, tmp_path):
-    p = run('train.py', *FAST, f'--out_dir={tmp_path / "out"}', '--init_from=gpt2', '--block_size=2048', check=False)
+    p = run('train.py', *RUN_ONLY, f'--out_dir={tmp_path / "out"}', '--init_from=gpt2', '--block_size=2048', check=False)
     assert_clean_failure(p, "block_size=2048 is larger than the model's block_size=1024")
     assert not (tmp_path / 'out').exists()
 

@@ -225,9 +225,9 @@ def test_layers_carry_their_probe_in_checkpoints_and_old_checkpoints_still_load(
 def test_the_model_keys_come_from_the_config_classes():
     """train.py, bench.py and resume read one list of model keys: the config dataclasses' fields."""
     from dataclasses import fields
-    from moe_model import MODEL_KEYS, RUN_KEYS
+    from moe_model import MODEL_KEYS, TRAIN_KEYS
     assert set(MODEL_KEYS) == {f.name for f in fields(MoEConfig)} >= {f.name for f in fields(GPTConfig)}
-    assert set(RUN_KEYS) < set(MODEL_KEYS) and 'n_expert' not in RUN_KEYS and 'n_embd' not in RUN_KEYS
+    assert set(TRAIN_KEYS) < set(MODEL_KEYS) and 'n_expert' not in TRAIN_KEYS and 'n_embd' not in TRAIN_KEYS
 
 
 def test_diagnose_dense_is_empty_and_moe_names_each_layer():

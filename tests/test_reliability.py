@@ -16,7 +16,7 @@ import torch
 
 from conftest import ROOT, TINY, run, read_log
 from checkpoint import load_checkpoint, save_checkpoint
-from test_faults import FAST, ENV, start, wait_for_steps
+from test_faults import FAST, RUN_ONLY, ENV, start, wait_for_steps
 
 
 def one_error_line(p, message, code=2):
@@ -209,7 +209,7 @@ def test_checkpoints_that_do_not_fit_their_model_args_are_one_line(good_run, tmp
         out = tmp_path / name
         out.mkdir()
         save_checkpoint(broken, str(out / 'ckpt.pt'))
-        p = run('train.py', *FAST, f'--out_dir={out}', '--init_from=resume', check=False)
+        p = run('train.py', *RUN_ONLY, f'--out_dir={out}', '--init_from=resume', check=False)
         one_error_line(p, 'does not match its model_args: size mismatch' if name == 'mismatch' else
                        'cannot be resumed: it has no optimizer')
 

@@ -45,10 +45,10 @@ def test_expert_choice_gives_every_expert_exactly_its_capacity():
     capacity = math.ceil(1 * 30 / 4)
     assert moe.tokens_per_expert.tolist() == [capacity] * 4
     # tokens choose nothing: some get more than top_k experts, some none (the dropped fraction)
-    token, _ = expert_choice(moe.router(x[0])[3], 1)
+    token, _, dropped = expert_choice(moe.router(x[0])[3], 1)
     per_token = torch.bincount(token.flatten(), minlength=30)
     assert per_token.max() > 1 and per_token.min() == 0
-    assert float(moe.drop_fraction) == pytest.approx((per_token == 0).float().mean().item())
+    assert float(moe.drop_fraction) == float(dropped) == pytest.approx((per_token == 0).float().mean().item())
     # top-k routing of the same router is unbalanced, so the balance above is expert choice's doing
     moe.eval()
     moe(x)
@@ -59,7 +59,7 @@ def test_expert_choice_table_matches_a_loop_reference_with_gradients():
     moe = layer(router='expert_choice', n_expert=4, top_k=2, bias=True)
     x = torch.randn(21, 16, requires_grad=True)
     probs = moe.router(x)[3]
-    token, weight = expert_choice(probs, 2)
+    token, weight, _ = expert_choice(probs, 2)
     y = table_experts(x, token, weight, moe.experts)
     ref = torch.zeros_like(x)
     for e in range(4):

@@ -18,7 +18,7 @@ import shutil
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root, for its modules
 from configurator import configure, fail  # noqa: E402
 from checkpoint import load_checkpoint, load_weights, CheckpointError  # noqa: E402
-from hf import export_dense, export_moe  # noqa: E402
+from hf import export_dense, export_moe, save  # noqa: E402
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'  # the run whose checkpoint is exported
@@ -48,7 +48,7 @@ if __name__ == '__main__':
     hf = export_dense(model) if getattr(model.config, 'n_expert', 0) == 0 else export_moe(model)
     tmp = f'{hf_dir.rstrip(os.sep)}.tmp-{os.getpid()}'  # written whole, then renamed: never half a folder
     try:
-        hf.save_pretrained(tmp)
+        save(hf, tmp)
         if os.path.isdir(hf_dir):
             os.rmdir(hf_dir)  # empty, checked above
         os.rename(tmp, hf_dir)
