@@ -1,6 +1,7 @@
 # Everything a fresh machine needs, from the project's own files.
 #   make demo   prepare shakespeare_char, train a small MoE on CPU, sample from it
-#   make test   run the test suite (what .ci/run calls)
+#   make test   run the test suite (what .ci/run calls), and list its 15 slowest tests
+#   make test-fast   the unit tier only: every test not marked slow (no training runs), about a minute
 PY := .venv/bin/python
 
 .venv/installed: requirements.txt
@@ -21,6 +22,9 @@ demo: venv
 	$(PY) sample.py --out_dir=out-shakespeare-char-moe-cpu --start="ROMEO:" --num_samples=2 --max_new_tokens=300 --device=cpu
 
 test: venv
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
-.PHONY: venv demo test
+test-fast: venv
+	$(PY) -m pytest -q -m "not slow" tests
+
+.PHONY: venv demo test test-fast

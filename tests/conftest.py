@@ -46,7 +46,3 @@ def shakespeare_char():
     if not all(os.path.exists(os.path.join(folder, f)) for f in ('train.bin', 'val.bin', 'meta.pkl')):
         run('data/shakespeare_char/prepare.py')
     return folder
-
-
-def pytest_configure(config):
-    config.addinivalue_line('markers', 'cuda: needs a CUDA GPU, skipped without one (gpu_check.py runs these)')

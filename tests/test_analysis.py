@@ -8,6 +8,8 @@ import torch
 from conftest import TINY, run, read_log
 from checkpoint import load_checkpoint, save_checkpoint
 
+pytestmark = pytest.mark.slow  # every test reads a training run (moe_run) or trains (study.py)
+
 
 @pytest.fixture(scope='module')
 def moe_run(shakespeare_char, tmp_path_factory):

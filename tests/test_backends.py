@@ -174,6 +174,7 @@ def test_cpu_grouped_mm_falls_back_with_one_warning_when_it_cannot_build(monkeyp
         assert not cpu_grouped_mm.available()
 
 
+@pytest.mark.slow
 def test_a_built_cpu_kernel_loads_without_the_build_lock(tmp_path):
     """A kill -9 during the (no-op) build of an earlier start left the lock: the built library still loads,
     directly, at once (torch's load() would wait on that lock forever)."""
@@ -322,6 +323,7 @@ def compiled_step_matches_eager(impl, dtype=torch.float32, checkpointing='none')
 
 @pytest.mark.parametrize('impl, dtype, checkpointing', [('grouped', torch.float32, 'none'), ('grouped', torch.bfloat16, 'none'),
                                                         ('batched', torch.float32, 'none'), ('grouped', torch.float32, 'all')])
+@pytest.mark.slow
 def test_compiled_training_step_has_no_graph_break(impl, dtype, checkpointing):
     """The grouped GEMMs are custom ops (moe_model.grouped_mm): compile traces them in every dtype, on the CPU
     kernel too, and with activation checkpointing."""

@@ -151,6 +151,7 @@ def _check_owt(out_dir, docs, enc):
     return len(train), len(val)
 
 
+@pytest.mark.slow
 def test_openwebtext_gutenberg_folder(env, enc, tmp_path):
     out = tmp_path / "out"
     r = run(OWT_PREPARE, "--folder", GUTENBERG_DIR, "--out_dir", out, "--num_proc", 2, env=env)
@@ -206,6 +207,7 @@ def test_openwebtext_write_is_atomic(env, tmp_path):
     assert np.fromfile(path, dtype=np.uint16).tolist() == [1, 2, EOT, 3, EOT]
 
 
+@pytest.mark.slow
 def test_short_training_run_on_gutenberg_bins_lowers_the_loss(env, tmp_path):
     import json
     data = tmp_path / "gutenberg"

@@ -80,6 +80,7 @@ def _layer_worker(rank, world_size, tmp, ep, bias, routing):
 
 @pytest.mark.parametrize('world_size, ep, bias, routing', [
     (2, 2, False, 'random'), (2, 2, True, 'one_rank'), (4, 2, True, 'random'), (4, 4, False, 'one_rank')])
+@pytest.mark.slow
 def test_expert_parallel_layer_equals_loop_on_the_full_weights(tmp_path, world_size, ep, bias, routing):
     spawn(_layer_worker, world_size, tmp_path, ep, bias, routing)
 
@@ -130,6 +131,7 @@ def _model_worker(rank, world_size, tmp, ep):
 
 
 @pytest.mark.parametrize('world_size, ep', [(2, 2), (4, 2)])
+@pytest.mark.slow
 def test_expert_parallel_model_equals_one_process_and_its_checkpoint_loads_unsharded(tmp_path, world_size, ep):
     spawn(_model_worker, world_size, tmp_path, ep)
     ckpt = load_checkpoint(str(tmp_path / 'ckpt.pt'))
@@ -167,6 +169,7 @@ def assert_same_weights(a, b):
 
 
 @pytest.mark.parametrize('nproc, ep, checkpointing', [(2, 2, 'all'), (4, 2, 'none')])  # EP=4 of 4: the layer tests above
+@pytest.mark.slow
 def test_train_with_expert_parallel_equals_ddp(shakespeare_char, tmp_path, nproc, ep, checkpointing):
     """Same global batch, same seed: EP trains the weights plain DDP does (also when EP recomputes its
     activations, all-to-alls included, in backward), and logs its all-to-all bytes."""
@@ -182,6 +185,7 @@ def test_train_with_expert_parallel_equals_ddp(shakespeare_char, tmp_path, nproc
     assert all(r['a2a_MB'] > 0 for r in steps) and 'a2a_MB' not in ddp_steps[0]
 
 
+@pytest.mark.slow
 def test_checkpoints_move_between_ep_degrees_and_sample_in_one_process(shakespeare_char, tmp_path):
     """Checkpoints are unsharded: EP=2 -> plain DDP -> EP=2 resumes train exactly what DDP trains in one go."""
     full, part = tmp_path / 'full', tmp_path / 'part'
@@ -194,6 +198,7 @@ def test_checkpoints_move_between_ep_degrees_and_sample_in_one_process(shakespea
     assert len(p.stdout.split('---------------')[0].strip()) >= 20
 
 
+@pytest.mark.slow
 def test_nonfinite_guard_under_expert_parallel(shakespeare_char, tmp_path):
     """Every rank takes the guard's branch together (its diagnosis forward is collective under EP)."""
     out = tmp_path / 'nan'

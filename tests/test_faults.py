@@ -91,6 +91,7 @@ save_checkpoint({{'model': {{'w': torch.ones(1000)}}, 'model_args': {{}}, 'iter_
     assert [f for f in os.listdir(tmp_path) if f.endswith('.tmp')]  # the orphan that train.py removes at start
 
 
+@pytest.mark.slow
 def test_kill9_at_random_moments_always_leaves_a_loadable_resumable_checkpoint(shakespeare_char, tmp_path):
     """train.py writes checkpoints at every step (eval_interval=1) and is killed -9 at random moments,
     5 times, each time resuming from what the previous kill left."""
@@ -148,6 +149,7 @@ def sigtermed(shakespeare_char, tmp_path_factory):
     return out, args, rc, open(out + '.stdout').read(), sorted(step_losses(out))
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_exits_0(sigtermed):
     out, args, rc, stdout, steps = sigtermed
     assert rc == 0
@@ -157,6 +159,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_0(sigtermed):
 
 
 @pytest.mark.parametrize('sig', [signal.SIGINT, signal.SIGHUP])  # Ctrl-C; a closed terminal or ssh session
+@pytest.mark.slow
 def test_sigint_and_sighup_too(shakespeare_char, tmp_path, sig):
     out = str(tmp_path / 'out')
     p = start(out, *FAST, '--eval_interval=1000', '--max_iters=100000')
@@ -167,6 +170,7 @@ def test_sigint_and_sighup_too(shakespeare_char, tmp_path, sig):
     assert k >= 1 and f"received {sig.name}: saved checkpoint at iter {k}" in open(out + '.stdout').read()
 
 
+@pytest.mark.slow
 def test_resume_after_sigterm_is_bit_identical_to_an_uninterrupted_run(sigtermed, tmp_path):
     out, args, rc, stdout, steps = sigtermed
     k = load_checkpoint(os.path.join(out, 'ckpt.pt'))['iter_num']
@@ -181,6 +185,7 @@ def test_resume_after_sigterm_is_bit_identical_to_an_uninterrupted_run(sigtermed
         assert_same(ca[key], cb[key], key)
 
 
+@pytest.mark.slow
 def test_a_dense_checkpoint_resumes_dense_and_a_run_that_says_n_expert_stops(small_dense_ckpt, tmp_path):
     """A dense checkpoint resumes as dense (train.py's default n_expert=8 is not the run's word); a run that
     says n_expert=4 stops with one line: the checkpoint fixes the model's shape (it used to resume dense,
@@ -210,6 +215,7 @@ def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
 
 
 @pytest.mark.parametrize('mode', ['stop', 'skip'])
+@pytest.mark.slow
 def test_injected_nan_triggers_the_guard(shakespeare_char, tmp_path, mode):
     out = str(tmp_path / 'out')
     p = run('train.py', *FAST, f'--out_dir={out}', '--eval_interval=5', '--max_iters=10',
@@ -232,6 +238,7 @@ def test_injected_nan_triggers_the_guard(shakespeare_char, tmp_path, mode):
         assert 'non-finite loss or gradient at iter 7 (loss nan, grad norm nan); skipping this step' in p.stdout
         assert ckpt['iter_num'] == 10 and sorted(step_losses(out)) == [0, 1, 2, 3, 4, 5, 6, 8, 9]
 
+@pytest.mark.slow
 def test_a_dense_model_skips_a_nonfinite_step_too(shakespeare_char, tmp_path):
     p = run('train.py', *FAST, '--n_expert=0', f'--out_dir={tmp_path}', '--max_iters=4',
             '--on_nonfinite=skip', env=nan_at(2))
@@ -239,6 +246,7 @@ def test_a_dense_model_skips_a_nonfinite_step_too(shakespeare_char, tmp_path):
 
 
 @pytest.mark.parametrize('dtype', ['float32', 'float16'])  # float16: the GradScaler skips the step, not the guard
+@pytest.mark.slow
 def test_a_skipped_step_leaves_the_model_as_if_it_never_ran(shakespeare_char, tmp_path, dtype):
     # with the aux-loss-free router: the skipped step's loads must not move the expert bias either
     args = [*FAST, '--router=aux_free', '--bias_update_rate=0.01', f'--dtype={dtype}']
@@ -262,6 +270,7 @@ def assert_clean_failure(p, message):
     assert len(lines) == 1 and lines[0].startswith('error: ') and message in lines[0], p.stderr
 
 
+@pytest.mark.slow
 def test_resume_with_a_larger_block_size_fails_before_any_work(small_dense_ckpt):
     before = {f: os.path.getmtime(os.path.join(small_dense_ckpt, f)) for f in os.listdir(small_dense_ckpt)}
     p = run('train.py', *RUN_ONLY, f'--out_dir={small_dense_ckpt}', '--init_from=resume', '--block_size=64', check=False)

@@ -238,6 +238,7 @@ def test_command_refuses_a_character_level_checkpoint(tmp_path, data_dir, monkey
     assert code == 2 and len(lines) == 1 and 'needs a GPT-2 BPE model' in lines[0] and 'vocab_size=65' in lines[0], err
 
 
+@pytest.mark.slow
 def test_train_logs_hellaswag_at_its_interval_and_plot_draws_it(tmp_path, data_dir, monkeypatch, capsys):
     """train.py on a tiny GPT-2-BPE dataset (uint16 ids, no meta.pkl), a tiny MoE, 2 examples at every other eval."""
     dataset = tmp_path / 'bpe'

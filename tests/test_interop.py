@@ -99,6 +99,7 @@ def tiny_gpt2(tmp_path_factory):
     return str(folder)
 
 
+@pytest.mark.slow
 def test_nanogpt_shakespeare_char_config_runs_unchanged(shakespeare_char, tmp_path):
     config = tmp_path / 'train_shakespeare_char.py'
     config.write_text(NANOGPT_SHAKESPEARE_CHAR)
@@ -111,6 +112,7 @@ def test_nanogpt_shakespeare_char_config_runs_unchanged(shakespeare_char, tmp_pa
     assert ckpt['iter_num'] == evals[best]['iter'] and ckpt['config']['always_save_checkpoint'] is False
 
 
+@pytest.mark.slow
 def test_nanogpt_finetune_config_runs_with_a_local_gpt2_folder(shakespeare_char, tiny_gpt2, tmp_path):
     config = tmp_path / 'finetune_shakespeare.py'
     config.write_text(NANOGPT_FINETUNE_SHAKESPEARE)
@@ -122,6 +124,7 @@ def test_nanogpt_finetune_config_runs_with_a_local_gpt2_folder(shakespeare_char,
                                                                       block_size=32))}
 
 
+@pytest.mark.slow
 def test_gpt2_offline_is_one_line(shakespeare_char, tmp_path):
     """Offline, a GPT-2 name is one error line at once. (A relative GPT-2 folder: the upcycling test below.)"""
     env = {**os.environ, 'HF_HUB_OFFLINE': '1'}  # what a machine without network meets, at once
@@ -152,6 +155,7 @@ def nanogpt_checkpoint(path, seed=0):
     return model
 
 
+@pytest.mark.slow
 def test_a_nanogpt_checkpoint_resumes_here(shakespeare_char, tmp_path):
     out = tmp_path / 'out'
     out.mkdir()
@@ -164,6 +168,7 @@ def test_a_nanogpt_checkpoint_resumes_here(shakespeare_char, tmp_path):
     run('sample.py', f'--out_dir={out}', '--device=cpu', '--num_samples=1', '--max_new_tokens=5')
 
 
+@pytest.mark.slow
 def test_a_dense_checkpoint_from_here_loads_in_nanogpt(shakespeare_char, tmp_path):
     """What nanoGPT's sample.py does with a checkpoint: GPTConfig(**model_args), strip '_orig_mod.', load."""
     out = tmp_path / 'out'
@@ -175,6 +180,7 @@ def test_a_dense_checkpoint_from_here_loads_in_nanogpt(shakespeare_char, tmp_pat
     assert ckpt['config']['dataset'] == 'shakespeare_char'  # where nanoGPT's sample.py looks for meta.pkl
 
 
+@pytest.mark.slow
 def test_wandb_logs_offline(shakespeare_char, tmp_path):
     pytest.importorskip('wandb')
     import subprocess
@@ -194,6 +200,7 @@ def test_wandb_logs_offline(shakespeare_char, tmp_path):
 
 
 @pytest.mark.parametrize('kind', ['dense', 'moe'])
+@pytest.mark.slow
 def test_export_to_hugging_face_and_back(shakespeare_char, tmp_path, monkeypatch, kind):
     transformers = pytest.importorskip('transformers')
     monkeypatch.setenv('HF_HUB_OFFLINE', '1')
@@ -292,6 +299,7 @@ def test_upcycling_refuses_what_it_cannot_copy_exactly():
     assert upcycle_args(dense, config, set()) is None  # n_expert not set: a dense model stays dense (nanoGPT)
 
 
+@pytest.mark.slow
 def test_upcycle_a_nanogpt_checkpoint_and_a_gpt2_folder_from_the_command_line(shakespeare_char, tiny_gpt2, tmp_path):
     """Step 0's eval of the upcycled model is the dense model's, to the printed digit; from a checkpoint file the
     run then trains and saves an MoE. A dense model stays dense unless n_expert is set (nanoGPT's finetuning)."""

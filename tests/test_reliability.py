@@ -36,6 +36,7 @@ def good_run(shakespeare_char, tmp_path_factory):
 # one run per out_dir
 
 
+@pytest.mark.slow
 def test_a_second_run_on_a_live_out_dir_stops_and_eval_only_deletes_nothing(shakespeare_char, tmp_path):
     out = str(tmp_path / 'out')
     p = start(out, *FAST, '--eval_interval=1000000', '--max_iters=100000')  # no eval of its own after iter 0
@@ -58,6 +59,7 @@ def test_a_second_run_on_a_live_out_dir_stops_and_eval_only_deletes_nothing(shak
     assert not os.path.exists(in_flight)  # now stale: the next run that holds the lock removes it
 
 
+@pytest.mark.slow
 def test_the_lock_of_a_killed_run_is_never_stale(shakespeare_char, tmp_path):
     out = str(tmp_path / 'out')
     p = start(out, *FAST, '--eval_interval=1000', '--max_iters=100000')
@@ -71,6 +73,7 @@ def test_the_lock_of_a_killed_run_is_never_stale(shakespeare_char, tmp_path):
 # no non-finite checkpoint, the fp16 guard
 
 
+@pytest.mark.slow
 def test_nonfinite_weights_are_never_saved_over_a_good_checkpoint(good_run, tmp_path):
     """A step with a finite loss and gradient can still leave inf weights (weight decay 1e300 in fp32 AdamW):
     the next eval would have saved them over ckpt.pt."""
@@ -86,6 +89,7 @@ def test_nonfinite_weights_are_never_saved_over_a_good_checkpoint(good_run, tmp_
     assert read_log(out)[-1]['event'] == 'nonfinite'
 
 
+@pytest.mark.slow
 def test_float16_persistent_nan_stops_after_a_bounded_number_of_skipped_steps(shakespeare_char, tmp_path):
     """fp16's GradScaler skips a non-finite step by itself; only 25 of them in a row stop the run (with the
     same nonfinite record as in fp32), instead of training to max_iters on NaN and exiting 0."""
@@ -104,6 +108,7 @@ def test_float16_persistent_nan_stops_after_a_bounded_number_of_skipped_steps(sh
 # signals and a dead launcher
 
 
+@pytest.mark.slow
 def test_a_second_sigterm_exits_at_once_with_128_plus_the_signal_and_no_traceback(shakespeare_char, tmp_path):
     out = str(tmp_path / 'out')
     p = start(out, *FAST, '--eval_interval=1000', '--max_iters=100000', '--gradient_accumulation_steps=100')
@@ -116,6 +121,7 @@ def test_a_second_sigterm_exits_at_once_with_128_plus_the_signal_and_no_tracebac
     assert 'Traceback' not in err and 'received SIGTERM again: exiting now' in err
 
 
+@pytest.mark.slow
 def test_workers_save_and_exit_when_the_torchrun_launcher_is_killed(shakespeare_char, tmp_path):
     out = str(tmp_path / 'out')
     with open(out + '.stdout', 'w') as stdout, open(out + '.stderr', 'w') as stderr:
@@ -158,7 +164,8 @@ def write_dataset(folder, tokens, vocab=None):
     (['--learning_rate=-1'], 'learning_rate=-1.0 must be >= 0'),
     (['--learning_rate=1e999'], 'learning_rate=inf must be >= 0 and finite'),
     (['--out_dir='], "out_dir='' must name a folder"),
-    (['--n_layer=64', '--n_embd=8192', '--n_head=64', '--n_expert=64', '--top_k=2'], 'GiB for its fp32 weights'),
+    pytest.param(['--n_layer=64', '--n_embd=8192', '--n_head=64', '--n_expert=64', '--top_k=2'],
+                 'GiB for its fp32 weights', marks=pytest.mark.slow),  # ~3 s
 ])
 def test_bad_values_fail_at_start_with_one_clear_line(shakespeare_char, tmp_path, args, message):
     out = tmp_path / 'out'
@@ -167,6 +174,7 @@ def test_bad_values_fail_at_start_with_one_clear_line(shakespeare_char, tmp_path
     assert not out.exists()
 
 
+@pytest.mark.slow  # ~3 s
 def test_out_dir_that_is_a_file_is_one_line(shakespeare_char, tmp_path):
     (tmp_path / 'file').write_text('not a folder')
     p = run('train.py', *TINY, f'--out_dir={tmp_path / "file"}', check=False)
@@ -177,7 +185,8 @@ def test_out_dir_that_is_a_file_is_one_line(shakespeare_char, tmp_path):
     ('odd', 'it must be uint16 token ids (an even number of bytes), at least block_size + 1 = 33'),
     ('short', 'at least block_size + 1 = 33'),
     ('empty', 'holds 0 bytes'),
-    ('token_id', 'holds token id 70, but the model\'s vocab_size is 65'),
+    pytest.param('token_id', 'holds token id 70, but the model\'s vocab_size is 65',
+                 marks=pytest.mark.slow),  # ~3 s
 ])
 def test_malformed_data_is_one_line(tmp_path, case, message):
     folder = str(tmp_path / case)
@@ -201,6 +210,7 @@ def test_an_absolute_dataset_path_gets_a_sensible_hint(tmp_path):
     assert 'data//' not in p.stderr
 
 
+@pytest.mark.slow
 def test_checkpoints_that_do_not_fit_their_model_args_are_one_line(good_run, tmp_path):
     ckpt = load_checkpoint(os.path.join(good_run, 'ckpt.pt'))
     cases = {'mismatch': {**ckpt, 'model_args': {**ckpt['model_args'], 'expert_hidden': 64}},
@@ -214,6 +224,7 @@ def test_checkpoints_that_do_not_fit_their_model_args_are_one_line(good_run, tmp
                        'cannot be resumed: it has no optimizer')
 
 
+@pytest.mark.slow
 def test_resume_applies_the_new_optimizer_settings_and_a_float32_checkpoint_resumes_in_float16(good_run, tmp_path):
     out = str(tmp_path / 'out')
     shutil.copytree(good_run, out)
@@ -226,12 +237,14 @@ def test_resume_applies_the_new_optimizer_settings_and_a_float32_checkpoint_resu
     assert ckpt['config']['weight_decay'] == 0.5 and ckpt['scaler']  # recorded and applied alike
 
 
+@pytest.mark.slow
 def test_warmup_equal_to_lr_decay_iters_trains_through(shakespeare_char, tmp_path):
     p = run('train.py', *FAST, f'--out_dir={tmp_path / "out"}', '--decay_lr=True', '--warmup_iters=3',
             '--lr_decay_iters=3', '--max_iters=6')
     assert p.returncode == 0
 
 
+@pytest.mark.slow
 def test_bfloat16_on_the_cpu_runs_in_bfloat16(shakespeare_char, tmp_path):
     losses = {}
     for dtype in ('float32', 'bfloat16'):
@@ -241,6 +254,7 @@ def test_bfloat16_on_the_cpu_runs_in_bfloat16(shakespeare_char, tmp_path):
     assert losses['float32'] != losses['bfloat16']  # it did not silently run float32
 
 
+@pytest.mark.slow
 def test_a_full_disk_at_save_is_one_line_and_the_checkpoint_before_stays(good_run, tmp_path):
     out = str(tmp_path / 'out')
     shutil.copytree(good_run, out)
@@ -266,10 +280,12 @@ def test_a_full_disk_at_save_is_one_line_and_the_checkpoint_before_stays(good_ru
     (['--start='], "start='' is empty"),
     (['--device=mps'], "device='mps'; allowed"),
 ])
+@pytest.mark.slow
 def test_sample_bad_values_are_one_line(good_run, args, message):
     one_error_line(run('sample.py', f'--out_dir={good_run}', '--device=cpu', *args, check=False), message)
 
 
+@pytest.mark.slow
 def test_sample_with_a_non_utf8_prompt_file_is_one_line(good_run, tmp_path):
     (tmp_path / 'prompt.txt').write_bytes(b'\xff\xfe ROMEO')
     p = run('sample.py', f'--out_dir={good_run}', '--device=cpu', f'--start=FILE:{tmp_path / "prompt.txt"}', check=False)
@@ -281,6 +297,7 @@ def test_bench_layer_tokens_0_is_one_line():
                    'layer_tokens=0 must be >= 1')
 
 
+@pytest.mark.slow
 def test_plot_skips_a_torn_last_line(good_run, tmp_path):
     out = str(tmp_path / 'out')
     shutil.copytree(good_run, out)

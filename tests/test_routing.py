@@ -275,6 +275,7 @@ def _ddp_worker(rank, world_size, init_file, out_file):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_global_aux_loss_scope_sums_loads_over_ddp_ranks(tmp_path):
     torch.multiprocessing.spawn(_ddp_worker, args=(2, str(tmp_path / 'init'), str(tmp_path / 'out')), nprocs=2)
     r0, r1 = (torch.load(tmp_path / f'out.{r}') for r in range(2))
@@ -387,6 +388,7 @@ def test_train_rejects_a_bad_router_before_any_work(shakespeare_char, tmp_path):
     assert not (tmp_path / 'out').exists()
 
 
+@pytest.mark.slow
 def test_stateful_routing_resumes_exactly(shakespeare_char, tmp_path):
     # the aux-free bias (a buffer) and the RNG of jitter and expert dropout must all come back on resume
     args = [*TINY, '--router=aux_free', '--router_jitter=0.1', '--expert_dropout=0.2', '--aux_loss_scope=global',
@@ -400,6 +402,7 @@ def test_stateful_routing_resumes_exactly(shakespeare_char, tmp_path):
     assert load_checkpoint(os.path.join(part, 'ckpt.pt'))['model']['transformer.h.0.mlp.router.expert_bias'].abs().sum() > 0
 
 
+@pytest.mark.slow
 def test_the_first_eval_after_a_resume_has_a_flip_rate(shakespeare_char, tmp_path):
     # the probe's top-1 experts travel in the checkpoint: the resumed run re-evaluates the checkpoint's
     # weights at iter 4, so nothing flipped there; its next eval compares against that one
@@ -413,6 +416,7 @@ def test_the_first_eval_after_a_resume_has_a_flip_rate(shakespeare_char, tmp_pat
     assert all('layer1/flip_rate' in r for r in evals[1:])
 
 
+@pytest.mark.slow
 def test_expert_choice_with_shared_experts_and_a_dense_layer_trains(shakespeare_char, tmp_path):
     run('train.py', *TINY, '--router=expert_choice', '--n_shared_expert=1', '--n_layer=3', '--n_dense_layers=1',
         f'--out_dir={tmp_path}', '--max_iters=4', '--eval_interval=2')

@@ -17,6 +17,7 @@ def trained(shakespeare_char, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_training_lowers_the_loss(trained):
     evals = [r for r in read_log(trained) if 'val/ce' in r]
     assert [r['iter'] for r in evals] == [0, 30, 60]
@@ -26,6 +27,7 @@ def test_training_lowers_the_loss(trained):
     assert steps[0]['loss'] > steps[0]['ce']  # the training loss adds the aux losses
 
 
+@pytest.mark.slow
 def test_checkpoint_holds_the_full_config_and_loads_weights_only(trained):
     ckpt = load_checkpoint(os.path.join(trained, 'ckpt.pt'))  # weights_only=True inside
     assert ckpt['iter_num'] == 60
@@ -35,6 +37,7 @@ def test_checkpoint_holds_the_full_config_and_loads_weights_only(trained):
     assert ckpt['best_val_loss'] == min(r['val/ce'] for r in read_log(trained) if 'val/ce' in r)
 
 
+@pytest.mark.slow
 def test_sample_from_checkpoint(trained):
     p = run('sample.py', f'--out_dir={trained}', '--num_samples=2', '--max_new_tokens=40', '--start=ROMEO:',
             '--device=cpu', '--expert_impl=loop')
@@ -45,6 +48,7 @@ def test_sample_from_checkpoint(trained):
 
 
 @pytest.mark.parametrize('extra', [[], ['--dropout=0.1', '--n_expert=0']])
+@pytest.mark.slow
 def test_resume_continues_exactly_like_an_uninterrupted_run(shakespeare_char, tmp_path, extra):
     args = [*TINY, *extra, '--eval_interval=6']
     full, part = str(tmp_path / 'full'), str(tmp_path / 'part')
@@ -84,6 +88,7 @@ def test_bad_config_fails_at_start_with_one_clear_line(shakespeare_char, tmp_pat
     assert not out.exists()  # no work started, nothing written
 
 
+@pytest.mark.slow
 def test_override_is_never_executed(shakespeare_char, tmp_path):
     marker = tmp_path / 'pwned'
     p = run('train.py', *TINY, f"--out_dir={tmp_path}/__import__('os').system('touch {marker}')", '--eval_only=True',
@@ -93,6 +98,7 @@ def test_override_is_never_executed(shakespeare_char, tmp_path):
     assert p.returncode == 2 and not marker.exists()
 
 
+@pytest.mark.slow
 def test_truncated_checkpoint_gives_a_clear_error(trained, tmp_path):
     out = tmp_path / 'broken'
     out.mkdir()
@@ -104,6 +110,7 @@ def test_truncated_checkpoint_gives_a_clear_error(trained, tmp_path):
     assert p.returncode == 2 and 'is truncated or corrupt' in p.stderr and 'Traceback' not in p.stderr
 
 
+@pytest.mark.slow
 def test_bench_runs_dense_moe_and_the_layer_mode():
     """The model mode times an MoE and its dense twin and reports each one's peak memory, which activation
     checkpointing lowers; the layer mode times every backend."""
@@ -123,6 +130,7 @@ def test_bench_runs_dense_moe_and_the_layer_mode():
     assert [(r[0], r[1]) for r in rows] == [(e, i) for e in '48' for i in ('loop', 'grouped', 'batched')]
 
 
+@pytest.mark.slow
 def test_gpu_check_quick_runs_every_part_and_writes_one_report(shakespeare_char, tmp_path):
     """gpu_check.py --quick is the GPU check on the CPU with tiny sizes, so that the command cannot rot."""
     report = tmp_path / 'gpu_check.md'
@@ -139,6 +147,7 @@ def test_gpu_check_quick_runs_every_part_and_writes_one_report(shakespeare_char,
     assert p.returncode == 2 and p.stderr.strip().splitlines()[-1].endswith('no CUDA GPU here; --quick runs the check on the CPU')
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(shakespeare_char, tmp_path):
     """torchrun with 2 CPU processes (gloo) and gradient_accumulation_steps=2 (one micro-batch each)
     trains exactly what one process does with 2 micro-batches: same weights after a few steps, with the

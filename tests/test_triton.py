@@ -277,6 +277,7 @@ def test_moe_layer_with_triton_backend_matches_loop():
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_compiled_training_step_has_no_graph_break():
     """The block-sparse products are custom ops (and the topology has static shapes, no host sync): compile
     traces the whole model with the triton backend, and its step equals eager's."""

@@ -23,6 +23,7 @@ def compiled():
 
 
 @pytest.mark.parametrize("cc, dtype", aot.REQUIRED)
+@pytest.mark.slow
 def test_supported_lists_the_gpus_and_dtypes_where_every_configuration_compiles_and_fits(compiled, cc, dtype):
     """Triton compiled each kernel's most shared-memory-hungry configuration for this GPU, as the launchers
     call it; SUPPORTED (auto's table) lists the pair iff all of them compiled and fit the GPU's shared
