@@ -260,6 +260,7 @@ def make_step(name, model_args, compiled=False):
         x = torch.randint(model.config.vocab_size, (batch_size, T), device=device)
         y = torch.randint(model.config.vocab_size, (batch_size, T), device=device)
         get_batch = lambda: (x, y)
+    raw_model = model
     if compiled:
         print(f"{name}: compiling...")
         model = torch.compile(model)  # pytorch 2.0
@@ -269,10 +270,11 @@ def make_step(name, model_args, compiled=False):
         with ctx:
             logits, loss = model(X, Y)
         loss.backward()
+        raw_model.end_step()  # as train.py does: the step's expert loads restart (else a recompile on step 2)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    step.model, step.optimizer = getattr(model, '_orig_mod', model), optimizer
+    step.model, step.optimizer = raw_model, optimizer
     return step
 
 
