@@ -63,16 +63,18 @@ def test_compiled_step_has_no_graph_break_and_matches_eager_on_the_gpu(impl):
         torch.testing.assert_close(g, r, rtol=0.05, atol=0.05 * r.abs().mean().item() + 1e-6)
 
 
-def test_auto_picks_what_this_gpu_runs_fast_and_it_trains():
+@pytest.mark.parametrize('dtype', DTYPES)
+def test_auto_picks_what_this_gpu_runs_fast_and_it_trains(dtype):
     major, _ = torch.cuda.get_device_capability()
-    dtype = 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
-    impl, warning = auto_expert_impl('cuda', dtype, 256)
-    if major >= 9:
+    name = str(dtype).split('.')[1]
+    impl, warning = auto_expert_impl('cuda', name, 256)
+    if major in (9, 10) and dtype == torch.bfloat16:
         assert (impl, warning) == ('grouped', None)  # torch's fused grouped_mm
     elif importlib.util.find_spec('triton'):
         assert impl == 'triton' or 'slow' in warning
     model = build_model(dict(n_layer=1, n_head=2, n_embd=64, block_size=32, vocab_size=64, n_expert=4, top_k=2,
                              expert_hidden=256, expert_impl=impl)).cuda()
-    _, loss = model(torch.randint(64, (4, 32), device='cuda'), torch.randint(64, (4, 32), device='cuda'))
+    with torch.autocast('cuda', dtype=dtype):
+        _, loss = model(torch.randint(64, (4, 32), device='cuda'), torch.randint(64, (4, 32), device='cuda'))
     loss.backward()
     assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters())
