@@ -29,8 +29,10 @@ B = 16  # tiny topology blocks keep the interpreter fast
 def _kernel_settings(monkeypatch):
     monkeypatch.setattr(mt, "BLOCK_SIZE", B)
     monkeypatch.setattr(mt, "MIN_TRITON_SLOTS", 0)  # force the kernels even for tiny batches
-    if DEVICE == "cuda":  # exact fp32 on GPU, so the tight tolerances below hold
-        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    if DEVICE == "cuda":  # exact fp32 on GPU (the kernels and torch's matmuls), so the tight tolerances below hold
+        matmul = torch.backends.cuda.matmul  # torch >= 2.9's API where it exists (the legacy flag's reads can raise)
+        monkeypatch.setattr(matmul, *(("fp32_precision", "ieee") if hasattr(matmul, "fp32_precision") else
+                                      ("allow_tf32", False)))
 
 # -----------------------------------------------------------------------------
 # reference and experts module
