@@ -280,17 +280,18 @@ def test_a_compiled_model_compiles_once_for_training_and_once_for_eval(n_expert)
 @pytest.mark.parametrize('impl, router, mode', [('loop', 'topk', 'moe'), ('grouped', 'topk', 'all'),
                                                 ('batched', 'noisy_topk', 'all'), ('grouped', 'expert_choice', 'moe'),
                                                 ('dense', None, 'all')])
-def test_activation_checkpointing_keeps_less_and_gives_the_same_gradients(impl, router, mode):
+def test_activation_checkpointing_keeps_less_and_gives_the_same_gradients(impl, router, mode, device='cpu'):
     """With dropout and a shared expert: the same loss and gradients as without checkpointing (the RNG is
-    replayed in the recompute), and fewer bytes kept for backward (else nothing was checkpointed)."""
+    replayed in the recompute), and fewer bytes kept for backward (else nothing was checkpointed).
+    (device: tests/test_triton.py runs it on the GPU where there is one)"""
     args = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64, dropout=0.1, bias=True)
     if impl != 'dense':
         args.update(n_expert=4, top_k=2, expert_hidden=32, expert_impl=impl, router=router, n_shared_expert=1)
-    x, y = torch.randint(64, (4, 16)), torch.randint(64, (4, 16))
+    x, y = torch.randint(64, (4, 16), device=device), torch.randint(64, (4, 16), device=device)
     results, kept = [], []
     for m in ('none', mode):
         torch.manual_seed(0)
-        model = build_model(args)
+        model = build_model(args).to(device)
         model.set_activation_checkpointing(m)
         saved = []
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,

@@ -1,6 +1,7 @@
 """
 Tests for the block-sparse Triton experts (kernels/moe_triton.py). On a machine without CUDA the
-kernels run under the Triton interpreter (TRITON_INTERPRET=1), so shapes are tiny.
+kernels run under the Triton interpreter (TRITON_INTERPRET=1), so shapes are tiny; on a GPU they run
+compiled, on CUDA tensors (tests/test_cuda.py has the GPU-only checks).
 """
 import importlib
 import os
@@ -266,14 +267,15 @@ def test_moe_layer_with_triton_backend_matches_loop():
     with torch.no_grad():
         for p in layer.parameters():
             p.normal_(0, 0.5)
-    x = torch.randn(2, 6, 16)
+    layer.to(DEVICE)  # (CPU tensors on a GPU machine would take the loop path: loop against loop)
+    x = torch.randn(2, 6, 16, device=DEVICE)
     outs = []
     for impl in ("loop", "triton"):
         layer.zero_grad()
         xi = x.clone().requires_grad_(True)
         layer.config.expert_impl = impl
         y = layer(xi)
-        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        (y * torch.linspace(-1, 1, y.numel(), device=DEVICE).view_as(y)).sum().backward()
         outs.append([y, xi.grad] + [p.grad for p in layer.parameters()])
     for a, b in zip(*outs):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
@@ -291,4 +293,4 @@ def test_compiled_training_step_has_no_graph_break():
 def test_activation_checkpointing_recomputes_the_triton_experts_exactly():
     """activation_checkpointing='all' with the triton backend: the same loss and gradients, less kept."""
     from test_model import test_activation_checkpointing_keeps_less_and_gives_the_same_gradients as check
-    check("triton", "topk", "all")
+    check("triton", "topk", "all", device=DEVICE)
