@@ -435,9 +435,9 @@ def auto_expert_impl(device, dtype, expert_hidden):
                f'triton needs expert_hidden divisible by 16, not {expert_hidden}' if expert_hidden % 16 else None)
     if why is None:
         return 'triton', None
+    bf16_only = ' (its fused kernel is bfloat16-only)' if fused else ''
     return 'grouped', (f"expert_impl='auto' runs 'grouped' on this sm{cc} GPU in {dtype}, where torch's grouped_mm "
-                       f"is one GEMM per expert and a host sync per layer{' (its fused kernel is bfloat16-only)' if fused else ''}: "
-                       f"slow; {why}")
+                       f"is one GEMM per expert and a host sync per layer{bf16_only}: slow; {why}")
 
 
 def expert_choice(probs, top_k):
