@@ -64,7 +64,7 @@ compile = False  # use PyTorch 2.0 to compile the model to be faster
 activation_checkpointing = 'none'  # 'none', 'moe' (the experts) or 'all': recompute activations in backward
 warmup_iters = 5
 bench_iters = 20
-peak_flops = 312e12  # for MFU: A100 bf16 peak; an H100 SXM is 989e12
+peak_flops = 312e12  # for MFU: A100 bf16 peak; H100 SXM 989e12, H100 PCIe 756e12 (tools/gpu_check.peak_flops)
 compare_dense = False  # model mode: also time the dense twin (n_expert=0), interleaved step by step, and print the ratio
 compare_compile = False  # model mode: time each model eager and compiled (torch.compile), interleaved, and print the ratio
 # moe_layer mode
