@@ -9,7 +9,8 @@ PY := .venv/bin/python
 	.venv/bin/pip install -q --upgrade pip
 	# torch first and pinned: a bare "torch" requirement could pull a multi-GB CUDA build
 	.venv/bin/pip install -q torch==2.13.0
-	.venv/bin/pip install -q -r requirements.txt
+	# requirements.txt leaves triton free (a GPU's torch brings its own): here the one the tests were run with
+	.venv/bin/pip install -q -r requirements.txt "triton==3.9.0; platform_system == 'Linux' and platform_machine == 'x86_64'"
 	# build the CPU grouped-GEMM kernel now, not in the first training step (warns if it cannot)
 	.venv/bin/python -c "from kernels import cpu_grouped_mm; cpu_grouped_mm.available()"
 	touch .venv/installed

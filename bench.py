@@ -53,7 +53,7 @@ compile = False  # use PyTorch 2.0 to compile the model to be faster
 activation_checkpointing = 'none'  # 'none', 'moe' (the experts) or 'all': recompute activations in backward
 warmup_iters = 5
 bench_iters = 20
-peak_flops = 312e12  # for MFU: A100 bf16 peak; an H100 SXM is 989e12
+peak_flops = 312e12  # for MFU: A100 bf16 peak; H100 SXM 989e12, H100 PCIe 756e12 (tools/gpu_check.peak_flops)
 compare_dense = False  # model mode: also time the dense twin (n_expert=0), interleaved step by step, and print the ratio
 compare_compile = False  # model mode: time each model eager and compiled (torch.compile), interleaved, and print the ratio
 # moe_layer mode
@@ -249,6 +249,7 @@ def make_step(name, model_args, compiled=False):
         x = torch.randint(model.config.vocab_size, (batch_size, T), device=device)
         y = torch.randint(model.config.vocab_size, (batch_size, T), device=device)
         get_batch = lambda: (x, y)
+    raw_model = model
     if compiled:
         print(f"{name}: compiling...")
         model = torch.compile(model)  # pytorch 2.0
@@ -258,10 +259,11 @@ def make_step(name, model_args, compiled=False):
         with ctx:
             logits, loss = model(X, Y)
         loss.backward()
+        raw_model.end_step()  # as train.py does: the step's expert loads restart (else a recompile on step 2)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    step.model, step.optimizer = getattr(model, '_orig_mod', model), optimizer
+    step.model, step.optimizer = raw_model, optimizer
     return step
 
 

@@ -250,7 +250,9 @@ class GPT(nn.Module):
             # if we are given some desired targets also calculate the loss
             logits = self.lm_head(x)
             ce = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
-            self.loss_terms['ce'] = ce.detach()
+            # a new dict, not an item set in the old one: torch.compile would guard on the old one being empty
+            # and compile the step twice
+            self.loss_terms = {'ce': ce.detach()}
             aux = self.aux_loss()
             # auxiliary losses shape training only: evaluation reports the cross-entropy alone
             loss = ce + aux if self.training else ce

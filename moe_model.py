@@ -368,15 +368,17 @@ EXPERT_IMPLS = {'loop': loop_experts, 'grouped': grouped_experts, 'batched': bat
 
 def auto_expert_impl(device, dtype, expert_hidden):
     """What expert_impl='auto' (train.py's default) runs on this device: (backend, a warning or None).
-    CPU: 'grouped' (kernels/cpu_grouped_mm.cpp). CUDA sm90+ (H100, H200, B200): 'grouped', torch's fused
-    grouped_mm. Below sm90 torch's grouped_mm runs one GEMM per expert with a device-to-host sync, so
-    'triton' when it is installed, its kernels compile and fit this GPU in this dtype (moe_triton.SUPPORTED,
-    checked ahead of time by kernels/triton_aot.py) and expert_hidden is a multiple of 16; else 'grouped',
-    with a warning that says why it will be slow."""
+    CPU: 'grouped' (kernels/cpu_grouped_mm.cpp). CUDA sm90/sm100 (H100, H200, B200) in bfloat16: 'grouped',
+    torch's fused grouped_mm, which takes bfloat16 alone there (GroupedBlas.cpp). Otherwise (other dtypes,
+    other GPUs) torch's grouped_mm runs one GEMM per expert with a device-to-host sync, so 'triton' when it
+    is installed, its kernels compile and fit this GPU in this dtype (moe_triton.SUPPORTED, checked ahead of
+    time by kernels/triton_aot.py) and expert_hidden is a multiple of 16; else 'grouped', with a warning
+    that says why it will be slow."""
     if not device.startswith('cuda'):
         return 'grouped', None
     major, minor = torch.cuda.get_device_capability(device)
-    if major >= 9:
+    fused = major in (9, 10)  # torch's fused grouped GEMM runs on these, in bfloat16
+    if fused and dtype == 'bfloat16':
         return 'grouped', None
     cc = 10 * major + minor
     if importlib.util.find_spec('triton') is None:
@@ -389,8 +391,9 @@ def auto_expert_impl(device, dtype, expert_hidden):
                f'triton needs expert_hidden divisible by 16, not {expert_hidden}' if expert_hidden % 16 else None)
     if why is None:
         return 'triton', None
-    return 'grouped', (f"expert_impl='auto' runs 'grouped' on this sm{cc} GPU, where torch's grouped_mm "
-                       f"is one GEMM per expert and a host sync per layer: slow; {why}")
+    bf16_only = ' (its fused kernel is bfloat16-only)' if fused else ''
+    return 'grouped', (f"expert_impl='auto' runs 'grouped' on this sm{cc} GPU in {dtype}, where torch's grouped_mm "
+                       f"is one GEMM per expert and a host sync per layer{bf16_only}: slow; {why}")
 
 
 def expert_choice(probs, top_k):

@@ -260,9 +260,18 @@ def blocks_to_dense(data, topo):
 # each w[e] is used transposed.
 
 
+def tf32_allowed():
+    """torch's TF32 setting for float32 matmuls. torch >= 2.9 has the fp32_precision API ('tf32', 'ieee', or
+    'none': the default, no TF32), and once it is in use, reading the legacy allow_tf32 flag raises."""
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):
+        return matmul.fp32_precision == "tf32"
+    return matmul.allow_tf32
+
+
 def _precision(dtype):
     # fp32 inputs: follow torch's TF32 setting so results match torch matmul; 16-bit: irrelevant
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+    if dtype == torch.float32 and not tf32_allowed():
         return "ieee"
     return "tf32"
 

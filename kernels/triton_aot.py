@@ -99,7 +99,7 @@ def _specialise(jit, args, kwargs):
 def launches(dtype, n_embd=64, hidden=256):
     """The distinct kernel launches of one forward and backward of the block-sparse experts in this dtype
     at each block size: [(kernel name, signature, constexprs, attrs)], recorded on the CPU, not run. fp32
-    records both PRECISIONs (torch.backends.cuda.matmul.allow_tf32 picks one at run time)."""
+    records both PRECISIONs (torch's TF32 setting picks one at run time: moe_triton.tf32_allowed)."""
     seen = {}
 
     def recorder(name):
@@ -110,12 +110,12 @@ def launches(dtype, n_embd=64, hidden=256):
             seen.setdefault(repr(launch), launch)
         return run
 
-    old_block, old_tf32 = moe_triton.BLOCK_SIZE, torch.backends.cuda.matmul.allow_tf32
+    old_block, old_tf32 = moe_triton.BLOCK_SIZE, moe_triton.tf32_allowed
     try:
         for name, kernel in KERNELS.items():
             kernel.run = recorder(name)  # the launchers call kernel[grid](...), which calls kernel.run
         for block, tf32 in itertools.product(moe_triton._BLOCK_CHOICES, (True, False) if dtype == 'float32' else (True,)):
-            moe_triton.BLOCK_SIZE, torch.backends.cuda.matmul.allow_tf32 = block, tf32
+            moe_triton.BLOCK_SIZE, moe_triton.tf32_allowed = block, lambda tf32=tf32: tf32  # torch's flags untouched
             g = torch.Generator().manual_seed(0)
             make = lambda *shape: torch.randn(*shape, generator=g, dtype=DTYPES[dtype], requires_grad=True)
             x, c_fc, c_proj = make(64, n_embd), make(2, n_embd, hidden), make(2, hidden, n_embd)
@@ -123,7 +123,7 @@ def launches(dtype, n_embd=64, hidden=256):
             y = moe_triton.block_sparse_experts(x, topk_idx, torch.ones(64, 1), c_fc, c_proj)
             y.float().sum().backward()  # the outputs are uninitialised memory: only the launches matter
     finally:
-        moe_triton.BLOCK_SIZE, torch.backends.cuda.matmul.allow_tf32 = old_block, old_tf32
+        moe_triton.BLOCK_SIZE, moe_triton.tf32_allowed = old_block, old_tf32
         for kernel in KERNELS.values():
             del kernel.run  # the Autotuner's own run again
     return list(seen.values())

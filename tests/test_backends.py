@@ -334,6 +334,14 @@ def test_compiled_training_step_has_no_graph_break(impl, dtype, checkpointing):
     ('cpu', None, True, 'float32', 64, 'grouped', None),
     ('cuda', (9, 0), True, 'bfloat16', 64, 'grouped', None),      # H100/H200: torch's fused grouped_mm
     ('cuda', (9, 0), False, 'bfloat16', 24, 'grouped', None),
+    ('cuda', (9, 0), True, 'float16', 64, 'triton', None),        # ... which is bfloat16-only
+    ('cuda', (9, 0), False, 'float16', 64, 'grouped', 'triton is not installed'),
+    ('cuda', (9, 0), True, 'float16', 24, 'grouped', 'divisible by 16'),
+    ('cuda', (9, 0), True, 'float32', 64, 'grouped', 'does not list sm90 with float32'),  # 256 KiB > 227
+    ('cuda', (10, 0), True, 'bfloat16', 64, 'grouped', None),     # B200
+    ('cuda', (10, 0), True, 'float16', 64, 'grouped', 'does not list sm100 with float16'),  # not checked ahead
+    ('cuda', (10, 0), True, 'float32', 64, 'grouped', 'does not list sm100 with float32'),
+    ('cuda', (12, 0), True, 'bfloat16', 64, 'grouped', 'does not list sm120 with bfloat16'),  # RTX 50xx: no fused kernel
     ('cuda', (8, 0), True, 'bfloat16', 64, 'triton', None),       # A100
     ('cuda', (8, 0), False, 'bfloat16', 64, 'grouped', 'triton is not installed'),
     ('cuda', (8, 0), True, 'float16', 24, 'grouped', 'divisible by 16'),
@@ -352,3 +360,5 @@ def test_auto_expert_impl_for_each_gpu(monkeypatch, device, capability, triton, 
                         else find_spec(name, *a))
     impl, warning = auto_expert_impl(device, dtype, hidden)
     assert impl == expected and (warning is None if why is None else why in warning and 'slow' in warning)
+    if warning:  # on the GPUs with torch's fused grouped GEMM, the warning says why it is not used
+        assert ('its fused kernel is bfloat16-only' in warning) == (capability[0] in (9, 10)), warning

@@ -242,20 +242,56 @@ def test_diagnose_dense_is_empty_and_moe_names_each_layer():
         assert {f'layer{i}/max_load', f'layer{i}/router_logits_std', f'layer{i}/z_loss'} <= set(stats)
 
 
+@pytest.mark.parametrize('n_expert', [4, 0])
+def test_a_compiled_model_compiles_once_for_training_and_once_for_eval(n_expert):
+    """What the forward leaves on the model (its loss terms; an MoE layer's loads of the step, which end_step
+    restarts) must not make torch.compile trace again on the next step: one graph for training, one for
+    eval. A backend that counts its calls (and runs the graph eagerly, so it is quick) sees every compile."""
+    import torch._dynamo
+    compiles = []
+
+    def backend(graph, example_inputs):
+        compiles.append('train' if torch.is_grad_enabled() else 'eval')
+        return graph.forward
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = build_model(dict(SMALL, n_expert=n_expert, top_k=2, expert_hidden=32, expert_impl='grouped'))
+    compiled = torch.compile(model, backend=backend)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randint(97, (4, 16)), torch.randint(97, (4, 16))
+
+    def train_step():  # as train.py's (and bench.py's): forward, backward, end_step, optimizer step
+        _, loss = compiled(x, y)
+        loss.backward()
+        model.end_step()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    for _ in range(3):
+        train_step()
+    model.eval()
+    with torch.no_grad():  # as train.py's estimate_loss
+        for _ in range(2):
+            compiled(x, y)
+    model.train()
+    train_step()
+    assert compiles == ['train', 'eval']
+
+
 @pytest.mark.parametrize('impl, router, mode', [('loop', 'topk', 'moe'), ('grouped', 'topk', 'all'),
                                                 ('batched', 'noisy_topk', 'all'), ('grouped', 'expert_choice', 'moe'),
                                                 ('dense', None, 'all')])
-def test_activation_checkpointing_keeps_less_and_gives_the_same_gradients(impl, router, mode):
+def test_activation_checkpointing_keeps_less_and_gives_the_same_gradients(impl, router, mode, device='cpu'):
     """With dropout and a shared expert: the same loss and gradients as without checkpointing (the RNG is
-    replayed in the recompute), and fewer bytes kept for backward (else nothing was checkpointed)."""
+    replayed in the recompute), and fewer bytes kept for backward (else nothing was checkpointed).
+    (device: tests/test_triton.py runs it on the GPU where there is one)"""
     args = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64, dropout=0.1, bias=True)
     if impl != 'dense':
         args.update(n_expert=4, top_k=2, expert_hidden=32, expert_impl=impl, router=router, n_shared_expert=1)
-    x, y = torch.randint(64, (4, 16)), torch.randint(64, (4, 16))
+    x, y = torch.randint(64, (4, 16), device=device), torch.randint(64, (4, 16), device=device)
     results, kept = [], []
     for m in ('none', mode):
         torch.manual_seed(0)
-        model = build_model(args)
+        model = build_model(args).to(device)
         model.set_activation_checkpointing(m)
         saved = []
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,

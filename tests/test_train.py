@@ -1,6 +1,7 @@
 """train.py and sample.py end to end, as a user runs them (subprocesses, tiny models, CPU)."""
 import os
 import re
+import time
 
 import pytest
 import torch
@@ -130,21 +131,95 @@ def test_bench_runs_dense_moe_and_the_layer_mode():
     assert [(r[0], r[1]) for r in rows] == [(e, i) for e in '48' for i in ('loop', 'grouped', 'batched')]
 
 
+def bare_copy(dest):
+    """The repo as it travels to the GPU machine: the files git tracks or would track, as they are in the work
+    tree; nothing git ignores (no .venv, no prepared data, no out*/), and no ../shared beside it."""
+    import shutil
+    import subprocess
+    from conftest import ROOT
+    listed = subprocess.run(['git', 'ls-files', '-z', '--cached', '--others', '--exclude-standard'], cwd=ROOT,
+                            capture_output=True, check=True).stdout.decode().split('\0')
+    for name in filter(None, listed):
+        if os.path.isfile(os.path.join(ROOT, name)):  # (not one deleted in the work tree)
+            os.makedirs(os.path.join(dest, os.path.dirname(name)), exist_ok=True)
+            shutil.copy2(os.path.join(ROOT, name), os.path.join(dest, name))
+    assert not os.path.exists(os.path.join(dest, '..', 'shared'))
+    return dest
+
+
+def gpu_check(copy, *args, fault=''):
+    """tools/gpu_check.py run in `copy` (with NANOMOE_GPU_CHECK_FAULT=fault); the CompletedProcess."""
+    import subprocess
+    import sys
+    env = {**os.environ, 'NANOMOE_GPU_CHECK_FAULT': fault}
+    return subprocess.run([sys.executable, 'tools/gpu_check.py', *args], cwd=copy, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
 @pytest.mark.slow
-def test_gpu_check_quick_runs_every_part_and_writes_one_report(shakespeare_char, tmp_path):
-    """gpu_check.py --quick is the GPU check on the CPU with tiny sizes, so that the command cannot rot."""
-    report = tmp_path / 'gpu_check.md'
-    p = run('tools/gpu_check.py', '--quick', f'--out={report}', f'--out_dir={tmp_path / "run"}')
-    text = report.read_text()
-    for part in 'abcd':
-        assert f'## ({part}) ' in text
-    assert text.count('exit code 0,') == 5 and 'FAILED' not in text
+def test_gpu_check_quick_in_a_bare_copy_runs_every_part_and_reports_a_failed_one(shakespeare_char, tmp_path):
+    """The GPU machine's conditions, rehearsed with --quick (the CPU, tiny sizes): a bare copy of the repo with
+    the three data files brought along, one command, the report into a folder outside the repo, a budget. A
+    fault injected into part (b) (an unknown option): the report says so, and every other part still runs."""
+    import shutil
+    copy = bare_copy(tmp_path / 'repo')
+    for name in ('train.bin', 'val.bin', 'meta.pkl'):
+        shutil.copy(os.path.join(shakespeare_char, name), copy / 'data' / 'shakespeare_char' / name)
+    out = tmp_path / 'OUT'
+    out.mkdir()
+    p = gpu_check(copy, '--quick', f'--out={out}', '--budget=240', fault='b=fail')
+    assert p.returncode == 1 and 'Traceback' not in p.stderr, p.stdout + p.stderr
+    assert os.listdir(out) == ['gpu_check.md']  # the report, in the folder that comes back, and nothing else
+    text = (out / 'gpu_check.md').read_text()
+    assert re.findall(r'^## \((\w)\) ', text, re.M) == ['a', 'b', 'd', 'c', 'c']  # (c)'s compiles last
     summary = text.split('## Summary')[1].split('## (a)')[0]
-    assert 'skipped' in summary and '`grouped`: ' in summary and '% of the dense GEMM' in summary
+    assert "(b) One MoE layer: 8 experts x 64, top-2: **FAILED** (exit code 2): error: unknown config key 'no_such_key'" in summary
+    assert text.count('exit code 0,') == 4 and 'pending' not in summary
+    assert 'skipped' in summary  # (a): the CUDA tests, skipped on the CPU
     assert 'model / dense twin: ' in summary and 'activation_checkpointing=all' in summary
     assert re.search(r'val loss \d\.\d{4} \(no target', summary)
-    p = run('tools/gpu_check.py', check=False)  # no GPU here: one line that says what to do
-    assert p.returncode == 2 and p.stderr.strip().splitlines()[-1].endswith('no CUDA GPU here; --quick runs the check on the CPU')
+
+
+@pytest.mark.slow
+def test_gpu_check_cuts_a_part_short_and_names_the_data_to_bring(tmp_path):
+    """A part that outlives its share of the budget is killed with the processes it started and marked cut
+    short, and the check ends inside its budget; without the data, (d) says in one line which files to bring;
+    and with no GPU and no --quick, one line says what to do."""
+    copy = bare_copy(tmp_path / 'repo')
+    t0 = time.time()
+    p = gpu_check(copy, '--quick', '--parts=ad', f'--out={tmp_path}/OUT/', '--budget=20', fault='a=hang')
+    assert p.returncode == 1 and 'Traceback' not in p.stderr and time.time() - t0 < 20 + 10, p.stdout + p.stderr
+    bring = ('data/shakespeare_char/train.bin, val.bin, meta.pkl missing: run python3 data/shakespeare_char/prepare.py '
+             'where the data is and bring train.bin, val.bin and meta.pkl along')
+    assert f'(d) will not run: {bring}' in p.stdout.splitlines()
+    text = (tmp_path / 'OUT' / 'gpu_check.md').read_text()
+    summary = text.split('## Summary')[1].split('## (a)')[0]
+    assert re.search(r'- \(a\) CUDA tests: \*\*CUT SHORT\*\* after \d+ s, its share of the budget', summary), summary
+    assert f'- (d) shakespeare_char MoE run: **NOT RUN**: {bring}' in summary
+    started = int(re.search(r'started (\d+)', text).group(1))  # the hanging part's own child
+    state = open(f'/proc/{started}/stat').read().split(')')[1].split()[0] if os.path.exists(f'/proc/{started}') else 'gone'
+    assert state in ('gone', 'Z'), state  # killed with it (a zombie until its new parent reaps it)
+    p = gpu_check(copy)  # no GPU here
+    assert p.returncode == 2 and p.stderr.strip() == 'error: no CUDA GPU here; --quick runs the check on the CPU'
+
+
+def test_gpu_check_picks_peak_flops_and_a_per_test_timeout(monkeypatch):
+    """MFU against the right peak (an H100 PCIe is not an SXM); pytest gets a time limit per test where
+    pytest-timeout is installed (its option is an error where it is not)."""
+    import importlib.util
+    from conftest import ROOT
+    spec = importlib.util.spec_from_file_location('gpu_check', os.path.join(ROOT, 'tools', 'gpu_check.py'))
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    peaks = {'NVIDIA H100 PCIe': 756e12, 'NVIDIA H100 80GB HBM3': 989e12, 'NVIDIA H100 NVL': 835e12,
+             'NVIDIA H200': 989e12, 'NVIDIA GH200 480GB': 989e12, 'NVIDIA A100-SXM4-80GB': 312e12}
+    assert {name: gpu_check.peak_flops(name) for name in peaks} == peaks
+    find_spec = importlib.util.find_spec
+    for installed in (True, False):
+        monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *a: (object() if installed else None)
+                            if name == 'pytest_timeout' else find_spec(name, *a))
+        (tests,) = [cmd for part, _, cmd, _ in gpu_check.parts(quick=True, long=False, out_dir='run') if part == 'a']
+        assert ('--timeout=60' in tests) == installed, tests
 
 
 @pytest.mark.slow

@@ -1,43 +1,75 @@
 """
-The one-shot GPU check: everything this repo should show on a GPU, in one command and one markdown report.
-$ python data/shakespeare_char/prepare.py            # once, where there is a network (gpu_check downloads nothing;
-                                                      # elsewhere bring data/shakespeare_char/*.bin and meta.pkl)
-$ python tools/gpu_check.py                                 # ~6 min on one H100/H200 (estimated) -> gpu_check.md
-$ python tools/gpu_check.py --quick                         # the same on the CPU with tiny sizes (the test suite runs it)
-$ python tools/gpu_check.py --long                          # (d) becomes the project goal run (longer)
+The one-shot GPU check: everything this repo should show on a GPU, in one command and one markdown report,
+made for a GPU machine with no network, where only the working tree travels (not ../shared, not the
+git-ignored data), one command may run 10 minutes and only one folder comes back ($OUT below).
+$ python3 data/shakespeare_char/prepare.py            # first, where the data is: carry the three files it writes,
+                                                      # data/shakespeare_char/{train.bin,val.bin,meta.pkl}
+$ python3 tools/gpu_check.py --out=$OUT               # then on the GPU: the report is $OUT/gpu_check.md, and the
+                                                      # whole check ends inside --budget=540 seconds (start-up included)
+$ python3 tools/gpu_check.py --quick                  # the same on the CPU with tiny sizes (the test suite runs it)
+$ python3 tools/gpu_check.py --long --budget=4800     # (d) becomes the project goal run (longer)
 
-  (a) the CUDA tests: tests/test_cuda.py (every backend in bf16 and fp16 against loop, compiled vs eager,
-      auto's choice) and tests/test_triton.py (the kernels compiled on the GPU); needs pytest
+  (a) the CUDA tests: tests/test_cuda.py (every backend in bf16 and fp16 against loop, compiled vs eager, an
+      empty expert's gradients, auto's choice) and tests/test_triton.py (the kernels compiled on the GPU);
+      needs pytest, and gives each test a time limit where pytest-timeout is installed
   (b) one MoE layer at GPT-2 small width (d=768), 16k tokens, per backend: ms, ratio to a dense MLP of the
       same active FLOPs, and GFLOP/s against torch's dense GEMM (the ceiling): 8 experts x 3072 top-2 and
       64 experts x 384 top-8 (bench.py --moe_layer)
+  (d) a short shakespeare_char MoE run (train.py) and its val loss; --long: about 10M active parameters to
+      val loss < 1.467 (nanoGPT's dense 10.7M model reaches 1.4697). Without the three files: one line that
+      names them, and the other parts still run
   (c) a training step at GPT-2 small width (6 layers, to keep compiling short), MoE (8 experts x 1536,
       top-2) vs its dense twin, eager and compiled, bf16: tokens/s, MFU (active parameters), peak memory;
       and the peak memory with activation checkpointing (bench.py)
-  (d) a short shakespeare_char MoE run (train.py) and its val loss; --long: about 10M active parameters to
-      val loss < 1.467 (nanoGPT's dense 10.7M model reaches 1.4697)
-Each part is a subprocess with its own time limit; the report is rewritten after each part (so a run that is
-cut short still leaves one) and starts with a summary against the targets of issue 17.
+(a)-(c) run on random tokens. The parts run in this order, (c)'s compiles last as the likeliest to run out of
+time. Each is a subprocess with its share of the budget (WEIGHTS; what a part leaves unused goes to those
+after it); one that outlives its share is killed, with every process it started, and marked cut short. The
+report is rewritten after each part (a run that is cut short still leaves one) and starts with a summary
+against the targets of issue 17.
 """
+import time
+T0 = time.time()  # the budget counts from here, the imports below included
+
 import os
 import re
 import sys
 import json
-import time
+import signal
 import argparse
 import platform
+import tempfile
 import subprocess
+import importlib.util
 
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repo root: the parts run there
 sys.path.insert(0, ROOT)
+from configurator import fail  # noqa: E402
 from moe_model import auto_expert_impl  # noqa: E402
 TARGETS = {'layer': 0.70, 'step': 1.15, 'val': 1.467}  # share of the GEMM ceiling; MoE/dense step; val loss
+DATA = ('train.bin', 'val.bin', 'meta.pkl')  # data/shakespeare_char/, for (d)
+# each command's share of the budget, in proportion (estimates for an H100: (a) compiles two models and many
+# kernels, (b) autotunes the Triton kernels, (c)'s first command compiles two models)
+WEIGHTS = {'a': 3.0, 'b': 1.0, 'd': 2.0, 'c': 2.5, 'c memory': 0.5}
+RESERVE = 5  # seconds kept back at the end of the budget: to kill a part and write the last report
+MIN_SHARE = 3  # a part is not started with fewer seconds than this
+TEST_TIMEOUT = {False: 120, True: 60}  # per test, with pytest-timeout (GPU: a cold compile; --quick)
+# tests only: NANOMOE_GPU_CHECK_FAULT='b=fail' gives part b's commands an unknown option, 'a=hang' makes
+# part a a process that starts another and never ends (comma-separated for several)
+FAULT = dict(f.split('=') for f in os.environ.get('NANOMOE_GPU_CHECK_FAULT', '').split(',') if f)
 
 
-def sizes(quick, long, out_dir):
-    """The commands of each part (lists of arguments to this python); --quick: tiny, on the CPU, in float32."""
+def peak_flops(name):
+    """bf16 dense peak FLOP/s of the GPU named `name`, for MFU: H100 PCIe (and H800 PCIe) 756 TFLOP/s, H100 NVL
+    835, H100 SXM, H200, H800, GH200 989; otherwise A100's 312 (train.py's and bench.py's default)."""
+    if re.search(r'H100|H200|H800', name):
+        return 756e12 if 'PCIe' in name else 835e12 if 'NVL' in name else 989e12
+    return 312e12
+
+
+def parts(quick, long, out_dir):
+    """[(part, title, command, weight)] in the order they run; --quick: tiny, on the CPU, in float32."""
     py = [sys.executable]
     if quick:
         dev = ['--device=cpu', '--dtype=float32']
@@ -50,8 +82,7 @@ def sizes(quick, long, out_dir):
         layer_sizes = [('8 experts x 64, top-2', ['--layer_experts=8', '--top_k=2', '--expert_hidden=64'])]
         compiled = []
     else:
-        peak = 989e12 if re.search(r'H100|H200|H800|GH200', torch.cuda.get_device_name()) else 312e12
-        dev = ['--device=cuda', '--dtype=bfloat16', f'--peak_flops={peak}']
+        dev = ['--device=cuda', '--dtype=bfloat16', f'--peak_flops={peak_flops(torch.cuda.get_device_name())}']
         layer = dev + ['--moe_layer=True', '--n_embd=768', '--layer_tokens=16384', '--warmup_iters=3', '--bench_iters=20',
                        '--layer_impls=loop,grouped,batched,triton']
         step = dev + ['--n_layer=6', '--n_head=12', '--n_embd=768', '--block_size=1024', '--batch_size=8',
@@ -65,44 +96,70 @@ def sizes(quick, long, out_dir):
     moe = ['--n_expert=8', '--top_k=2', f"--expert_hidden={64 if quick else 1536}"]  # top_k * hidden = 4 * n_embd
     # (the Triton tests run interpreted on the CPU, and the test suite has them already)
     tests = ['tests/test_cuda.py'] + ([] if quick else ['tests/test_triton.py'])
-    parts = [('a', 'CUDA tests', py + ['-m', 'pytest', '-q', '-rs', '-p', 'no:cacheprovider'] + tests, 600)]
-    parts += [('b', f'One MoE layer: {name}', py + ['bench.py'] + layer + extra, 300) for name, extra in layer_sizes]
-    parts += [('c', 'Training step, MoE vs dense twin', py + ['bench.py'] + step + moe + ['--compare_dense=True'] + compiled, 600)]
-    parts += [('c', f'Training step peak memory, eager, activation_checkpointing={m}',
-               py + ['bench.py'] + step + moe + ['--compare_dense=True', f'--activation_checkpointing={m}', '--bench_iters=2'], 300)
-              for m in (('all',) if quick else ('none', 'moe', 'all'))]
-    parts += [('d', 'shakespeare_char MoE run' + (' (the project goal)' if long else ''),
-               py + ['train.py'] + train + [f'--out_dir={out_dir}'], 3600 if long else 600)]
-    return parts
+    timeout = [f'--timeout={TEST_TIMEOUT[quick]}'] if importlib.util.find_spec('pytest_timeout') else []
+    todo = [('a', 'CUDA tests', py + ['-m', 'pytest', '-q', '-rs', '-p', 'no:cacheprovider'] + timeout + tests, WEIGHTS['a'])]
+    todo += [('b', f'One MoE layer: {name}', py + ['bench.py'] + layer + extra, WEIGHTS['b']) for name, extra in layer_sizes]
+    todo += [('d', 'shakespeare_char MoE run' + (' (the project goal)' if long else ''),
+              py + ['train.py'] + train + [f'--out_dir={out_dir}'], WEIGHTS['d'] * (20 if long else 1))]
+    todo += [('c', 'Training step, MoE vs dense twin', py + ['bench.py'] + step + moe + ['--compare_dense=True'] + compiled,
+              WEIGHTS['c'])]
+    todo += [('c', f'Training step peak memory, eager, activation_checkpointing={m}',
+              py + ['bench.py'] + step + moe + ['--compare_dense=True', f'--activation_checkpointing={m}', '--bench_iters=2'],
+              WEIGHTS['c memory']) for m in (('all',) if quick else ('none', 'moe', 'all'))]
+    for i, (part, title, cmd, weight) in enumerate(todo):  # the faults the tests inject
+        if FAULT.get(part) == 'fail':
+            todo[i] = (part, title, cmd + ['--no_such_key=1'], weight)
+        elif FAULT.get(part) == 'hang':
+            todo[i] = (part, title, py + ['-c', "import subprocess, sys; p = subprocess.Popen([sys.executable, '-c', "
+                                          "'import time; time.sleep(3600)']); print('started', p.pid, flush=True); p.wait()"], weight)
+    return todo
 
 
-def run(cmd, timeout):
-    """(exit code, stdout + stderr, seconds); a command past its time limit is killed (exit code 124)."""
+def run(cmd, seconds):
+    """(exit code, stdout + stderr, seconds, cut short?): cmd in a process group of its own, killed with every
+    process it started (Inductor's compile workers, ...) once it has run `seconds`, or when this one stops."""
     t0 = time.time()
     # the tests check correctness: one Triton configuration each, not minutes of autotuning
     env = {**os.environ, 'PYTHONUNBUFFERED': '1', **({'NANOMOE_TRITON_AUTOTUNE': '0'} if 'pytest' in cmd else {})}
-    try:
-        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
-        code, out = p.returncode, p.stdout + p.stderr
-    except subprocess.TimeoutExpired as e:
-        code, out = 124, (e.stdout or b'').decode(errors='replace') + (e.stderr or b'').decode(errors='replace')
-    return code, out, time.time() - t0
+    with tempfile.TemporaryFile('w+', errors='replace') as log:  # a file, not a pipe: what a killed part printed stays
+        p = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        cut = False
+        try:
+            p.wait(timeout=seconds)
+        except subprocess.TimeoutExpired:
+            cut = True
+        finally:  # done, past its share, or this check stopped (Ctrl-C, SIGTERM): no process of the part lives on
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:  # (none left)
+                pass
+            p.wait()
+        log.seek(0)
+        return p.returncode, log.read(), time.time() - t0, cut
 
 
 def summarize(results, out_dir, quick):
     """The numbers the targets are about, read off the parts' outputs (the targets are for the GPU run)."""
     lines = []
-    for part, title, code, out, _ in results:
-        if code != 0:
-            lines.append(f"- ({part}) {title}: **FAILED** (exit code {code})")
-        elif part == 'a':
+    for r in results:
+        part, title, out = r['part'], r['title'], r.get('out', '')
+        if r['status'] == 'not run':
+            lines.append(f"- ({part}) {title}: **NOT RUN**: {r['why']}")
+            continue
+        if r['status'] == 'cut short':
+            lines.append(f"- ({part}) {title}: **CUT SHORT** after {r['seconds']:.0f} s, its share of the budget")
+        elif r['code'] != 0:
+            last = (out.strip().splitlines() or [''])[-1].strip()
+            lines.append(f"- ({part}) {title}: **FAILED** (exit code {r['code']}): {last[:300]}")
+            continue
+        if part == 'a':
             lines.append(f"- (a) {title}: {(out.strip().splitlines() or [''])[-1].strip('= ')}")
         elif part == 'b':
             rows = [l.split() for l in out.splitlines() if re.match(r'\s*\d+\s+\w+\s+[\d.]+\s+[\d.]+', l)]
-            for r in rows:
-                mark = ' (target met)' if r[1] == 'grouped' and float(r[6]) >= 100 * TARGETS['layer'] and not quick else ''
-                lines.append(f"- (b) {title}, `{r[1]}`: {r[2]} ms, {float(r[3]):.2f}x the dense MLP, "
-                             f"{r[5]} GFLOP/s = {r[6]}% of the dense GEMM{mark}")
+            for row in rows:
+                mark = ' (target met)' if row[1] == 'grouped' and float(row[6]) >= 100 * TARGETS['layer'] and not quick else ''
+                lines.append(f"- (b) {title}, `{row[1]}`: {row[2]} ms, {float(row[3]):.2f}x the dense MLP, "
+                             f"{row[5]} GFLOP/s = {row[6]}% of the dense GEMM{mark}")
         elif part == 'c':
             for l in out.splitlines():
                 ratio = re.match(r'model / dense twin.*?: ([\d.]+)x', l)
@@ -118,10 +175,16 @@ def summarize(results, out_dir, quick):
     return lines
 
 
-def write_report(path, header, results, out_dir, quick):
-    text = header + ['## Summary', ''] + summarize(results, out_dir, quick) + ['']
-    for part, title, code, out, seconds in results:
-        text += [f'## ({part}) {title}', '', f'exit code {code}, {seconds:.0f} s', '', '```', out.strip()[-20000:], '```', '']
+def write_report(path, header, results, pending, out_dir, quick):
+    text = header + ['## Summary', ''] + summarize(results, out_dir, quick)
+    text += [f"- ({part}) {title}: pending" for part, title in pending] + ['']
+    for r in results:
+        status = (f"not run: {r['why']}" if r['status'] == 'not run' else
+                  f"cut short after {r['seconds']:.0f} s (its share of the budget), killed" if r['status'] == 'cut short' else
+                  f"exit code {r['code']}, {r['seconds']:.0f} s")
+        text += [f"## ({r['part']}) {r['title']}", '', status, '']
+        if r['status'] != 'not run':
+            text += [f"`{' '.join(r['cmd'][1:])}`", '', '```', r['out'].strip()[-20000:], '```', '']
     tmp = path + '.tmp'
     with open(tmp, 'w') as f:
         f.write('\n'.join(text))
@@ -131,40 +194,64 @@ def write_report(path, header, results, out_dir, quick):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[1])
     parser.add_argument('--quick', action='store_true', help='tiny sizes on the CPU (what the test suite runs)')
-    parser.add_argument('--long', action='store_true', help='(d) trains to the project goal')
-    parser.add_argument('--out', default='gpu_check.md', help='the markdown report')
-    parser.add_argument('--parts', default='abcd', help='which parts to run, e.g. "bc"')
+    parser.add_argument('--long', action='store_true', help='(d) trains to the project goal (give a --budget for it)')
+    parser.add_argument('--out', default='gpu_check.md', help='the report: a file, or a folder to write gpu_check.md in')
+    parser.add_argument('--budget', type=float, default=None, help='seconds the whole check may take, start-up '
+                        'included (default 540, with --long 4800); each part gets a share')
+    parser.add_argument('--parts', default='abcd', help='which parts to run, e.g. "bc" (they run in the order a, b, d, c)')
     parser.add_argument('--out_dir', default=time.strftime('out-gpu-check-%Y%m%d-%H%M%S'), help="(d)'s run: a new folder")
     args = parser.parse_args()
+    budget = args.budget or (4800 if args.long else 540)
     if not args.quick and not torch.cuda.is_available():
-        parser.error('no CUDA GPU here; --quick runs the check on the CPU')
+        fail('no CUDA GPU here; --quick runs the check on the CPU')
     if set(args.parts) - set('abcd'):
-        parser.error(f"--parts={args.parts!r}: allowed letters a, b, c, d")
+        fail(f"--parts={args.parts!r}: allowed letters a, b, c, d")
     if 'd' in args.parts and os.path.exists(args.out_dir):
-        parser.error(f"--out_dir={args.out_dir!r} exists: (d) trains from scratch into a new folder")
-    if 'd' in args.parts and not os.path.exists(os.path.join(ROOT, 'data', 'shakespeare_char', 'val.bin')):
-        parser.error('data/shakespeare_char is not prepared: python data/shakespeare_char/prepare.py (or --parts=abc)')
+        fail(f"--out_dir={args.out_dir!r} exists: (d) trains from scratch into a new folder")
+    report = os.path.join(args.out, 'gpu_check.md') if os.path.isdir(args.out) or args.out.endswith(os.sep) else args.out
+    os.makedirs(os.path.dirname(os.path.abspath(report)), exist_ok=True)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))  # stop as Ctrl-C does: run() kills the part
     device = 'CPU (--quick)' if args.quick else (
         f"{torch.cuda.get_device_name()} (sm{''.join(map(str, torch.cuda.get_device_capability()))}; expert_impl='auto' "
         f"picks {auto_expert_impl('cuda', 'bfloat16', 1536)[0]!r} in bf16, {auto_expert_impl('cuda', 'float16', 1536)[0]!r} in fp16)")
     header = ['# nanoMoE GPU check', '',
               f"{device}; torch {torch.__version__}, CUDA {torch.version.cuda}, python {platform.python_version()}; "
-              f"{time.strftime('%Y-%m-%d %H:%M')}; `{' '.join(['python tools/gpu_check.py'] + sys.argv[1:])}`", '',
+              f"{time.strftime('%Y-%m-%d %H:%M')}; `{' '.join(['python3 tools/gpu_check.py'] + sys.argv[1:])}`; "
+              f"budget {budget:.0f} s", '',
               f"Targets (issue 17): MoE layer `grouped` >= {TARGETS['layer']:.0%} of the dense GEMM's FLOP/s; "
               f"MoE step <= {TARGETS['step']}x its dense twin; shakespeare_char MoE val loss < {TARGETS['val']}.", '']
     out_dir = os.path.abspath(args.out_dir)
-    parts = sizes(args.quick, args.long, out_dir)
-    results, t0 = [], time.time()
-    for part, title, cmd, timeout in parts:
-        if part not in args.parts:
-            continue
-        print(f"({part}) {title}: {' '.join(cmd[1:])}", flush=True)
-        code, out, seconds = run(cmd, timeout)
-        print(f"    exit code {code}, {seconds:.0f} s", flush=True)
-        results.append((part, title, code, out, seconds))
-        write_report(args.out, header, results, out_dir, args.quick)
-    print(f"wrote {args.out} ({time.time() - t0:.0f} s)")
-    sys.exit(1 if any(code != 0 for _, _, code, _, _ in results) else 0)
+    todo = [t for t in parts(args.quick, args.long, out_dir) if t[0] in args.parts]
+    missing = [f for f in DATA if not os.path.exists(os.path.join(ROOT, 'data', 'shakespeare_char', f))]
+    why_not = {'d': (f"data/shakespeare_char/{', '.join(missing)} missing: run python3 data/shakespeare_char/prepare.py "
+                     f"where the data is and bring train.bin, val.bin and meta.pkl along") if missing else None,
+               'a': None if importlib.util.find_spec('pytest') else 'pytest is not installed'}
+    for part, why in why_not.items():
+        if why and part in args.parts:
+            print(f"({part}) will not run: {why}", flush=True)
+    results = []
+    write_report(report, header, results, [(p, t) for p, t, _, _ in todo], out_dir, args.quick)
+    for i, (part, title, cmd, _) in enumerate(todo):
+        left = budget - (time.time() - T0) - RESERVE
+        weights = sum(w for p, _, _, w in todo[i:] if not why_not.get(p))  # what the parts still to run share
+        seconds = left * todo[i][3] / weights if not why_not.get(part) else 0
+        if why_not.get(part) or seconds < MIN_SHARE:
+            why = why_not.get(part) or f"the budget ({budget:.0f} s) was spent"
+            results.append(dict(part=part, title=title, cmd=cmd, status='not run', why=why))
+        else:
+            print(f"({part}) {title}, {seconds:.0f} s at most: {' '.join(cmd[1:])}", flush=True)
+            try:
+                code, out, took, cut = run(cmd, seconds)
+            except (KeyboardInterrupt, SystemExit):  # the part is killed by now; the report says where it stopped
+                results.append(dict(part=part, title=title, cmd=cmd, status='not run', why='the check was stopped here'))
+                write_report(report, header, results, [(p, t) for p, t, _, _ in todo[i + 1:]], out_dir, args.quick)
+                raise
+            status = 'cut short' if cut else 'passed' if code == 0 else 'failed'
+            print(f"    {status}: exit code {code}, {took:.0f} s", flush=True)
+            results.append(dict(part=part, title=title, cmd=cmd, status=status, code=code, out=out, seconds=took))
+        write_report(report, header, results, [(p, t) for p, t, _, _ in todo[i + 1:]], out_dir, args.quick)
+    print(f"wrote {report} ({time.time() - T0:.0f} s)")
+    sys.exit(0 if all(r['status'] == 'passed' for r in results) else 1)
 
 
 if __name__ == '__main__':
