@@ -12,7 +12,7 @@ PY := .venv/bin/python
 	# requirements.txt leaves triton free (a GPU's torch brings its own): here the one the tests were run with
 	.venv/bin/pip install -q -r requirements.txt "triton==3.9.0; platform_system == 'Linux' and platform_machine == 'x86_64'"
 	# build the CPU grouped-GEMM kernel now, not in the first training step (warns if it cannot)
-	.venv/bin/python -c "from kernels import cpu_grouped_mm; cpu_grouped_mm.available()"
+	.venv/bin/python -c "from moe_kernels import cpu_grouped_mm; cpu_grouped_mm.available()"
 	touch .venv/installed
 
 venv: .venv/installed

@@ -17,7 +17,7 @@ Benchmarks. Two modes:
    $ python bench.py --moe_layer=True --n_embd=384 --expert_hidden=1536 --layer_tokens=4096
    prints ms, the ratio to the dense-equivalent MLP (timed in turn with each backend), achieved GFLOP/s, that
    as a share of torch's dense GEMM of the same FLOPs (the ceiling, timed first) and peak memory (CUDA only).
-   On the CPU, NANOMOE_CPU_GROUPED_MM=0 times torch's grouped_mm instead of kernels/cpu_grouped_mm.cpp:
+   On the CPU, NANOMOE_CPU_GROUPED_MM=0 times torch's grouped_mm instead of moe_kernels/cpu_grouped_mm.cpp:
    $ NANOMOE_CPU_GROUPED_MM=0 python bench.py --moe_layer=True --n_embd=384 --expert_hidden=1536 --layer_impls=grouped
 """
 import os
@@ -30,9 +30,9 @@ from dataclasses import fields
 import numpy as np
 import torch
 
-from kernels import cpu_grouped_mm
+from moe_kernels import cpu_grouped_mm
 from configurator import configure, fail, check_choice, check_range, check_device
-from kernels.cpu_memory import keep_freed_memory
+from moe_kernels.cpu_memory import keep_freed_memory
 from checkpoint import load_checkpoint, CheckpointError
 from model import CHECKPOINTING
 from moe_model import build_model, MoE, MoEConfig, EXPERT_IMPLS, MODEL_KEYS
@@ -76,7 +76,7 @@ torch.backends.cuda.matmul.allow_tf32 = True  # allow tf32 on matmul
 torch.backends.cudnn.allow_tf32 = True  # allow tf32 on cudnn
 device_type = 'cuda' if 'cuda' in device else 'cpu'  # for later use in torch.autocast
 if device_type == 'cpu':
-    keep_freed_memory()  # reuse freed memory: no page faults on every step's large tensors (kernels/cpu_memory.py)
+    keep_freed_memory()  # reuse freed memory: no page faults on every step's large tensors (moe_kernels/cpu_memory.py)
     print("grouped GEMMs on the CPU: " + ("cpu_grouped_mm.cpp" if cpu_grouped_mm.available() else "torch's grouped_mm"))
 ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
 ctx = nullcontext() if device_type == 'cpu' else torch.amp.autocast(device_type=device_type, dtype=ptdtype)

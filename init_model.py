@@ -15,7 +15,8 @@ import os
 
 from checkpoint import load_checkpoint, load_for_resume, load_weights
 from hf import GPT2_SIZES, hf_config, hf_model_args, load_hf_folder
-from moe_model import auto_expert_impl, build_model, MODEL_KEYS, SHAPE_KEYS, TRAIN_KEYS
+from moe_kernels import auto_expert_impl
+from moe_model import build_model, MODEL_KEYS, SHAPE_KEYS, TRAIN_KEYS
 from upcycle import upcycle_args, upcycle
 
 

@@ -13,7 +13,7 @@ Reading order:
                             'loop'     the reference: a for-loop over experts. Simple, slow.
                             'grouped'  dropless: slots sorted by expert, two grouped GEMMs
                             'batched'  capacity (GShard/Switch): fixed slots per expert, one bmm
-                            'triton'   block-sparse kernels (kernels/moe_triton.py, optional)
+                            'triton'   block-sparse kernels (moe_kernels/moe_triton.py, optional)
                             (expert parallelism puts expert_parallel.py's all-to-all dispatch in their place)
   expert choice             experts pick their tokens (training only), run as batched's table
   MoE                       drop-in for MLP: token order, routing, the backend; record() keeps its aux terms,
@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.distributed as dist
 from torch.nn import functional as F
 
-from kernels.grouped_mm import grouped_mm  # the grouped GEMM as a custom op (torch.compile traces it)
+from moe_kernels.grouped_mm import grouped_mm  # the grouped GEMM as a custom op (torch.compile traces it)
 from model import GPT, GPTConfig, MLP, checkpointed, key, keys_of
 
 
@@ -357,43 +357,13 @@ batched_experts.position_major = True
 
 
 def triton_experts(x, topk_idx, topk_weight, experts):
-    """MegaBlocks-style block-sparse kernels; see kernels/moe_triton.py (imported on first use)."""
-    from kernels import moe_triton
+    """MegaBlocks-style block-sparse kernels; see moe_kernels/moe_triton.py (imported on first use)."""
+    from moe_kernels import moe_triton
     return moe_triton.triton_experts(x, topk_idx, topk_weight, experts)
 
 
 EXPERT_IMPLS = {'loop': loop_experts, 'grouped': grouped_experts, 'batched': batched_experts,
                 'triton': triton_experts}
-
-
-def auto_expert_impl(device, dtype, expert_hidden):
-    """What expert_impl='auto' (train.py's default) runs on this device: (backend, a warning or None).
-    CPU: 'grouped' (kernels/cpu_grouped_mm.cpp). CUDA sm90/sm100 (H100, H200, B200) in bfloat16: 'grouped',
-    torch's fused grouped_mm, which takes bfloat16 alone there (GroupedBlas.cpp). Otherwise (other dtypes,
-    other GPUs) torch's grouped_mm runs one GEMM per expert with a device-to-host sync, so 'triton' when it
-    is installed, its kernels compile and fit this GPU in this dtype (moe_triton.SUPPORTED, checked ahead of
-    time by kernels/triton_aot.py) and expert_hidden is a multiple of 16; else 'grouped', with a warning
-    that says why it will be slow."""
-    if not device.startswith('cuda'):
-        return 'grouped', None
-    major, minor = torch.cuda.get_device_capability(device)
-    fused = major in (9, 10)  # torch's fused grouped GEMM runs on these, in bfloat16
-    if fused and dtype == 'bfloat16':
-        return 'grouped', None
-    cc = 10 * major + minor
-    if importlib.util.find_spec('triton') is None:
-        why = 'triton is not installed'
-    else:
-        from kernels import moe_triton
-        why = (f'sm{cc} has no tensor cores for {dtype}' if (cc, dtype) in moe_triton.NOT_FAST else
-               f'moe_triton.SUPPORTED does not list sm{cc} with {dtype}: not all its Triton configurations compile and '
-               'fit there, or they were not checked (kernels/triton_aot.py)' if (cc, dtype) not in moe_triton.SUPPORTED else
-               f'triton needs expert_hidden divisible by 16, not {expert_hidden}' if expert_hidden % 16 else None)
-    if why is None:
-        return 'triton', None
-    bf16_only = ' (its fused kernel is bfloat16-only)' if fused else ''
-    return 'grouped', (f"expert_impl='auto' runs 'grouped' on this sm{cc} GPU in {dtype}, where torch's grouped_mm "
-                       f"is one GEMM per expert and a host sync per layer{bf16_only}: slow; {why}")
 
 
 def expert_choice(probs, top_k):

@@ -34,7 +34,7 @@ import torch
 from torch.distributed import init_process_group, destroy_process_group
 
 from configurator import configure, fail, check_choice, check_range, check_device, check_dataset, check_memory
-from kernels.cpu_memory import keep_freed_memory
+from moe_kernels.cpu_memory import keep_freed_memory
 from checkpoint import (CheckpointError, load_meta, training_state, restore, nonfinite_tensor, RunDir, StopSignal,
                         DivergenceGuard)
 from model import CHECKPOINTING
@@ -70,7 +70,7 @@ batch_size = 12  # if gradient_accumulation_steps > 1, this is the micro-batch s
 globals().update({f.name: f.default for f in fields(MoEConfig)})
 bias = False  # do we use bias inside LayerNorm and Linear layers?
 vocab_size = 0  # 0: from the dataset's meta.pkl, else GPT-2's 50304
-expert_impl = 'auto'  # 'auto': the fast one for this device (moe_model.auto_expert_impl), or one of EXPERT_IMPLS
+expert_impl = 'auto'  # 'auto': the fast one for this device (moe_kernels.auto_expert_impl), or one of EXPERT_IMPLS
 expert_parallel = 1  # EP degree: each MoE layer's experts are split over this many ranks (torchrun); 1: none
 upcycle_noise = 0.0  # init_from a dense model and n_expert set: experts start as its MLPs plus this noise (upcycle.py)
 # adamw optimizer
@@ -190,7 +190,7 @@ torch.backends.cuda.matmul.allow_tf32 = True  # allow tf32 on matmul
 torch.backends.cudnn.allow_tf32 = True  # allow tf32 on cudnn
 device_type = 'cuda' if 'cuda' in device else 'cpu'  # for later use in torch.autocast
 if device_type == 'cpu':
-    keep_freed_memory()  # reuse freed memory: no page faults on every step's large tensors (kernels/cpu_memory.py)
+    keep_freed_memory()  # reuse freed memory: no page faults on every step's large tensors (moe_kernels/cpu_memory.py)
 # note: float16 data type will automatically use a GradScaler
 ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
 ctx = nullcontext() if dtype == 'float32' else torch.amp.autocast(device_type=device_type, dtype=ptdtype)

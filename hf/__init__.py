@@ -48,14 +48,14 @@ def export_moe(model):
 def modeling_source():
     """The folder's modeling_nanomoe.py: hf/modeling_nanomoe.py with the repo's model.py and moe_model.py in
     place of its import of them, so that the folder runs the very code that trained the model. Their imports
-    of each other go (model.py's names come first), and their imports of kernels/ (the fast backends; the
+    of each other go (model.py's names come first), and their imports of moe_kernels/ (the fast backends; the
     exported model runs 'loop') are kept only where that package is there."""
     def read(name):
         with open(os.path.join(REPO, name)) as f:
             return f.read()
     model = read('model.py')
     moe = re.sub(r'^from model import .*\n', '', read('moe_model.py'), flags=re.M)
-    moe = re.sub(r'^( *)(from kernels\S* import .*)$', r'\1try:  # (hf/__init__.py: not in an exported folder)\n'
+    moe = re.sub(r'^( *)(from moe_kernels\S* import .*)$', r'\1try:  # (hf/__init__.py: not in an exported folder)\n'
                  r'\1    \2\n\1except ImportError:\n\1    pass', moe, flags=re.M)
     head, tail = read('hf/modeling_nanomoe.py').split('from moe_model import', 1)
     tail = tail.split('\n', 1)[1]

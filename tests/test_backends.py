@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import ROOT
-from kernels import cpu_grouped_mm
+from moe_kernels import cpu_grouped_mm
 import moe_model
 from moe_model import MoEConfig, MoE, EXPERT_IMPLS, batched_experts, loop_experts
 
@@ -183,12 +183,12 @@ def test_a_built_cpu_kernel_loads_without_the_build_lock(tmp_path):
     import sys
     assert cpu_grouped_mm.available()
     env = {**os.environ, 'TORCH_EXTENSIONS_DIR': str(tmp_path)}
-    folder = subprocess.run([sys.executable, '-c', 'from kernels import cpu_grouped_mm; print(cpu_grouped_mm.build_folder())'],
+    folder = subprocess.run([sys.executable, '-c', 'from moe_kernels import cpu_grouped_mm; print(cpu_grouped_mm.build_folder())'],
                             cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout.strip()
     os.makedirs(folder)
     shutil.copy(os.path.join(cpu_grouped_mm.build_folder(), 'nanomoe_cpu_grouped_mm.so'), folder)
     open(os.path.join(folder, 'lock'), 'w').close()
-    p = subprocess.run([sys.executable, '-c', 'from kernels import cpu_grouped_mm; print(cpu_grouped_mm.available())'],
+    p = subprocess.run([sys.executable, '-c', 'from moe_kernels import cpu_grouped_mm; print(cpu_grouped_mm.available())'],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert p.stdout.strip() == 'True', p.stderr
 
@@ -353,7 +353,7 @@ def test_compiled_training_step_has_no_graph_break(impl, dtype, checkpointing):
 ])
 def test_auto_expert_impl_for_each_gpu(monkeypatch, device, capability, triton, dtype, hidden, expected, why):
     import importlib.util
-    from moe_model import auto_expert_impl
+    from moe_kernels import auto_expert_impl
     monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda device=None: capability)
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *a: (object() if triton else None) if name == 'triton'

@@ -5,7 +5,8 @@ import importlib.util
 import pytest
 import torch
 
-from moe_model import EXPERT_IMPLS, MoE, MoEConfig, auto_expert_impl, build_model
+from moe_kernels import auto_expert_impl
+from moe_model import EXPERT_IMPLS, MoE, MoEConfig, build_model
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')]
 FAST = [i for i in EXPERT_IMPLS if i != 'loop' and (i != 'triton' or importlib.util.find_spec('triton'))]

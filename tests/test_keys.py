@@ -167,7 +167,7 @@ def test_the_exported_folder_runs_without_the_repo(tmp_path):
     with open(os.path.join(ROOT, 'moe_model.py')) as f:
         assert 'class Router(nn.Module):' + f.read().split('class Router(nn.Module):')[1].split('\n# ---')[0] in source
     code = ("import sys, torch; from transformers import AutoModelForCausalLM\n"
-            "assert not any('kernels' in m or m == 'moe_model' for m in sys.modules)\n"
+            "assert not any('moe_kernels' in m or m == 'moe_model' for m in sys.modules)\n"
             "m = AutoModelForCausalLM.from_pretrained('hf', trust_remote_code=True).eval()\n"
             "ref = torch.load('ref.pt')\n"
             "with torch.no_grad(): assert torch.equal(m(ref['idx']).logits, ref['logits'])\n"

@@ -1,5 +1,5 @@
 """
-Tests for the block-sparse Triton experts (kernels/moe_triton.py). On a machine without CUDA the
+Tests for the block-sparse Triton experts (moe_kernels/moe_triton.py). On a machine without CUDA the
 kernels run under the Triton interpreter (TRITON_INTERPRET=1), so shapes are tiny; on a GPU they run
 compiled, on CUDA tensors (tests/test_cuda.py has the GPU-only checks).
 """
@@ -20,7 +20,7 @@ triton = pytest.importorskip("triton", reason="triton is not installed (optional
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import moe_model  # noqa: E402
 from moe_model import loop_experts  # noqa: E402  (the reference)
-from kernels import moe_triton as mt  # noqa: E402
+from moe_kernels import moe_triton as mt  # noqa: E402
 
 if mt._interpret() != mt._KERNELS_INTERPRETED:
     mt = importlib.reload(mt)  # imported earlier (e.g. via moe_model) before TRITON_INTERPRET was set

@@ -1,5 +1,5 @@
 """
-Tests for kernels/triton_aot.py: the Triton kernels compiled ahead of time for sm70-sm90 on this machine,
+Tests for moe_kernels/triton_aot.py: the Triton kernels compiled ahead of time for sm70-sm90 on this machine,
 with no GPU, and moe_triton.SUPPORTED (the table expert_impl='auto' reads) checked against those compiles.
 """
 import sys
@@ -10,8 +10,8 @@ import pytest
 triton = pytest.importorskip("triton", reason="triton is not installed (optional dependency: pip install triton)")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kernels import moe_triton as mt  # noqa: E402
-from kernels import triton_aot as aot  # noqa: E402
+from moe_kernels import moe_triton as mt  # noqa: E402
+from moe_kernels import triton_aot as aot  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -46,7 +46,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repo root: the parts run there
 sys.path.insert(0, ROOT)
 from configurator import fail  # noqa: E402
-from moe_model import auto_expert_impl  # noqa: E402
+from moe_kernels import auto_expert_impl  # noqa: E402
 TARGETS = {'layer': 0.70, 'step': 1.15, 'val': 1.467}  # share of the GEMM ceiling; MoE/dense step; val loss
 DATA = ('train.bin', 'val.bin', 'meta.pkl')  # data/shakespeare_char/, for (d)
 # each command's share of the budget, in proportion (estimates for an H100: (a) compiles two models and many

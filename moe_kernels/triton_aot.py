@@ -3,7 +3,7 @@ The Triton kernels of moe_triton.py compiled ahead of time for the GPUs users ha
 needed): triton.compile(ASTSource(...), target=GPUTarget('cuda', cc, 32)) runs Triton's compiler and ptxas
 for that GPU, and metadata.shared says how much shared memory a block of the kernel needs. Where every
 configuration the autotuner can launch compiles and fits the GPU's shared memory per block, the (GPU,
-dtype) pair belongs in moe_triton.SUPPORTED, the static table moe_model.auto_expert_impl reads (it compiles
+dtype) pair belongs in moe_triton.SUPPORTED, the static table moe_kernels.auto_expert_impl reads (it compiles
 nothing); check() is what the tests compare that table with.
 
 The kernels are compiled as the launchers call them. Triton specialises a kernel on its arguments, not
@@ -14,8 +14,8 @@ on sm80+ and pipelines them over num_stages buffers: sdd at BLOCK=128, BLOCK_K=6
 launches() runs the experts' forward and backward on the CPU with the kernel launches recorded instead of
 run (model width and hidden size multiples of 16: the most specialised case, which pipelines the most).
 
-$ python kernels/triton_aot.py                        # what the tests compile (~20 s on 2 cores)
-$ python kernels/triton_aot.py --all --targets=all    # every launch and configuration, everywhere (~1 h)
+$ python moe_kernels/triton_aot.py                        # what the tests compile (~20 s on 2 cores)
+$ python moe_kernels/triton_aot.py --all --targets=all    # every launch and configuration, everywhere (~1 h)
 
 One row per compile (target, dtype, kernel, the strides that are 1, configuration, shared bytes, verdict),
 then one verdict per target and dtype; exit code 1 if moe_triton.SUPPORTED disagrees with the compiles.
@@ -57,7 +57,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 from triton._C.libtriton import native_specialize_impl  # noqa: E402  (how the JIT specialises an argument)
 
-from kernels import moe_triton  # noqa: E402
+from moe_kernels import moe_triton  # noqa: E402
 
 # shared memory one block may use (cudaDevAttrMaxSharedMemoryPerBlockOptin, what Triton checks a launch
 # against; from sm80 on 1 KiB less than the SM has: 163 KiB on an A100's 164), in KiB, and GPUs with it

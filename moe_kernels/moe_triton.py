@@ -66,14 +66,14 @@ def _use_kernels(x, n_slots):
 
 
 # What the autotuner tries on a GPU: every tile size but the first (the interpreter's single small one)
-# with every num_warps and num_stages. kernels/triton_aot.py compiles them ahead of time for each GPU.
+# with every num_warps and num_stages. moe_kernels/triton_aot.py compiles them ahead of time for each GPU.
 TILES = {"sdd": [{"BLOCK_K": 16}, {"BLOCK_K": 32}, {"BLOCK_K": 64}],
          "dsd": [{"BLOCK_N": 32, "BLOCK_K": 16}, {"BLOCK_N": 64, "BLOCK_K": 32}, {"BLOCK_N": 64, "BLOCK_K": 64},
                  {"BLOCK_N": 128, "BLOCK_K": 32}]}
 TILES["tsd"] = TILES["dsd"]
 WARPS, STAGES = (4, 8), (3, 4)
 # (compute capability, dtype) where every configuration above compiles and fits the GPU's shared memory,
-# as kernels/triton_aot.py finds (the tests check it); moe_model.auto_expert_impl uses 'triton' only there.
+# as moe_kernels/triton_aot.py finds (the tests check it); moe_kernels.auto_expert_impl uses 'triton' only there.
 # Before sm80 there are no tensor cores for bfloat16 or TF32: not used there even where they compile.
 # The most a 16-bit configuration needs (sdd, BLOCK=128, BLOCK_K=64, 4 stages): 32 KiB before sm80, 96 on
 # sm80-sm89 (3 buffers of pipelined loads: sm86/sm89 allow 99, so one more stage would not fit), 128 on sm90.

@@ -9,7 +9,7 @@ on the CPU (0.33 vs 0.25 ms).
 import torch
 from torch.nn import functional as F
 
-from kernels import cpu_grouped_mm
+from moe_kernels import cpu_grouped_mm
 
 _torch_grouped_mm = getattr(F, 'grouped_mm', None) or torch._grouped_mm  # (public from torch 2.9; 2.8 has the other)
 
@@ -17,7 +17,7 @@ _torch_grouped_mm = getattr(F, 'grouped_mm', None) or torch._grouped_mm  # (publ
 @torch.library.custom_op('nanomoe::grouped_mm', mutates_args=())
 def _grouped_mm_op(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """a [M, K] (rows sorted by group), b [G, K, N], offs [G] int32 (the end row of each group) -> [M, N]:
-    group g's rows times b[g]. On the CPU kernels/cpu_grouped_mm's kernel (groups side by side), else torch's."""
+    group g's rows times b[g]. On the CPU moe_kernels/cpu_grouped_mm's kernel (groups side by side), else torch's."""
     if a.device.type == 'cpu' and cpu_grouped_mm.available():
         return torch.ops.nanomoe_cpu.grouped_mm(a, b, offs)
     return _torch_grouped_mm(a, b, offs=offs)
