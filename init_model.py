@@ -13,10 +13,12 @@ the run's device.
 """
 import os
 
+import torch
+
 from checkpoint import load_checkpoint, load_for_resume, load_weights
-from hf import GPT2_SIZES, hf_config, hf_model_args, load_hf_folder
+from hf import GPT2_SIZES, hf_config, hf_model_args, load_hf_folder, load_gpt2
 from moe_kernels import auto_expert_impl
-from moe_model import build_model, MODEL_KEYS, SHAPE_KEYS, TRAIN_KEYS
+from moe_model import Experts, build_model, model_config, MODEL_KEYS, SHAPE_KEYS, TRAIN_KEYS
 from upcycle import upcycle_args, upcycle
 
 
@@ -55,6 +57,7 @@ class Init:
             print(f"expert_impl='auto': {impl}" + (f"\nwarning: {warning}" if warning else ''))
             args['expert_impl'] = config['expert_impl'] = impl
         self.upcycle_noise = config['upcycle_noise']
+        model_config(args)  # every model key checked (top_k <= n_expert, n_embd % n_head, ...)
 
     def build(self):
         """The model, with its weights (a CheckpointError or ValueError, one line, if they cannot be loaded)."""
@@ -68,9 +71,8 @@ class Init:
             load_weights(model, self.ckpt, self.path)
         else:
             print(f"Initializing from pretrained weights: {self.init_from}")
-            from model import GPT
             model = (load_hf_folder(self.init_from, self.weights_args) if self.hf else
-                     GPT.from_pretrained(self.init_from, dict(dropout=self.weights_args['dropout'])))
+                     load_gpt2(self.init_from, self.weights_args['dropout']))
         if self.model_args is not self.weights_args:
             model = upcycle(model, self.model_args, self.upcycle_noise)
         return model
@@ -96,3 +98,12 @@ def weights_keys(weights_args, config, given, init_from):
     if changed:
         print(f"note: this run changes what the weights of init_from={init_from!r} compute: {', '.join(changed)}")
     return fixed
+
+
+def training_bytes(model_args, expert_parallel=1):
+    """Bytes of one rank's fp32 weights, gradients and two AdamW moments (16 per parameter; activations come
+    on top), with the experts split over expert_parallel ranks; counted on the meta device: nothing allocated."""
+    with torch.device('meta'):
+        model = build_model(model_args)
+    experts = sum(p.numel() for m in model.modules() if isinstance(m, Experts) for p in m.parameters())
+    return 16 * (sum(p.numel() for p in model.parameters()) - experts + experts // expert_parallel)

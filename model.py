@@ -16,7 +16,7 @@ Departures from nanoGPT's model.py:
 - GPTConfig checks its values (one clear ValueError) and says what each key is (key() below); MLP takes a
   hidden size (shared experts);
 - activation checkpointing (set_activation_checkpointing), off by default;
-- from_pretrained also takes a local folder; configure_optimizers uses fused AdamW on CPU too and tells
+- from_pretrained (hf.load_gpt2) also takes a local folder; configure_optimizers uses fused AdamW on CPU too and tells
   stacked expert biases apart from weights by name.
 """
 
@@ -291,44 +291,10 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, model_type, override_args=None):
-        """Load GPT-2 weights from HuggingFace: model_type is 'gpt2', 'gpt2-medium', 'gpt2-large',
-        'gpt2-xl', or a local folder holding a GPT2LMHeadModel (save_pretrained)."""
-        override_args = override_args or {}  # default to empty dict
-        # only dropout can be overridden see more notes below
-        assert all(k == 'dropout' for k in override_args)
-        from transformers import GPT2LMHeadModel
-        print("loading weights from pretrained gpt: %s" % model_type)
-        try:
-            model_hf = GPT2LMHeadModel.from_pretrained(model_type)
-        except Exception as e:  # offline, a wrong name or folder: whatever transformers raises, one line
-            lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
-            raise ValueError(f"cannot load GPT-2 weights from {model_type!r}: {lines[0][:300]}") from None
-        hf = model_hf.config
-        config_args = dict(n_layer=hf.n_layer, n_head=hf.n_head, n_embd=hf.n_embd,
-                           vocab_size=hf.vocab_size, block_size=hf.n_positions, bias=True)
-        if 'dropout' in override_args:
-            print(f"overriding dropout rate to {override_args['dropout']}")
-            config_args['dropout'] = override_args['dropout']
-        model = GPT(GPTConfig(**config_args))
-        sd = model.state_dict()
-        sd_hf = model_hf.state_dict()
-
-        # copy while ensuring all of the parameters are aligned and match in names and shapes
-        sd_keys_hf = [k for k in sd_hf.keys() if not k.endswith(('.attn.masked_bias', '.attn.bias'))]
-        transposed = ['attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight']
-        # basically the openai checkpoints use a "Conv1D" module, but we only want to use a vanilla Linear
-        # this means that we have to transpose these weights when we import them
-        assert len(sd_keys_hf) == len(sd), f"mismatched keys: {len(sd_keys_hf)} != {len(sd)}"
-        for k in sd_keys_hf:
-            if any(k.endswith(w) for w in transposed):
-                assert sd_hf[k].shape[::-1] == sd[k].shape
-                with torch.no_grad():
-                    sd[k].copy_(sd_hf[k].t())
-            else:
-                assert sd_hf[k].shape == sd[k].shape
-                with torch.no_grad():
-                    sd[k].copy_(sd_hf[k])
-        return model
+        """GPT-2's weights from Hugging Face: model_type is 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl', or a
+        local folder holding a GPT2LMHeadModel (save_pretrained); override_args may set dropout (hf.load_gpt2)."""
+        from hf import load_gpt2
+        return load_gpt2(model_type, **(override_args or {}))
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         # start with all of the candidate parameters that require grad

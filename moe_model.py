@@ -625,12 +625,3 @@ def model_args_of(model):
     """The constructor arguments of a model, for checkpoints (build_model inverts this). A dense model's are
     GPTConfig's alone, as nanoGPT writes them, so that nanoGPT's GPTConfig(**model_args) reads them too."""
     return asdict(model.config)
-
-
-def training_bytes(model_args, expert_parallel=1):
-    """Bytes of one rank's fp32 weights, gradients and two AdamW moments (16 per parameter; activations come
-    on top), with the experts split over expert_parallel ranks; counted on the meta device: nothing allocated."""
-    with torch.device('meta'):
-        model = build_model(model_args)
-    experts = sum(p.numel() for m in model.modules() if isinstance(m, Experts) for p in m.parameters())
-    return 16 * (sum(p.numel() for p in model.parameters()) - experts + experts // expert_parallel)

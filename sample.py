@@ -74,10 +74,9 @@ if init_from == 'resume':
         fail(str(e))
 elif init_from in ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl') or os.path.isdir(init_from):
     # init from a given GPT-2 model, or a Hugging Face folder (GPT-2's, or one export_hf.py wrote)
-    from model import GPT
-    from hf import load_hf_folder
+    from hf import load_hf_folder, load_gpt2
     try:
-        model = load_hf_folder(init_from) if os.path.isdir(init_from) else GPT.from_pretrained(init_from, dict(dropout=0.0))
+        model = load_hf_folder(init_from) if os.path.isdir(init_from) else load_gpt2(init_from)
     except (ValueError, OSError) as e:
         fail(str(e))
 else:

@@ -38,9 +38,9 @@ from moe_kernels.cpu_memory import keep_freed_memory
 from checkpoint import (CheckpointError, load_meta, training_state, restore, nonfinite_tensor, RunDir, StopSignal,
                         DivergenceGuard)
 from model import CHECKPOINTING
-from moe_model import MODEL_KEYS, MoEConfig, model_config, model_args_of, training_bytes
+from moe_model import MODEL_KEYS, MoEConfig, model_args_of
 from expert_parallel import ExpertParallel, config_error
-from init_model import Init
+from init_model import Init, training_bytes
 import hellaswag
 
 # -----------------------------------------------------------------------------
@@ -137,10 +137,6 @@ try:  # where the model comes from (init_model.py): a checkpoint, GPT-2, ...; an
 except (ValueError, CheckpointError) as e:
     fail(str(e))
 model_args, block_size = init.model_args, config['block_size']  # (the weights' unless the run gives one)
-try:
-    model_config(model_args)  # validates every model key (top_k <= n_expert, n_embd % n_head, ...)
-except ValueError as e:
-    fail(str(e))
 # torchrun's WORLD_SIZE is known before the process group starts
 world_size = int(os.environ.get('WORLD_SIZE', 1))
 if message := config_error(expert_parallel, model_args, config['expert_impl'], dtype, world_size):
@@ -219,10 +215,6 @@ def get_batch(split, step, micro_step):
     return x, y
 
 
-# init these up here, can override if init_from='resume' (i.e. from a checkpoint)
-iter_num = 0
-best_val_loss = 1e9
-
 # model init
 if meta_vocab_size is None and not vocab_size and init_from == 'scratch':
     print("defaulting to vocab_size of GPT-2 to 50304 (50257 rounded up for efficiency)")
@@ -230,8 +222,7 @@ try:
     model = init.build()
 except (ValueError, CheckpointError) as e:
     fail(str(e))
-if init_from == 'resume':
-    iter_num, best_val_loss = init.ckpt['iter_num'], init.ckpt['best_val_loss']
+iter_num, best_val_loss = (init.ckpt['iter_num'], init.ckpt['best_val_loss']) if init_from == 'resume' else (0, 1e9)
 # crop down the model block size if desired, using model surgery (growing it was refused above)
 if block_size < model.config.block_size:
     model.crop_block_size(block_size)  # the checkpoint's model_args are read off the model (model_args_of)

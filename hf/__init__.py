@@ -13,6 +13,7 @@ import json
 
 import torch
 
+from model import GPT, GPTConfig
 from moe_model import EXPORTED_KEYS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -20,6 +21,31 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONV1D = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')  # HF stores x @ W
 GPT2_SIZES = {'gpt2': (12, 12, 768), 'gpt2-medium': (24, 16, 1024), 'gpt2-large': (36, 20, 1280),  # n_layer, n_head,
               'gpt2-xl': (48, 25, 1600)}  # n_embd
+
+
+def load_gpt2(model_type, dropout=0.0):
+    """A GPT with GPT-2's weights (model.GPT.from_pretrained, as in nanoGPT): model_type is 'gpt2',
+    'gpt2-medium', 'gpt2-large', 'gpt2-xl', or a local folder holding a GPT2LMHeadModel (save_pretrained).
+    ValueError, one line, if transformers cannot load it (offline, a wrong name or folder)."""
+    from transformers import GPT2LMHeadModel
+    print("loading weights from pretrained gpt: %s" % model_type)
+    try:
+        model_hf = GPT2LMHeadModel.from_pretrained(model_type)
+    except Exception as e:  # whatever transformers raises, one line
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        raise ValueError(f"cannot load GPT-2 weights from {model_type!r}: {lines[0][:300]}") from None
+    c = model_hf.config
+    model = GPT(GPTConfig(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, vocab_size=c.vocab_size,
+                          block_size=c.n_positions, bias=True, dropout=dropout))
+    sd, sd_hf = model.state_dict(), model_hf.state_dict()
+    keys_hf = [k for k in sd_hf if not k.endswith(('.attn.masked_bias', '.attn.bias'))]
+    assert len(keys_hf) == len(sd), f"mismatched keys: {len(keys_hf)} != {len(sd)}"
+    with torch.no_grad():
+        for k in keys_hf:  # the OpenAI checkpoints use a "Conv1D" module: its weights are transposed Linears
+            w = sd_hf[k].t() if k.endswith(CONV1D) else sd_hf[k]
+            assert w.shape == sd[k].shape, k
+            sd[k].copy_(w)
+    return model
 
 
 def export_dense(model):
@@ -96,7 +122,7 @@ def hf_model_args(init_from):
 
 
 def load_hf_folder(folder, run_args=None):
-    """A GPT (a GPT2LMHeadModel folder, through model.GPT.from_pretrained) or an MoEGPT (a folder this file
+    """A GPT (a GPT2LMHeadModel folder, through load_gpt2) or an MoEGPT (a folder this file
     exported); ValueError with one line if it cannot be loaded. run_args: a run's model keys, the folder's
     shape keys among them (init_model.Init's): the keys that config.json does not fix, dropout and the
     RUN_KEYS (expert_impl, aux_loss_coef, ...), are the run's; without run_args, MoEConfig's defaults."""
@@ -104,8 +130,7 @@ def load_hf_folder(folder, run_args=None):
     if cfg is None:
         raise ValueError(f"{folder} has no config.json: it is not a Hugging Face model folder")
     if cfg.get('model_type') != 'nanomoe':
-        from model import GPT
-        return GPT.from_pretrained(folder, dict(dropout=(run_args or {}).get('dropout', 0.0)))
+        return load_gpt2(folder, (run_args or {}).get('dropout', 0.0))
     from safetensors.torch import load_file
     from moe_model import MoEGPT, MoEConfig
     model = MoEGPT(MoEConfig(**(run_args or hf_model_args(folder))))

@@ -31,7 +31,7 @@ check_choice(config, 'dtype', ('float32', 'bfloat16', 'float16'))
 check_device(device)
 check_range(config, ('max_examples',), 0)
 from checkpoint import load_checkpoint, load_weights, CheckpointError
-from hf import GPT2_SIZES, hf_config, hf_model_args, load_hf_folder
+from hf import GPT2_SIZES, hf_config, hf_model_args, load_hf_folder, load_gpt2
 # the model's vocab_size and block_size first (no weights yet): a character-level model stops before any download
 ckpt = None
 if init_from == 'resume' or init_from.endswith('.pt'):
@@ -58,8 +58,7 @@ try:
         model = build_model(model_args)
         load_weights(model, ckpt, path)
     else:
-        from model import GPT
-        model = load_hf_folder(init_from) if init_from not in GPT2_SIZES else GPT.from_pretrained(init_from)
+        model = load_hf_folder(init_from) if init_from not in GPT2_SIZES else load_gpt2(init_from)
 except (ValueError, CheckpointError) as e:
     fail(str(e))
 ckpt = None  # free the memory
