@@ -1,7 +1,7 @@
 # Everything a fresh machine needs, from the project's own files.
 #   make demo   prepare shakespeare_char, train a small MoE on CPU, sample from it
 #   make test   run the test suite (what .ci/run calls), and list its 15 slowest tests
-#   make test-fast   the unit tier only: every test not marked slow (no training runs), about a minute
+#   make test-fast   the unit tier only: every test not marked slow (no training runs), about 1.5 minutes
 PY := .venv/bin/python
 
 .venv/installed: requirements.txt
