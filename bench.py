@@ -7,7 +7,7 @@ Benchmarks. Two modes:
    $ python bench.py --init_from=resume --out_dir=out-shakespeare-char-moe   (the checkpoint's model)
    prints ms/iter, tokens/s, MFU (from ACTIVE parameters) and the step's peak memory (activation_checkpointing
    = 'moe' or 'all' trades compute for it). compare_dense=True also times the dense twin (n_expert=0; needs
-   top_k * expert_hidden = 4 * n_embd, every layer MoE, no shared experts), and compare_compile=True each
+   top_k * expert_hidden = mlp_hidden, every layer MoE, no shared experts), and compare_compile=True each
    model both eager and compiled, one step of each in turn: on a shared machine only a ratio measured that
    way means anything.
    $ python bench.py --n_layer=4 --n_head=4 --n_embd=128 --block_size=64 --vocab_size=65 --expert_hidden=256 --compare_compile=True
@@ -34,7 +34,7 @@ from moe_kernels import cpu_grouped_mm
 from configurator import configure, fail, check_choice, check_range, check_device
 from moe_kernels.cpu_memory import keep_freed_memory
 from checkpoint import load_checkpoint, CheckpointError
-from model import CHECKPOINTING
+from model import CHECKPOINTING, GPTConfig, MLP
 from moe_model import build_model, MoE, MoEConfig, EXPERT_IMPLS, MODEL_KEYS
 
 # -----------------------------------------------------------------------------
@@ -106,15 +106,15 @@ def time_it(*steps):
 
 
 def bench_moe_layer():
-    hidden = expert_hidden or 4 * n_embd
+    hidden = expert_hidden or mlp_hidden or 4 * n_embd
     print(f"one layer, fwd+bwd: {layer_tokens} tokens, n_embd {n_embd}, expert hidden {hidden}, top_k {top_k}, "
-          f"{dtype} on {device}")
+          f"{mlp}, {dtype} on {device}")
     x = torch.randn(1, layer_tokens, n_embd, device=device, dtype=ptdtype if device_type == 'cpu' else torch.float32)
     x.requires_grad_(True)
     # an active-FLOPs twin: a dense MLP whose hidden size is what a token runs in the MoE
-    dense = torch.nn.Sequential(torch.nn.Linear(n_embd, top_k * hidden, bias=bias), torch.nn.GELU(),
-                                torch.nn.Linear(top_k * hidden, n_embd, bias=bias)).to(device)
-    flops = 3 * 2 * layer_tokens * 2 * n_embd * top_k * hidden  # fwd+bwd = 3x fwd; 2 matmuls of 2*m*n*k
+    dense = MLP(GPTConfig(n_embd=n_embd, n_head=1, bias=bias, mlp=mlp), top_k * hidden).to(device)
+    matmuls = 3 if mlp == 'swiglu' else 2  # (gate, up, down)
+    flops = 3 * matmuls * 2 * layer_tokens * n_embd * top_k * hidden  # fwd+bwd = 3x fwd; matmuls of 2*m*n*k
 
     def layer_step(layer):
         def step():
@@ -131,7 +131,7 @@ def bench_moe_layer():
     # the ceiling: torch's dense GEMM, [tokens, d] @ [d, top_k * hidden], in the compute dtype
     a = torch.randn(layer_tokens, n_embd, device=device, dtype=ptdtype)
     w = torch.randn(n_embd, top_k * hidden, device=device, dtype=ptdtype)
-    gemm = flops / 6 / time_it(lambda: a @ w) / 1e6
+    gemm = flops / (3 * matmuls) / time_it(lambda: a @ w) / 1e6
     print(f"torch's dense GEMM [{layer_tokens}, {n_embd}] @ [{n_embd}, {top_k * hidden}], {dtype}: {gemm:.1f} GFLOP/s (the ceiling)")
     if device_type == 'cpu' and ptdtype != torch.float32:
         dense = dense.to(ptdtype)
@@ -144,7 +144,7 @@ def bench_moe_layer():
           f"{100 * flops / dense_ms / 1e6 / gemm:7.1f} {peak_memory():>12}")
     for E in [int(e) for e in layer_experts.split(',')]:
         cfg = MoEConfig(n_embd=n_embd, n_head=1, n_layer=1, bias=bias, n_expert=E, top_k=top_k, expert_hidden=hidden,
-                        capacity_factor=capacity_factor)
+                        capacity_factor=capacity_factor, mlp=mlp)
         layer = MoE(cfg).to(device)
         torch.nn.init.normal_(layer.experts.c_fc, std=0.02)
         torch.nn.init.normal_(layer.experts.c_proj, std=0.02)
@@ -182,9 +182,9 @@ def bench_model():
             cfg = MoEConfig(**model_args)  # validates, and fills in expert_hidden
         except ValueError as e:
             fail(str(e))
-        if cfg.top_k * cfg.expert_hidden != 4 * cfg.n_embd or cfg.n_shared_expert or cfg.moe_every > 1 or cfg.n_dense_layers:
+        if cfg.top_k * cfg.expert_hidden != cfg.mlp_hidden or cfg.n_shared_expert or cfg.moe_every > 1 or cfg.n_dense_layers:
             fail(f"compare_dense needs a twin of equal active FLOPs: top_k * expert_hidden = {cfg.top_k * cfg.expert_hidden} "
-                 f"must be 4 * n_embd = {4 * cfg.n_embd}, with every layer MoE and no shared experts")
+                 f"must be mlp_hidden = {cfg.mlp_hidden}, with every layer MoE and no shared experts")
         models = {'dense twin': {**model_args, 'n_expert': 0}, 'model': model_args}
     runs = [(name, c) for name in models for c in ((False, True) if compare_compile else (compile,))]
     steps = [make_step(name, models[name], c) for name, c in runs]

@@ -22,7 +22,7 @@ Departures from nanoGPT's model.py:
 
 import math
 import inspect
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 import torch.nn as nn
@@ -56,48 +56,100 @@ class GPTConfig:
     n_embd: int = key(768, 'shape')
     dropout: float = key(0.0, 'train')
     bias: bool = key(True, 'shape')  # True: bias in Linears and LayerNorms, like GPT-2. False: a bit better and faster
+    # the block: GPT-2's by default; the modern one (Llama, Mixtral, OLMoE, Qwen3) is rmsnorm, rope, swiglu, qk_norm
+    norm: str = key('layernorm', 'shape')    # 'layernorm' (GPT-2) or 'rmsnorm'
+    norm_eps: float = key(1e-5, 'forward')
+    rope: bool = key(False, 'shape')         # rotary positions (the rotate-half form) instead of learned ones
+    rope_theta: float = key(10000.0, 'forward')
+    mlp: str = key('gelu', 'shape')          # the MLP and every expert: 'gelu' (GPT-2) or 'swiglu' (gate, up, down)
+    mlp_hidden: int = key(0, 'shape')        # the dense MLP's hidden size; 0 means 4 * n_embd
+    qk_norm: str = key('none', 'shape')      # RMSNorm on q and k: 'none', each 'head' (Qwen3), or 'full' (OLMoE)
+    n_kv_head: int = key(0, 'shape')         # key/value heads (grouped-query attention); 0 means n_head
+    tie_embeddings: bool = key(True, 'shape')  # the language-model head is the token embedding (GPT-2)
 
     def __post_init__(self):
-        for key in ('block_size', 'vocab_size', 'n_layer', 'n_head', 'n_embd'):
+        self.mlp_hidden = self.mlp_hidden or 4 * self.n_embd
+        self.n_kv_head = self.n_kv_head or self.n_head
+        for key in ('block_size', 'vocab_size', 'n_layer', 'n_head', 'n_embd', 'mlp_hidden', 'n_kv_head'):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
                 raise ValueError(f"{key}={getattr(self, key)!r} must be a positive integer")
         if self.n_embd % self.n_head != 0:
             raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        if self.n_head % self.n_kv_head or self.rope and self.n_embd // self.n_head % 2:
+            raise ValueError(f"n_kv_head={self.n_kv_head} must divide n_head={self.n_head}" if self.n_head % self.n_kv_head
+                             else f"rope needs an even head size, not n_embd / n_head = {self.n_embd // self.n_head}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
+        for key, allowed in (('norm', ('layernorm', 'rmsnorm')), ('mlp', ('gelu', 'swiglu')),
+                             ('qk_norm', ('none', 'head', 'full'))):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"{key}={getattr(self, key)!r} is unknown; allowed: {', '.join(allowed)}")
+        if not self.norm_eps > 0 or not self.rope_theta > 0:
+            raise ValueError(f"norm_eps={self.norm_eps} and rope_theta={self.rope_theta} must be > 0")
 
 
 class LayerNorm(nn.Module):
-    """ LayerNorm but with an optional bias. PyTorch doesn't support simply bias=False """
+    """ LayerNorm but with an optional bias (PyTorch doesn't support simply bias=False), or RMSNorm """
 
-    def __init__(self, ndim, bias):
+    def __init__(self, ndim, bias, eps=1e-5, rms=False):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(ndim))
-        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias and not rms else None
+        self.eps, self.rms = eps, rms
 
     def forward(self, input):
-        return F.layer_norm(input, self.weight.shape, self.weight, self.bias, 1e-5)
+        if self.rms:  # in float32, as Llama's and its descendants' RMSNorm
+            return F.rms_norm(input.float(), self.weight.shape, eps=self.eps).to(input.dtype) * self.weight
+        return F.layer_norm(input, self.weight.shape, self.weight, self.bias, self.eps)
+
+
+def norm(config, ndim=None):
+    """The block's normalisation over ndim (default n_embd) features: config.norm, with config.norm_eps."""
+    return LayerNorm(ndim or config.n_embd, config.bias, config.norm_eps, config.norm == 'rmsnorm')
+
+
+def rope_cos_sin(positions, head_size, theta):
+    """Rotary embeddings' cos and sin [t, head_size] at these positions, in float32 (the rotate-half form)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_size, 2, dtype=torch.float32, device=positions.device) / head_size)
+    angles = torch.outer(positions.float(), inv_freq).repeat(1, 2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """x [..., t, head_size] rotated: each pair (x_i, x_{i + head_size / 2}) by its position's angle."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return (x * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
 
 
 class CausalSelfAttention(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        # key, query, value projections for all heads, but in a batch
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.n_head, self.n_kv_head, self.hs = config.n_head, config.n_kv_head, config.n_embd // config.n_head
+        # key, query, value projections for all heads, but in a batch (n_kv_head key and value heads)
+        self.c_attn = nn.Linear(config.n_embd, (self.n_head + 2 * self.n_kv_head) * self.hs, bias=config.bias)
         # output projection
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.attn_dropout_p = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
-        self.n_head = config.n_head
-        self.n_embd = config.n_embd
+        self.qk_norm = config.qk_norm  # RMSNorm of each head's q and k (Qwen3) or of all of q and k (OLMoE)
+        if self.qk_norm != 'none':
+            rms = dict(config=replace(config, norm='rmsnorm'))
+            self.q_norm = norm(**rms, ndim=self.hs if self.qk_norm == 'head' else self.n_head * self.hs)
+            self.k_norm = norm(**rms, ndim=self.hs if self.qk_norm == 'head' else self.n_kv_head * self.hs)
 
-    def forward(self, x, kv_cache=None):
+    def forward(self, x, kv_cache=None, rope=None):
         B, T, C = x.size()  # batch size, sequence length, embedding dimensionality (n_embd)
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        q, k, v = self.c_attn(x).split([self.n_head * self.hs, self.n_kv_head * self.hs, self.n_kv_head * self.hs], dim=2)
+        if self.qk_norm == 'full':
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(B, T, self.n_head, self.hs)
+        k, v = k.view(B, T, self.n_kv_head, self.hs), v.view(B, T, self.n_kv_head, self.hs)
+        if self.qk_norm == 'head':
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hs)
+        if rope is not None:  # (cos, sin) of this forward's positions
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         # kv_cache (generation only) is a dict holding this layer's past keys and values
         if kv_cache is not None:
             if 'k' in kv_cache:
@@ -108,23 +160,33 @@ class CausalSelfAttention(nn.Module):
         # (generate() only ever appends one token at a time to a non-empty cache)
         is_causal = q.size(2) == k.size(2)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=None, is_causal=is_causal,
-                                           dropout_p=self.attn_dropout_p if self.training else 0)
+                                           dropout_p=self.attn_dropout_p if self.training else 0,
+                                           **({'enable_gqa': True} if self.n_kv_head != self.n_head else {}))
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
         return self.resid_dropout(self.c_proj(y))
+
+
+def activation(h, mlp):
+    """The MLP's (and every expert's) nonlinearity on c_fc's output h: GELU, or SwiGLU, where h holds the
+    gate and the up projection side by side: silu(gate) * up (so swiglu's c_fc is twice as wide)."""
+    if mlp == 'swiglu':
+        gate, up = h.chunk(2, dim=-1)
+        return F.silu(gate) * up
+    return F.gelu(h)
 
 
 class MLP(nn.Module):
 
     def __init__(self, config, hidden=None):
         super().__init__()
-        hidden = hidden or 4 * config.n_embd  # MoE shared experts pass their own hidden size
-        self.c_fc = nn.Linear(config.n_embd, hidden, bias=config.bias)
-        self.gelu = nn.GELU()
+        hidden = hidden or config.mlp_hidden  # MoE shared experts pass their own hidden size
+        self.mlp = config.mlp
+        self.c_fc = nn.Linear(config.n_embd, hidden * (2 if self.mlp == 'swiglu' else 1), bias=config.bias)
         self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        return self.dropout(self.c_proj(activation(self.c_fc(x), self.mlp)))
 
 
 def checkpointed(fn, *args):
@@ -139,19 +201,19 @@ class Block(nn.Module):
 
     def __init__(self, config, mlp):
         super().__init__()
-        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = norm(config)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = norm(config)
         self.mlp = mlp
         self.checkpoint = None  # recompute in backward (set_activation_checkpointing): None, 'block' or 'attn'
 
-    def forward(self, x, kv_cache=None):
+    def forward(self, x, kv_cache=None, rope=None):
         if self.checkpoint == 'block' and kv_cache is None:
-            return checkpointed(self.sublayers, x)
-        return self.sublayers(x, kv_cache)
+            return checkpointed(self.sublayers, x, None, rope)
+        return self.sublayers(x, kv_cache, rope)
 
-    def sublayers(self, x, kv_cache=None):
-        attn = lambda x: self.attn(self.ln_1(x), kv_cache)
+    def sublayers(self, x, kv_cache=None, rope=None):
+        attn = lambda x: self.attn(self.ln_1(x), kv_cache, rope)
         x = x + (checkpointed(attn, x) if self.checkpoint == 'attn' else attn(x))
         x = x + self.mlp(self.ln_2(x))
         return x
@@ -170,17 +232,18 @@ class GPT(nn.Module):
 
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
+            **({} if config.rope else {'wpe': nn.Embedding(config.block_size, config.n_embd)}),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config, self.make_mlp(i)) for i in range(config.n_layer)]),
-            ln_f=LayerNorm(config.n_embd, bias=config.bias),
+            ln_f=norm(config),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        # with weight tying when using torch.compile() some warnings get generated:
-        # "UserWarning: functional_call was passed multiple values for tied weights.
-        # This behavior is deprecated and will be an error in future versions"
-        # not 100% sure what this is, so far seems to be harmless. TODO investigate
-        self.transformer.wte.weight = self.lm_head.weight  # https://paperswithcode.com/method/weight-tying
+        if config.tie_embeddings:
+            # with weight tying when using torch.compile() some warnings get generated:
+            # "UserWarning: functional_call was passed multiple values for tied weights.
+            # This behavior is deprecated and will be an error in future versions"
+            # not 100% sure what this is, so far seems to be harmless. TODO investigate
+            self.transformer.wte.weight = self.lm_head.weight  # https://paperswithcode.com/method/weight-tying
 
         # init all weights
         self.apply(self._init_weights)
@@ -232,7 +295,7 @@ class GPT(nn.Module):
         active=True counts only the parameters one token uses (the same for a dense model).
         """
         n_params = sum(p.numel() for p in self.parameters())
-        if non_embedding:
+        if non_embedding and not self.config.rope:
             n_params -= self.transformer.wpe.weight.numel()
         return n_params
 
@@ -273,11 +336,14 @@ class GPT(nn.Module):
         pos = torch.arange(past, past + t, dtype=torch.long, device=device)  # shape (t)
 
         # forward the GPT model itself
-        tok_emb = self.transformer.wte(idx)  # token embeddings of shape (b, t, n_embd)
-        pos_emb = self.transformer.wpe(pos)  # position embeddings of shape (t, n_embd)
-        x = self.transformer.drop(tok_emb + pos_emb)
+        x = self.transformer.wte(idx)  # token embeddings of shape (b, t, n_embd)
+        if self.config.rope:  # positions rotate each head's q and k instead
+            rope = rope_cos_sin(pos, self.config.n_embd // self.config.n_head, self.config.rope_theta)
+        else:
+            rope, x = None, x + self.transformer.wpe(pos)  # position embeddings of shape (t, n_embd)
+        x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, kv_caches[i] if kv_caches is not None else None)
+            x = block(x, kv_caches[i] if kv_caches is not None else None, rope)
         return self.transformer.ln_f(x)
 
     def crop_block_size(self, block_size):
@@ -287,7 +353,8 @@ class GPT(nn.Module):
         if block_size > self.config.block_size:
             raise ValueError(f"block_size={block_size} is larger than the model's block_size={self.config.block_size}")
         self.config.block_size = block_size
-        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+        if not self.config.rope:
+            self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
 
     @classmethod
     def from_pretrained(cls, model_type, override_args=None):

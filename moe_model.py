@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch.nn import functional as F
 
 from moe_kernels.grouped_mm import grouped_mm  # the grouped GEMM as a custom op (torch.compile traces it)
-from model import GPT, GPTConfig, MLP, checkpointed, key, keys_of
+from model import GPT, GPTConfig, MLP, activation, checkpointed, key, keys_of
 
 
 # Router presets: each names the router settings that a run leaves unset (None). The names stay those that
@@ -50,7 +50,7 @@ ROUTERS = {
 class MoEConfig(GPTConfig):
     n_expert: int = key(8, 'shape')         # experts per MoE layer
     top_k: int = key(2, 'forward')          # experts each token is sent to
-    expert_hidden: int = key(0, 'shape')    # hidden size of one expert; 0 means 4 * n_embd, like the dense MLP
+    expert_hidden: int = key(0, 'shape')    # hidden size of one expert; 0 means mlp_hidden, the dense MLP's
     moe_every: int = key(1, 'shape')        # every moe_every-th block is MoE (1: all; 2: every other, as in Switch)
     n_shared_expert: int = key(0, 'shape')  # experts of expert_hidden that every token passes through (DeepSeekMoE)
     n_dense_layers: int = key(0, 'shape')   # the first n_dense_layers blocks keep a dense MLP (DeepSeekMoE)
@@ -76,7 +76,7 @@ class MoEConfig(GPTConfig):
     def __post_init__(self):
         super().__post_init__()
         if self.expert_hidden == 0:
-            self.expert_hidden = 4 * self.n_embd
+            self.expert_hidden = self.mlp_hidden
         for key_ in ('n_expert', 'top_k', 'expert_hidden', 'moe_every'):
             if not isinstance(getattr(self, key_), int) or getattr(self, key_) < 1:
                 raise ValueError(f"{key_}={getattr(self, key_)!r} must be a positive integer")
@@ -253,9 +253,10 @@ class Experts(nn.Module):
         super().__init__()
         self.config = config
         E, d, h = config.n_expert, config.n_embd, config.expert_hidden
-        self.c_fc = nn.Parameter(torch.empty(E, d, h))    # expert e computes x @ c_fc[e]
+        w = 2 * h if config.mlp == 'swiglu' else h  # swiglu: the gate and up projections side by side
+        self.c_fc = nn.Parameter(torch.empty(E, d, w))    # expert e computes x @ c_fc[e]
         self.c_proj = nn.Parameter(torch.empty(E, h, d))
-        self.c_fc_bias = nn.Parameter(torch.zeros(E, h)) if config.bias else None
+        self.c_fc_bias = nn.Parameter(torch.zeros(E, w)) if config.bias else None
         self.c_proj_bias = nn.Parameter(torch.zeros(E, d)) if config.bias else None
 
     def forward(self, x, e=slice(None)):
@@ -264,7 +265,7 @@ class Experts(nn.Module):
         h = x @ self.c_fc[e]
         if self.c_fc_bias is not None:
             h = h + self.c_fc_bias[e].unsqueeze(-2)
-        out = F.gelu(h) @ self.c_proj[e]
+        out = activation(h, self.config.mlp) @ self.c_proj[e]
         return out + self.c_proj_bias[e].unsqueeze(-2) if self.c_proj_bias is not None else out
 
 # -----------------------------------------------------------------------------
@@ -293,20 +294,23 @@ def grouped_mlp(x_sorted, counts, experts):
     if x_sorted.size(0) == 0:  # grouped_mm rejects empty inputs; a plain matmul keeps the autograd graph
         return experts(x_sorted, 0).to(dtype)
     offs = counts.cumsum(0).to(torch.int32)  # end row of each expert's group (grouped_mm wants int32)
-    c_fc, c_proj = experts.c_fc.to(dtype), experts.c_proj.to(dtype)
-    d, h = c_fc.shape[1:]
+    c_fc, c_proj, c_fc_bias = experts.c_fc.to(dtype), experts.c_proj.to(dtype), experts.c_fc_bias
+    (E, h, d), halves = c_proj.shape, c_fc.size(2) // c_proj.size(1)  # halves: 2 for swiglu (gate, up)
     pad_d, pad_h = -d % (16 // c_fc.element_size()), -h % (16 // c_fc.element_size())
-    if pad_d or pad_h:  # grouped_mm wants row strides in multiples of 16 bytes: zero-pad (gelu(0) = 0)
-        c_fc, c_proj = F.pad(c_fc, (0, pad_h, 0, pad_d)), F.pad(c_proj, (0, pad_d, 0, pad_h))
+    if pad_d or pad_h:  # grouped_mm wants row strides in multiples of 16 bytes: zero-pad (gelu(0) = silu(0) = 0)
+        # (swiglu's gate and up halves are padded each, so that they still pair up)
+        c_fc = F.pad(c_fc.view(E, d, halves, h), (0, pad_h, 0, 0, 0, pad_d)).flatten(2)
+        c_proj = F.pad(c_proj, (0, pad_d, 0, pad_h))
+        if c_fc_bias is not None:
+            c_fc_bias = F.pad(c_fc_bias.view(E, halves, h), (0, pad_h)).flatten(1)
     x_sorted = x_sorted.to(dtype)
     h = grouped_mm(F.pad(x_sorted, (0, pad_d)) if pad_d else x_sorted, c_fc, offs)
     if experts.c_fc_bias is not None or experts.c_proj_bias is not None:
         expert_of_row = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts,
                                                 output_size=x_sorted.size(0))
-    if experts.c_fc_bias is not None:
-        c_fc_bias = F.pad(experts.c_fc_bias, (0, pad_h)) if pad_h else experts.c_fc_bias
+    if c_fc_bias is not None:
         h = h + c_fc_bias.to(dtype).index_select(0, expert_of_row)
-    out = grouped_mm(F.gelu(h), c_proj, offs)[:, :d]
+    out = grouped_mm(activation(h, experts.config.mlp), c_proj, offs)[:, :d]
     if experts.c_proj_bias is not None:
         out = out + experts.c_proj_bias.to(dtype).index_select(0, expert_of_row)
     return out
@@ -601,6 +605,7 @@ class MoEGPT(GPT):
 # -----------------------------------------------------------------------------
 # Building a model from its keys (the one place that picks the class)
 
+NANOGPT_KEYS = ('block_size', 'vocab_size', 'n_layer', 'n_head', 'n_embd', 'dropout', 'bias')  # its GPTConfig
 MODEL_KEYS = keys_of(MoEConfig)  # every key a checkpoint's model_args may hold (model.key says what each is)
 SHAPE_KEYS = keys_of(MoEConfig, 'shape')  # fixed by the weights
 TRAIN_KEYS = keys_of(MoEConfig, 'train')  # the run's own, whatever the weights were trained with
@@ -622,6 +627,11 @@ def build_model(model_args):
 
 
 def model_args_of(model):
-    """The constructor arguments of a model, for checkpoints (build_model inverts this). A dense model's are
-    GPTConfig's alone, as nanoGPT writes them, so that nanoGPT's GPTConfig(**model_args) reads them too."""
-    return asdict(model.config)
+    """The constructor arguments of a model, for checkpoints (build_model inverts this). A dense GPT-2-block
+    model's are nanoGPT's GPTConfig keys alone, so that nanoGPT's GPTConfig(**model_args) reads them too:
+    the block's keys only where they differ from GPT-2's (their defaults)."""
+    args = asdict(model.config)
+    if isinstance(model.config, MoEConfig):
+        return args
+    defaults = GPTConfig(n_embd=args['n_embd'], n_head=args['n_head'])  # (mlp_hidden, n_kv_head: from these)
+    return {k: v for k, v in args.items() if k in NANOGPT_KEYS or v != getattr(defaults, k)}

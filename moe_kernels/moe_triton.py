@@ -380,17 +380,22 @@ def _block_size(h):
 
 
 def block_sparse_experts(x, topk_idx, topk_weight, c_fc, c_proj, c_fc_bias=None, c_proj_bias=None):
-    """The Triton path of triton_experts (always runs the kernels)."""
-    E, d, h = c_fc.shape
+    """The Triton path of triton_experts (always runs the kernels). A SwiGLU expert's c_fc holds its gate and
+    up projections side by side: each is its own block-sparse product over the same topology."""
+    (E, h, d), halves = c_proj.shape, c_fc.size(2) // c_proj.size(1)
     B = _block_size(h)
     dt = compute_dtype(x)
     topo = make_topology(topk_idx, E, h, B)
     # gather tokens into expert-sorted, per-expert-padded rows (padding rows read a zero row)
     x_pad = F.pad(x.to(dt), (0, 0, 0, 1))[topo.row_src]
-    hid = sdd(x_pad, c_fc.to(dt).contiguous(), *topo.tensors())                # [nnz, B, B]
-    if c_fc_bias is not None:
-        hid = hid + c_fc_bias.to(dt).reshape(-1, B)[topo.col_idx.long()].unsqueeze(1)
-    act = F.gelu(hid)  # elementwise on the block values, so the sparsity is preserved
+    hid = []
+    for i in range(halves):  # gelu: c_fc; swiglu: gate, then up
+        part = sdd(x_pad, c_fc.to(dt).view(E, d, halves, h)[:, :, i].contiguous(), *topo.tensors())  # [nnz, B, B]
+        if c_fc_bias is not None:
+            part = part + c_fc_bias.to(dt).view(E, halves, h)[:, i].reshape(-1, B)[topo.col_idx.long()].unsqueeze(1)
+        hid.append(part)
+    # moe_model's activation(), elementwise on the block values, so the sparsity is preserved
+    act = F.gelu(hid[0]) if halves == 1 else F.silu(hid[0]) * hid[1]
     out = dsd(act, c_proj.to(dt).contiguous(), *topo.tensors())                # [P, d]
     if c_proj_bias is not None:
         out = out + c_proj_bias.to(dt)[topo.row_expert]
@@ -401,7 +406,7 @@ def block_sparse_experts(x, topk_idx, topk_weight, c_fc, c_proj, c_fc_bias=None,
 def triton_experts(x, topk_idx, topk_weight, experts):
     """The 'triton' backend (moe_model's signature): dropless block-sparse MoE experts, or moe_model's
     loop where the kernels cannot or should not run (_use_kernels). Returns (y [N, d] in x.dtype, 0.0)."""
-    _block_size(experts.c_fc.shape[2])  # same shape rule on both paths, whatever the batch size
+    _block_size(experts.c_proj.shape[1])  # same shape rule on both paths, whatever the batch size
     if not _use_kernels(x, topk_idx.numel()):
         return loop_experts(x, topk_idx, topk_weight, experts)
     y = block_sparse_experts(x, topk_idx, topk_weight, experts.c_fc, experts.c_proj,

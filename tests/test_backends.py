@@ -15,9 +15,9 @@ from moe_model import MoEConfig, MoE, EXPERT_IMPLS, batched_experts, loop_expert
 FAST = ['grouped', 'batched']  # triton: tests/test_triton.py (under TRITON_INTERPRET=1)
 
 
-def make_layer(E, k, d, h, bias, seed=0):
+def make_layer(E, k, d, h, bias, seed=0, mlp='gelu'):
     torch.manual_seed(seed)
-    layer = MoE(MoEConfig(n_layer=1, n_head=1, n_embd=d, n_expert=E, top_k=k, expert_hidden=h, bias=bias,
+    layer = MoE(MoEConfig(n_layer=1, n_head=1, n_embd=d, n_expert=E, top_k=k, expert_hidden=h, bias=bias, mlp=mlp,
                           capacity_factor=float(E)))  # capacity = all slots: nothing dropped
     with torch.no_grad():
         for p in layer.parameters():
@@ -54,10 +54,11 @@ CASES = [  # n_expert, top_k, d, h, bias, batch, seq
 ]
 
 
+@pytest.mark.parametrize('mlp', ['gelu', 'swiglu'])
 @pytest.mark.parametrize('impl', FAST)
 @pytest.mark.parametrize('E, k, d, h, bias, B, T', CASES)
-def test_backend_matches_loop(impl, E, k, d, h, bias, B, T):
-    layer = make_layer(E, k, d, h, bias)
+def test_backend_matches_loop(impl, E, k, d, h, bias, B, T, mlp):
+    layer = make_layer(E, k, d, h, bias, mlp=mlp)
     x = torch.randn(B, T, d)
     ref = run(layer, 'loop', x)
     got = run(layer, impl, x)
@@ -294,7 +295,10 @@ def test_grouped_runs_its_gemms_in_the_autocast_dtype():
     assert (out['grouped'] - out['fp32']).abs().max() > 1e-4 * scale  # it did not run in float32
 
 
-def compiled_step_matches_eager(impl, dtype=torch.float32, checkpointing='none'):
+MODERN = dict(norm='rmsnorm', rope=True, mlp='swiglu', qk_norm='head', n_kv_head=1, tie_embeddings=False)
+
+
+def compiled_step_matches_eager(impl, dtype=torch.float32, checkpointing='none', block=None):
     """A training step of a small MoE model (forward, cross-entropy + aux losses, backward) under
     torch.compile: no graph break (dynamo's counters), and the loss and every gradient equal eager's (eager
     without activation checkpointing; the compiled step with `checkpointing`).
@@ -304,7 +308,7 @@ def compiled_step_matches_eager(impl, dtype=torch.float32, checkpointing='none')
     from moe_model import build_model
     torch.manual_seed(0)
     model = build_model(dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64, n_expert=4, top_k=2,
-                             expert_hidden=32, expert_impl=impl, bias=True, n_shared_expert=1)).to(dtype)
+                             expert_hidden=32, expert_impl=impl, bias=True, n_shared_expert=1, **(block or {}))).to(dtype)
     x, y = torch.randint(64, (4, 16)), torch.randint(64, (4, 16))
     results = []
     for step in (model, torch.compile(model, backend='aot_eager')):
@@ -321,13 +325,15 @@ def compiled_step_matches_eager(impl, dtype=torch.float32, checkpointing='none')
         torch.testing.assert_close(g, r, **tol)
 
 
-@pytest.mark.parametrize('impl, dtype, checkpointing', [('grouped', torch.float32, 'none'), ('grouped', torch.bfloat16, 'none'),
-                                                        ('batched', torch.float32, 'none'), ('grouped', torch.float32, 'all')])
+@pytest.mark.parametrize('impl, dtype, checkpointing, block', [
+    ('grouped', torch.float32, 'none', None), ('grouped', torch.bfloat16, 'none', None),
+    ('batched', torch.float32, 'none', None), ('grouped', torch.float32, 'all', None),
+    ('grouped', torch.float32, 'none', MODERN), ('batched', torch.float32, 'all', MODERN)])
 @pytest.mark.slow
-def test_compiled_training_step_has_no_graph_break(impl, dtype, checkpointing):
+def test_compiled_training_step_has_no_graph_break(impl, dtype, checkpointing, block):
     """The grouped GEMMs are custom ops (moe_model.grouped_mm): compile traces them in every dtype, on the CPU
-    kernel too, and with activation checkpointing."""
-    compiled_step_matches_eager(impl, dtype, checkpointing)
+    kernel too, and with activation checkpointing; with GPT-2's block and the modern one (swiglu experts)."""
+    compiled_step_matches_eager(impl, dtype, checkpointing, block)
 
 
 @pytest.mark.parametrize('device, capability, triton, dtype, hidden, expected, why', [

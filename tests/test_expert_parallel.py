@@ -30,14 +30,14 @@ def _init_and_run(rank, worker, world_size, tmp, *args):
         dist.destroy_process_group()
 
 
-def _layer_worker(rank, world_size, tmp, ep, bias, routing):
+def _layer_worker(rank, world_size, tmp, ep, bias, routing, mlp):
     """One MoE layer's expert computation under EP against loop_experts on the full weights, on this
     rank's own tokens. Expert gradients: the full-weight gradients summed over all ranks (the loss is the
     sum of every rank's) must equal this rank's shard's gradients after sync_expert_grads * world_size."""
     E, k, d, h, N = 8, 2, 16, 24, 20
     torch.manual_seed(0)  # the same full weights on every rank
     model = MoEGPT(MoEConfig(n_layer=1, n_head=1, n_embd=d, n_expert=E, top_k=k, expert_hidden=h, bias=bias,
-                             vocab_size=8, block_size=4))
+                             vocab_size=8, block_size=4, mlp=mlp))
     experts = model.transformer.h[0].mlp.experts
     with torch.no_grad():
         for p in experts.parameters():
@@ -78,11 +78,12 @@ def _layer_worker(rank, world_size, tmp, ep, bias, routing):
         assert experts.c_fc.grad.abs().sum() == 0  # its experts saw no token, yet the step went through
 
 
-@pytest.mark.parametrize('world_size, ep, bias, routing', [
-    (2, 2, False, 'random'), (2, 2, True, 'one_rank'), (4, 2, True, 'random'), (4, 4, False, 'one_rank')])
+@pytest.mark.parametrize('world_size, ep, bias, routing, mlp', [
+    (2, 2, False, 'random', 'gelu'), (2, 2, True, 'one_rank', 'swiglu'), (4, 2, True, 'random', 'gelu'),
+    (4, 4, False, 'one_rank', 'gelu'), (2, 2, True, 'random', 'swiglu')])
 @pytest.mark.slow
-def test_expert_parallel_layer_equals_loop_on_the_full_weights(tmp_path, world_size, ep, bias, routing):
-    spawn(_layer_worker, world_size, tmp_path, ep, bias, routing)
+def test_expert_parallel_layer_equals_loop_on_the_full_weights(tmp_path, world_size, ep, bias, routing, mlp):
+    spawn(_layer_worker, world_size, tmp_path, ep, bias, routing, mlp)
 
 
 MODEL = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64, n_expert=4, top_k=2, expert_hidden=32,

@@ -253,14 +253,19 @@ def upcycled(dense, given=('n_expert',), **moe):
     return args, upcycle(dense, args, config.get('upcycle_noise', 0.0))
 
 
+MODERN = dict(norm='rmsnorm', rope=True, mlp='swiglu', qk_norm='head', n_kv_head=1, tie_embeddings=False)
+
+
+@pytest.mark.parametrize('block', [{}, MODERN], ids=['gpt2', 'modern'])
 @pytest.mark.parametrize('bias', [True, False])
 @pytest.mark.parametrize('slices,copies', [(1, 4), (2, 1), (2, 2), (4, 2)])
 @pytest.mark.parametrize('expert_impl', ['loop', 'grouped'])
-def test_an_upcycled_model_computes_the_dense_function_at_step_0(bias, slices, copies, expert_impl):
+def test_an_upcycled_model_computes_the_dense_function_at_step_0(bias, slices, copies, expert_impl, block):
     """Copied experts (slices=1, top-2) or granular ones (each a 1/slices cut of the MLP, top_k = slices): the
     chosen weights sum to 1, so the logits are the dense model's, whatever the (random) router picks."""
     torch.manual_seed(0)
-    dense = GPT(GPTConfig(n_layer=3, n_head=2, n_embd=16, block_size=16, vocab_size=50, bias=bias, dropout=0.0)).eval()
+    dense = GPT(GPTConfig(n_layer=3, n_head=2, n_embd=16, block_size=16, vocab_size=50, bias=bias, dropout=0.0,
+                          **block)).eval()
     args, moe = upcycled(dense, n_expert=slices * copies, expert_hidden=64 // slices, expert_impl=expert_impl,
                          n_dense_layers=1, given=('n_expert', 'expert_impl'))
     assert args['top_k'] == max(2, slices) and args['n_layer'] == 3  # the dense model's shape, the run's experts

@@ -30,18 +30,21 @@ def test_every_model_key_has_one_kind_and_the_lists_derive_from_the_kinds():
     assert set(SHAPE_KEYS) | set(TRAIN_KEYS) | set(keys_of(MoEConfig, 'forward')) == set(MODEL_KEYS)
     assert set(EXPORTED_KEYS) == set(MODEL_KEYS) - set(TRAIN_KEYS)
     assert set(keys_of(GPTConfig)) < set(MODEL_KEYS)
-    # what the kinds promise: a shape key changes the weights' names or shapes, a forward or train key does not
-    base = MoEGPT(MoEConfig(**SMALL)).state_dict()
-    changed = dict(n_expert=8, expert_hidden=16, n_layer=3, n_embd=16, vocab_size=50, block_size=8, bias=False,
-                   moe_every=2, n_shared_expert=1, n_dense_layers=1, router='noisy_topk', router_bias=True,
+    # what the kinds promise: a shape key changes the weights' names, shapes or sharing; the others do not
+    def weights(**kw):
+        sd = MoEGPT(MoEConfig(**{**SMALL, 'n_layer': 3, 'n_dense_layers': 1, **kw})).state_dict(keep_vars=True)
+        shared = sorted(tuple(n for n in sd if sd[n] is v) for v in sd.values())
+        return {n: v.shape for n, v in sd.items()}, shared
+    base = weights()
+    changed = dict(n_expert=8, expert_hidden=16, n_layer=4, n_embd=16, vocab_size=50, block_size=8, bias=False,
+                   moe_every=2, n_shared_expert=1, n_dense_layers=2, router='noisy_topk', router_bias=True,
                    router_noise=True, top_k=1, n_head=4, router_score='sigmoid', norm_topk=False,
-                   router_temperature=2.0, route_scale=2.0, expert_choice=True, dropout=0.1)
+                   router_temperature=2.0, route_scale=2.0, expert_choice=True, dropout=0.1, norm='rmsnorm',
+                   norm_eps=1e-6, rope=True, rope_theta=5e5, mlp='swiglu', mlp_hidden=48, qk_norm='head',
+                   n_kv_head=1, tie_embeddings=False)
     assert set(changed) | set(TRAIN_KEYS) == set(MODEL_KEYS)  # (every key not in TRAIN_KEYS is tried)
     for k, v in changed.items():
-        args = {**SMALL, k: v} if k != 'moe_every' else {**SMALL, k: v, 'n_layer': 2}
-        sd = MoEGPT(MoEConfig(**args)).state_dict()
-        same = sd.keys() == base.keys() and all(sd[n].shape == base[n].shape for n in sd)
-        assert same != (k in SHAPE_KEYS), k
+        assert (weights(**{k: v}) != base) == (k in SHAPE_KEYS), k
 
 
 def test_every_model_key_is_in_the_checkpoint_the_export_readme_train_and_bench():

@@ -164,7 +164,11 @@ def test_bad_model_configs_raise_clear_errors(kw, message):
         MoEConfig(**{**SMALL, **kw})
 
 
-@pytest.mark.parametrize('make', [lambda: GPT(GPTConfig(**SMALL)), lambda: moe(), lambda: moe(expert_impl='loop')])
+MODERN = dict(norm='rmsnorm', rope=True, mlp='swiglu', qk_norm='full', n_kv_head=1, tie_embeddings=False)
+
+
+@pytest.mark.parametrize('make', [lambda: GPT(GPTConfig(**SMALL)), lambda: moe(), lambda: moe(expert_impl='loop'),
+                                  lambda: GPT(GPTConfig(**SMALL, **MODERN)), lambda: moe(**MODERN)])
 def test_kv_cache_generation_equals_cache_free(make):
     model = make().eval()
     idx = torch.randint(97, (2, 5))
@@ -277,14 +281,15 @@ def test_a_compiled_model_compiles_once_for_training_and_once_for_eval(n_expert)
     assert compiles == ['train', 'eval']
 
 
-@pytest.mark.parametrize('impl, router, mode', [('loop', 'topk', 'moe'), ('grouped', 'topk', 'all'),
-                                                ('batched', 'noisy_topk', 'all'), ('grouped', 'expert_choice', 'moe'),
-                                                ('dense', None, 'all')])
-def test_activation_checkpointing_keeps_less_and_gives_the_same_gradients(impl, router, mode, device='cpu'):
+@pytest.mark.parametrize('impl, router, mode, block', [
+    ('loop', 'topk', 'moe', {}), ('grouped', 'topk', 'all', {}), ('batched', 'noisy_topk', 'all', {}),
+    ('grouped', 'expert_choice', 'moe', {}), ('dense', None, 'all', {}), ('grouped', 'expert_choice', 'all', MODERN),
+    ('dense', None, 'all', MODERN)])
+def test_activation_checkpointing_keeps_less_and_gives_the_same_gradients(impl, router, mode, block, device='cpu'):
     """With dropout and a shared expert: the same loss and gradients as without checkpointing (the RNG is
     replayed in the recompute), and fewer bytes kept for backward (else nothing was checkpointed).
     (device: tests/test_triton.py runs it on the GPU where there is one)"""
-    args = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64, dropout=0.1, bias=True)
+    args = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64, dropout=0.1, bias=True, **block)
     if impl != 'dense':
         args.update(n_expert=4, top_k=2, expert_hidden=32, expert_impl=impl, router=router, n_shared_expert=1)
     x, y = torch.randint(64, (4, 16), device=device), torch.randint(64, (4, 16), device=device)

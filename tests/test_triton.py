@@ -51,10 +51,10 @@ def _kernel_settings(monkeypatch):
 # -----------------------------------------------------------------------------
 # reference and experts module
 
-def Experts(n_expert, d, h, bias, dtype=torch.float32):
+def Experts(n_expert, d, h, bias, dtype=torch.float32, mlp="gelu"):
     """moe_model's Experts with random weights (large enough that every product matters)."""
     experts = moe_model.Experts(moe_model.MoEConfig(n_layer=1, n_head=1, n_embd=d, n_expert=n_expert, top_k=1,
-                                                    expert_hidden=h, bias=bias))
+                                                    expert_hidden=h, bias=bias, mlp=mlp))
     with torch.no_grad():
         for p in experts.parameters():
             p.copy_(0.3 * torch.randn(p.shape))
@@ -176,12 +176,13 @@ CASES = [  # (n_expert, top_k, bias, routing, n_tokens)
     (4, 2, False, "one", 9),  # both slots of every token -> one expert
 ]
 
+@pytest.mark.parametrize("mlp", ["gelu", "swiglu"])
 @pytest.mark.parametrize("E,k,bias,routing,N", CASES)
 @kernels_run
-def test_triton_experts_matches_loop(E, k, bias, routing, N):
+def test_triton_experts_matches_loop(E, k, bias, routing, N, mlp):
     torch.manual_seed(3)
     d, h = 24, 32
-    experts = Experts(E, d, h, bias)
+    experts = Experts(E, d, h, bias, mlp=mlp)
     x = torch.randn(N, d, device=DEVICE, requires_grad=True)
     idx, weight = make_routing(N, E, k, routing)
     y, n_dropped, grads = run_and_grads(mt.triton_experts, x, idx, weight, experts)
@@ -316,4 +317,4 @@ def test_compiled_training_step_has_no_graph_break():
 def test_activation_checkpointing_recomputes_the_triton_experts_exactly():
     """activation_checkpointing='all' with the triton backend: the same loss and gradients, less kept."""
     from test_model import test_activation_checkpointing_keeps_less_and_gives_the_same_gradients as check
-    check("triton", "topk", "all", device=DEVICE)
+    check("triton", "topk", "all", {}, device=DEVICE)
