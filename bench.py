@@ -35,7 +35,7 @@ from configurator import configure, fail, check_choice, check_range, check_devic
 from moe_kernels.cpu_memory import keep_freed_memory
 from checkpoint import load_checkpoint, CheckpointError
 from model import CHECKPOINTING, GPTConfig, MLP
-from moe_model import build_model, MoE, MoEConfig, EXPERT_IMPLS, MODEL_KEYS
+from moe_model import build_model, MoE, MoEConfig, EXPERT_IMPLS, MODEL_KEYS, FORK_KEYS
 
 # -----------------------------------------------------------------------------
 init_from = 'scratch'  # 'scratch' (the config below) or 'resume' (the model of out_dir/ckpt.pt)
@@ -63,7 +63,7 @@ layer_experts = '8,32,128'  # comma-separated n_expert values
 layer_impls = 'loop,grouped,batched'  # comma-separated backends (add triton on a GPU)
 # -----------------------------------------------------------------------------
 config = configure({k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))
-                    or k in MODEL_KEYS}, sys.argv[1:])
+                    or k in MODEL_KEYS}, sys.argv[1:], foreign=FORK_KEYS)  # the seed forks' keys too
 globals().update(config)
 check_choice(config, 'dtype', ('float32', 'bfloat16', 'float16'))
 check_choice(config, 'activation_checkpointing', CHECKPOINTING)

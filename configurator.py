@@ -8,6 +8,8 @@ this will first run config/override_file.py, then override batch_size to 32.
 - --key=value is parsed as a Python literal (ast.literal_eval) and NEVER executed; a value that is
   not a literal is taken as a plain string.
 - Unknown keys and values of the wrong type are errors: one line on stderr, exit code 2.
+- Other dialects: a table of foreign keys (`foreign`: moe_model.FORK_KEYS, the seed forks') translates
+  theirs into these, with one printed line per file or override saying what was translated or ignored.
 """
 
 import os
@@ -98,10 +100,43 @@ def _checked(key, value, config, source):
     fail(f"{key}={value!r} (from {source}) must be of type {type(default).__name__}, got {type(value).__name__}")
 
 
-def configure(config, args, given=None):
+def _translate(found, seen, foreign, source, config, given):
+    """Apply the foreign keys `found` of one source (a file or an override) through the table `foreign`
+    (moe_model.ForkKey rows), and print one line per fork of what was translated and one of what was
+    ignored, with why. `seen` holds every foreign key given so far: a key whose switch is False there is
+    dropped, and a switch given here applies (or drops) the keys it gates that were given before."""
+    seen.update(found)
+    translated, ignored = {}, {}
+    for key, row in foreign.items():  # the table's order
+        if key not in found and not (row.switch in found and key in seen):
+            continue
+        value, said = seen[key], f"{key}={seen[key]!r}"
+        if row.switch in seen and not seen[row.switch]:
+            ignored.setdefault(row.fork, []).append(f"{said}: {row.switch}={seen[row.switch]!r} turns it off")
+            continue
+        out = row.translate(value)
+        if isinstance(out, str):
+            ignored.setdefault(row.fork, []).append(f"{said}: {out}")
+            continue
+        for k, v in out.items():
+            config[k] = _checked(k, v, config, f"{source}, for {said}")
+            given.add(k)
+        to = [', '.join(f"{k}={v!r}" for k, v in out.items())] if out else []
+        to += [f"({row.note})"] if row.note else []
+        translated.setdefault(row.fork, []).append(f"{said} -> {' '.join(to) or '(on)'}")
+    for fork, items in translated.items():
+        print(f"translated from {fork}'s keys: {'; '.join(items)}")
+    for fork, items in ignored.items():
+        print(f"ignored {fork}'s keys: {'; '.join(items)}")
+
+
+def configure(config, args, given=None, foreign=None):
     """Apply config files and --key=value overrides from `args` to the dict `config`, in order. The set
-    `given`, if passed, collects the keys they set (also to their default value)."""
+    `given`, if passed, collects the keys they set (also to their default value). `foreign`, if passed,
+    maps keys of other dialects to these (moe_model.FORK_KEYS); a key of `config` is never foreign."""
     given = set() if given is None else given
+    foreign = {} if foreign is None else foreign
+    seen = {}  # the foreign keys given so far, for their switches
     for arg in args:
         if '=' not in arg:
             # assume it's the name of a config file
@@ -113,18 +148,26 @@ def configure(config, args, given=None):
             with open(arg) as f:
                 source = f.read()
             print(source)
-            namespace = {}
+            namespace, found = {}, {}
             exec(compile(source, arg, 'exec'), namespace)
             for key, value in namespace.items():
                 if key.startswith('_') or isinstance(value, types.ModuleType):
                     continue
+                if key not in config and key in foreign:
+                    found[key] = value
+                    continue
                 config[key] = _checked(key, value, config, arg)
                 given.add(key)
+            if found:  # after the file's own keys: a switch in it wins over them
+                _translate(found, seen, foreign, arg, config, given)
         else:
             # assume it's a --key=value argument
             if not arg.startswith('--'):
                 fail(f"bad argument {arg!r}: use --key=value")
             key, val = arg[2:].split('=', 1)
+            if key not in config and key in foreign:
+                _translate({key: _parse(val, None)}, seen, foreign, arg, config, given)
+                continue
             config[key] = _checked(key, _parse(val, config.get(key)), config, arg)
             given.add(key)
             print(f"Overriding: {key} = {config[key]!r}")

@@ -635,3 +635,49 @@ def model_args_of(model):
         return args
     defaults = GPTConfig(n_embd=args['n_embd'], n_head=args['n_head'])  # (mlp_hidden, n_kv_head: from these)
     return {k: v for k, v in args.items() if k in NANOGPT_KEYS or v != getattr(defaults, k)}
+
+# -----------------------------------------------------------------------------
+# The seed forks' config keys, so that their config files run here unchanged: configurator.configure
+# translates each key of sijunhe/nanoMoE or wolfecameron/nanoMoE (none of them is one of this repo's) into
+# this repo's keys and prints what it did. translate(value) gives this repo's keys, or a string: why the key
+# is ignored. A key gated by a switch (aux_loss_weight by use_aux_loss) is dropped while its switch is False,
+# whatever the order they are given in (a switch the files leave out counts as on). The semantics that
+# differ (balance-loss scale, capacity at eval, which blocks are MoE) are in README's nanoGPT paragraph.
+
+
+@dataclass(frozen=True)
+class ForkKey:
+    fork: str
+    translate: object   # value -> {this repo's key: value}, or a str: why the key is ignored
+    switch: str = None  # the fork's switch that turns this key off when False
+    note: str = ''      # printed beside the translation: what still differs
+
+
+SIJUNHE, WOLFE = 'sijunhe/nanoMoE', 'wolfecameron/nanoMoE'
+_FP32 = 'the router always runs in float32 here'
+_INIT = "GPT-2's init here (normal(0, 0.02), residual projections / sqrt(2 * n_layer)), not Switch's"
+FORK_KEYS = {
+    # sijunhe: use_moe makes every block MoE (no z-loss); its balance loss pools all layers' tokens
+    'use_moe': ForkKey(SIJUNHE, lambda v: {'moe_every': 1} if v else {'n_expert': 0}),
+    'num_experts': ForkKey(SIJUNHE, lambda v: {'n_expert': v}, switch='use_moe'),
+    'expert_load_balance_loss_coef': ForkKey(SIJUNHE, lambda v: {'aux_loss_coef': v}),
+    'gradient_checkpointing': ForkKey(SIJUNHE, lambda v: {'activation_checkpointing': 'all' if v else 'none'},
+                                      note='its whole blocks; here attention and experts, not the router'),
+    # wolfe: n_exp=1 is the dense GPT; MoE in blocks i % stride == 0; always capacity-based (token dropping)
+    'n_exp': ForkKey(WOLFE, lambda v: {'n_expert': 0 if v == 1 else v}),
+    'use_aux_loss': ForkKey(WOLFE, lambda v: {} if v else {'aux_loss_coef': 0.0}),
+    'aux_loss_weight': ForkKey(WOLFE, lambda v: {'aux_loss_coef': v}, switch='use_aux_loss'),
+    'use_router_z_loss': ForkKey(WOLFE, lambda v: {} if v else {'z_loss_coef': 0.0}),
+    'router_z_loss_weight': ForkKey(WOLFE, lambda v: {'z_loss_coef': v}, switch='use_router_z_loss'),
+    'use_noisy_top_k': ForkKey(WOLFE, lambda v: {'router_noise': bool(v)}),
+    'train_capacity': ForkKey(WOLFE, lambda v: {'capacity_factor': v, 'expert_impl': 'batched'},
+                              note='capacity_factor applies at eval too'),
+    'eval_capacity': ForkKey(WOLFE, lambda v: "capacity_factor (train_capacity's) applies at eval too here"),
+    'min_capacity': ForkKey(WOLFE, lambda v: "capacity here is ceil(capacity_factor * tokens * top_k / "
+                                             "n_expert), with no minimum"),
+    'stride': ForkKey(WOLFE, lambda v: {'moe_every': v},
+                      note="MoE here: blocks with (i + 1) % moe_every == 0; in the fork: i % stride == 0"),
+    'use_switch_tfm_init': ForkKey(WOLFE, lambda v: _INIT if v else {}, note=_INIT),
+    'switch_tfm_init_scale': ForkKey(WOLFE, lambda v: _INIT),
+    'router_use_full_prec': ForkKey(WOLFE, lambda v: {} if v else _FP32, note=_FP32),
+}

@@ -38,7 +38,7 @@ from moe_kernels.cpu_memory import keep_freed_memory
 from checkpoint import (CheckpointError, load_meta, training_state, restore, nonfinite_tensor, RunDir, StopSignal,
                         DivergenceGuard)
 from model import CHECKPOINTING
-from moe_model import MODEL_KEYS, MoEConfig, model_args_of
+from moe_model import FORK_KEYS, MODEL_KEYS, MoEConfig, model_args_of
 from expert_parallel import ExpertParallel, config_error
 from init_model import Init, training_bytes
 import hellaswag
@@ -97,7 +97,8 @@ on_nonfinite = 'stop'  # a NaN/inf loss or grad norm: 'stop' the run, or 'skip' 
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))
                or k in MODEL_KEYS]
 given = set()  # the keys that the config files and the command line set
-config = configure({k: globals()[k] for k in config_keys}, sys.argv[1:], given)  # config files, --key=value
+# config files and --key=value, in nanoGPT's dialect or the seed forks' (FORK_KEYS: their keys, translated)
+config = configure({k: globals()[k] for k in config_keys}, sys.argv[1:], given, foreign=FORK_KEYS)
 globals().update(config)
 # -----------------------------------------------------------------------------
 # check everything we can before any work starts: one clear line and exit code 2 otherwise

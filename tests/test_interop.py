@@ -9,7 +9,9 @@ import torch
 
 from conftest import ROOT, run, read_log
 from checkpoint import load_checkpoint
+from configurator import configure
 from model import GPT, GPTConfig
+from moe_model import FORK_KEYS, MODEL_KEYS, MoEConfig
 
 TINY_OVERRIDES = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_size=8', '--eval_iters=2',
                   '--device=cpu', '--compile=False', '--max_iters=4', '--eval_interval=2', '--log_interval=1']
@@ -344,3 +346,194 @@ def test_the_exported_moe_routes_like_ours_with_the_deepseek_v3_router():
     idx = torch.randint(65, (2, 32))
     with torch.no_grad():
         torch.testing.assert_close(export_moe(model).eval()(idx).logits, model(idx, idx)[0], rtol=1e-5, atol=1e-5)
+
+# -----------------------------------------------------------------------------
+# the seed forks' config files: their keys are translated (moe_model.FORK_KEYS)
+
+# the keys and values of sijunhe/nanoMoE's config/train_gpt2_moe_16_experts_top2.py (its other files differ
+# in num_experts, top_k, batch_size and gradient_accumulation_steps only)
+SIJUNHE_MOE_16_TOP2 = """
+wandb_log = True
+wandb_project = "owt-10k"
+wandb_run_name = "gpt2-MoE-16experts(973M)-top2-aux-0.02"
+
+batch_size = 3
+block_size = 1024
+gradient_accumulation_steps = 20 * 8
+
+max_iters = 10000
+lr_decay_iters = 10000
+warmup_iters = 100
+
+use_moe = True
+num_experts = 16
+top_k = 2
+expert_load_balance_loss_coef = 0.02
+
+eval_interval = 200
+eval_iters = 200
+log_interval = 10
+weight_decay = 1e-1
+"""
+
+# the keys and values of wolfecameron/nanoMoE's config/train_nano_moe.py
+WOLFE_NANO_MOE = """
+import time
+
+wandb_log = True
+init_from = 'scratch'
+wandb_project = 'nano-moe'
+wandb_run_name = 'gpt2-124M-moe-owt ' + time.strftime('%Y-%m-%d %H:%M:%S')
+
+n_exp = 8
+top_k = 2
+use_aux_loss = True
+aux_loss_weight = 0.01
+use_router_z_loss = True
+router_z_loss_weight = 0.001
+use_noisy_top_k = False
+train_capacity = 1.25
+eval_capacity = 2.0
+stride = 2
+use_switch_tfm_init = True
+router_use_full_prec = True
+
+n_layer = 6
+n_head = 6
+n_embd = 384
+
+batch_size = 12
+block_size = 1024
+gradient_accumulation_steps = 5 * 8
+
+max_iters = 50000
+lr_decay_iters = 50000
+
+eval_interval = 500
+eval_iters = 200
+log_interval = 10
+weight_decay = 1e-1
+"""
+
+FORK_RUN = [*TINY_OVERRIDES, '--dataset=shakespeare_char', '--gradient_accumulation_steps=1', '--max_iters=2',
+            '--warmup_iters=0', '--wandb_log=False']
+
+
+@pytest.mark.slow
+def test_sijunhe_config_runs_unchanged_and_its_keys_work_on_the_command_line(shakespeare_char, tmp_path):
+    config = tmp_path / 'train_gpt2_moe_16_experts_top2.py'
+    config.write_text(SIJUNHE_MOE_16_TOP2)
+    out = tmp_path / 'out'
+    p = run('train.py', str(config), *FORK_RUN, '--num_experts=4', f'--out_dir={out}')
+    assert ("translated from sijunhe/nanoMoE's keys: use_moe=True -> moe_every=1; num_experts=16 -> "
+            "n_expert=16; expert_load_balance_loss_coef=0.02 -> aux_loss_coef=0.02\n") in p.stdout
+    assert "translated from sijunhe/nanoMoE's keys: num_experts=4 -> n_expert=4\n" in p.stdout
+    ckpt = load_checkpoint(str(out / 'ckpt.pt'))
+    assert ckpt['iter_num'] == 2
+    for args in (ckpt['model_args'], ckpt['config']):
+        assert (args['n_expert'], args['top_k'], args['moe_every'], args['aux_loss_coef']) == (4, 2, 1, 0.02)
+
+
+@pytest.mark.slow
+def test_wolfe_config_runs_unchanged(shakespeare_char, tmp_path):
+    config = tmp_path / 'train_nano_moe.py'
+    config.write_text(WOLFE_NANO_MOE)
+    out = tmp_path / 'out'
+    p = run('train.py', str(config), *FORK_RUN, f'--out_dir={out}')
+    translated = [line for line in p.stdout.splitlines() if line.startswith('translated from wolfecameron')]
+    ignored = [line for line in p.stdout.splitlines() if line.startswith('ignored wolfecameron')]
+    assert len(translated) == 1 and len(ignored) == 1, p.stdout
+    assert 'eval_capacity=2.0: ' in ignored[0] and 'use_switch_tfm_init=True: ' in ignored[0]
+    assert 'router_use_full_prec=True -> (the router always runs in float32 here)' in translated[0]
+    ckpt = load_checkpoint(str(out / 'ckpt.pt'))
+    assert ckpt['iter_num'] == 2
+    want = dict(n_expert=8, top_k=2, moe_every=2, aux_loss_coef=0.01, z_loss_coef=0.001, router_noise=False,
+                capacity_factor=1.25, expert_impl='batched')
+    for args in (ckpt['model_args'], ckpt['config']):
+        assert {k: args[k] for k in want} == want
+    assert ckpt['model_args']['n_layer'] == 2  # the command line's, over the file's n_layer = 6
+    # no key of the forks is one of train.py's (there, the fork's meaning would be lost)
+    p = run('train.py', '--no_such_key=1', check=False)
+    assert not set(FORK_KEYS) & set(p.stderr.split('known keys: ')[1].strip().split(', '))
+
+
+def train_keys():
+    """train.py's model keys at their defaults there, and the run keys that FORK_KEYS translates into."""
+    return {**{f.name: f.default for f in dataclasses.fields(MoEConfig)}, 'expert_impl': 'auto',
+            'activation_checkpointing': 'none'}
+
+
+# every key of FORK_KEYS: what it becomes here (this repo's keys), or a part of the reason it is ignored
+FORK_CASES = [
+    ('use_moe', True, {'moe_every': 1}), ('use_moe', False, {'n_expert': 0}),
+    ('num_experts', 16, {'n_expert': 16}),
+    ('expert_load_balance_loss_coef', 0.02, {'aux_loss_coef': 0.02}),
+    ('gradient_checkpointing', True, {'activation_checkpointing': 'all'}),
+    ('gradient_checkpointing', False, {'activation_checkpointing': 'none'}),
+    ('n_exp', 8, {'n_expert': 8}), ('n_exp', 1, {'n_expert': 0}),  # one expert: wolfe's dense GPT
+    ('use_aux_loss', True, {}), ('use_aux_loss', False, {'aux_loss_coef': 0.0}),
+    ('aux_loss_weight', 0.02, {'aux_loss_coef': 0.02}),
+    ('use_router_z_loss', True, {}), ('use_router_z_loss', False, {'z_loss_coef': 0.0}),
+    ('router_z_loss_weight', 0.01, {'z_loss_coef': 0.01}),
+    ('use_noisy_top_k', True, {'router_noise': True}), ('use_noisy_top_k', False, {'router_noise': False}),
+    ('train_capacity', 1.5, {'capacity_factor': 1.5, 'expert_impl': 'batched'}),
+    ('eval_capacity', 2.0, 'applies at eval too here'),
+    ('min_capacity', 4, 'with no minimum'),
+    ('stride', 2, {'moe_every': 2}),
+    ('use_switch_tfm_init', False, {}), ('use_switch_tfm_init', True, "not Switch's"),
+    ('switch_tfm_init_scale', 0.1, "not Switch's"),
+    ('router_use_full_prec', True, {}), ('router_use_full_prec', False, 'always runs in float32 here'),
+]
+
+
+def test_every_fork_key_is_translated_or_ignored_with_a_reason():
+    assert {key for key, _, _ in FORK_CASES} == set(FORK_KEYS)
+    assert not set(FORK_KEYS) & set(MODEL_KEYS)
+
+
+@pytest.mark.parametrize('key, value, want', FORK_CASES)
+def test_a_fork_key_on_the_command_line(key, value, want, capsys):
+    given = set()
+    config = configure(train_keys(), [f'--{key}={value}'], given, foreign=FORK_KEYS)
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == 1, printed
+    fork = FORK_KEYS[key].fork
+    if isinstance(want, str):  # ignored: nothing changes, one line says why
+        assert given == set() and config == train_keys()
+        assert printed[0].startswith(f"ignored {fork}'s keys: {key}={value!r}: ") and want in printed[0]
+    else:
+        assert {k: config[k] for k in given} == want and given == set(want)
+        assert printed[0].startswith(f"translated from {fork}'s keys: {key}={value!r} -> ")
+
+
+@pytest.mark.parametrize('switch, weight, target', [
+    ('use_aux_loss', 'aux_loss_weight', 'aux_loss_coef'),
+    ('use_router_z_loss', 'router_z_loss_weight', 'z_loss_coef'),
+    ('use_moe', 'num_experts', 'n_expert'),
+])
+def test_a_switch_wins_over_its_weight_in_any_order(switch, weight, target, tmp_path, capsys):
+    for i, text in enumerate([f'{weight} = 4\n{switch} = False\n', f'{switch} = False\n{weight} = 4\n']):
+        (tmp_path / f'{i}.py').write_text(text)
+        assert not configure(train_keys(), [str(tmp_path / f'{i}.py')], foreign=FORK_KEYS)[target]
+        assert f"{weight}=4: {switch}=False turns it off" in capsys.readouterr().out
+    # across sources too, as in the fork: a later weight stays off, until the switch turns on
+    args = [str(tmp_path / '0.py'), f'--{weight}=8']
+    assert not configure(train_keys(), args, foreign=FORK_KEYS)[target]
+    assert configure(train_keys(), [*args, f'--{switch}=True'], foreign=FORK_KEYS)[target] == 8
+
+
+def test_a_file_in_both_dialects_and_an_unknown_key_is_still_one_error_line(tmp_path, capsys):
+    (tmp_path / 'mixed.py').write_text('n_exp = 4\naux_loss_coef = 0.05\nuse_aux_loss = False\n'
+                                       'dropout = 0.1\n')
+    config = configure(train_keys(), [str(tmp_path / 'mixed.py')], foreign=FORK_KEYS)
+    assert (config['n_expert'], config['aux_loss_coef'], config['dropout']) == (4, 0.0, 0.1)
+    capsys.readouterr()
+    (tmp_path / 'typo.py').write_text('n_exps = 4\n')
+    with pytest.raises(SystemExit) as e:
+        configure(train_keys(), [str(tmp_path / 'typo.py')], foreign=FORK_KEYS)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count('\n') == 1 and err.startswith("error: unknown config key 'n_exps'")
+    with pytest.raises(SystemExit):  # a translated value of the wrong type names the fork's key
+        configure(train_keys(), ['--num_experts=8.5'], foreign=FORK_KEYS)
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and err.startswith('error: n_expert=8.5 (from --num_experts=8.5, for ')
