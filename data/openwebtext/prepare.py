@@ -16,8 +16,6 @@ OpenWebText: ~54 GB of HF cache, train.bin ~17 GB (~9B tokens), val.bin ~8.5 MB 
 """
 
 import argparse
-import fnmatch
-import glob
 import os
 import sys
 import time
@@ -25,15 +23,9 @@ import time
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))  # data/, for tiktoken_offline
+sys.path.insert(0, os.path.dirname(HERE))  # data/, for prepare_common and tiktoken_offline
+from prepare_common import EOT, collect_files, die  # noqa: E402
 from tiktoken_offline import BPE_DIR_ENV, get_gpt2_encoding  # noqa: E402
-
-EOT = 50256  # <|endoftext|> in GPT-2
-
-
-def die(msg):
-    print(f"prepare.py: error: {msg}", file=sys.stderr)
-    sys.exit(2)
 
 
 def parse_args(argv=None):
@@ -72,27 +64,6 @@ def parse_args(argv=None):
     if args.total_batches < 1:
         die(f"--total_batches must be >= 1, got {args.total_batches}")
     return args
-
-
-def collect_files(args):
-    """The local files to read (sorted, de-duplicated), or None for the hub data set."""
-    if args.files is None and args.folder is None:
-        return None
-    files = []
-    for f in args.files or []:
-        if not os.path.isfile(f):
-            die(f"input file not found: {f}")
-        files.append(os.path.abspath(f))
-    if args.folder is not None:
-        if not os.path.isdir(args.folder):
-            die(f"input folder not found: {args.folder}")
-        found = sorted(glob.glob(os.path.join(args.folder, args.glob), recursive=True))
-        found = [f for f in found if os.path.isfile(f)
-                 and not any(fnmatch.fnmatch(os.path.basename(f), pat) for pat in args.exclude or [])]
-        if not found:
-            die(f"no files matching {args.glob!r} in folder {args.folder}")
-        files.extend(os.path.abspath(f) for f in found)
-    return list(dict.fromkeys(files))
 
 
 def load_splits(args, files):
@@ -175,7 +146,9 @@ def write_bin(dset, filename, total_batches):
 
 def main(argv=None):
     args = parse_args(argv)
-    files = collect_files(args)  # fails fast on a missing path, before the heavy imports
+    files = None  # None: the hub data set; a missing local path fails here, before the heavy imports
+    if args.files is not None or args.folder is not None:
+        files = collect_files(args.files, args.folder, [args.glob], args.exclude)
     t0 = time.time()
     try:
         get_gpt2_encoding(args.bpe_dir)  # seeds tiktoken's cache offline; process() then finds it

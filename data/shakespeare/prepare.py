@@ -20,17 +20,13 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(os.path.dirname(HERE))
-sys.path.insert(0, os.path.dirname(HERE))  # data/, for tiktoken_offline
+sys.path.insert(0, os.path.dirname(HERE))  # data/, for prepare_common and tiktoken_offline
+from prepare_common import die  # noqa: E402
 from tiktoken_offline import BPE_DIR_ENV, get_gpt2_encoding  # noqa: E402
 
 DATA_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHARED_INPUT = os.path.normpath(os.path.join(REPO_ROOT, "..", "shared", "data", "tinyshakespeare", "input.txt"))
 OFFLINE_ENV = "NANOMOE_OFFLINE"  # set to 1 to skip any download attempt
-
-
-def die(msg):
-    print(f"prepare.py: error: {msg}", file=sys.stderr)
-    sys.exit(2)
 
 
 def download(url, dst, timeout):
