@@ -1,5 +1,5 @@
 """
-What the GPT-2 BPE preparation scripts share (data/shakespeare, data/openwebtext): the
+What the GPT-2 BPE preparation scripts share (data/shakespeare, data/openwebtext, data/fineweb): the
 <|endoftext|> id, the one-line error for bad input, and the list of local files that --files and
 --folder name. tiktoken's offline GPT-2 vocabulary is data/tiktoken_offline.py.
 """

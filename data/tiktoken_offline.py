@@ -14,7 +14,7 @@ files, checked against the sha256 values that tiktoken itself expects:
 With no local copy at all we leave it to tiktoken's own download (online case).
 The files are byte-identical either way, so the encoding is the same.
 
-Used by the GPT-2 BPE preparation scripts (data/shakespeare, data/openwebtext).
+Used by the GPT-2 BPE preparation scripts (data/shakespeare, data/openwebtext, data/fineweb).
 """
 
 import hashlib
