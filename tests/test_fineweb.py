@@ -1,7 +1,7 @@
 """
-data/fineweb/prepare.py on small FineWeb-shaped parquet and jsonl shards made here. Offline: local
-files, tiktoken's cache seeded from ../shared/data/gpt2-bpe, and the hub's path tested with
-datasets.load_dataset replaced.
+data/fineweb/prepare.py on small FineWeb-shaped parquet and jsonl shards made here, and the FineWeb
+configs (config/train_fineweb_*.py). Offline: local files, tiktoken's cache seeded from
+../shared/data/gpt2-bpe, and the hub's path tested with datasets.load_dataset replaced.
 """
 
 import importlib.util
@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, run as run_script
 
 PREPARE = os.path.join(ROOT, "data", "fineweb", "prepare.py")
 BPE_DIR = os.path.normpath(os.path.join(ROOT, "..", "shared", "data", "gpt2-bpe"))
@@ -257,3 +257,54 @@ def test_restart_replaces_another_preparation(prepare, shards, enc, tmp_path):
     prepare("--folder", shards.jsonl, "--out_dir", tmp_path, "--val_tokens", V, "--num_tokens", N,
             "--restart")
     assert bins(tmp_path) == list(expected(shards.docs, enc, V, N))
+
+
+# ----------------------------------------------------------------------------- the configs
+
+CONFIGS = ("train_fineweb_dense", "train_fineweb_moe", "train_fineweb_moe_1gpu")
+
+
+def test_the_fineweb_configs_are_gpt2_small_twins_of_equal_active_flops(monkeypatch):
+    """Each config file executed as configurator.configure does (in a namespace of its own), its model
+    built at full size on the meta device."""
+    import torch
+    from moe_model import MODEL_KEYS, build_model
+
+    monkeypatch.chdir(ROOT)  # the files exec one another by relative path, as train.py runs them
+    cfg, params = {}, {}
+    for name in CONFIGS:
+        ns = {}
+        exec(open(f"config/{name}.py").read(), ns)
+        cfg[name] = ns
+        with torch.device("meta"):
+            model = build_model({k: ns[k] for k in MODEL_KEYS if k in ns} | {"vocab_size": 50304})
+        params[name] = (model.get_num_params(), model.get_num_params(active=True))
+        assert (ns["n_layer"], ns["n_head"], ns["n_embd"], ns["block_size"]) == (12, 12, 768, 1024)
+        block = ("norm", "rope", "mlp", "qk_norm", "bias", "tie_embeddings")
+        assert [getattr(model.config, k) for k in block] == ["rmsnorm", True, "swiglu", "full", False, True]
+        # the last step is an eval with HellaSwag, and the schedule ends there
+        assert ns["max_iters"] % ns["hellaswag_interval"] == 0
+        assert ns["hellaswag_interval"] % ns["eval_interval"] == 0
+        assert ns["lr_decay_iters"] == ns["max_iters"] and ns["dataset"] == "fineweb"
+    dense, moe = params["train_fineweb_dense"], params["train_fineweb_moe"]
+    assert 123e6 < dense[0] == dense[1] < 125e6  # GPT-2 small's 124M
+    assert moe[1] - dense[1] == 12 * 768 * 16  # the same active parameters, but for the routers
+    assert 290e6 < moe[0] < 300e6
+    assert params["train_fineweb_moe_1gpu"] == moe
+    tokens = {n: c["batch_size"] * c["block_size"] * c["gradient_accumulation_steps"] for n, c in cfg.items()}
+    assert tokens == dict(zip(CONFIGS, (524_288, 524_288, 262_144)))
+    assert cfg["train_fineweb_moe_1gpu"]["max_iters"] * 262_144 <= 1e9  # inside --num_tokens=1B
+
+
+@pytest.mark.slow
+def test_the_fineweb_configs_pass_train_py(prepare, shards, tmp_path):
+    """train.py takes every key of the three files (the 1-GPU one executes the other two) and trains a step
+    on data prepare.py wrote, the model shrunk to a CPU's size (the full size: the test above)."""
+    data = tmp_path / "fineweb"
+    prepare("--folder", shards.parquet, "--out_dir", data, "--val_tokens", V, "--num_tokens", N)
+    tiny = ["--n_layer=1", "--n_embd=64", "--n_head=2", "--mlp_hidden=128", "--expert_hidden=32",
+            "--block_size=32", "--batch_size=2", "--max_iters=1", "--eval_iters=1", "--hellaswag_interval=0",
+            "--device=cpu", "--compile=False", "--dtype=float32"]
+    p = run_script("train.py", "config/train_fineweb_moe_1gpu.py", *tiny, f"--dataset={data}",
+                   f"--out_dir={tmp_path / 'out'}")
+    assert "step 1: train loss" in p.stdout
