@@ -79,6 +79,10 @@ def test_a_transformers_folder_fine_tunes_from_the_command_line(kind, shakespear
                                                  '--expert_hidden', '--block_size', '--learning_rate'))]
     run('train.py', *tiny, f'--init_from={tmp_path / "hf"}', f'--out_dir={out}', '--max_iters=2',
         '--learning_rate=0', '--eval_interval=2', '--expert_impl=loop')
+    if kind == 'mixtral':  # bench.py times the folder's model
+        p = run('bench.py', f'--init_from={tmp_path / "hf"}', '--block_size=16', '--batch_size=2', '--device=cpu',
+                '--dtype=float32', '--bench_iters=1', '--warmup_iters=0')
+        assert 'ms/iter' in p.stdout
     ckpt = load_checkpoint(str(out / 'ckpt.pt'))
     model = build_model(ckpt['model_args']).eval()
     model.load_state_dict(ckpt['model'])
@@ -201,7 +205,8 @@ def test_sample_and_train_refuse_a_folder_in_one_line(shakespeare_char, tmp_path
     """The issue's case: sample.py once loaded a Mixtral folder as a GPT-2 and printed noise, exit 0."""
     foreign('qwen3', tmp_path / 'hf', use_sliding_window=True, max_window_layers=1)
     for script, args in (('sample.py', ['--device=cpu', '--num_samples=1', '--max_new_tokens=5']),
-                         ('train.py', [*TINY, f'--out_dir={tmp_path / "out"}'])):
+                         ('train.py', [*TINY, f'--out_dir={tmp_path / "out"}']), ('bench.py', ['--device=cpu']),
+                         ('tools/eval_hellaswag.py', ['--device=cpu'])):
         p = run(script, *args, f'--init_from={tmp_path / "hf"}', check=False)
         assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, (script, p.stderr[-2000:])
         assert p.stderr.startswith('error: ') and 'use_sliding_window=True' in p.stderr, p.stderr
