@@ -69,6 +69,21 @@ def test_a_transformers_folder_loads_here_with_the_same_logits(kind, tmp_path):
         assert model.config.top_k == 1
 
 
+@pytest.mark.parametrize('kind', ['llama', 'qwen3'])
+def test_a_dense_transformers_folder_upcycles_into_the_same_function(kind, tmp_path):
+    """Sparse upcycling from a Llama or Qwen3: top-2 of 4 copies of each MLP, renormalised, is the MLP."""
+    from dataclasses import asdict
+    from moe_model import MoEConfig
+    from upcycle import upcycle, upcycle_args
+    hf = foreign(kind, tmp_path)
+    dense = load_hf_folder(str(tmp_path))
+    config = {**asdict(MoEConfig()), 'expert_hidden': 0, 'init_from': str(tmp_path), 'n_expert': 4, 'top_k': 2}
+    moe = upcycle(dense, upcycle_args({**asdict(dense.config), 'n_expert': 0}, config, {'n_expert'}), 0.0).eval()
+    assert moe.config.n_expert == 4 and moe.config.qk_norm == dense.config.qk_norm
+    with torch.no_grad():
+        torch.testing.assert_close(moe(IDX, IDX)[0], hf(IDX).logits, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize('kind', ['mixtral', 'qwen3_moe'])
 def test_a_transformers_folder_fine_tunes_from_the_command_line(kind, shakespeare_char, tmp_path):
