@@ -5,7 +5,7 @@ classes loaded as this repo's model. NATIVE is the one table both directions rea
 field holds which model key, and what the class fixes (on our side: keys; on its side: config fields). So
 export picks a class by matching every exported key against it, and import refuses, with one line naming the
 field, a folder whose config asks for something this repo does not compute (sliding windows, rope scaling,
-biased q/k/v, another activation, ...).
+attention biases without MLP ones, another activation, an unknown field, ...).
 
 Weights go through transformers' in-memory layout (5.x: every layer's experts stacked, gate_up_proj
 [E, 2 * inter, d], down_proj [E, d, inter]); transformers itself converts that from and to the files'
@@ -37,7 +37,8 @@ class Native(NamedTuple):
 
 
 def refuse(field, value, why):
-    raise ValueError(f"config.json has {field}={value!r}: {why}; this repo cannot compute that exactly")
+    shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + '...'
+    raise ValueError(f"config.json has {field}={shown}: {why}; this repo cannot compute that exactly")
 
 
 def _rope(value, hf):
@@ -161,7 +162,7 @@ def covered(native):
     return keys
 
 
-def value(config, key):
+def key_value(config, key):
     """A model key's value as the classes see it: norm_topk renormalises only at top_k > 1 (Router), so a
     top-1 model with norm_topk computes what one without does."""
     if key == 'norm_topk':
@@ -173,8 +174,8 @@ def mismatch(native, config):
     """The first key whose value the class cannot compute, as 'key=wanted (this model: value)', or None."""
     for key, want in native.keys.items():
         want = want(config) if callable(want) else want
-        if value(config, key) != want:
-            return f"{key}={want!r} (this model: {value(config, key)!r})"
+        if key_value(config, key) != want:
+            return f"{key}={want!r} (this model: {key_value(config, key)!r})"
     return None
 
 
@@ -196,7 +197,7 @@ def hf_kwargs(name, config):
     native = NATIVE[name]
     kwargs = {**EXPORT_ONLY, **(GPT2_EXPORT_ONLY if native.model_type == 'gpt2' else {}), **native.fixed}
     for field, key in native.fields.items():
-        kwargs[field] = key.to_hf(config) if isinstance(key, Field) else value(config, key)
+        kwargs[field] = key.to_hf(config) if isinstance(key, Field) else key_value(config, key)
     return kwargs
 
 
@@ -257,7 +258,7 @@ def native_model_args(folder, raw):
         known |= {alias, field} if alias in known or field in known else set()
     for field in raw:
         if field not in known:
-            refuse(field, raw[field], f"a field that {name} reads and this repo does not")
+            refuse(field, raw[field], f"a field of {name} that this repo does not read")
     for field, want in native.fixed.items():
         if getattr(hf, field, want) != want:
             refuse(field, getattr(hf, field), f"{name} with {field}={want!r} is what this repo computes")
