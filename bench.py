@@ -5,6 +5,7 @@ Benchmarks. Two modes:
    (n_expert=0) or MoE, on random tokens (or real data with real_data=True):
    $ python bench.py --n_layer=4 --n_head=4 --n_embd=128 --block_size=64 --vocab_size=65 --n_expert=8 --expert_hidden=256
    $ python bench.py --init_from=resume --out_dir=out-shakespeare-char-moe   (the checkpoint's model)
+   $ python bench.py --init_from=<a Hugging Face folder> --block_size=256       (its model, random weights)
    prints ms/iter, tokens/s, MFU (from ACTIVE parameters) and the step's peak memory (activation_checkpointing
    = 'moe' or 'all' trades compute for it). compare_dense=True also times the dense twin (n_expert=0; needs
    top_k * expert_hidden = mlp_hidden, every layer MoE, no shared experts), and compare_compile=True each
@@ -38,7 +39,7 @@ from model import CHECKPOINTING, GPTConfig, MLP
 from moe_model import build_model, MoE, MoEConfig, EXPERT_IMPLS, MODEL_KEYS, FORK_KEYS
 
 # -----------------------------------------------------------------------------
-init_from = 'scratch'  # 'scratch' (the config below) or 'resume' (the model of out_dir/ckpt.pt)
+init_from = 'scratch'  # 'scratch' (the config below), 'resume' (out_dir/ckpt.pt's model), an HF folder
 out_dir = 'out'
 batch_size = 12
 # the model: every key of moe_model.MoEConfig, at its default there (n_expert = 0: the dense GPT), except for these
@@ -172,6 +173,14 @@ def bench_model():
         except CheckpointError as e:
             fail(str(e))
         model_args['expert_impl'] = expert_impl
+    elif init_from != 'scratch':  # a Hugging Face folder's (or GPT-2's) model, at most this run's block_size
+        from hf import hf_model_args
+        try:
+            folder_args = hf_model_args(init_from)
+        except (ValueError, OSError) as e:
+            fail(str(e))
+        model_args = {**{k: config[k] for k in MODEL_KEYS}, **folder_args,
+                      'block_size': min(block_size, folder_args['block_size'])}
     else:
         model_args = {k: config[k] for k in MODEL_KEYS}
     models = {'model': model_args}

@@ -3,7 +3,8 @@ Where train.py's model comes from (its init_from), read and checked before any w
   'scratch'     a new model of the run's keys
   'resume'      out_dir/ckpt.pt: its weights (train.py then restores the optimizer, step and RNG states)
   a .pt file    the weights of a checkpoint, this project's or nanoGPT's, for a new run
-  'gpt2*', a folder   GPT-2's weights (through transformers), a saved GPT2LMHeadModel, or an export_hf.py folder
+  'gpt2*', a folder   GPT-2's weights (through transformers), or a Hugging Face folder: GPT-2's, Llama's,
+                Qwen3's, Mixtral's, Qwen3-MoE's, OLMoE's (hf/native.py), or an export_hf.py one
 The weights fix their 'shape' keys (n_layer, n_embd, n_expert, ...; a checkpoint without n_expert is dense):
 a run that gives another value stops with one line (block_size may only shrink: train.py crops). A
 'forward' key the run gives (top_k, router_temperature, ...) replaces the weights' own, said in one line;
@@ -32,7 +33,7 @@ class Init:
         self.pretrained = init_from in GPT2_SIZES or self.hf is not None  # (transformers reads the weights)
         if init_from not in ('scratch', 'resume') and not self.pretrained and not init_from.endswith('.pt'):
             raise ValueError(f"init_from={init_from!r}; allowed: 'scratch', 'resume', 'gpt2', 'gpt2-medium', "
-                             f"'gpt2-large', 'gpt2-xl', a folder holding a saved GPT2LMHeadModel (config.json and "
+                             f"'gpt2-large', 'gpt2-xl', a Hugging Face model folder (config.json and "
                              f"weights), or a checkpoint file (.pt)")
         self.path = os.path.join(out_dir, 'ckpt.pt') if init_from == 'resume' else init_from
         self.ckpt = None

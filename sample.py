@@ -14,7 +14,7 @@ from checkpoint import load_checkpoint, load_weights, load_meta, CheckpointError
 from moe_model import build_model
 
 # -----------------------------------------------------------------------------
-init_from = 'resume'  # 'resume' (from an out_dir), a gpt2 variant (e.g. 'gpt2-xl') or a local GPT2LMHeadModel folder
+init_from = 'resume'  # 'resume' (from an out_dir), a gpt2 variant (e.g. 'gpt2-xl') or a Hugging Face folder
 out_dir = 'out'  # ignored if init_from is not 'resume'
 ckpt_name = 'ckpt.pt'  # or 'ckpt_best.pt'
 start = "\n"  # or "<|endoftext|>" or etc. Can also specify a file, use as: "FILE:prompt.txt"
@@ -73,15 +73,15 @@ if init_from == 'resume':
     except (ValueError, CheckpointError) as e:
         fail(str(e))
 elif init_from in ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl') or os.path.isdir(init_from):
-    # init from a given GPT-2 model, or a Hugging Face folder (GPT-2's, or one export_hf.py wrote)
+    # init from a given GPT-2 model, or a Hugging Face folder (GPT-2's, Llama's, Mixtral's, ...: hf/native.py)
     from hf import load_hf_folder, load_gpt2
     try:
         model = load_hf_folder(init_from) if os.path.isdir(init_from) else load_gpt2(init_from)
     except (ValueError, OSError) as e:
         fail(str(e))
 else:
-    fail(f"init_from={init_from!r}; allowed: 'resume', 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl' or a folder "
-         f"holding a saved GPT2LMHeadModel")
+    fail(f"init_from={init_from!r}; allowed: 'resume', 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl' or a "
+         f"Hugging Face model folder")
 
 model.eval()
 model.to(device)

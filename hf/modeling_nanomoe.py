@@ -1,9 +1,10 @@
 """
-nanoMoE's MoEGPT as a Hugging Face transformers model (trust_remote_code=True). hf.export_moe writes this file
-into the exported folder with the repo's own model.py and moe_model.py in place of the import marked below,
-so the folder needs no nanoMoE checkout and computes exactly what MoEGPT computes in eval mode (per-token
-top-k routing, no noise, jitter or dropout), with the same parameter names; expert_impl='loop', the
-reference backend: exact, not fast. No KV cache: generate() recomputes the context.
+nanoMoE's MoEGPT (or, with n_expert=0, its dense GPT: a block no transformers class computes) as a Hugging
+Face transformers model (trust_remote_code=True). hf.export_moe writes this file into the exported folder with
+the repo's own model.py and moe_model.py in place of the import marked below, so the folder needs no nanoMoE
+checkout and computes exactly what MoEGPT computes in eval mode (per-token top-k routing, no noise, jitter or
+dropout), with the same parameter names; expert_impl='loop', the reference backend: exact, not fast. No KV
+cache: generate() recomputes the context.
 """
 from dataclasses import fields
 
@@ -11,7 +12,7 @@ from torch.nn import functional as F
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutput
 
-from moe_model import EXPORTED_KEYS, MoEConfig, MoEGPT  # nanomoe: the model code goes here
+from moe_model import EXPORTED_KEYS, MoEConfig, build_model  # nanomoe: the model code goes here
 
 
 class NanoMoEConfig(PretrainedConfig):
@@ -27,7 +28,7 @@ class NanoMoEConfig(PretrainedConfig):
         for f in fields(MoEConfig):
             if f.name in EXPORTED_KEYS and f.name != 'top_k':
                 setattr(self, f.name, kwargs.pop(f.name, f.default))
-        kwargs.setdefault('tie_word_embeddings', True)
+        kwargs.setdefault('tie_word_embeddings', self.tie_embeddings)  # (True: transformers ties the head)
         kwargs.setdefault('use_cache', False)
         super().__init__(**kwargs)
 
@@ -43,7 +44,7 @@ class NanoMoEForCausalLM(PreTrainedModel, GenerationMixin):
 
     def __init__(self, config):
         super().__init__(config)
-        model = MoEGPT(MoEConfig(**config.model_args(), expert_impl='loop'))
+        model = build_model({**config.model_args(), 'expert_impl': 'loop'})  # (n_expert=0: the dense GPT)
         # MoEGPT's modules, registered here under their own names (transformer.*, lm_head), so that the
         # weights' names are nanoMoE's; the MoEGPT itself is kept unregistered, to run them
         self.transformer, self.lm_head = model.transformer, model.lm_head

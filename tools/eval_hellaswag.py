@@ -44,10 +44,13 @@ if init_from == 'resume' or init_from.endswith('.pt'):
     dataset = ckpt.get('config', {}).get('dataset')  # its meta.pkl, if any, says the vocabulary is its own
     meta_path = os.path.join(HERE, 'data', dataset, 'meta.pkl') if isinstance(dataset, str) else None
 elif init_from in GPT2_SIZES or hf_config(init_from) is not None:
-    model_args, meta_path = hf_model_args(init_from), None
+    try:
+        model_args, meta_path = hf_model_args(init_from), None  # (a model this repo cannot compute: one line)
+    except ValueError as e:
+        fail(str(e))
 else:
     fail(f"init_from={init_from!r}; allowed: 'resume', a checkpoint file (.pt), 'gpt2', 'gpt2-medium', "
-         f"'gpt2-large', 'gpt2-xl', or a folder holding a saved GPT2LMHeadModel")
+         f"'gpt2-large', 'gpt2-xl', or a Hugging Face model folder")
 try:
     examples = prepare(data_dir, max_examples, model_args['block_size'], model_args['vocab_size'], meta_path)
 except HellaSwagError as e:

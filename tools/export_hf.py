@@ -1,10 +1,14 @@
 """
 Export a checkpoint to a Hugging Face model folder (config.json + model.safetensors), for transformers,
-the Hub and lm-eval-harness:
+the Hub, vLLM and lm-eval-harness:
 $ python tools/export_hf.py --out_dir=out-shakespeare-char-moe-cpu --hf_dir=hf-shakespeare-char-moe
-- a dense model becomes a plain GPT2LMHeadModel (activation_function='gelu', nanoGPT's exact GELU, so the
-  logits are this project's; zero biases where the model has none);
-- an MoE becomes NanoMoEForCausalLM, whose code (hf/modeling_nanomoe.py) is copied into the folder:
+It prints the class it wrote and why (hf.export; the table is hf/native.py's NATIVE):
+- the transformers class that computes exactly this model, loaded with no trust_remote_code: an MoE with the
+  modern block as MixtralForCausalLM, Qwen3MoeForCausalLM or OlmoeForCausalLM, a dense one as LlamaForCausalLM
+  or Qwen3ForCausalLM, a GPT-2-block dense one as GPT2LMHeadModel (activation_function='gelu', nanoGPT's exact
+  GELU; zero biases where the model has none);
+- any other model (GPT-2's block with experts, other routers, shared experts, ...) as NanoMoEForCausalLM,
+  whose code (hf/modeling_nanomoe.py) is copied into the folder:
   AutoModelForCausalLM.from_pretrained(hf_dir, trust_remote_code=True) loads it with no nanoMoE checkout.
 The folder is written whole or not at all, and an existing one is never overwritten. No tokenizer is
 written: a GPT-2 BPE model uses GPT-2's (AutoTokenizer 'gpt2'), a character-level one its meta.pkl.
@@ -18,7 +22,7 @@ import shutil
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root, for its modules
 from configurator import configure, fail  # noqa: E402
 from checkpoint import load_checkpoint, load_weights, CheckpointError  # noqa: E402
-from hf import export_dense, export_moe, save  # noqa: E402
+import hf  # noqa: E402
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'  # the run whose checkpoint is exported
@@ -45,14 +49,19 @@ if __name__ == '__main__':
     except (ValueError, CheckpointError) as e:
         fail(str(e))
     model.eval()
-    hf = export_dense(model) if getattr(model.config, 'n_expert', 0) == 0 else export_moe(model)
+    hf_model, why = hf.export(model)
+    print(f"exporting as {why}")
     tmp = f'{hf_dir.rstrip(os.sep)}.tmp-{os.getpid()}'  # written whole, then renamed: never half a folder
     try:
-        save(hf, tmp)
+        hf.save(hf_model, tmp)
+        if hasattr(hf, 'describe'):  # the folder's tokenizer and notes, where hf/__init__.py writes them
+            hf.describe(tmp, ckpt)
         if os.path.isdir(hf_dir):
             os.rmdir(hf_dir)  # empty, checked above
         os.rename(tmp, hf_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"wrote {type(hf).__name__} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters) to "
-          f"{hf_dir}" + ("; load it with trust_remote_code=True" if type(hf).__name__ != 'GPT2LMHeadModel' else ''))
+    remote = hf_model.config.model_type == 'nanomoe'
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"wrote {type(hf_model).__name__} ({n_params / 1e6:.2f}M parameters) to {hf_dir}"
+          + ("; load it with trust_remote_code=True" if remote else ''))
