@@ -65,19 +65,21 @@ class GPTConfig:
     mlp_hidden: int = key(0, 'shape')        # the dense MLP's hidden size; 0 means 4 * n_embd
     qk_norm: str = key('none', 'shape')      # RMSNorm on q and k: 'none', each 'head' (Qwen3), or 'full' (OLMoE)
     n_kv_head: int = key(0, 'shape')         # key/value heads (grouped-query attention); 0 means n_head
+    head_dim: int = key(0, 'shape')          # each head's size; 0 means n_embd // n_head (Qwen3: often wider)
     tie_embeddings: bool = key(True, 'shape')  # the language-model head is the token embedding (GPT-2)
 
     def __post_init__(self):
         self.mlp_hidden = self.mlp_hidden or 4 * self.n_embd
         self.n_kv_head = self.n_kv_head or self.n_head
-        for key in ('block_size', 'vocab_size', 'n_layer', 'n_head', 'n_embd', 'mlp_hidden', 'n_kv_head'):
+        if not self.head_dim and self.n_embd % self.n_head != 0:
+            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head} (or set head_dim)")
+        self.head_dim = self.head_dim or self.n_embd // self.n_head
+        for key in ('block_size', 'vocab_size', 'n_layer', 'n_head', 'n_embd', 'mlp_hidden', 'n_kv_head', 'head_dim'):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
                 raise ValueError(f"{key}={getattr(self, key)!r} must be a positive integer")
-        if self.n_embd % self.n_head != 0:
-            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
-        if self.n_head % self.n_kv_head or self.rope and self.n_embd // self.n_head % 2:
+        if self.n_head % self.n_kv_head or self.rope and self.head_dim % 2:
             raise ValueError(f"n_kv_head={self.n_kv_head} must divide n_head={self.n_head}" if self.n_head % self.n_kv_head
-                             else f"rope needs an even head size, not n_embd / n_head = {self.n_embd // self.n_head}")
+                             else f"rope needs an even head size, not head_dim = {self.head_dim}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
         for key, allowed in (('norm', ('layernorm', 'rmsnorm')), ('mlp', ('gelu', 'swiglu')),
@@ -125,11 +127,11 @@ class CausalSelfAttention(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.n_head, self.n_kv_head, self.hs = config.n_head, config.n_kv_head, config.n_embd // config.n_head
+        self.n_head, self.n_kv_head, self.hs = config.n_head, config.n_kv_head, config.head_dim
         # key, query, value projections for all heads, but in a batch (n_kv_head key and value heads)
         self.c_attn = nn.Linear(config.n_embd, (self.n_head + 2 * self.n_kv_head) * self.hs, bias=config.bias)
         # output projection
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(self.n_head * self.hs, config.n_embd, bias=config.bias)
         self.attn_dropout_p = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
         self.qk_norm = config.qk_norm  # RMSNorm of each head's q and k (Qwen3) or of all of q and k (OLMoE)
@@ -162,7 +164,7 @@ class CausalSelfAttention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=None, is_causal=is_causal,
                                            dropout_p=self.attn_dropout_p if self.training else 0,
                                            **({'enable_gqa': True} if self.n_kv_head != self.n_head else {}))
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
+        y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * self.hs)  # all head outputs side by side
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -338,7 +340,7 @@ class GPT(nn.Module):
         # forward the GPT model itself
         x = self.transformer.wte(idx)  # token embeddings of shape (b, t, n_embd)
         if self.config.rope:  # positions rotate each head's q and k instead
-            rope = rope_cos_sin(pos, self.config.n_embd // self.config.n_head, self.config.rope_theta)
+            rope = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta)
         else:
             rope, x = None, x + self.transformer.wpe(pos)  # position embeddings of shape (t, n_embd)
         x = self.transformer.drop(x)
@@ -394,7 +396,7 @@ class GPT(nn.Module):
         # an MoE only runs its ACTIVE parameters on a token, so those are what cost FLOPs
         N = self.get_num_params(active=True)
         cfg = self.config
-        L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size
+        L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.head_dim, cfg.block_size
         flops_per_token = 6 * N + 12 * L * H * Q * T
         flops_per_fwdbwd = flops_per_token * T
         flops_per_iter = flops_per_fwdbwd * fwdbwd_per_iter

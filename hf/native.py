@@ -54,10 +54,8 @@ def _rope(value, hf):
 
 
 def _head_dim(value, hf):
-    if value is not None and value != hf.hidden_size // hf.num_attention_heads:
-        refuse('head_dim', value, f"heads of another width than hidden_size / num_attention_heads = "
-                                  f"{hf.hidden_size // hf.num_attention_heads}")
-    return {}
+    """head_dim: None (absent) is hidden_size // num_attention_heads, as in transformers."""
+    return {'head_dim': value or hf.hidden_size // hf.num_attention_heads}
 
 
 def _full_attention(value, hf):
@@ -80,7 +78,7 @@ def _mlp_only_layers(value, hf):
 
 
 ROPE = Field(('rope_theta',), lambda c: {'rope_type': 'default', 'rope_theta': c.rope_theta}, _rope)
-HEAD_DIM = Field((), lambda c: c.n_embd // c.n_head, _head_dim)
+HEAD_DIM = Field(('head_dim',), lambda c: c.head_dim, _head_dim)
 FULL_ATTENTION = Field((), lambda c: None, _full_attention)  # (None: all 'full_attention' in transformers)
 DENSE_LAYERS = Field(('n_dense_layers',), lambda c: list(range(c.n_dense_layers)), _mlp_only_layers)
 
@@ -137,7 +135,7 @@ NATIVE = {
         {'vocab_size': 'vocab_size', 'n_positions': 'block_size', 'n_embd': 'n_embd', 'n_layer': 'n_layer',
          'n_head': 'n_head', 'n_inner': 'mlp_hidden', 'layer_norm_epsilon': 'norm_eps'},
         {'norm': 'layernorm', 'rope': False, 'mlp': 'gelu', 'qk_norm': 'none',
-         'n_kv_head': lambda c: c.n_head, 'tie_embeddings': True},
+         'n_kv_head': lambda c: c.n_head, 'head_dim': lambda c: c.n_embd // c.n_head, 'tie_embeddings': True},
         fixed={'activation_function': 'gelu'}, unused=('bias', 'rope_theta'),
         loads={'bias': True, 'n_expert': 0}),
 }

@@ -33,6 +33,7 @@ FOREIGN = {
     'llama': ('Llama', dict(intermediate_size=48)),
     'llama-biases': ('Llama', dict(intermediate_size=48, attention_bias=True, mlp_bias=True, num_key_value_heads=4)),
     'qwen3': ('Qwen3', dict(intermediate_size=48, head_dim=8, tie_word_embeddings=True)),
+    'qwen3-wide-heads': ('Qwen3', dict(intermediate_size=48, head_dim=16)),  # wider than hidden / heads
 }
 
 
@@ -190,7 +191,6 @@ REFUSED = [  # (kind, config changes, the field the error names)
     ('llama', dict(hidden_act='gelu'), "hidden_act='gelu'"),
     ('llama', dict(attention_bias=True), 'mlp_bias=False'),  # biased q/k/v/o, but no MLP bias
     ('qwen3', dict(attention_bias=True), 'attention_bias=True'),
-    ('qwen3', dict(head_dim=16), 'head_dim=16'),
     ('olmoe', dict(clip_qkv=8.0), 'clip_qkv=8.0'),
     ('qwen3_moe', dict(mlp_only_layers=[1]), 'mlp_only_layers=[1]'),
     ('qwen3_moe', dict(num_experts_per_tok=1), 'num_experts_per_tok=1'),  # norm_topk_prob: weight 1.0
