@@ -1,7 +1,8 @@
 """
 Where train.py's model comes from (its init_from), read and checked before any work, built after:
   'scratch'     a new model of the run's keys
-  'resume'      out_dir/ckpt.pt: its weights (train.py then restores the optimizer, step and RNG states)
+  'resume'      out_dir/ckpt.pt: its weights (train.py then restores the optimizer, step and RNG states; the
+                run's optimizer must be the checkpoint's: muon.resume_error)
   a .pt file    the weights of a checkpoint, this project's or nanoGPT's, for a new run
   'gpt2*', a folder   GPT-2's weights (through transformers), or a Hugging Face folder: GPT-2's, Llama's,
                 Qwen3's, Mixtral's, Qwen3-MoE's, OLMoE's (hf/native.py), or an export_hf.py one
@@ -20,6 +21,7 @@ from checkpoint import load_checkpoint, load_for_resume, load_weights
 from hf import GPT2_SIZES, hf_config, hf_model_args, load_hf_folder, load_gpt2
 from moe_kernels import auto_expert_impl
 from moe_model import Experts, build_model, model_config, MODEL_KEYS, SHAPE_KEYS, TRAIN_KEYS
+from muon import resume_error
 from upcycle import upcycle_args, upcycle
 
 
@@ -39,6 +41,9 @@ class Init:
         self.ckpt = None
         if init_from == 'resume' or init_from.endswith('.pt'):
             self.ckpt = (load_for_resume if init_from == 'resume' else load_checkpoint)(self.path)
+        saved = self.ckpt.get('config', {}) if self.ckpt else {}
+        if init_from == 'resume' and (message := resume_error(saved, config, self.path)):
+            raise ValueError(message)  # (before any work: train.py restores the optimizer after the build)
         args = {**{k: config[k] for k in MODEL_KEYS}, 'vocab_size': vocab_size}
         if init_from != 'scratch':
             keys = {'n_expert': 0, **self.ckpt['model_args']} if self.ckpt else hf_model_args(init_from)

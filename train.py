@@ -41,6 +41,7 @@ from model import CHECKPOINTING
 from moe_model import FORK_KEYS, MODEL_KEYS, MoEConfig, model_args_of
 from expert_parallel import ExpertParallel, config_error
 from init_model import Init, training_bytes
+from muon import OPTIMIZER_KEYS, configure_optimizers, config_error as optimizer_error
 import hellaswag
 
 # -----------------------------------------------------------------------------
@@ -80,6 +81,12 @@ weight_decay = 1e-1
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0  # clip gradients at this value, or disable if == 0.0
+# the optimizer (muon.py): 'adamw', or 'muon': Muon for the hidden matrices and experts, AdamW for the rest
+optimizer = 'adamw'
+muon_lr = 0.02  # Muon's peak learning rate (nanochat's matrix_lr); the schedule scales it as learning_rate's
+muon_momentum = 0.95  # torch.optim.Muon's, Keller Jordan's, modded-nanogpt's (nanochat: 0.85 up to it)
+muon_weight_decay = 0.0  # Muon's decoupled weight decay: none, as Keller Jordan's Muon and nanochat's
+router_lr = 0.0  # the router's peak AdamW learning rate (nanochat's MoE settled on 0.005); 0: learning_rate
 # learning rate decay settings
 decay_lr = True  # whether to decay the learning rate
 warmup_iters = 2000  # how many steps to warm up for
@@ -118,6 +125,8 @@ check_range(config, ('max_iters', 'warmup_iters', 'lr_decay_iters', 'learning_ra
                      'grad_clip', 'upcycle_noise', 'hellaswag_interval', 'hellaswag_examples'), 0)
 check_range(config, ('beta1', 'beta2'), 0, 1)
 check_range(config, ('seed',), 0, 2**32)
+if message := optimizer_error(config):
+    fail(message)
 if not out_dir:
     fail("out_dir='' must name a folder")
 data_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', dataset)
@@ -240,7 +249,7 @@ model.to(device)
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
 
 # optimizer
-optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+optimizer = configure_optimizers(model, device_type, **{k: config[k] for k in OPTIMIZER_KEYS})
 if init_from == 'resume':
     restore(init.ckpt, model, optimizer, scaler, parallel, device)
 init = None  # free up memory
@@ -337,7 +346,7 @@ while True:
     # determine and set the learning rate for this iteration
     lr = get_lr(iter_num) if decay_lr else learning_rate
     for param_group in optimizer.param_groups:
-        param_group['lr'] = lr
+        param_group['lr'] = lr * param_group.get('lr_scale', 1.0)  # Muon's and the router's peaks (muon.py)
 
     # evaluate the loss on train/val sets and write checkpoints
     if iter_num % eval_interval == 0 or iter_num == max_iters or eval_only:

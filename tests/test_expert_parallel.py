@@ -163,21 +163,34 @@ def weights(out_dir):
     return load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))['model']
 
 
-def assert_same_weights(a, b):
+def assert_same_weights(a, b, optimizer='adamw'):
+    """a and b hold the same weights up to float rounding. Muon orthogonalises in bfloat16 (torch.optim.Muon
+    does), where the runs' float32 rounding differences in the gradients become bfloat16 ones in the update:
+    there each tensor must be the same within 2% of its norm (a wrong expert's update is tens of percent)."""
     assert a.keys() == b.keys()
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=2e-5, msg=k)
+        if optimizer == 'muon' and torch.is_tensor(a[k]) and a[k].is_floating_point():
+            assert (a[k] - b[k]).norm() <= 2e-2 * b[k].norm(), k
+        else:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=2e-5, msg=k)
 
 
-@pytest.mark.parametrize('nproc, ep, checkpointing', [(2, 2, 'all'), (4, 2, 'none')])  # EP=4 of 4: the layer tests above
+@pytest.mark.parametrize('nproc, ep, checkpointing, optimizer',  # EP=4 of 4: the layer tests above
+                         [(2, 2, 'all', 'adamw'), (4, 2, 'none', 'adamw'), (2, 2, 'none', 'muon')])
 @pytest.mark.slow
-def test_train_with_expert_parallel_equals_ddp(shakespeare_char, tmp_path, nproc, ep, checkpointing):
+def test_train_with_expert_parallel_equals_ddp(shakespeare_char, tmp_path, nproc, ep, checkpointing,
+                                               optimizer):
     """Same global batch, same seed: EP trains the weights plain DDP does (also when EP recomputes its
-    activations, all-to-alls included, in backward), and logs its all-to-all bytes."""
-    torchrun(nproc, *STEPS, f'--out_dir={tmp_path / "ddp"}')
+    activations, all-to-alls included, in backward; with Muon, each rank orthogonalising its own experts'
+    updates), and logs its all-to-all bytes."""
+    torchrun(nproc, *STEPS, f'--out_dir={tmp_path / "ddp"}', f'--optimizer={optimizer}')
     torchrun(nproc, *STEPS, f'--out_dir={tmp_path / "ep"}', f'--expert_parallel={ep}',
-             f'--activation_checkpointing={checkpointing}')
-    assert_same_weights(weights(tmp_path / 'ep'), weights(tmp_path / 'ddp'))
+             f'--activation_checkpointing={checkpointing}', f'--optimizer={optimizer}')
+    assert_same_weights(weights(tmp_path / 'ep'), weights(tmp_path / 'ddp'), optimizer)
+    # the checkpoint holds the whole optimizer state (every expert's AdamW moments or Muon momentum), as DDP's
+    states = [load_checkpoint(str(tmp_path / run / 'ckpt.pt'))['optimizer']['state'] for run in ('ep', 'ddp')]
+    flat = lambda state: {f'{i} {k}': v for i, s in state.items() for k, v in s.items()}
+    assert_same_weights(*map(flat, states), optimizer)
     steps = [r for r in read_log(tmp_path / 'ep') if 'loss' in r]
     ddp_steps = [r for r in read_log(tmp_path / 'ddp') if 'loss' in r]
     for key in ('loss', 'grad_norm'):

@@ -66,7 +66,10 @@ def test_sample_from_checkpoint(trained):
         assert 'ROMEO:' in sample and len(sample.split('ROMEO:', 1)[1]) >= 40  # prompt + 40 new characters
 
 
-@pytest.mark.parametrize('extra', [[], ['--dropout=0.1', '--n_expert=0']])
+MUON = ['--optimizer=muon', '--router_lr=1e-3']
+
+
+@pytest.mark.parametrize('extra', [[], ['--dropout=0.1', '--n_expert=0'], MUON])
 @pytest.mark.slow
 def test_resume_continues_exactly_like_an_uninterrupted_run(shakespeare_char, tmp_path, extra):
     args = [*TINY, *extra, '--eval_interval=6']
@@ -78,6 +81,10 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(shakespeare_char, tm
     a, b = losses(full), losses(part)
     assert sorted(a) == sorted(b) == list(range(12))
     assert [a[i] for i in range(12)] == [b[i] for i in range(12)]  # bit-identical on CPU
+    if extra == MUON:  # another optimizer's state does not fit: one line, before any work
+        p = run('train.py', *TINY, f'--out_dir={part}', '--init_from=resume', check=False)
+        said = f"error: init_from='resume' with optimizer='adamw', but {part}/ckpt.pt was trained with "
+        assert p.returncode == 2 and p.stderr.startswith(said + "optimizer='muon'"), p.stderr
 
 
 @pytest.mark.parametrize('args, message', [
@@ -97,6 +104,8 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(shakespeare_char, tm
     (['--expert_parallel=2', '--expert_impl=loop'], "expert_impl='loop' with expert_parallel=2; allowed: 'grouped'"),
     (['--expert_parallel=2', '--router=expert_choice'], "router='expert_choice' with expert_parallel=2"),
     (['--expert_parallel=2'], 'expert_parallel=2 must divide the number of processes (1)'),
+    (['--optimizer=sgd'], "optimizer='sgd'; allowed: 'adamw', 'muon'"),
+    (['--optimizer=muon', '--learning_rate=0'], "learning_rate=0.0 with optimizer='muon', router_lr=0.0"),
 ])
 def test_bad_config_fails_at_start_with_one_clear_line(shakespeare_char, tmp_path, args, message):
     out = tmp_path / 'out'
@@ -240,14 +249,17 @@ def test_gpu_check_picks_peak_flops_and_a_per_test_timeout(monkeypatch):
         assert ('--timeout=60' in tests) == installed, tests
 
 
+@pytest.mark.parametrize('optimizer', ['adamw', 'muon'])
 @pytest.mark.slow
-def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(shakespeare_char, tmp_path):
+def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(shakespeare_char, tmp_path,
+                                                                       optimizer):
     """torchrun with 2 CPU processes (gloo) and gradient_accumulation_steps=2 (one micro-batch each)
     trains exactly what one process does with 2 micro-batches: same weights after a few steps, with the
     DDP run's activations checkpointed (recomputed in backward)."""
     import subprocess, sys
     from conftest import ROOT
-    args = [*TINY, '--gradient_accumulation_steps=2', '--max_iters=4', '--eval_interval=4']
+    args = [*TINY, '--gradient_accumulation_steps=2', '--max_iters=4', '--eval_interval=4',
+            f'--optimizer={optimizer}']
     run('train.py', *args, f'--out_dir={tmp_path / "single"}')
     env = {**os.environ, 'OMP_NUM_THREADS': '1'}
     p = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
