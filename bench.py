@@ -10,7 +10,7 @@ Benchmarks. Two modes:
    = 'moe' or 'all' trades compute for it). compare_dense=True also times the dense twin (n_expert=0; needs
    top_k * expert_hidden = mlp_hidden, every layer MoE, no shared experts), and compare_compile=True each
    model both eager and compiled, one step of each in turn: on a shared machine only a ratio measured that
-   way means anything.
+   way means anything. optimizer='muon' times Muon's step instead of AdamW's (muon.py).
    $ python bench.py --n_layer=4 --n_head=4 --n_embd=128 --block_size=64 --vocab_size=65 --expert_hidden=256 --compare_compile=True
 
 2) moe_layer=True: ONE MoE layer forward + backward for every expert backend, next to a dense MLP
@@ -37,6 +37,7 @@ from moe_kernels.cpu_memory import keep_freed_memory
 from checkpoint import load_checkpoint, CheckpointError
 from model import CHECKPOINTING, GPTConfig, MLP
 from moe_model import build_model, MoE, MoEConfig, EXPERT_IMPLS, MODEL_KEYS, FORK_KEYS
+from muon import OPTIMIZERS, configure_optimizers
 
 # -----------------------------------------------------------------------------
 init_from = 'scratch'  # 'scratch' (the config below), 'resume' (out_dir/ckpt.pt's model), an HF folder
@@ -52,6 +53,7 @@ device = 'cuda' if torch.cuda.is_available() else 'cpu'  # examples: 'cpu', 'cud
 dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'
 compile = False  # use PyTorch 2.0 to compile the model to be faster
 activation_checkpointing = 'none'  # 'none', 'moe' (the experts) or 'all': recompute activations in backward
+optimizer = 'adamw'  # the step's: 'adamw' or 'muon' (train.py's key, muon.py: its Newton-Schulz costs time)
 warmup_iters = 5
 bench_iters = 20
 peak_flops = 312e12  # for MFU: A100 bf16 peak; H100 SXM 989e12, H100 PCIe 756e12 (tools/gpu_check.peak_flops)
@@ -68,6 +70,7 @@ config = configure({k: v for k, v in globals().items() if not k.startswith('_') 
 globals().update(config)
 check_choice(config, 'dtype', ('float32', 'bfloat16', 'float16'))
 check_choice(config, 'activation_checkpointing', CHECKPOINTING)
+check_choice(config, 'optimizer', OPTIMIZERS)
 check_device(device)
 check_range(config, ('batch_size', 'block_size', 'bench_iters', 'layer_tokens'), 1)
 check_range(config, ('warmup_iters',), 0)
@@ -234,7 +237,7 @@ def peak_memory(step):
 
 
 def make_step(name, model_args, compiled=False):
-    """A training step (forward, backward, AdamW) of a fresh model, compiled or not; the model is step.model."""
+    """A training step (forward, backward, optimizer step) of a fresh model, compiled or not; step.model."""
     torch.manual_seed(seed)
     try:
         model = build_model(model_args)
@@ -243,7 +246,8 @@ def make_step(name, model_args, compiled=False):
     T = model.config.block_size
     model.set_activation_checkpointing(activation_checkpointing)
     model.to(device)
-    optimizer = model.configure_optimizers(weight_decay=1e-2, learning_rate=1e-4, betas=(0.9, 0.95), device_type=device_type)
+    optimizer = configure_optimizers(model, device_type, config['optimizer'], learning_rate=1e-4,
+                                     weight_decay=1e-2)
     print(f"{name}: {model.get_num_params() / 1e6:.2f}M parameters, {model.get_num_params(active=True) / 1e6:.2f}M active")
     if real_data:
         data = np.memmap(os.path.join('data', dataset, 'train.bin'), dtype=np.uint16, mode='r')

@@ -152,6 +152,10 @@ def test_bench_runs_dense_moe_and_the_layer_mode():
         assert [l.split(':')[0] for l in lines] == ['dense twin', 'model']
         peaks[mode] = [float(l.split('peak memory ')[1].split(' MiB')[0]) for l in lines]
     assert all(0 < b < 0.8 * a for a, b in zip(peaks['none'], peaks['all'])), peaks
+    p = run('bench.py', '--n_layer=1', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_size=8',
+            '--vocab_size=64', '--warmup_iters=1', '--bench_iters=1', '--device=cpu', '--n_expert=4',
+            '--optimizer=muon')  # Muon's step, the experts' by ExpertMuon
+    assert 'experts parameters: 2 tensors' in p.stdout and 'ms/iter' in p.stdout
     p = run('bench.py', '--moe_layer=True', '--n_embd=16', '--expert_hidden=32', '--layer_tokens=64',
             '--layer_experts=4,8', '--warmup_iters=1', '--bench_iters=2', '--device=cpu')
     rows = [l.split() for l in p.stdout.splitlines() if l.split() and l.split()[0] in ('4', '8')]
