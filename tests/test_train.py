@@ -253,17 +253,14 @@ def test_gpu_check_picks_peak_flops_and_a_per_test_timeout(monkeypatch):
         assert ('--timeout=60' in tests) == installed, tests
 
 
-@pytest.mark.parametrize('optimizer', ['adamw', 'muon'])
 @pytest.mark.slow
-def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(shakespeare_char, tmp_path,
-                                                                       optimizer):
+def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(shakespeare_char, tmp_path):
     """torchrun with 2 CPU processes (gloo) and gradient_accumulation_steps=2 (one micro-batch each)
     trains exactly what one process does with 2 micro-batches: same weights after a few steps, with the
-    DDP run's activations checkpointed (recomputed in backward)."""
+    DDP run's activations checkpointed (recomputed in backward). (With Muon: test_expert_parallel.py.)"""
     import subprocess, sys
     from conftest import ROOT
-    args = [*TINY, '--gradient_accumulation_steps=2', '--max_iters=4', '--eval_interval=4',
-            f'--optimizer={optimizer}']
+    args = [*TINY, '--gradient_accumulation_steps=2', '--max_iters=4', '--eval_interval=4']
     run('train.py', *args, f'--out_dir={tmp_path / "single"}')
     env = {**os.environ, 'OMP_NUM_THREADS': '1'}
     p = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
