@@ -1,6 +1,7 @@
 """The routing metrics of a real (tiny, CPU) training run, and the tools that read them: plot.py,
 specialisation.py and study.py."""
 import os
+import re
 
 import pytest
 import torch
@@ -60,29 +61,45 @@ def test_specialisation_table_and_image(moe_run, tmp_path):
     assert 'wrote' in p.stdout
 
 
-def test_study_runs_configs_writes_one_table_and_plot_and_resumes(shakespeare_char, tmp_path):
+def test_study_runs_configs_over_seeds_writes_one_table_and_plot_and_resumes(shakespeare_char, tmp_path):
     tiny = [a for a in TINY if not a.startswith('--max_iters')] + ['--max_iters=4', '--eval_interval=2', '--eval_iters=1']
     study = tmp_path / 'study.py'
     study.write_text(f"title = 'tiny'\nout_dir = {str(tmp_path / 'runs')!r}\nresults = {str(tmp_path / 'results')!r}\n"
-                     f"runs = {{'dense': {tiny + ['--n_expert=0']!r}, 'moe': {tiny!r}}}\n")
-    # an interrupted run: 'moe' stopped at iter 2 of 4
-    run('train.py', *tiny, f'--out_dir={tmp_path / "runs" / "moe"}', '--max_iters=2')
-    ckpt_path = str(tmp_path / 'runs' / 'moe' / 'ckpt.pt')
+                     f"runs = {{'dense': {tiny + ['--n_expert=0']!r}, 'moe': {tiny!r}}}\nseeds = [1337, 7]\n"
+                     f"baselines = {{'moe': 'dense'}}\n")
+    # an interrupted run: 'moe' of seed 7 stopped at iter 2 of 4
+    run('train.py', *tiny, f'--out_dir={tmp_path / "runs" / "moe-s7"}', '--max_iters=2', '--seed=7')
+    ckpt_path = str(tmp_path / 'runs' / 'moe-s7' / 'ckpt.pt')
     ckpt = load_checkpoint(ckpt_path)
     ckpt['config']['max_iters'] = 4
     save_checkpoint(ckpt, ckpt_path)
 
     p = run('tools/study.py', str(study))
-    assert 'dense: training' in p.stdout and 'moe: resuming at iter 2' in p.stdout
-    assert [r['iter'] for r in read_log(tmp_path / 'runs' / 'moe') if 'val/ce' in r][-1] == 4
+    assert 'dense-s1337: training' in p.stdout and 'moe-s7: resuming at iter 2' in p.stdout
+    assert [r['iter'] for r in read_log(tmp_path / 'runs' / 'moe-s7') if 'val/ce' in r][-1] == 4
+    assert load_checkpoint(str(tmp_path / 'runs' / 'dense-s7' / 'ckpt.pt'))['config']['seed'] == 7
     table = (tmp_path / 'results.md').read_text()
     assert 'python tools/study.py' in table  # the command that made it
-    rows = {l.split('|')[1].strip(): l for l in table.splitlines() if l.startswith('| dense') or l.startswith('| moe')}
+    runs, versus = table.split('Against a baseline')
+    rows = {l.split('|')[1].strip(): l for l in runs.splitlines() if l.startswith(('| dense', '| moe'))}
     assert set(rows) == {'dense', 'moe'} and all('nan' not in r for r in rows.values())
     assert rows['dense'].rstrip(' |').endswith('| - | - | -')  # no routing columns for a dense run
     max_load, dead, flips = (float(c) for c in rows['moe'].split('|')[-4:-1])
     assert max_load >= 1 and 0 <= dead <= 1 and 0 <= flips <= 1
+    # one row per run: the mean over its seeds, their standard deviation after the ±
+    finals = [[r['val/ce'] for r in read_log(tmp_path / 'runs' / f'moe-s{s}') if 'val/ce' in r][-1]
+              for s in (1337, 7)]
+    mean, std = (float(v) for v in rows['moe'].split('|')[4].split('±'))
+    assert mean == pytest.approx(sum(finals) / 2, abs=1e-4)
+    assert std == pytest.approx(abs(finals[0] - finals[1]) / 2**0.5, abs=1e-4)
+    # against its baseline: the multipliers (seed means, then per seed min to max) and the gaps
+    (row,) = [l for l in versus.splitlines() if l.startswith('| moe | dense |')]
+    versus = [c.strip() for c in row.split('|')[3:7]]
+    multiplier = r'>?\d+\.\d\dx \(\d+\.\d\d to \d+\.\d\d\)'
+    gap = r'[+-]\d\.\d{4} \([+-]\d\.\d{4} to [+-]\d\.\d{4}\)'
+    assert all(re.fullmatch(p, c) for p, c in zip([multiplier] * 2 + [gap] * 2, versus)), versus
     assert (tmp_path / 'results.png').stat().st_size > 10_000
-    mtime = os.path.getmtime(tmp_path / 'runs' / 'dense' / 'ckpt.pt')
+    mtime = os.path.getmtime(tmp_path / 'runs' / 'dense-s7' / 'ckpt.pt')
     p = run('tools/study.py', str(study))  # everything is finished: nothing is retrained
-    assert p.stdout.count('skipping') == 2 and os.path.getmtime(tmp_path / 'runs' / 'dense' / 'ckpt.pt') == mtime
+    assert p.stdout.count('skipping') == 4
+    assert os.path.getmtime(tmp_path / 'runs' / 'dense-s7' / 'ckpt.pt') == mtime
