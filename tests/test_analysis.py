@@ -95,7 +95,7 @@ def test_study_runs_configs_over_seeds_writes_one_table_and_plot_and_resumes(sha
     # against its baseline: the multipliers (seed means, then per seed min to max) and the gaps
     (row,) = [l for l in versus.splitlines() if l.startswith('| moe | dense |')]
     versus = [c.strip() for c in row.split('|')[3:7]]
-    multiplier = r'>?\d+\.\d\dx \(\d+\.\d\d to \d+\.\d\d\)'
+    multiplier = r'>?\d+\.\d\dx \(>?\d+\.\d\d to >?\d+\.\d\d\)'
     gap = r'[+-]\d\.\d{4} \([+-]\d\.\d{4} to [+-]\d\.\d{4}\)'
     assert all(re.fullmatch(p, c) for p, c in zip([multiplier] * 2 + [gap] * 2, versus)), versus
     assert (tmp_path / 'results.png').stat().st_size > 10_000

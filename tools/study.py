@@ -183,9 +183,10 @@ def versus_text(run, base, axis):
     whole = compare(run, base, axis)
     by_seed = [compare(r, b, axis) for r, b in zip(run['seeds'], base['seeds'])]
 
-    def span(key, fmt):
-        low, high = min(c[key] for c in by_seed), max(c[key] for c in by_seed)
-        return f" ({low:{fmt}} to {high:{fmt}})" if len(by_seed) > 1 else ''
+    def span(key, fmt):  # (a seed's lower bound keeps its '>')
+        show = lambda c: (c['bound'] if key == 'multiplier' else '') + format(c[key], fmt)
+        low, high = min(by_seed, key=lambda c: c[key]), max(by_seed, key=lambda c: c[key])
+        return f" ({show(low)} to {show(high)})" if len(by_seed) > 1 else ''
     return (f"{whole['bound']}{whole['multiplier']:.2f}x" + span('multiplier', '.2f'),
             f"{whole['gap']:+.4f}" + span('gap', '+.4f'))
 
@@ -242,25 +243,28 @@ def write_plot(curves):
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(2, 2, figsize=(13, 9))
     rows = [(name, c) for name, c in curves.items() if c is not None]
+    colors = plt.cm.tab20.colors if len(rows) > 10 else plt.cm.tab10.colors  # a color per run
     for ax, (key, label, short) in zip(axes.flat, AXES):
-        for name, c in rows:  # without the untrained model's eval, which squashes the curves
-            ax.plot(c[key][1:], c['val'][1:], marker='.', label=name)
+        for i, (name, c) in enumerate(rows):  # without the untrained model's eval, which squashes the curves
+            ax.plot(c[key][1:], c['val'][1:], marker='.', label=name, color=colors[i % len(colors)])
         ax.set(xlabel=label, ylabel='val loss (cross-entropy)', title=f'val loss against {short}'
                + (f' (mean over {len(seeds)} seeds)' if len(seeds) > 1 else ''))
-        ax.legend(fontsize=8)
+        if key != 'tokens':  # runs of several sizes spread over decades
+            ax.set_xscale('log')
+        ax.legend(fontsize=8 if len(rows) < 8 else 6)
     bars = axes[1, 1]
     names, vals = [name for name, _ in rows], [statistics.mean(c['finals']['val']) for _, c in rows]
     errs = [statistics.stdev(c['finals']['val']) if len(c['finals']['val']) > 1 else 0 for _, c in rows]
     bars.bar(names, vals, yerr=errs, color='tab:blue', capsize=3)
     for i, v in enumerate(vals):
-        bars.annotate(f'{v:.4f}', (i, v), ha='center', va='bottom')
+        bars.annotate(f'{v:.4f}', (i, v), ha='center', va='bottom', fontsize=10 if len(rows) < 8 else 6)
     finite = [v for v in vals if math.isfinite(v)]
     if finite:  # zoom on the differences: they are small next to the loss itself
         pad = max(finite) - min(finite) + 2 * max(errs, default=0) or 0.01
         bars.set_ylim(min(finite) - pad, max(finite) + pad)
     bars.set(ylabel='final val loss',
              title='final val loss per run' + (' (± std over seeds)' if len(seeds) > 1 else ''))
-    bars.tick_params(axis='x', labelrotation=30)
+    bars.tick_params(axis='x', labelrotation=30 if len(rows) < 8 else 60)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(results + '.png', dpi=100)
