@@ -233,7 +233,9 @@ def clean_state_dict(state_dict):
 class RunDir:
     """What a training run writes into out_dir (its master process only): ckpt.pt and ckpt_best.pt, written
     atomically, and log.jsonl, one JSON line per event (NaN/inf as null; to wandb too when given), under
-    out_dir's lock for the life of the run. A write that fails (disk full, quota) is one error line and exit
+    out_dir's lock for the life of the run. A record is a whole line or nothing: a failed append is cut back,
+    and the torn tail that a kill -9 mid-write leaves is moved to log.jsonl.torn at the next start (else the
+    next record would be glued onto it). A write that fails (disk full, quota) is one error line and exit
     code 1; the checkpoint it would have replaced stays whole."""
 
     def __init__(self, out_dir, wandb=None):
@@ -244,6 +246,7 @@ class RunDir:
         except OSError as e:
             raise CheckpointError(f"out_dir={out_dir!r} cannot be used: {e.strerror or e}") from None
         remove_stale_temps(out_dir)
+        self._write(self.path('log.jsonl'), lambda: cut_torn_tail(self.path('log.jsonl')))
 
     def path(self, name):
         return os.path.join(self.out_dir, name)
@@ -257,12 +260,7 @@ class RunDir:
 
     def log(self, record):
         record = finite_or_none(record)
-        line = json.dumps(record) + '\n'
-
-        def append():
-            with open(self.path('log.jsonl'), 'a') as f:
-                f.write(line)
-        self._write(self.path('log.jsonl'), append)
+        self._write(self.path('log.jsonl'), lambda: append_line(self.path('log.jsonl'), json.dumps(record)))
         if self.wandb is not None:  # a list (tokens per expert) becomes one series per expert
             flat = {}
             for k, v in record.items():
@@ -277,6 +275,50 @@ class RunDir:
             print(f"error: could not write {path} ({e.strerror or e}); the checkpoint before it is intact",
                   file=sys.stderr)
             sys.exit(1)
+
+
+def append_line(path, text):
+    """Append text and a newline to path as one whole line, or nothing: a write that fails partway (disk full)
+    is cut back to where the file ended, so a later record never lands on half of this one."""
+    data = memoryview((text + '\n').encode())
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            while data:  # a short write (the last bytes before a full disk) is followed by the error
+                data = data[os.write(fd, data):]
+        except OSError:
+            os.ftruncate(fd, size)
+            raise
+    finally:
+        os.close(fd)
+
+
+def cut_torn_tail(path):
+    """A run killed while appending (kill -9, power loss) leaves path ending in part of a line: move that part
+    to path + '.torn' and cut it off, saying so, so that the next record starts on a line of its own."""
+    if not os.path.exists(path):
+        return
+    with open(path, 'rb+') as f:
+        size = f.seek(0, os.SEEK_END)
+        end = size
+        while end > 0:  # back to the last newline, a block at a time
+            start = max(0, end - 65536)
+            f.seek(start)
+            block = f.read(end - start)
+            if (nl := block.rfind(b'\n')) >= 0:
+                end = start + nl + 1
+                break
+            end = start
+        if end == size:
+            return
+        f.seek(end)
+        tail = f.read()
+        with open(path + '.torn', 'ab') as torn:
+            torn.write(tail + b'\n')
+        f.truncate(end)
+    print(f"note: {path} ended in a torn record ({size - end} bytes, from a run stopped mid-write); moved it "
+          f"to {path}.torn")
 
 
 class StopSignal:

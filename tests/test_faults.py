@@ -1,8 +1,10 @@
 """Fault tolerance: kill -9 during checkpoint writes, SIGTERM, exact resume, NaN guard, bad configs,
 corrupt checkpoints and hostile input. Tiny models, one micro-batch per step, so this file stays fast."""
+import json
 import os
 import pickle
 import random
+import resource
 import shutil
 import signal
 import subprocess
@@ -124,6 +126,62 @@ def test_kill9_at_random_moments_always_leaves_a_loadable_resumable_checkpoint(s
     assert load_checkpoint(os.path.join(out, 'ckpt.pt'))['iter_num'] == last_iter + 2
     assert not [f for f in os.listdir(out) if f.endswith('.tmp')]
     print(f"5 kills, {mid_write} left a temp file (killed mid-write), last checkpoint iter {last_iter}")
+
+# -----------------------------------------------------------------------------
+# log.jsonl: whole lines only
+
+
+def disk_full_past(size):
+    """A preexec_fn: the child's writes past `size` bytes fail (EFBIG, as ENOSPC would), never kill it."""
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+    return limit
+
+
+def assert_whole_lines(path):
+    text = open(path).read()
+    assert text.endswith('\n')
+    return [json.loads(line) for line in text.splitlines()]  # a torn or glued record fails here
+
+
+@pytest.mark.slow
+def test_a_full_disk_during_a_log_write_leaves_whole_lines_for_the_resume(small_dense_ckpt, tmp_path):
+    """A record the disk has room for only part of is cut back: it used to stay, torn, and the resumed
+    run glued its first record onto it (two records lost)."""
+    out = str(tmp_path / 'out')
+    shutil.copytree(small_dense_ckpt, out)
+    log = os.path.join(out, 'log.jsonl')
+    before = assert_whole_lines(log)
+    resume = [*RUN_ONLY, f'--out_dir={out}', '--init_from=resume', '--max_iters=4', '--eval_interval=1000']
+    p = subprocess.run([sys.executable, os.path.join(ROOT, 'train.py'), *resume], cwd=ROOT, env=ENV,
+                       capture_output=True, text=True, timeout=300,
+                       preexec_fn=disk_full_past(os.path.getsize(log) + 40))
+    assert p.returncode == 1 and f"error: could not write {log} (File too large)" in p.stderr, p.stderr
+    assert assert_whole_lines(log) == before  # the step 2 record did not fit: nothing of it stays
+    run('train.py', *resume)
+    records = assert_whole_lines(log)
+    assert [r['iter'] for r in records[len(before):] if 'loss' in r] == [2, 3]
+
+
+@pytest.mark.slow
+def test_a_torn_last_line_is_moved_aside_at_the_next_start(small_dense_ckpt, tmp_path):
+    """What a kill -9 in the middle of an append leaves: the next run moves it to log.jsonl.torn, saying
+    so."""
+    out = str(tmp_path / 'out')
+    shutil.copytree(small_dense_ckpt, out)
+    log = os.path.join(out, 'log.jsonl')
+    before = assert_whole_lines(log)
+    with open(log, 'a') as f:
+        f.write('{"iter": 2, "loss": 4.08984')
+    p = run('train.py', *RUN_ONLY, f'--out_dir={out}', '--init_from=resume', '--max_iters=4',
+            '--eval_interval=1000')
+    assert (f"note: {log} ended in a torn record (27 bytes, from a run stopped mid-write); moved it to "
+            f"{log}.torn") in p.stdout
+    records = assert_whole_lines(log)
+    assert records[:len(before)] == before
+    assert [r['iter'] for r in records[len(before):] if 'loss' in r] == [2, 3]
+    assert open(log + '.torn').read() == '{"iter": 2, "loss": 4.08984\n'
 
 # -----------------------------------------------------------------------------
 # SIGTERM and exact resume
