@@ -190,19 +190,35 @@ def set_rng_state(state, device='cpu'):
         random.setstate((version, tuple(mt), gauss_next))
 
 
-def read_log(path):
-    """The records of log.jsonl; a resumed run re-logs the steps after its checkpoint, so the last
-    record of each (iter, kind) wins."""
-    records, torn = {}, 0
-    with open(path) as f:
-        for line in f:
-            try:
-                r = json.loads(line)
-                records[(r['iter'], 'val/ce' in r, 'event' in r)] = r
-            except (ValueError, KeyError, TypeError):  # a run killed mid-write leaves a torn last line
-                torn += 1
-    if torn:
-        print(f"warning: skipped {torn} unreadable line(s) of {path}", file=sys.stderr)
+def read_log(path, torn_ok=True):
+    """The records of a log.jsonl (JSON objects with an integer 'iter'); a resumed run re-logs the steps after
+    its checkpoint, so the last record of each (iter, kind) wins. A log that cannot be read or holds no record
+    (empty, binary) is a CheckpointError, one line; so is a line that is no record (torn by a run killed
+    mid-write, or glued to the next record by an older version) unless torn_ok: then one warning names it."""
+    try:
+        with open(path, 'rb') as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        raise CheckpointError(f"{path} cannot be read ({e.strerror or e})") from None
+    records, bad = {}, []
+    for i, line in enumerate(lines, 1):
+        try:
+            r = json.loads(line)
+            if not (isinstance(r, dict) and type(r.get('iter')) is int):
+                raise ValueError
+        except ValueError:  # (a UnicodeDecodeError too)
+            bad.append(i)
+            continue
+        records[(r['iter'], 'val/ce' in r, 'event' in r)] = r
+    if not records:
+        raise CheckpointError(f"{path} holds no log record: " + (
+            f"none of its {len(lines)} lines is one (not a train.py log.jsonl?)" if lines else "it is empty"))
+    if bad:
+        what = f"line {bad[0]} is" if len(bad) == 1 else f"{len(bad)} lines (the first: line {bad[0]}) are"
+        message = f"{path}: {what} not a log record (torn by a run stopped mid-write?)"
+        if not torn_ok:
+            raise CheckpointError(message)
+        print(f"warning: {message}; skipped", file=sys.stderr)
     return sorted(records.values(), key=lambda r: r['iter'])
 
 

@@ -304,7 +304,36 @@ def test_plot_skips_a_torn_last_line(good_run, tmp_path):
     with open(os.path.join(out, 'log.jsonl'), 'a') as f:
         f.write('{"iter": 7, "loss": 1.2')  # a run killed mid-write
     p = run('tools/plot.py', f'--out_dir={out}')
-    assert 'skipped 1 unreadable line(s)' in p.stderr and os.path.exists(os.path.join(out, 'loss.png'))
+    log = os.path.join(out, 'log.jsonl')
+    lines = len(open(log).read().splitlines())
+    assert p.stderr.strip().splitlines() == [
+        f"warning: {log}: line {lines} is not a log record (torn by a run stopped mid-write?); skipped"]
+    assert os.path.exists(os.path.join(out, 'loss.png'))
+
+
+@pytest.mark.parametrize('case, message', [
+    ('empty', 'holds no log record: it is empty'),
+    ('start event only', 'holds no training step or eval yet (only 1 event record(s)): nothing to plot'),
+    ('binary', 'holds no log record: none of its'),
+    ('iter not a number', 'warning: {log}: line 2 is not a log record'),
+    ('plot_dir a file', 'cannot write'),
+])
+@pytest.mark.slow  # ~3 s each
+def test_plot_names_a_log_it_cannot_plot_in_one_line(tmp_path, case, message):
+    log = tmp_path / 'log.jsonl'
+    step = b'{"iter": 1, "loss": 4.0, "ce": 4.0}\n'
+    log.write_bytes({'empty': b'', 'start event only': b'{"iter": 0, "event": "start"}\n',
+                     'binary': np.random.default_rng(0).bytes(3000), 'plot_dir a file': step,
+                     'iter not a number': step + b'{"iter": "12", "loss": 3.0}\n'}[case])
+    (tmp_path / 'file').write_text('not a folder')
+    plot_dir = tmp_path / ('file' if case == 'plot_dir a file' else 'plots')
+    p = run('tools/plot.py', f'--out_dir={tmp_path}', f'--plot_dir={plot_dir}', check=False)
+    if case == 'iter not a number':  # the other records are plotted
+        assert p.returncode == 0 and p.stderr.strip().splitlines() == [
+            message.format(log=log) + ' (torn by a run stopped mid-write?); skipped']
+        assert (tmp_path / 'plots' / 'loss.png').exists()
+    else:
+        one_error_line(p, message)
 
 
 @pytest.mark.parametrize('text, message', [('', 'the input holds 0 characters'),

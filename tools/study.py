@@ -7,9 +7,10 @@ Each run trains with train.py into out_dir/<run name>. Re-running a study skips 
 ckpt.pt reached max_iters), resumes interrupted ones from their ckpt.pt, and starts the rest, so a
 killed study continues where it stopped. To redo a run, delete its folder.
 The study's `results` key names the output (the bundled studies write assets/study_*): a table with one
-row per run (arguments, parameters total/active, val loss of the last eval, best val loss, train loss,
-iterations, training minutes; routing averaged over the MoE layers: the last logged step's max/mean load,
-the last eval's dead-expert fraction and flip rate) and a plot (val-loss curves, final val loss per run).
+row per run (arguments, parameters total/active, val loss of the eval at max_iters, best val loss, train
+loss, iterations, training minutes; routing averaged over the MoE layers: the last logged step's max/mean
+load, the last eval's dead-expert fraction and flip rate) and a plot (val-loss curves, final val loss per
+run). A run whose log.jsonl is torn, empty or lacks that eval gets no numbers, and one error line names it.
 """
 import os
 import sys
@@ -23,7 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root, for its modules
 from configurator import configure, fail  # noqa: E402
-from checkpoint import load_checkpoint, read_log  # noqa: E402
+from checkpoint import load_checkpoint, read_log, CheckpointError  # noqa: E402
 from moe_model import build_model  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -66,21 +67,39 @@ def train(name, args):
     return p.returncode == 0
 
 
-def summary(name, args):
-    """One table row: the run's final and best val loss, its size and its training time."""
+def summary(name, args, failed):
+    """One table row: the run's final and best val loss, its size and its training time. The result is the
+    eval at the run's last iteration (max_iters; a failed run's: its last eval). A log that is torn, empty or
+    lacks that eval gives no result, never an earlier eval in its place: row['error'] says why."""
     run_dir = os.path.join(out_dir, name)
     path = os.path.join(run_dir, 'log.jsonl')
-    records = read_log(path) if os.path.exists(path) else []
+    row = {'name': name, 'args': ' '.join(args), 'iters': 0, 'val': math.nan, 'train': math.nan,
+           'best_val': math.nan, 'evals': [], 'minutes': math.nan}
+    row.update(max_load=math.nan, dead=math.nan, flips=math.nan)
+    if failed and not os.path.exists(path):  # it stopped before logging anything: train.log says why
+        return row
+    try:
+        records = read_log(path, torn_ok=False)
+    except CheckpointError as e:
+        return {**row, 'error': str(e)}
     evals = [r for r in records if 'val/ce' in r]
     steps = [r for r in records if 'dt_ms' in r and r['iter'] > 0]
-    row = {'name': name, 'args': ' '.join(args), 'iters': evals[-1]['iter'] if evals else 0,
-           'val': evals[-1]['val/ce'] if evals else math.nan, 'train': evals[-1]['train/ce'] if evals else math.nan,
-           'best_val': min((r['val/ce'] for r in evals), default=math.nan), 'evals': evals,
-           # the median step time (logged steps that hold an eval are slower) times the iterations
-           'minutes': statistics.median(r['dt_ms'] for r in steps) * evals[-1]['iter'] / 6e4 if steps and evals else math.nan}
+    done, max_iters = progress(run_dir)
+    if not failed and (not evals or evals[-1]['iter'] != max_iters):
+        return {**row, 'error': f"the run ended at iter {done} of {max_iters}" if done < max_iters else
+                f"{path} lacks the eval at the run's last iteration {max_iters} (its last eval: "
+                f"{evals[-1]['iter'] if evals else 'none'}); delete {run_dir} to redo the run"}
+    row.update({'iters': evals[-1]['iter'] if evals else 0, 'evals': evals,
+                'val': evals[-1]['val/ce'] if evals else math.nan,
+                'train': evals[-1]['train/ce'] if evals else math.nan,
+                'best_val': min((r['val/ce'] for r in evals), default=math.nan),
+                # the median step time (logged steps that hold an eval are slower) times the iterations
+                'minutes': statistics.median(r['dt_ms'] for r in steps) * evals[-1]['iter'] / 6e4
+                if steps and evals else math.nan})
     # routing, averaged over the MoE layers: max/mean load of the last logged step, and on the last eval's probe
     # batch the dead-expert fraction and the flip rate (none for a dense run)
-    for col, rows, key in (('max_load', steps, '/max_load'), ('dead', evals, '/dead_fraction'), ('flips', evals, '/flip_rate')):
+    for col, rows, key in (('max_load', steps, '/max_load'), ('dead', evals, '/dead_fraction'),
+                           ('flips', evals, '/flip_rate')):
         values = [v for k, v in (rows[-1] if rows else {}).items() if k.endswith(key)]
         row[col] = statistics.mean(values) if values else math.nan
     ckpt_path = os.path.join(run_dir, 'ckpt.pt')
@@ -89,6 +108,10 @@ def summary(name, args):
             model = build_model(load_checkpoint(ckpt_path)['model_args'])
         row['params'] = f"{model.get_num_params() / 1e6:.2f}M / {model.get_num_params(active=True) / 1e6:.2f}M"
     return row
+
+
+def number(x, digits):
+    return '-' if math.isnan(x) else f'{x:.{digits}f}'
 
 
 def write_table(rows, failed):
@@ -104,10 +127,12 @@ def write_table(rows, failed):
              'train min | max/mean load | dead experts | flip rate |',
              '|---|---|---|---|---|---|---|---|---|---|---|']
     for r in rows:
-        status = ' (FAILED: see train.log)' if r['name'] in failed else ''
-        lines.append(f"| {r['name']}{status} | `{r['args']}` | {r.get('params', '?')} | {r['val']:.4f} | "
-                     f"{r['best_val']:.4f} | {r['train']:.4f} | {r['iters']} | {r['minutes']:.1f} | "
-                     + ' | '.join('-' if math.isnan(r[c]) else f'{r[c]:.3f}' for c in ('max_load', 'dead', 'flips')) + ' |')
+        status = (' (FAILED: see train.log)' if r['name'] in failed else
+                  ' (NO RESULT: its log.jsonl, see the error)' if 'error' in r else '')
+        lines.append(f"| {r['name']}{status} | `{r['args']}` | {r.get('params', '?')} | "
+                     f"{number(r['val'], 4)} | {number(r['best_val'], 4)} | {number(r['train'], 4)} | "
+                     f"{r['iters']} | {number(r['minutes'], 1)} | "
+                     + ' | '.join(number(r[c], 3) for c in ('max_load', 'dead', 'flips')) + ' |')
     with open(results + '.md', 'w') as f:
         f.write('\n'.join(lines) + '\n')
 
@@ -125,7 +150,7 @@ def write_plot(rows):
     names, vals = [r['name'] for r in rows], [r['val'] for r in rows]
     bars.bar(names, vals, color='tab:blue')
     for i, v in enumerate(vals):
-        bars.annotate(f'{v:.4f}', (i, v), ha='center', va='bottom')
+        bars.annotate(number(v, 4), (i, v if math.isfinite(v) else 0), ha='center', va='bottom')
     finite = [v for v in vals if math.isfinite(v)]
     if finite:  # zoom on the differences: they are small next to the loss itself
         spread = max(finite) - min(finite) or 0.01
@@ -140,12 +165,15 @@ def write_plot(rows):
 
 os.makedirs(os.path.dirname(os.path.abspath(results)), exist_ok=True)
 failed = {name for name, args in runs.items() if not train(name, args)}
-rows = [summary(name, args) for name, args in runs.items()]
+rows = [summary(name, args, name in failed) for name, args in runs.items()]
 write_table(rows, failed)
 write_plot(rows)
 print(open(results + '.md').read())
 print(f"wrote {results}.md and {results}.png")
+problems = [f"no result for {r['name']}: {r['error']}" for r in rows if 'error' in r]
 if failed:
-    print(f"error: {len(failed)} run(s) failed: {', '.join(sorted(failed))}; re-run the same command to retry them",
-          file=sys.stderr)
+    problems.insert(0, f"{len(failed)} run(s) failed: {', '.join(sorted(failed))} (re-run the same command "
+                       f"to retry them)")
+if problems:  # one line, however many
+    print(f"error: {'; '.join(problems)}", file=sys.stderr)
     sys.exit(1)
