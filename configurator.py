@@ -51,14 +51,31 @@ def check_device(device):
         fail(f"device={device!r} but this machine has {torch.cuda.device_count()} CUDA devices")
 
 
-def check_memory(need, device):
-    """need bytes fit in the device's memory (the GPU's, or the machine's RAM)."""
+def available_memory(device):
+    """Bytes the run may use: the GPU's memory, or the machine's RAM that is available now (MemAvailable:
+    other processes' memory is not ours), else all of it."""
     import torch
-    have = (torch.cuda.get_device_properties(device).total_memory if device.startswith('cuda')
-            else os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES'))
-    if need > have:
-        fail(f"the model needs {need / 2**30:.1f} GiB for its fp32 weights, gradients and AdamW moments, more than "
-             f"the {have / 2**30:.1f} GiB of {device}; make it smaller (n_layer, n_embd, n_expert, expert_hidden)")
+    if device.startswith('cuda'):
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        with open('/proc/meminfo') as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith('MemAvailable:'))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+
+
+def check_memory(need, device, hint="make it smaller (batch_size, block_size, n_layer, n_embd, n_expert, "
+                                    "expert_hidden) or recompute activations (activation_checkpointing)"):
+    """need ({part: bytes}, init_model.memory_need) fits in the device's memory, else one line naming the
+    parts: checked before anything is allocated, instead of an out-of-memory kill minutes later. Processes
+    sharing a CPU (torchrun's LOCAL_WORLD_SIZE ranks) share its RAM."""
+    ranks = 1 if device.startswith('cuda') else int(os.environ.get('LOCAL_WORLD_SIZE', 1))
+    total, have = ranks * sum(need.values()), available_memory(device)
+    if total > have:
+        parts = ', '.join(f"{k} {v / 2**30:.1f}" for k, v in need.items())
+        ranks = f"; times {ranks} ranks" if ranks > 1 else ''
+        fail(f"the run needs at least {total / 2**30:.1f} GiB ({parts}{ranks}), more than the "
+             f"{have / 2**30:.1f} GiB available on {device}; {hint}")
 
 
 def check_dataset(data_dir, dataset, block_size):

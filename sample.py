@@ -9,9 +9,10 @@ from contextlib import nullcontext
 
 import torch
 
-from configurator import configure, fail, check_choice, check_range, check_device
+from configurator import configure, fail, check_choice, check_range, check_device, check_memory
 from checkpoint import load_checkpoint, load_weights, load_meta, CheckpointError
 from moe_model import build_model
+from init_model import memory_need
 
 # -----------------------------------------------------------------------------
 init_from = 'resume'  # 'resume' (from an out_dir), a gpt2 variant (e.g. 'gpt2-xl') or a local GPT2LMHeadModel folder
@@ -56,6 +57,14 @@ device_type = 'cuda' if 'cuda' in device else 'cpu'  # for later use in torch.au
 ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
 ctx = nullcontext() if dtype == 'float32' else torch.amp.autocast(device_type=device_type, dtype=ptdtype)
 
+
+
+def fits(model_args):
+    """One line, before the model is built, if its weights and one block_size forward cannot fit on device."""
+    check_memory(memory_need(model_args, model_args['block_size'], train=False), device,
+                 hint="sample on a device with more memory")
+
+
 # model
 checkpoint = None
 if init_from == 'resume':
@@ -68,14 +77,16 @@ if init_from == 'resume':
     if expert_impl:
         model_args['expert_impl'] = expert_impl
     try:
+        fits(model_args)
         model = build_model(model_args)
         load_weights(model, checkpoint, os.path.join(out_dir, ckpt_name))
     except (ValueError, CheckpointError) as e:
         fail(str(e))
 elif init_from in ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl') or os.path.isdir(init_from):
     # init from a given GPT-2 model, or a Hugging Face folder (GPT-2's, or one export_hf.py wrote)
-    from hf import load_hf_folder, load_gpt2
+    from hf import load_hf_folder, load_gpt2, hf_model_args
     try:
+        fits(hf_model_args(init_from))
         model = load_hf_folder(init_from) if os.path.isdir(init_from) else load_gpt2(init_from)
     except (ValueError, OSError) as e:
         fail(str(e))

@@ -40,7 +40,7 @@ from checkpoint import (CheckpointError, load_meta, training_state, restore, non
 from model import CHECKPOINTING
 from moe_model import MODEL_KEYS, MoEConfig, model_args_of
 from expert_parallel import ExpertParallel, config_error
-from init_model import Init, training_bytes
+from init_model import Init, memory_need
 import hellaswag
 
 # -----------------------------------------------------------------------------
@@ -141,8 +141,9 @@ model_args, block_size = init.model_args, config['block_size']  # (the weights' 
 world_size = int(os.environ.get('WORLD_SIZE', 1))
 if message := config_error(expert_parallel, model_args, config['expert_impl'], dtype, world_size):
     fail(message)
-if not init.pretrained or model_args is not init.weights_args:  # fp32 weights, gradients and AdamW moments
-    check_memory(training_bytes(model_args, expert_parallel), device)
+need = memory_need(model_args, batch_size * block_size, dtype=dtype, checkpointing=activation_checkpointing,
+                   expert_parallel=expert_parallel)  # weights, AdamW state, activations: before allocating
+check_memory(need, device)
 if hellaswag_interval:  # read and tokenised now: a character-level dataset or no data file stops here
     try:
         hs_examples = hellaswag.prepare(hellaswag_dir, hellaswag_examples, block_size, model_args['vocab_size'], meta_path)
@@ -264,13 +265,13 @@ def estimate_loss():
     out = {}
     model.eval()
     for split in ['train', 'val']:
-        losses = torch.zeros(eval_iters)
+        total = 0.0  # (a tensor of eval_iters losses would be a memory error for a huge eval_iters)
         for k in range(eval_iters):
             X, Y = get_batch(split, -1, ddp_rank * eval_iters + k)
             with ctx:
                 logits, loss = model(X, Y)
-            losses[k] = loss.item()
-        out[split] = losses.mean().item()
+            total += loss.item()
+        out[split] = total / eval_iters
     model.train()
     return out
 

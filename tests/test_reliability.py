@@ -1,6 +1,7 @@
 """Reliability as a hostile or unlucky user meets it: one run per out_dir, no non-finite checkpoint ever, the
 fp16 guard, signals and a dead launcher, and one `error:` line for each bad input (train.py, sample.py,
 bench.py, plot.py, prepare.py)."""
+import dataclasses
 import json
 import os
 import resource
@@ -17,6 +18,13 @@ import torch
 from conftest import ROOT, TINY, run, read_log
 from checkpoint import load_checkpoint, save_checkpoint
 from test_faults import FAST, RUN_ONLY, ENV, start, wait_for_steps
+
+
+def unbuffered(script, *args):
+    """script in the background, its stdout and stderr pipes written line by line."""
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, script), *args], cwd=ROOT, text=True,
+                            env={**ENV, 'PYTHONUNBUFFERED': '1'}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
 
 
 def one_error_line(p, message, code=2):
@@ -109,6 +117,24 @@ def test_float16_persistent_nan_stops_after_a_bounded_number_of_skipped_steps(sh
 
 
 @pytest.mark.slow
+def test_two_sigterms_while_the_model_is_built_exit_at_once(shakespeare_char, tmp_path):
+    """The handlers are installed before the model is built (a large model takes minutes to start on a
+    CPU)."""
+    p = unbuffered('train.py', *FAST, '--n_layer=4', '--n_embd=512', '--n_head=8', '--n_expert=8',
+                   '--expert_hidden=2048', '--batch_size=2', f'--out_dir={tmp_path}')
+    for line in p.stdout:  # printed just before build_model (~1 s for these 71M parameters)
+        if line.startswith('Initializing a new model from scratch'):
+            break
+    p.send_signal(signal.SIGTERM)
+    time.sleep(0.2)  # two signals sent at once would merge into one
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=60) == 128 + signal.SIGTERM
+    stdout, stderr = p.communicate()
+    assert 'received SIGTERM again: exiting now' in stderr and 'Traceback' not in stderr
+    assert 'step 0:' not in stdout  # it did not go on to the first eval
+
+
+@pytest.mark.slow
 def test_a_second_sigterm_exits_at_once_with_128_plus_the_signal_and_no_traceback(shakespeare_char, tmp_path):
     out = str(tmp_path / 'out')
     p = start(out, *FAST, '--eval_interval=1000', '--max_iters=100000', '--gradient_accumulation_steps=100')
@@ -165,7 +191,8 @@ def write_dataset(folder, tokens, vocab=None):
     (['--learning_rate=1e999'], 'learning_rate=inf must be >= 0 and finite'),
     (['--out_dir='], "out_dir='' must name a folder"),
     pytest.param(['--n_layer=64', '--n_embd=8192', '--n_head=64', '--n_expert=64', '--top_k=2'],
-                 'GiB for its fp32 weights', marks=pytest.mark.slow),  # ~3 s
+                 'GiB (weights ', marks=pytest.mark.slow),  # ~3 s
+    (['--batch_size=1000000000'], 'activations of 32,000,000,000 tokens'),  # a tiny model: its activations
 ])
 def test_bad_values_fail_at_start_with_one_clear_line(shakespeare_char, tmp_path, args, message):
     out = tmp_path / 'out'
@@ -290,6 +317,50 @@ def test_sample_with_a_non_utf8_prompt_file_is_one_line(good_run, tmp_path):
     (tmp_path / 'prompt.txt').write_bytes(b'\xff\xfe ROMEO')
     p = run('sample.py', f'--out_dir={good_run}', '--device=cpu', f'--start=FILE:{tmp_path / "prompt.txt"}', check=False)
     one_error_line(p, 'cannot be read as UTF-8 text')
+
+
+@pytest.mark.slow  # ~10 s
+def test_bench_with_no_arguments_refuses_in_one_line_what_this_machine_cannot_hold():
+    """bench.py's defaults are a 520M-parameter MoE at 12 x 1024 tokens: on a 24 GiB CPU machine the kernel's
+    out-of-memory killer used to end it after 85 s, with no line at all."""
+    from configurator import available_memory
+    from init_model import memory_need
+    from moe_model import MoEConfig, MODEL_KEYS
+    defaults = {**{f.name: f.default for f in dataclasses.fields(MoEConfig)}, 'bias': False}
+    model_args = {**{k: defaults[k] for k in MODEL_KEYS}, 'vocab_size': 50304}
+    if sum(memory_need(model_args, 12 * 1024).values()) < available_memory('cpu'):
+        pytest.skip("this machine has the memory for bench.py's defaults")
+    t0 = time.time()
+    p = subprocess.run([sys.executable, os.path.join(ROOT, 'bench.py'), '--device=cpu'], cwd=ROOT, env=ENV,
+                       capture_output=True, text=True, timeout=120)
+    one_error_line(p, 'the run needs at least ')
+    assert 'the defaults are GPT-2 size, for a GPU' in p.stderr and time.time() - t0 < 60
+
+
+@pytest.mark.slow
+def test_sample_sizes_the_model_before_it_builds_it(tmp_path):
+    """A checkpoint whose model_args say n_embd=100000: building that model was an out-of-memory kill."""
+    model_args = dict(n_layer=1, n_head=1, n_embd=100000, block_size=32, vocab_size=65, bias=False,
+                      dropout=0.0)
+    save_checkpoint({'model': {}, 'model_args': model_args, 'config': {'dataset': 'shakespeare_char'}},
+                    str(tmp_path / 'ckpt.pt'))
+    p = run('sample.py', f'--out_dir={tmp_path}', '--device=cpu', check=False)
+    one_error_line(p, 'GiB (weights 447.')
+
+
+@pytest.mark.slow
+def test_a_huge_eval_iters_allocates_nothing(shakespeare_char, tmp_path):
+    """eval_iters=10**12 used to allocate a tensor of 10**12 losses at the first eval (4 TB: a traceback)."""
+    p = unbuffered('train.py', *FAST, '--eval_iters=1000000000000', f'--out_dir={tmp_path}')
+    try:
+        for line in p.stdout:  # the first eval starts right after this line
+            if line.startswith('number of parameters'):
+                break
+        time.sleep(3)
+        assert p.poll() is None, p.stderr.read()[-2000:]  # still evaluating
+    finally:
+        p.kill()
+        p.wait()
 
 
 def test_bench_layer_tokens_0_is_one_line():
