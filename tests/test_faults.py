@@ -127,6 +127,34 @@ def test_kill9_at_random_moments_always_leaves_a_loadable_resumable_checkpoint(s
     assert not [f for f in os.listdir(out) if f.endswith('.tmp')]
     print(f"5 kills, {mid_write} left a temp file (killed mid-write), last checkpoint iter {last_iter}")
 
+@pytest.mark.slow
+def test_a_kill_during_the_first_cpu_kernel_build_costs_the_next_start_no_wait(tmp_path, monkeypatch):
+    """kill -9 of a start (and its compiler) while it builds moe_kernels/cpu_grouped_mm.cpp: torch's lock
+    stays behind. Every later start used to wait 120 s on it, then fall back to torch's kernel, until the
+    folder was deleted by hand."""
+    from moe_kernels import cpu_grouped_mm
+    if not cpu_grouped_mm.available():
+        pytest.skip('no C++ toolchain here: the kernel does not build')
+    monkeypatch.setenv('TORCH_EXTENSIONS_DIR', str(tmp_path))
+    lock = os.path.join(cpu_grouped_mm.build_folder(), 'lock')  # torch's, taken while it builds
+    start = [sys.executable, '-c', 'from moe_kernels import cpu_grouped_mm as c; print(c.available())']
+    env = {**ENV, 'TORCH_EXTENSIONS_DIR': str(tmp_path)}
+    p = subprocess.Popen(start, cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not os.path.exists(lock):
+        assert p.poll() is None and time.time() < deadline, 'the build did not start'
+        time.sleep(0.05)
+    time.sleep(1)  # compiling
+    os.killpg(p.pid, signal.SIGKILL)  # the process, ninja and the compiler
+    p.wait()
+    assert os.path.exists(lock) and not os.path.exists(lock.replace('lock', 'nanomoe_cpu_grouped_mm.so'))
+    t0 = time.time()
+    again = subprocess.run(start, cwd=ROOT, env=env, capture_output=True, text=True, timeout=100)
+    assert again.stdout.strip() == 'True' and 'waiting' not in again.stderr, again.stderr
+    assert 'note: a build of cpu_grouped_mm.cpp was killed midway; building it again' in again.stderr
+    assert time.time() - t0 < 90  # a build (15 s on 2 busy cores), not BUILD_WAIT_S and a fallback
+
+
 # -----------------------------------------------------------------------------
 # log.jsonl: whole lines only
 
