@@ -126,23 +126,26 @@ def restore(ckpt, model, optimizer, scaler, parallel, device):
 
 
 def lock_out_dir(out_dir):
-    """Hold out_dir for this training run: an exclusive flock on out_dir/train.lock, which the kernel
-    releases when the process ends in any way (kill -9 too), so a lock is never stale. Returns the open
-    file: keep it for the life of the run. CheckpointError, naming the holder's pid, if another run holds it."""
-    f = open(os.path.join(out_dir, 'train.lock'), 'a+')
+    """Hold out_dir for this training run: an exclusive flock on the folder itself, which the kernel releases
+    when the process ends in any way (kill -9 too), so a lock is never stale, and which no deleted file can
+    undo (a lock on out_dir/train.lock was gone with the file). train.lock holds the holder's pid, for the
+    message. Returns the folder's open file descriptor: keep it for the life of the run. CheckpointError,
+    naming the holder's pid, if another run holds it."""
+    fd = os.open(out_dir, os.O_RDONLY)
     try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or 'unknown'
-        f.close()
+        os.close(fd)
+        try:
+            with open(os.path.join(out_dir, 'train.lock')) as f:
+                holder = f.read().strip() or 'unknown'
+        except OSError:
+            holder = 'unknown'
         raise CheckpointError(f"out_dir {out_dir!r} is in use by another training run (pid {holder}); wait for it "
                               f"to end or choose another --out_dir") from None
-    f.seek(0)
-    f.truncate()
-    f.write(f'{os.getpid()}\n')
-    f.flush()
-    return f
+    with open(os.path.join(out_dir, 'train.lock'), 'w') as f:
+        f.write(f'{os.getpid()}\n')
+    return fd
 
 
 def nonfinite_tensor(state):

@@ -54,6 +54,9 @@ def test_a_second_run_on_a_live_out_dir_stops_and_eval_only_deletes_nothing(shak
         open(in_flight, 'w').close()
         second = run('train.py', *FAST, f'--out_dir={out}', check=False)
         one_error_line(second, f"out_dir {out!r} is in use by another training run (pid {p.pid})")
+        os.remove(os.path.join(out, 'train.lock'))  # by hand: it used to let a second run train in here
+        second = run('train.py', *FAST, f'--out_dir={out}', check=False)
+        one_error_line(second, f"out_dir {out!r} is in use by another training run (pid unknown)")
         lines_before = open(os.path.join(out, 'log.jsonl')).read().count('\n')
         check = run('train.py', *FAST, f'--out_dir={out}', '--eval_only=True', check=False)  # "check the val loss"
         assert check.returncode == 0 and 'val loss' in check.stdout, check.stderr
