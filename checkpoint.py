@@ -71,6 +71,9 @@ def load_checkpoint(path, map_location='cpu'):
         raise CheckpointError(f"checkpoint {path} is not a nanoMoE checkpoint (no 'model'/'model_args')")
     # compile's prefix, and the causal-mask buffer nanoGPT's attention keeps without flash attention
     ckpt['model'] = {k: v for k, v in clean_state_dict(ckpt['model']).items() if not k.endswith('.attn.bias')}
+    if bad := first_nonfinite(ckpt['model'].items()):  # (train.py never saves one; another program may have)
+        raise CheckpointError(f"checkpoint {path} holds non-finite values (NaN/inf) in model {bad}: its "
+                              f"weights cannot be used")
     # older checkpoints kept the MoE layers' probe top-1 experts beside the model, by block index
     for i, top1 in ckpt.pop('probe_top1', {}).items():
         ckpt['model'].setdefault(f'transformer.h.{i}.mlp._extra_state', top1)
@@ -78,11 +81,33 @@ def load_checkpoint(path, map_location='cpu'):
 
 
 def load_for_resume(path):
-    """load_checkpoint, plus what a resume needs (CheckpointError if it lacks optimizer, iter_num or
-    best_val_loss)."""
+    """load_checkpoint, plus what a resume needs: CheckpointError, one line, if it lacks optimizer, iter_num
+    or best_val_loss, or holds them of the wrong type or non-finite. What keeps a resume from being exact or
+    from saving ckpt_best.pt is said in a note: an empty optimizer state; a NaN best_val_loss (which no val
+    loss is below: it becomes 1e9, as for a new run)."""
     ckpt = load_checkpoint(path)
     if missing := {'optimizer', 'iter_num', 'best_val_loss'} - set(ckpt):
         raise CheckpointError(f"checkpoint {path} cannot be resumed: it has no {', '.join(sorted(missing))}")
+    it, best, opt = ckpt['iter_num'], ckpt['best_val_loss'], ckpt['optimizer']
+    best = best.item() if torch.is_tensor(best) and best.numel() == 1 else best  # (nanoGPT saves a tensor)
+    cannot = f"checkpoint {path} cannot be resumed: its"
+    if type(it) is not int or it < 0:  # (a bool is an int to Python)
+        raise CheckpointError(f"{cannot} iter_num is {it!r}, not an integer >= 0")
+    if type(best) not in (int, float):
+        raise CheckpointError(f"{cannot} best_val_loss is {best!r}, not a number")
+    if not (isinstance(opt, dict) and isinstance(opt.get('state'), dict)
+            and isinstance(opt.get('param_groups'), list)):
+        raise CheckpointError(f"{cannot} optimizer is not an optimizer state_dict (state, param_groups)")
+    if bad := first_nonfinite((f'{i} {k}', v) for i, state in opt['state'].items() for k, v in state.items()):
+        raise CheckpointError(f"{cannot} optimizer state {bad} holds non-finite values (NaN/inf)")
+    if not opt['state'] and it > 0:
+        print(f"note: the checkpoint's optimizer state is empty at iter {it}: AdamW's moments start at zero, "
+              f"so this resume is not exact")
+    if math.isnan(best):
+        print("note: the checkpoint's best_val_loss is NaN, which no val loss is below: it starts again at "
+              "1e9 (the next eval saves ckpt_best.pt)")
+        best = 1e9
+    ckpt['best_val_loss'] = best
     return ckpt
 
 
@@ -153,6 +178,11 @@ def nonfinite_tensor(state):
     such a state is never saved (it would replace the last good checkpoint)."""
     named = [(f'model {k}', v) for k, v in state['model'].items()]
     named += [(f'optimizer state {i} {k}', v) for i, s in state['optimizer']['state'].items() for k, v in s.items()]
+    return first_nonfinite(named)
+
+
+def first_nonfinite(named):
+    """The first name of (name, value) pairs whose value is a float tensor holding NaN or inf, or None."""
     return next((name for name, t in named if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all()),
                 None)
 
@@ -238,8 +268,9 @@ def load_meta(path):
             meta = _PlainUnpickler(f).load()
     except Exception as e:
         raise CheckpointError(f"{path} is not a plain meta.pkl ({str(e).strip()[:200] or type(e).__name__})") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get('vocab_size'), int):
-        raise CheckpointError(f"{path} has no integer 'vocab_size'")
+    vocab_size = meta.get('vocab_size') if isinstance(meta, dict) else None
+    if type(vocab_size) is not int or vocab_size < 1:  # (True is an int to Python; 0 read as "not given")
+        raise CheckpointError(f"{path} has no positive integer 'vocab_size' (it has {vocab_size!r})")
     return meta
 
 
@@ -257,8 +288,9 @@ class RunDir:
     next record would be glued onto it). A write that fails (disk full, quota) is one error line and exit
     code 1; the checkpoint it would have replaced stays whole."""
 
-    def __init__(self, out_dir, wandb=None):
+    def __init__(self, out_dir, resumed=False, wandb=None):
         self.out_dir, self.wandb = out_dir, wandb
+        self.good = os.path.join(out_dir, 'ckpt.pt') if resumed else None  # (checked finite at load)
         try:
             os.makedirs(out_dir, exist_ok=True)
             self.lock = lock_out_dir(out_dir)
@@ -271,11 +303,13 @@ class RunDir:
         return os.path.join(self.out_dir, name)
 
     def last_good(self):
-        """ckpt.pt, if there is one: it passed nonfinite_tensor when it was saved."""
-        return self.path('ckpt.pt') if os.path.exists(self.path('ckpt.pt')) else 'none yet'
+        """The ckpt.pt that this run resumed from or saved (never one of another run in out_dir)."""
+        return self.good or 'none (this run saved none yet)'
 
     def save(self, state, name='ckpt.pt'):
         self._write(self.path(name), lambda: save_checkpoint(state, self.path(name)))
+        if name == 'ckpt.pt':
+            self.good = self.path(name)  # it passed nonfinite_tensor
 
     def log(self, record):
         record = finite_or_none(record)
@@ -286,13 +320,28 @@ class RunDir:
                 flat.update({f'{k}/expert{e}': x for e, x in enumerate(v)} if isinstance(v, list) else {k: v})
             self.wandb.log(flat, step=record['iter'])
 
+    def start_wandb(self, project, name, config):
+        """wandb.init, then log() logs to wandb too. If it fails (wandb not logged in: its UsageError; no
+        network), one error line says what to do, exit code 2."""
+        import wandb
+        try:
+            wandb.init(project=project, name=name, config=config)
+        except Exception as e:
+            reason = ' '.join(str(e).split())[:200] or type(e).__name__
+            print(f"error: wandb_log=True, but wandb.init failed ({reason}); log in with `wandb login` (or "
+                  f"set WANDB_API_KEY), or log offline with WANDB_MODE=offline", file=sys.stderr)
+            sys.exit(2)
+        self.wandb = wandb
+
     @staticmethod
     def _write(path, write):
         try:
             write()
         except OSError as e:
-            print(f"error: could not write {path} ({e.strerror or e}); the checkpoint before it is intact",
-                  file=sys.stderr)
+            after = ('its records before it are whole' if path.endswith('.jsonl') else
+                     'the checkpoint before it is intact' if os.path.exists(path) else
+                     'there was no checkpoint before it')
+            print(f"error: could not write {path} ({e.strerror or e}); {after}", file=sys.stderr)
             sys.exit(1)
 
 

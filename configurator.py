@@ -7,7 +7,8 @@ this will first run config/override_file.py, then override batch_size to 32.
   They may set known keys only (helper names starting with '_' and imported modules are ignored).
 - --key=value is parsed as a Python literal (ast.literal_eval) and NEVER executed; a value that is
   not a literal is taken as a plain string.
-- Unknown keys and values of the wrong type are errors: one line on stderr, exit code 2.
+- Unknown keys and values of the wrong type are errors: one line on stderr, exit code 2. So is a config
+  file that is not UTF-8 text, does not compile, raises, or calls sys.exit.
 """
 
 import os
@@ -115,6 +116,37 @@ def _checked(key, value, config, source):
     fail(f"{key}={value!r} (from {source}) must be of type {type(default).__name__}, got {type(value).__name__}")
 
 
+def _run_config_file(path):
+    """The names a config file sets (it is Python, and executed). A file that is not UTF-8 text, does not
+    compile, raises or exits (sys.exit: nothing would run, with exit code 0) is one line naming it."""
+    try:
+        with open(path, encoding='utf-8') as f:
+            source = f.read()
+        code = compile(source, path, 'exec')
+    except (OSError, UnicodeDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) else e.reason
+        fail(f"config file {path!r} cannot be read as UTF-8 text ({reason})")
+    except (SyntaxError, ValueError) as e:  # (ValueError: null bytes, before Python 3.12)
+        where = f" (line {e.lineno})" if getattr(e, 'lineno', None) else ''
+        fail(f"config file {path!r} is not valid Python{where}: {getattr(e, 'msg', None) or e}")
+    print(f"Overriding config with {path}:")
+    print(source)
+    namespace = {}
+    try:
+        exec(code, namespace)
+    except SystemExit as e:
+        fail(f"config file {path!r} calls sys.exit({e.code!r}): a config file only sets keys")
+    except Exception as e:
+        tb = e.__traceback__
+        line = None
+        while tb is not None:  # the file's own line, not that of whatever it called
+            line = tb.tb_lineno if tb.tb_frame.f_code.co_filename == path else line
+            tb = tb.tb_next
+        fail(f"config file {path!r} raised {type(e).__name__}" + (f" at line {line}" if line else '')
+             + (f": {' '.join(str(e).split())[:200]}" if str(e).strip() else ''))
+    return namespace
+
+
 def configure(config, args, given=None):
     """Apply config files and --key=value overrides from `args` to the dict `config`, in order. The set
     `given`, if passed, collects the keys they set (also to their default value)."""
@@ -126,12 +158,7 @@ def configure(config, args, given=None):
                 fail(f"bad argument {arg!r}: use --key=value or a config file path")
             if not os.path.isfile(arg):
                 fail(f"config file {arg!r} not found")
-            print(f"Overriding config with {arg}:")
-            with open(arg) as f:
-                source = f.read()
-            print(source)
-            namespace = {}
-            exec(compile(source, arg, 'exec'), namespace)
+            namespace = _run_config_file(arg)
             for key, value in namespace.items():
                 if key.startswith('_') or isinstance(value, types.ModuleType):
                     continue

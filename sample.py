@@ -43,9 +43,12 @@ if not temperature > 0:
 if start.startswith('FILE:'):  # the prompt is read now, so that a bad file stops before the model loads
     try:
         with open(start[5:], encoding='utf-8') as f:
-            start = f.read()
+            start = f.read(2**20 + 1)  # at most a MiB: /dev/zero or a FIFO never ends
     except (OSError, UnicodeDecodeError) as e:
         fail(f"prompt file {start[5:]!r} cannot be read as UTF-8 text ({e.strerror if isinstance(e, OSError) else e.reason})")
+    if len(start) > 2**20:
+        fail(f"prompt file {config['start'][5:]!r} holds more than {2**20:,} characters: too long for a "
+             f"prompt (the model reads its last block_size tokens)")
 if not start:
     fail("start='' is empty: the model needs at least one token to continue (the default is a newline)")
 
@@ -109,12 +112,15 @@ if meta_path and os.path.exists(meta_path):
         meta = load_meta(meta_path)  # plain data only: never runs code named in the file
     except CheckpointError as e:
         fail(str(e))
-    stoi, itos = meta['stoi'], meta['itos']
+    stoi, itos = meta.get('stoi'), meta.get('itos')
+    if not (isinstance(stoi, dict) and isinstance(itos, dict)):
+        fail(f"{meta_path} has no 'stoi' and 'itos' dicts (character -> id, id -> character): sample.py "
+             f"cannot encode the prompt or decode the samples")
     unknown = sorted(set(c for c in start if c not in stoi))
     if unknown:
         fail(f"the prompt has characters outside the model's vocabulary: {''.join(unknown)!r}")
     encode = lambda s: [stoi[c] for c in s]
-    decode = lambda l: ''.join([itos[i] for i in l])
+    decode = lambda l: ''.join([str(itos.get(i, '\ufffd')) for i in l])  # (an id meta.pkl lacks: U+FFFD)
 else:
     # ok let's assume gpt-2 encodings by default
     print("No meta.pkl found, assuming GPT-2 encodings...")

@@ -177,7 +177,7 @@ print(f"tokens per iteration will be: {tokens_per_iter:,}")
 run_dir = None  # the master writes out_dir (one run at a time: a lock); eval_only never writes or deletes there
 if master_process and not eval_only:
     try:
-        run_dir = RunDir(out_dir)
+        run_dir = RunDir(out_dir, resumed=init_from == 'resume')
     except CheckpointError as e:
         fail(str(e))
 torch.manual_seed(seed)
@@ -320,9 +320,8 @@ def stop_nonfinite(message, diagnosis):
 
 
 # logging
-if wandb_log and run_dir:
-    wandb.init(project=wandb_project, name=wandb_run_name, config=config)
-    run_dir.wandb = wandb
+if wandb_log and run_dir:  # (not logged in, ...: one error line)
+    run_dir.start_wandb(wandb_project, wandb_run_name, config)
 
 if run_dir and model_args['n_expert']:  # which backend expert_impl='auto' picked, beside the run's numbers
     run_dir.log({'iter': iter_num, 'event': 'start', 'expert_impl': model_args['expert_impl']})

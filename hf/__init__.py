@@ -99,12 +99,19 @@ def save(hf, folder):
 
 
 def hf_config(folder):
-    """The config.json of a Hugging Face model folder, or None if folder is not one."""
+    """The config.json of a Hugging Face model folder, or None if folder is not one; ValueError, one line, if
+    it is not a JSON object."""
     path = os.path.join(folder, 'config.json')
     if not os.path.isfile(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, encoding='utf-8') as f:
+            cfg = json.load(f)
+    except (OSError, ValueError) as e:  # (a UnicodeDecodeError, a JSONDecodeError)
+        raise ValueError(f"{path} cannot be read as JSON ({' '.join(str(e).split())[:200]})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path} is not a JSON object of config keys")
+    return cfg
 
 
 def hf_model_args(init_from):
@@ -115,8 +122,12 @@ def hf_model_args(init_from):
         return dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=1024, vocab_size=50257, bias=True,
                     n_expert=0)
     cfg = hf_config(init_from)
-    if cfg.get('model_type') == 'nanomoe':
-        return dict(top_k=cfg['num_experts_per_tok'], **{k: cfg[k] for k in EXPORTED_KEYS if k in cfg})  # (older: fewer)
+    if cfg is None:
+        raise ValueError(f"{init_from} has no config.json: it is not a Hugging Face model folder")
+    if cfg.get('model_type') == 'nanomoe':  # a key it lacks (an older export: fewer) is MoEConfig's default
+        if 'num_experts_per_tok' not in cfg:  # (every export wrote it)
+            raise ValueError(f"{os.path.join(init_from, 'config.json')} has no num_experts_per_tok (top_k)")
+        return dict(top_k=cfg['num_experts_per_tok'], **{k: cfg[k] for k in EXPORTED_KEYS if k in cfg})
     return dict(n_layer=cfg.get('n_layer', 12), n_head=cfg.get('n_head', 12), n_embd=cfg.get('n_embd', 768),
                 block_size=cfg.get('n_positions', 1024), vocab_size=cfg.get('vocab_size', 50257), bias=True, n_expert=0)
 
@@ -133,9 +144,15 @@ def load_hf_folder(folder, run_args=None):
         return load_gpt2(folder, (run_args or {}).get('dropout', 0.0))
     from safetensors.torch import load_file
     from moe_model import MoEGPT, MoEConfig
-    model = MoEGPT(MoEConfig(**(run_args or hf_model_args(folder))))
-    sd = load_file(os.path.join(folder, 'model.safetensors'))
-    sd.setdefault('lm_head.weight', sd['transformer.wte.weight'])  # tied: saved once
+    path = os.path.join(folder, 'model.safetensors')
+    try:
+        model = MoEGPT(MoEConfig(**(run_args or hf_model_args(folder))))
+        sd = load_file(path)  # missing, truncated or corrupt: whatever safetensors raises, one line
+    except Exception as e:
+        reason = ' '.join(str(e).split())[:300] or type(e).__name__
+        raise ValueError(f"{folder} cannot be loaded: {reason}") from None
+    if 'transformer.wte.weight' in sd:
+        sd.setdefault('lm_head.weight', sd['transformer.wte.weight'])  # tied: saved once
     try:
         model.load_state_dict(sd)
     except RuntimeError as e:

@@ -211,6 +211,59 @@ def test_a_torn_last_line_is_moved_aside_at_the_next_start(small_dense_ckpt, tmp
     assert [r['iter'] for r in records[len(before):] if 'loss' in r] == [2, 3]
     assert open(log + '.torn').read() == '{"iter": 2, "loss": 4.08984\n'
 
+@pytest.mark.slow
+def test_a_full_disk_at_the_first_save_does_not_claim_a_checkpoint_before_it(shakespeare_char, tmp_path):
+    out = str(tmp_path / 'out')
+    p = subprocess.run([sys.executable, os.path.join(ROOT, 'train.py'), *FAST, f'--out_dir={out}',
+                        '--max_iters=2', '--eval_interval=1'], cwd=ROOT, env=ENV, capture_output=True,
+                       text=True, timeout=300, preexec_fn=disk_full_past(64 * 1024))
+    assert p.returncode == 1 and p.stderr.strip().splitlines()[-1] == (  # it used to say "... is intact"
+        f"error: could not write {os.path.join(out, 'ckpt.pt')} (File too large); there was no checkpoint "
+        f"before it")
+    assert not [f for f in os.listdir(out) if f.startswith('ckpt')]
+
+# -----------------------------------------------------------------------------
+# Hugging Face export: whole or nothing
+
+
+@pytest.mark.slow
+def test_the_temp_folder_of_an_export_killed_midway_is_removed_by_the_next(small_dense_ckpt, tmp_path):
+    hf_dir = str(tmp_path / 'hf')
+    child = f"""
+import os, runpy, sys, time
+sys.path.insert(0, {ROOT!r})
+import hf
+save = hf.save
+def save_and_hang(model, folder):
+    save(model, folder)
+    print('written', flush=True)
+    time.sleep(60)
+hf.save = save_and_hang
+sys.argv = ['tools/export_hf.py', '--out_dir={small_dense_ckpt}', '--hf_dir={hf_dir}']
+runpy.run_path(os.path.join({ROOT!r}, 'tools', 'export_hf.py'), run_name='__main__')
+"""
+    p = subprocess.Popen([sys.executable, '-c', child], cwd=ROOT, env=ENV, stdout=subprocess.PIPE, text=True)
+    while p.stdout.readline().strip() != 'written':  # (after the config lines)
+        assert p.poll() is None
+    p.kill()  # kill -9 before the rename
+    p.wait()
+    assert os.listdir(tmp_path) == [f'hf.tmp-{p.pid}']
+    again = run('tools/export_hf.py', f'--out_dir={small_dense_ckpt}', f'--hf_dir={hf_dir}')
+    assert f"removed {hf_dir}.tmp-{p.pid}, left by an export that was killed midway" in again.stdout
+    assert os.listdir(tmp_path) == ['hf']
+
+
+@pytest.mark.slow
+def test_an_export_onto_a_full_disk_is_one_line_and_leaves_nothing(small_dense_ckpt, tmp_path):
+    hf_dir = str(tmp_path / 'hf')
+    p = subprocess.run([sys.executable, os.path.join(ROOT, 'tools', 'export_hf.py'),
+                        f'--out_dir={small_dense_ckpt}', f'--hf_dir={hf_dir}'], cwd=ROOT, env=ENV,
+                       capture_output=True, text=True, timeout=300, preexec_fn=disk_full_past(16 * 1024))
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and 'Traceback' not in p.stderr, p.stderr[-2000:]
+    assert lines[-1].startswith(f'error: cannot write {hf_dir} (')
+    assert os.listdir(tmp_path) == []
+
 # -----------------------------------------------------------------------------
 # SIGTERM and exact resume
 
@@ -374,6 +427,7 @@ def test_gpt2_with_a_larger_block_size_fails_before_any_work(shakespeare_char, t
     ('n_exprt = 4\n', "unknown config key 'n_exprt'"),
     ("max_iters = '10'\n", "max_iters='10'"),
     ('top_k = 8\n', 'top_k=8 must be <= n_expert=4'),
+    ('import sys\nsys.exit(0)\n', 'calls sys.exit(0): a config file only sets keys'),  # (it was exit code 0)
 ])
 def test_bad_config_file_fails_before_any_work(shakespeare_char, tmp_path, text, message):
     (tmp_path / 'bad.py').write_text(text)

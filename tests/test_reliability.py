@@ -4,6 +4,7 @@ bench.py, plot.py, prepare.py)."""
 import dataclasses
 import json
 import os
+import pickle
 import resource
 import shutil
 import signal
@@ -15,8 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, TINY, run, read_log
+from conftest import ROOT, TINY, run, read_log, nan_at
 from checkpoint import load_checkpoint, save_checkpoint
+from configurator import configure
 from test_faults import FAST, RUN_ONLY, ENV, start, wait_for_steps
 
 
@@ -417,3 +419,188 @@ def test_prepare_refuses_empty_or_too_wide_input_and_leaves_no_temp_file(tmp_pat
     before = set(os.listdir(os.path.join(ROOT, 'data', 'shakespeare_char')))
     one_error_line(run('data/shakespeare_char/prepare.py', str(tmp_path / 'input.txt'), check=False), message)
     assert set(os.listdir(os.path.join(ROOT, 'data', 'shakespeare_char'))) == before
+
+
+# -----------------------------------------------------------------------------
+# bad files: one error line
+
+
+@pytest.mark.parametrize('vocab', [0, True])
+def test_a_meta_vocab_size_that_is_not_a_positive_integer_is_one_line(tmp_path, vocab):
+    """0 used to become GPT-2's 50304, True a vocabulary of 1, silently."""
+    folder = str(tmp_path / 'data')
+    write_dataset(folder, range(100), vocab=vocab)
+    p = run('train.py', *TINY, f'--dataset={folder}', f'--out_dir={tmp_path / "out"}', check=False)
+    one_error_line(p, f"meta.pkl has no positive integer 'vocab_size' (it has {vocab!r})")
+
+
+@pytest.mark.parametrize('content, message', [
+    (b'\x00\x01\x02', 'is not valid Python: source code string cannot contain null bytes'),  # binary
+    ('n_layer = 2  # é\n'.encode('latin-1'), "cannot be read as UTF-8 text (invalid continuation byte)"),
+    (b'n_layer = [2,\n', "is not valid Python (line 1): '[' was never closed"),
+    (b'n_layer = 2\nmax_iters = 1 // 0\n', 'raised ZeroDivisionError at line 2: integer division or modulo'),
+    (b'import sys\nsys.exit(0)\n', 'calls sys.exit(0): a config file only sets keys'),  # (it was exit code 0)
+])
+def test_a_config_file_that_cannot_run_is_one_line(tmp_path, capsys, content, message):
+    (tmp_path / 'bad.py').write_bytes(content)
+    with pytest.raises(SystemExit) as e:
+        configure({'n_layer': 12, 'max_iters': 100}, [str(tmp_path / 'bad.py')])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1, err
+    assert err[0].startswith('error: config file ') and message in err[0], err
+
+
+@pytest.mark.parametrize('case, message', [
+    ('iter_num a string', "its iter_num is '12', not an integer >= 0"),
+    ('NaN weights', "holds non-finite values (NaN/inf) in model transformer.h.0.attn.c_attn.weight"),
+    ('empty optimizer state', None),
+    ('best_val_loss NaN', None),
+])
+@pytest.mark.slow
+def test_a_checkpoint_that_cannot_resume_exactly_says_so(good_run, tmp_path, case, message):
+    """A NaN checkpoint used to resume (then "Last good checkpoint" named it); a NaN best_val_loss never let
+    ckpt_best.pt be saved again; an empty optimizer state was a silently inexact resume."""
+    out = str(tmp_path / 'out')
+    shutil.copytree(good_run, out)
+    ckpt = load_checkpoint(os.path.join(out, 'ckpt.pt'))
+    if case == 'iter_num a string':
+        ckpt['iter_num'] = '12'
+    elif case == 'NaN weights':
+        ckpt['model']['transformer.h.0.attn.c_attn.weight'][0, 0] = float('nan')
+    elif case == 'empty optimizer state':
+        ckpt['optimizer']['state'] = {}
+    else:
+        ckpt['best_val_loss'] = float('nan')
+    save_checkpoint(ckpt, os.path.join(out, 'ckpt.pt'))
+    p = run('train.py', *RUN_ONLY, f'--out_dir={out}', '--init_from=resume', '--max_iters=9',
+            '--eval_interval=3', check=False)
+    if message:
+        return one_error_line(p, message)
+    assert p.returncode == 0, p.stderr
+    if case == 'empty optimizer state':
+        assert "note: the checkpoint's optimizer state is empty at iter 6: AdamW's moments start" in p.stdout
+    else:
+        assert "note: the checkpoint's best_val_loss is NaN" in p.stdout
+        assert load_checkpoint(os.path.join(out, 'ckpt_best.pt'))['iter_num'] == 9
+
+
+@pytest.mark.slow
+def test_the_last_good_checkpoint_is_this_runs_own(good_run, tmp_path):
+    """A new run in an out_dir that holds another run's ckpt.pt diverges before its first save: "Last good
+    checkpoint" used to name the other run's."""
+    out = str(tmp_path / 'out')
+    shutil.copytree(good_run, out)
+    p = run('train.py', *FAST, f'--out_dir={out}', '--eval_interval=1000', check=False, env=nan_at(2))
+    one_error_line(p, 'non-finite loss or gradient at iter 2', code=1)
+    assert p.stderr.strip().endswith('stopping. Last good checkpoint: none (this run saved none yet)')
+
+
+@pytest.mark.parametrize('case, message', [
+    ('temperature 1e-300', None),
+    ('NaN weights', 'holds non-finite values (NaN/inf) in model transformer.wte.weight'),
+    ('meta.pkl without stoi', "has no 'stoi' and 'itos' dicts"),
+    ('prompt from /dev/zero', "prompt file '/dev/zero' holds more than 1,048,576 characters"),
+])
+@pytest.mark.slow
+def test_sample_faults_are_one_line(good_run, tmp_path, case, message):
+    out = str(tmp_path / 'out')
+    shutil.copytree(good_run, out)
+    ckpt, args = load_checkpoint(os.path.join(out, 'ckpt.pt')), []
+    if case == 'temperature 1e-300':  # logits / 1e-300 were inf - inf = NaN: now greedy
+        args = ['--temperature=1e-300', '--num_samples=2', '--max_new_tokens=30']
+    elif case == 'NaN weights':
+        ckpt['model']['transformer.wte.weight'][3] = float('nan')
+    elif case == 'meta.pkl without stoi':
+        write_dataset(str(tmp_path / 'data'), range(100), vocab=65)
+        with open(tmp_path / 'data' / 'meta.pkl', 'wb') as f:
+            pickle.dump({'vocab_size': 65}, f)
+        ckpt['config']['dataset'] = str(tmp_path / 'data')
+    else:
+        args = ['--start=FILE:/dev/zero']
+    save_checkpoint(ckpt, os.path.join(out, 'ckpt.pt'))
+    p = run('sample.py', f'--out_dir={out}', '--device=cpu', *args, check=False)
+    if message:
+        return one_error_line(p, message)
+    assert p.returncode == 0 and 'Traceback' not in p.stderr, p.stderr
+    samples = p.stdout.split('---------------')[:2]
+    assert samples[0].strip().endswith(samples[1].strip()[-30:])  # greedy: the two samples are one
+
+
+@pytest.fixture(scope='module')
+def moe_folder(good_run, tmp_path_factory):
+    """good_run exported to a Hugging Face folder (NanoMoEForCausalLM)."""
+    folder = str(tmp_path_factory.mktemp('hf') / 'moe')
+    run('tools/export_hf.py', f'--out_dir={good_run}', f'--hf_dir={folder}')
+    return folder
+
+
+@pytest.mark.parametrize('case, message', [
+    ('no model.safetensors', 'cannot be loaded: No such file or directory'),
+    ('truncated model.safetensors', 'cannot be loaded: '),
+    ('corrupt model.safetensors', 'cannot be loaded: '),
+    ('config.json without num_experts_per_tok', 'config.json has no num_experts_per_tok (top_k)'),
+    ('config.json not JSON', 'config.json cannot be read as JSON'),
+])
+@pytest.mark.slow
+def test_a_hugging_face_folder_that_cannot_be_loaded_is_one_line(moe_folder, tmp_path, case, message):
+    folder = tmp_path / 'hf'
+    shutil.copytree(moe_folder, folder)
+    weights, config = folder / 'model.safetensors', folder / 'config.json'
+    if case == 'no model.safetensors':
+        weights.unlink()
+    elif case == 'truncated model.safetensors':
+        weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
+    elif case == 'corrupt model.safetensors':
+        weights.write_bytes(np.random.default_rng(0).bytes(weights.stat().st_size))
+    elif case == 'config.json without num_experts_per_tok':
+        config.write_text(json.dumps({k: v for k, v in json.loads(config.read_text()).items()
+                                      if k != 'num_experts_per_tok'}))
+    else:
+        config.write_bytes(b'\xff{"n_layer": ')
+    one_error_line(run('sample.py', f'--init_from={folder}', '--device=cpu', check=False), message)
+    p = run('train.py', *RUN_ONLY, f'--init_from={folder}', f'--out_dir={tmp_path / "out"}', check=False)
+    one_error_line(p, message)
+
+
+@pytest.mark.slow
+def test_an_export_that_cannot_write_is_one_line(good_run, tmp_path):
+    (tmp_path / 'file').write_text('not a folder')
+    hf_dir = tmp_path / 'file' / 'hf'
+    p = run('tools/export_hf.py', f'--out_dir={good_run}', f'--hf_dir={hf_dir}', check=False)
+    one_error_line(p, f"cannot write {hf_dir} (")
+    assert os.listdir(tmp_path) == ['file']
+
+
+@pytest.mark.slow
+def test_two_exports_into_one_folder_at_once_one_says_so(good_run, tmp_path):
+    """Both found the folder free; the other one's rename lands first (here: as this one's save returns)."""
+    hf_dir = str(tmp_path / 'hf')
+    child = f"""
+import os, runpy, shutil, sys
+sys.path.insert(0, {ROOT!r})
+import hf
+save = hf.save
+def save_and_the_other_lands(model, folder):
+    save(model, folder)
+    shutil.copytree(folder, {hf_dir!r})
+hf.save = save_and_the_other_lands
+sys.argv = ['tools/export_hf.py', '--out_dir={good_run}', '--hf_dir={hf_dir}']
+runpy.run_path(os.path.join({ROOT!r}, 'tools', 'export_hf.py'), run_name='__main__')
+"""
+    p = subprocess.run([sys.executable, '-c', child], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                       timeout=300)
+    one_error_line(p, f"hf_dir={hf_dir!r} was written by another export meanwhile: nothing is overwritten")
+    assert os.listdir(tmp_path) == ['hf'] and 'config.json' in os.listdir(hf_dir)  # the other's, whole
+
+
+@pytest.mark.slow
+def test_wandb_not_logged_in_is_one_line(shakespeare_char, tmp_path):
+    """wandb.init's UsageError was a traceback (after the model was built)."""
+    pytest.importorskip('wandb')
+    env = {k: v for k, v in ENV.items() if not k.startswith('WANDB_')}
+    env.update(HOME=str(tmp_path), WANDB_DIR=str(tmp_path), WANDB_SILENT='true')  # no ~/.netrc, no API key
+    p = subprocess.run([sys.executable, os.path.join(ROOT, 'train.py'), *FAST, '--wandb_log=True',
+                        f'--out_dir={tmp_path / "out"}'], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)
+    one_error_line(p, 'wandb_log=True, but wandb.init failed (')
+    assert 'log in with `wandb login`' in p.stderr and 'WANDB_MODE=offline' in p.stderr
