@@ -282,7 +282,8 @@ def clean_state_dict(state_dict):
 
 class RunDir:
     """What a training run writes into out_dir (its master process only): ckpt.pt and ckpt_best.pt, written
-    atomically, and log.jsonl, one JSON line per event (NaN/inf as null; to wandb too when given), under
+    atomically, and log.jsonl, one JSON line per event (NaN/inf as null; to wandb too when started, where
+    train/ce and val/ce are also train/loss and val/loss, and mfu is in percent, as nanoGPT logs them), under
     out_dir's lock for the life of the run. A record is a whole line or nothing: a failed append is cut back,
     and the torn tail that a kill -9 mid-write leaves is moved to log.jsonl.torn at the next start (else the
     next record would be glued onto it). A write that fails (disk full, quota) is one error line and exit
@@ -318,6 +319,10 @@ class RunDir:
             flat = {}
             for k, v in record.items():
                 flat.update({f'{k}/expert{e}': x for e, x in enumerate(v)} if isinstance(v, list) else {k: v})
+            # nanoGPT's names too (dashboards made for nanoGPT runs key on them), and its mfu in percent
+            flat.update({f'{s}/loss': flat[f'{s}/ce'] for s in ('train', 'val') if f'{s}/ce' in flat})
+            if flat.get('mfu') is not None:
+                flat['mfu'] = 100 * flat['mfu']
             self.wandb.log(flat, step=record['iter'])
 
     def start_wandb(self, project, name, config):

@@ -194,8 +194,28 @@ def test_wandb_logs_offline(shakespeare_char, tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     (run_file,) = glob.glob(str(tmp_path / 'wandb' / 'offline-run-*' / 'run-*.wandb'))
     data = open(run_file, 'rb').read()  # the run's records: the logged keys are there as plain strings
-    for key in (b'train/ce', b'val/ce', b'grad_norm', b'layer0/max_load', b'layer1/load/expert3', b'layer1/flip_rate'):
+    for key in (b'train/ce', b'val/ce', b'grad_norm', b'layer0/max_load', b'layer1/load/expert3',
+                b'layer1/flip_rate', b'train/loss', b'val/loss'):  # (and nanoGPT's names)
         assert key in data, key
+
+
+def test_wandb_gets_nanogpts_names_too(tmp_path):
+    """nanoGPT logs train/loss, val/loss, lr and mfu (in percent): dashboards made for its runs key on
+    them."""
+    from checkpoint import RunDir
+    logged = []
+
+    class Wandb:
+        def log(self, data, step):
+            logged.append((step, data))
+    run_dir = RunDir(str(tmp_path), wandb=Wandb())
+    run_dir.log({'iter': 0, 'train/ce': 4.2, 'val/ce': 4.3, 'lr': 1e-3})
+    run_dir.log({'iter': 5, 'loss': 4.0, 'ce': 3.9, 'lr': 1e-3, 'mfu': 0.25, 'layer0/load': [0.75, 0.25]})
+    os.close(run_dir.lock)
+    (_, at_eval), (_, at_step) = logged
+    assert (at_eval['train/loss'], at_eval['val/loss'], at_eval['lr']) == (4.2, 4.3, 1e-3)
+    assert at_step['mfu'] == 25.0 and at_step['layer0/load/expert1'] == 0.25 and 'train/loss' not in at_step
+    assert read_log(str(tmp_path))[1]['mfu'] == 0.25  # log.jsonl keeps its own: a fraction
 
 # -----------------------------------------------------------------------------
 # Hugging Face export
