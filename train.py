@@ -341,8 +341,9 @@ while True:
     # evaluate the loss on train/val sets and write checkpoints
     if iter_num % eval_interval == 0 or iter_num == max_iters or eval_only:
         losses = estimate_loss()
-        # every rank (EP forwards are collective: master-only would hang); raw_model: no DDP sync, no recompiles
-        hs = (hellaswag.metrics(raw_model, hs_examples, device, ctx)
+        # every rank (EP forwards are collective: master-only would hang); raw_model: no DDP sync, no
+        # recompiles; a stop signal cuts it short, all ranks at the same example
+        hs = (hellaswag.metrics(raw_model, hs_examples, device, ctx, lambda: any_rank(stop.name is not None))
               if hellaswag_interval and iter_num % hellaswag_interval == 0 else {})
         improved = losses['val'] < best_val_loss  # each rank has its own eval batches; the master's decide
         best_val_loss = min(best_val_loss, losses['val'])

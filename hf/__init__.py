@@ -10,6 +10,8 @@ Hugging Face model folders, both ways (tools/export_hf.py is the command line):
 import os
 import re
 import json
+import socket
+import urllib.parse
 
 import torch
 
@@ -29,11 +31,13 @@ def load_gpt2(model_type, dropout=0.0):
     ValueError, one line, if transformers cannot load it (offline, a wrong name or folder)."""
     from transformers import GPT2LMHeadModel
     print("loading weights from pretrained gpt: %s" % model_type)
-    try:
-        model_hf = GPT2LMHeadModel.from_pretrained(model_type)
+    offline = None if os.path.isdir(model_type) else hub_unreachable()
+    try:  # offline, the cache only: transformers would retry the Hub for ~30 s before it failed
+        model_hf = GPT2LMHeadModel.from_pretrained(model_type, local_files_only=offline is not None)
     except Exception as e:  # whatever transformers raises, one line
         lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
-        raise ValueError(f"cannot load GPT-2 weights from {model_type!r}: {lines[0][:300]}") from None
+        why = f"they are not in the Hugging Face cache, and {offline}" if offline else lines[0][:300]
+        raise ValueError(f"cannot load GPT-2 weights from {model_type!r}: {why}") from None
     c = model_hf.config
     model = GPT(GPTConfig(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, vocab_size=c.vocab_size,
                           block_size=c.n_positions, bias=True, dropout=dropout))
@@ -46,6 +50,21 @@ def load_gpt2(model_type, dropout=0.0):
             assert w.shape == sd[k].shape, k
             sd[k].copy_(w)
     return model
+
+
+def hub_unreachable(timeout=5):
+    """Why the Hugging Face Hub cannot be reached (HF_HUB_OFFLINE, or no connection to it in timeout s), or
+    None."""
+    from huggingface_hub import constants
+    if constants.HF_HUB_OFFLINE:
+        return 'HF_HUB_OFFLINE is set'
+    url = urllib.parse.urlparse(constants.ENDPOINT)
+    try:
+        port = url.port or (443 if url.scheme == 'https' else 80)
+        socket.create_connection((url.hostname, port), timeout).close()
+    except OSError as e:
+        return f"{constants.ENDPOINT} cannot be reached ({e.strerror or e})"
+    return None
 
 
 def export_dense(model):

@@ -264,6 +264,43 @@ def test_an_export_onto_a_full_disk_is_one_line_and_leaves_nothing(small_dense_c
     assert lines[-1].startswith(f'error: cannot write {hf_dir} (')
     assert os.listdir(tmp_path) == []
 
+@pytest.mark.slow
+def test_a_hellaswag_download_killed_midway_leaves_nothing_after_the_next_one(tmp_path, monkeypatch):
+    """The killed download's hellaswag_val.jsonl.<pid>.tmp used to stay forever."""
+    import io
+    import urllib.request
+    import hellaswag
+    data_dir = str(tmp_path / 'hs')
+    child = f"""
+import sys, time, urllib.request
+sys.path.insert(0, {ROOT!r})
+import hellaswag
+
+class Stalls:  # one chunk, then a network that hangs
+    sent = False
+    def __enter__(self): return self
+    def __exit__(self, *args): pass
+    def read(self, n):
+        if self.sent:
+            time.sleep(60)
+        self.sent = True
+        return b'{{"ctx": '
+urllib.request.urlopen = lambda url, timeout: Stalls()
+hellaswag.fetch({data_dir!r})
+"""
+    p = subprocess.Popen([sys.executable, '-c', child], cwd=ROOT, env=ENV)
+    deadline = time.time() + 60
+    while not (os.path.isdir(data_dir) and os.listdir(data_dir)):
+        assert p.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    p.kill()
+    p.wait()
+    assert os.listdir(data_dir) == [f'hellaswag_val.jsonl.{p.pid}.tmp']
+    data = b'{"ctx": "a", "endings": ["b", "c", "d", "e"], "label": 0}\n'
+    monkeypatch.setattr(urllib.request, 'urlopen', lambda url, timeout: io.BytesIO(data))
+    assert hellaswag.fetch(data_dir) == os.path.join(data_dir, 'hellaswag_val.jsonl')
+    assert os.listdir(data_dir) == ['hellaswag_val.jsonl']
+
 # -----------------------------------------------------------------------------
 # SIGTERM and exact resume
 

@@ -140,6 +140,23 @@ def test_gpt2_offline_is_one_line(shakespeare_char, tmp_path):
         assert p.stderr.strip().splitlines()[-1].startswith(f"error: cannot load GPT-2 weights from '{name}'")
 
 
+@pytest.mark.slow
+def test_gpt2_without_a_network_is_one_line_at_once(tmp_path):
+    """Not in the cache and the Hub unreachable: transformers retried for ~30 s before its error."""
+    import subprocess
+    import sys
+    import time
+    env = {k: v for k, v in os.environ.items() if k != 'HF_HUB_OFFLINE'}
+    env.update(HF_HOME=str(tmp_path), HF_ENDPOINT='http://127.0.0.1:9')  # an empty cache; nothing there
+    t0 = time.time()
+    p = subprocess.run([sys.executable, os.path.join(ROOT, 'sample.py'), '--init_from=gpt2', '--device=cpu'],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and p.stderr.strip().splitlines()[-1] == (
+        "error: cannot load GPT-2 weights from 'gpt2': they are not in the Hugging Face cache, and "
+        "http://127.0.0.1:9 cannot be reached (Connection refused)"), p.stderr[-2000:]
+    assert time.time() - t0 < 20
+
+
 def nanogpt_checkpoint(path, seed=0):
     """What nanoGPT's train.py saves: its dense GPT (same parameter names as model.GPT), AdamW with nanoGPT's
     two groups, model_args of its GPTConfig, and no RNG or scaler state."""

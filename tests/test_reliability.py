@@ -412,6 +412,20 @@ def test_plot_names_a_log_it_cannot_plot_in_one_line(tmp_path, case, message):
         one_error_line(p, message)
 
 
+@pytest.mark.slow
+def test_prepared_data_files_are_readable_like_any_other_file():
+    """They were mode 0600 (mkstemp's): another user could not train on them."""
+    source = os.path.join(ROOT, '..', 'shared', 'data', 'tinyshakespeare', 'input.txt')
+    if not os.path.exists(source):
+        pytest.skip('no offline copy of tiny shakespeare')
+    run('data/shakespeare_char/prepare.py', source)
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ('train.bin', 'val.bin', 'meta.pkl'):
+        mode = os.stat(os.path.join(ROOT, 'data', 'shakespeare_char', name)).st_mode & 0o777
+        assert mode == 0o666 & ~umask, (name, oct(mode))
+
+
 @pytest.mark.parametrize('text, message', [('', 'the input holds 0 characters'),
                                            (''.join(chr(i) for i in range(0x4e00, 0x4e00 + 72000) if not 0xd800 <= i < 0xe000), 'at most 65,536')])
 def test_prepare_refuses_empty_or_too_wide_input_and_leaves_no_temp_file(tmp_path, text, message):
