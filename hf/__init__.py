@@ -1,15 +1,18 @@
 """
 Hugging Face model folders, both ways (tools/export_hf.py is the command line):
 - export_dense: a dense model as a plain GPT2LMHeadModel (activation_function='gelu', nanoGPT's exact GELU,
-  so the logits are this project's; zero biases where the model has none);
+  so the logits are this project's; zero biases where the model has none, and config.json says bias: false);
 - export_moe: an MoE as NanoMoEForCausalLM, whose code (hf/modeling_nanomoe.py) travels in the folder:
   AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True) loads it with no nanoMoE checkout;
+- describe: what any export's folder needs beside the weights: a GPT-2 BPE model's tokenizer files and
+  bos/eos ids, a note (README.md) saying what it is and how to encode text for it;
 - load_hf_folder: the way back (train.py, sample.py and tools/eval_hellaswag.py --init_from=<folder>);
   hf_model_args reads a folder's keys before any weights.
 """
 import os
 import re
 import json
+import shutil
 import socket
 import urllib.parse
 
@@ -21,6 +24,7 @@ from moe_model import EXPORTED_KEYS
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CONV1D = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')  # HF stores x @ W
+GPT2_VOCAB, GPT2_EOT = 50257, 50256  # GPT-2's BPE: its tokens, and <|endoftext|> (its bos and eos)
 GPT2_SIZES = {'gpt2': (12, 12, 768), 'gpt2-medium': (24, 16, 1024), 'gpt2-large': (36, 20, 1280),  # n_layer, n_head,
               'gpt2-xl': (48, 25, 1600)}  # n_embd
 
@@ -39,10 +43,15 @@ def load_gpt2(model_type, dropout=0.0):
         why = f"they are not in the Hugging Face cache, and {offline}" if offline else lines[0][:300]
         raise ValueError(f"cannot load GPT-2 weights from {model_type!r}: {why}") from None
     c = model_hf.config
+    bias = getattr(c, 'bias', True)  # False: a bias=False model that export_dense wrote, its biases zeros
     model = GPT(GPTConfig(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, vocab_size=c.vocab_size,
-                          block_size=c.n_positions, bias=True, dropout=dropout))
+                          block_size=c.n_positions, bias=bias, dropout=dropout))
     sd, sd_hf = model.state_dict(), model_hf.state_dict()
     keys_hf = [k for k in sd_hf if not k.endswith(('.attn.masked_bias', '.attn.bias'))]
+    if not bias:
+        if nonzero := [k for k in keys_hf if k.endswith('.bias') and sd_hf[k].any()]:
+            raise ValueError(f"{model_type} says bias=false, but its {nonzero[0]} is not all zeros")
+        keys_hf = [k for k in keys_hf if not k.endswith('.bias')]
     assert len(keys_hf) == len(sd), f"mismatched keys: {len(keys_hf)} != {len(sd)}"
     with torch.no_grad():
         for k in keys_hf:  # the OpenAI checkpoints use a "Conv1D" module: its weights are transposed Linears
@@ -71,13 +80,75 @@ def export_dense(model):
     """A GPT2LMHeadModel holding model's weights (HF's Conv1D keeps them transposed)."""
     from transformers import GPT2Config, GPT2LMHeadModel
     c = model.config
+    # bias=False is said in config.json too (bias: false), so that load_gpt2 leaves out the zero biases
     hf = GPT2LMHeadModel(GPT2Config(vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
                                     n_head=c.n_head, activation_function='gelu', resid_pdrop=0.0, embd_pdrop=0.0,
-                                    attn_pdrop=0.0, layer_norm_epsilon=1e-5, bos_token_id=None, eos_token_id=None))
+                                    attn_pdrop=0.0, layer_norm_epsilon=1e-5, bos_token_id=None,
+                                    eos_token_id=None, bias=c.bias))
     sd = model.state_dict()
     hf.load_state_dict({k: (sd[k].t() if k.endswith(CONV1D) else sd[k]) if k in sd else torch.zeros_like(v)
                         for k, v in hf.state_dict().items()})
     return hf
+
+
+def describe(folder, model_args, meta=None):
+    """What a user needs beside the weights, written into an exported folder (any export's, after save). A
+    GPT-2 BPE model (no meta.pkl, vocab_size >= 50257) gets GPT-2's tokenizer files (from the BPE files that
+    data/ uses: offline too) and <|endoftext|> as its bos and eos in config.json and generation_config.json;
+    a model with a vocabulary of its own (meta: its meta.pkl, a character-level one) gets it in the note. The
+    note, README.md, says what the folder holds and how to encode text for it. Returns the note's text."""
+    bpe = meta is None and model_args['vocab_size'] >= GPT2_VOCAB
+    kind = ('A dense GPT as a GPT2LMHeadModel' if not model_args.get('n_expert') else 'An MoE as '
+            'NanoMoEForCausalLM (its code: modeling_nanomoe.py; load it with trust_remote_code=True)')
+    note = ['# nanoMoE export', f"{kind}, written by nanoMoE's tools/export_hf.py."]
+    if bpe:
+        try:
+            from data.tiktoken_offline import gpt2_bpe_files
+            files = gpt2_bpe_files()
+            shutil.copyfile(files['encoder.json'], os.path.join(folder, 'vocab.json'))
+            shutil.copyfile(files['vocab.bpe'], os.path.join(folder, 'merges.txt'))
+            eot = '<|endoftext|>'
+            write_json(os.path.join(folder, 'tokenizer_config.json'), {
+                'tokenizer_class': 'GPT2Tokenizer', 'bos_token': eot, 'eos_token': eot, 'unk_token': eot,
+                'model_max_length': model_args['block_size'], 'add_prefix_space': False})
+            note.append(f"Tokenizer: GPT-2's BPE (vocab.json, merges.txt: `AutoTokenizer.from_pretrained` on "
+                        f"this folder); {eot} (id {GPT2_EOT}) is its bos and eos token.")
+        except (RuntimeError, OSError, ValueError) as e:  # offline with no copy of GPT-2's BPE files
+            print(f"warning: no tokenizer files written ({e}): use AutoTokenizer.from_pretrained('gpt2')")
+            note.append("Tokenizer: GPT-2's BPE (`AutoTokenizer.from_pretrained('gpt2')`); its bos and eos "
+                        f"token is <|endoftext|> (id {GPT2_EOT}).")
+        for name in ('config.json', 'generation_config.json'):
+            path = os.path.join(folder, name)
+            if name == 'config.json' or os.path.exists(path):
+                with open(path) as f:
+                    cfg = json.load(f)
+                write_json(path, {**cfg, 'bos_token_id': GPT2_EOT, 'eos_token_id': GPT2_EOT})
+        if model_args['vocab_size'] > GPT2_VOCAB:
+            note.append(f"vocab_size is {model_args['vocab_size']}, GPT-2's {GPT2_VOCAB} padded (nanoGPT's "
+                        f"speed-up): ids from {GPT2_VOCAB} on never occurred in training.")
+    elif meta is not None:
+        itos = meta.get('itos') if isinstance(meta.get('itos'), dict) else {}
+        chars = ''.join(str(itos.get(i, '')) for i in range(meta['vocab_size']))
+        note.append("Tokenizer: its own, from its dataset's meta.pkl (no tokenizer files here): token id i "
+                    "is character i of this string (JSON), and text is encoded character by character:")
+        note.append(f"    {json.dumps(chars)}" if len(chars) == meta['vocab_size'] else
+                    "    (meta.pkl's itos, its id -> character map, is not complete)")
+    else:
+        note.append(f"Tokenizer: unknown here (vocab_size {model_args['vocab_size']}, not GPT-2's BPE, and "
+                    f"no meta.pkl was found): encode text as its training data was.")
+    if not model_args.get('bias', True) and not model_args.get('n_expert'):
+        note.append("The model has no biases (bias=False): GPT2LMHeadModel's are zeros, and config.json's "
+                    "\"bias\": false lets nanoMoE's load_hf_folder leave them out.")
+    text = '\n\n'.join(note) + '\n'
+    with open(os.path.join(folder, 'README.md'), 'w') as f:
+        f.write(text)
+    return text
+
+
+def write_json(path, obj):
+    with open(path, 'w') as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write('\n')
 
 
 def export_moe(model):
@@ -148,7 +219,8 @@ def hf_model_args(init_from):
             raise ValueError(f"{os.path.join(init_from, 'config.json')} has no num_experts_per_tok (top_k)")
         return dict(top_k=cfg['num_experts_per_tok'], **{k: cfg[k] for k in EXPORTED_KEYS if k in cfg})
     return dict(n_layer=cfg.get('n_layer', 12), n_head=cfg.get('n_head', 12), n_embd=cfg.get('n_embd', 768),
-                block_size=cfg.get('n_positions', 1024), vocab_size=cfg.get('vocab_size', 50257), bias=True, n_expert=0)
+                block_size=cfg.get('n_positions', 1024), vocab_size=cfg.get('vocab_size', 50257),
+                bias=cfg.get('bias', True), n_expert=0)
 
 
 def load_hf_folder(folder, run_args=None):

@@ -269,6 +269,13 @@ def test_export_to_hugging_face_and_back(shakespeare_char, tmp_path, monkeypatch
         for _ in range(8):
             x = torch.cat([x, model(x)[0][:, -1].argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(greedy, x)
+    # the folder says what it is and how to encode: shakespeare_char's characters (hf.describe)
+    note = (hf_dir / 'README.md').read_text()
+    assert ('NanoMoEForCausalLM' if kind == 'moe' else 'GPT2LMHeadModel') in note
+    assert '"\\n !$&\',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"' in note
+    assert not (hf_dir / 'vocab.json').exists()  # (GPT-2's BPE only)
+    if kind == 'dense':  # bias=False comes back without GPT2LMHeadModel's zero biases
+        assert not [k for k in load_hf_folder(str(hf_dir)).state_dict() if k.endswith('bias')]
     if kind == 'moe':  # init_from takes the exported folder back (a GPT-2 folder: the tests above), with the
         # run's own keys where config.json does not fix them
         run('train.py', *[a for a in TINY_OVERRIDES if not a.startswith('--n_layer')], '--dataset=shakespeare_char',
@@ -279,6 +286,31 @@ def test_export_to_hugging_face_and_back(shakespeare_char, tmp_path, monkeypatch
     else:  # an existing folder is never overwritten
         p = run('tools/export_hf.py', f'--out_dir={out}', f'--hf_dir={hf_dir}', check=False)
         assert p.returncode == 2 and 'exists and is not an empty folder' in p.stderr
+
+@pytest.mark.slow
+def test_a_gpt2_bpe_export_has_its_tokenizer_and_generates_in_a_pipeline(tmp_path, monkeypatch):
+    """Without tokenizer files AutoTokenizer gave an empty tokenizer, and the text-generation pipeline failed
+    (bos_token_id has to be defined)."""
+    transformers = pytest.importorskip('transformers')
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    torch.manual_seed(0)
+    model_args = dict(n_layer=1, n_head=2, n_embd=32, block_size=64, bias=False, vocab_size=50304,
+                      dropout=0.0)
+    (tmp_path / 'out').mkdir()
+    torch.save({'model': GPT(GPTConfig(**model_args)).state_dict(), 'model_args': model_args,
+                'config': {'dataset': 'openwebtext'}},  # no meta.pkl: GPT-2 BPE
+               str(tmp_path / 'out' / 'ckpt.pt'))
+    run('tools/export_hf.py', f'--out_dir={tmp_path / "out"}', f'--hf_dir={tmp_path / "hf"}')
+    folder = str(tmp_path / 'hf')
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    assert tokenizer('hello world<|endoftext|>').input_ids == [31373, 995, 50256]
+    config = transformers.AutoConfig.from_pretrained(folder)
+    assert config.bos_token_id == config.eos_token_id == 50256
+    generate = transformers.pipeline('text-generation', model=folder)
+    assert generate('hello', max_new_tokens=3, do_sample=False)[0]['generated_text'].startswith('hello')
+    note = (tmp_path / 'hf' / 'README.md').read_text()
+    assert "GPT-2's BPE" in note and 'vocab_size is 50304' in note and '"bias": false' in note
+
 
 # -----------------------------------------------------------------------------
 # sparse upcycling: an MoE whose experts start as a dense model's MLPs

@@ -7,9 +7,9 @@ $ python tools/export_hf.py --out_dir=out-shakespeare-char-moe-cpu --hf_dir=hf-s
 - an MoE becomes NanoMoEForCausalLM, whose code (hf/modeling_nanomoe.py) is copied into the folder:
   AutoModelForCausalLM.from_pretrained(hf_dir, trust_remote_code=True) loads it with no nanoMoE checkout.
 The folder is written whole or not at all (a temp folder beside it, renamed; one that a killed export left is
-removed by the next), and an existing one is never overwritten. No tokenizer is written: a GPT-2 BPE model
-uses GPT-2's (AutoTokenizer 'gpt2'), a character-level one its meta.pkl. load_hf_folder is the way back
-(train.py and sample.py --init_from=<folder>).
+removed by the next), and an existing one is never overwritten. It says what it is (hf.describe): a GPT-2 BPE
+model gets GPT-2's tokenizer files and bos/eos ids, a character-level one its characters in README.md.
+load_hf_folder is the way back (train.py and sample.py --init_from=<folder>).
 """
 import os
 import sys
@@ -18,8 +18,8 @@ import shutil
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root, for its modules
 from configurator import configure, fail  # noqa: E402
-from checkpoint import load_checkpoint, load_weights, CheckpointError  # noqa: E402
-from hf import export_dense, export_moe, save  # noqa: E402
+from checkpoint import load_checkpoint, load_weights, load_meta, CheckpointError  # noqa: E402
+from hf import REPO, describe, export_dense, export_moe, save  # noqa: E402
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'  # the run whose checkpoint is exported
@@ -63,8 +63,15 @@ if __name__ == '__main__':
     model.eval()
     hf = export_dense(model) if getattr(model.config, 'n_expert', 0) == 0 else export_moe(model)
     tmp = f'{hf_dir}.tmp-{os.getpid()}'  # written whole, then renamed: never half a folder
+    dataset = ckpt.get('config', {}).get('dataset')  # its meta.pkl, if any: a vocabulary of its own
+    meta_path = os.path.join(REPO, 'data', dataset, 'meta.pkl') if isinstance(dataset, str) else ''
+    try:
+        meta = load_meta(meta_path) if os.path.exists(meta_path) else None
+    except CheckpointError as e:
+        fail(str(e))
     try:
         save(hf, tmp)
+        describe(tmp, ckpt['model_args'], meta)  # tokenizer files or a note; bos/eos ids; README.md
     except Exception as e:  # a read-only folder, a full disk: whatever the writers raise, one line
         shutil.rmtree(tmp, ignore_errors=True)
         fail(f"cannot write {hf_dir} ({' '.join(str(e).split())[:300] or type(e).__name__}); nothing written")
