@@ -32,9 +32,10 @@ import numpy as np
 import torch
 
 from moe_kernels import cpu_grouped_mm
-from configurator import configure, fail, check_choice, check_range, check_device
+from configurator import configure, fail, check_choice, check_range, check_device, check_memory
 from moe_kernels.cpu_memory import keep_freed_memory
 from checkpoint import load_checkpoint, CheckpointError
+from init_model import memory_need
 from model import CHECKPOINTING, GPTConfig, MLP
 from moe_model import build_model, MoE, MoEConfig, EXPERT_IMPLS, MODEL_KEYS, FORK_KEYS
 from muon import OPTIMIZERS, configure_optimizers
@@ -74,6 +75,8 @@ check_choice(config, 'optimizer', OPTIMIZERS)
 check_device(device)
 check_range(config, ('batch_size', 'block_size', 'bench_iters', 'layer_tokens'), 1)
 check_range(config, ('warmup_iters',), 0)
+HINT = ("make it smaller (batch_size, block_size, n_layer, n_embd, n_expert, expert_hidden, layer_tokens): "
+        "the defaults are GPT-2 size, for a GPU; bench.py's docstring has CPU-sized examples")
 
 torch.manual_seed(seed)
 torch.backends.cuda.matmul.allow_tf32 = True  # allow tf32 on matmul
@@ -111,13 +114,17 @@ def time_it(*steps):
 
 def bench_moe_layer():
     hidden = expert_hidden or mlp_hidden or 4 * n_embd
+    E = max(int(e) for e in layer_experts.split(','))  # the largest layer and the dense twin, with gradients
+    matmuls = 3 if mlp == 'swiglu' else 2  # (gate, up, down)
+    per_token = 2 * matmuls * top_k * hidden + 2 * n_embd + 3 * E  # the two layers' activations
+    check_memory({'weights and gradients': 8 * n_embd * hidden * matmuls * (E + top_k),
+                  f'activations of {layer_tokens:,} tokens': 4 * layer_tokens * per_token}, device, hint=HINT)
     print(f"one layer, fwd+bwd: {layer_tokens} tokens, n_embd {n_embd}, expert hidden {hidden}, top_k {top_k}, "
           f"{mlp}, {dtype} on {device}")
     x = torch.randn(1, layer_tokens, n_embd, device=device, dtype=ptdtype if device_type == 'cpu' else torch.float32)
     x.requires_grad_(True)
     # an active-FLOPs twin: a dense MLP whose hidden size is what a token runs in the MoE
     dense = MLP(GPTConfig(n_embd=n_embd, n_head=1, bias=bias, mlp=mlp), top_k * hidden).to(device)
-    matmuls = 3 if mlp == 'swiglu' else 2  # (gate, up, down)
     flops = 3 * matmuls * 2 * layer_tokens * n_embd * top_k * hidden  # fwd+bwd = 3x fwd; matmuls of 2*m*n*k
 
     def layer_step(layer):
@@ -199,6 +206,14 @@ def bench_model():
                  f"must be mlp_hidden = {cfg.mlp_hidden}, with every layer MoE and no shared experts")
         models = {'dense twin': {**model_args, 'n_expert': 0}, 'model': model_args}
     runs = [(name, c) for name in models for c in ((False, True) if compare_compile else (compile,))]
+    act_dtype = dtype if device_type == 'cuda' else 'float32'  # (a CPU step runs without autocast)
+    try:  # every run's model and AdamW state live to the end; one step's activations at a time
+        needs = [memory_need(models[name], batch_size * models[name]['block_size'], dtype=act_dtype,
+                             checkpointing=activation_checkpointing) for name, _ in runs]
+    except ValueError as e:
+        fail(str(e))
+    check_memory({k: (max if k.startswith('activations') else sum)(n[k] for n in needs) for k in needs[0]},
+                 device, hint=HINT)
     steps = [make_step(name, models[name], c) for name, c in runs]
     results = time_it(*steps) if len(steps) > 1 else [time_it(*steps)]
     for (name, compiled), ms, step in zip(runs, results, steps):

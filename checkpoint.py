@@ -71,6 +71,9 @@ def load_checkpoint(path, map_location='cpu'):
         raise CheckpointError(f"checkpoint {path} is not a nanoMoE checkpoint (no 'model'/'model_args')")
     # compile's prefix, and the causal-mask buffer nanoGPT's attention keeps without flash attention
     ckpt['model'] = {k: v for k, v in clean_state_dict(ckpt['model']).items() if not k.endswith('.attn.bias')}
+    if bad := first_nonfinite(ckpt['model'].items()):  # (train.py never saves one; another program may have)
+        raise CheckpointError(f"checkpoint {path} holds non-finite values (NaN/inf) in model {bad}: its "
+                              f"weights cannot be used")
     # older checkpoints kept the MoE layers' probe top-1 experts beside the model, by block index
     for i, top1 in ckpt.pop('probe_top1', {}).items():
         ckpt['model'].setdefault(f'transformer.h.{i}.mlp._extra_state', top1)
@@ -78,11 +81,33 @@ def load_checkpoint(path, map_location='cpu'):
 
 
 def load_for_resume(path):
-    """load_checkpoint, plus what a resume needs (CheckpointError if it lacks optimizer, iter_num or
-    best_val_loss)."""
+    """load_checkpoint, plus what a resume needs: CheckpointError, one line, if it lacks optimizer, iter_num
+    or best_val_loss, or holds them of the wrong type or non-finite. What keeps a resume from being exact or
+    from saving ckpt_best.pt is said in a note: an empty optimizer state; a NaN best_val_loss (which no val
+    loss is below: it becomes 1e9, as for a new run)."""
     ckpt = load_checkpoint(path)
     if missing := {'optimizer', 'iter_num', 'best_val_loss'} - set(ckpt):
         raise CheckpointError(f"checkpoint {path} cannot be resumed: it has no {', '.join(sorted(missing))}")
+    it, best, opt = ckpt['iter_num'], ckpt['best_val_loss'], ckpt['optimizer']
+    best = best.item() if torch.is_tensor(best) and best.numel() == 1 else best  # (nanoGPT saves a tensor)
+    cannot = f"checkpoint {path} cannot be resumed: its"
+    if type(it) is not int or it < 0:  # (a bool is an int to Python)
+        raise CheckpointError(f"{cannot} iter_num is {it!r}, not an integer >= 0")
+    if type(best) not in (int, float):
+        raise CheckpointError(f"{cannot} best_val_loss is {best!r}, not a number")
+    if not (isinstance(opt, dict) and isinstance(opt.get('state'), dict)
+            and isinstance(opt.get('param_groups'), list)):
+        raise CheckpointError(f"{cannot} optimizer is not an optimizer state_dict (state, param_groups)")
+    if bad := first_nonfinite((f'{i} {k}', v) for i, state in opt['state'].items() for k, v in state.items()):
+        raise CheckpointError(f"{cannot} optimizer state {bad} holds non-finite values (NaN/inf)")
+    if not opt['state'] and it > 0:
+        print(f"note: the checkpoint's optimizer state is empty at iter {it}: AdamW's moments start at zero, "
+              f"so this resume is not exact")
+    if math.isnan(best):
+        print("note: the checkpoint's best_val_loss is NaN, which no val loss is below: it starts again at "
+              "1e9 (the next eval saves ckpt_best.pt)")
+        best = 1e9
+    ckpt['best_val_loss'] = best
     return ckpt
 
 
@@ -126,23 +151,26 @@ def restore(ckpt, model, optimizer, scaler, parallel, device):
 
 
 def lock_out_dir(out_dir):
-    """Hold out_dir for this training run: an exclusive flock on out_dir/train.lock, which the kernel
-    releases when the process ends in any way (kill -9 too), so a lock is never stale. Returns the open
-    file: keep it for the life of the run. CheckpointError, naming the holder's pid, if another run holds it."""
-    f = open(os.path.join(out_dir, 'train.lock'), 'a+')
+    """Hold out_dir for this training run: an exclusive flock on the folder itself, which the kernel releases
+    when the process ends in any way (kill -9 too), so a lock is never stale, and which no deleted file can
+    undo (a lock on out_dir/train.lock was gone with the file). train.lock holds the holder's pid, for the
+    message. Returns the folder's open file descriptor: keep it for the life of the run. CheckpointError,
+    naming the holder's pid, if another run holds it."""
+    fd = os.open(out_dir, os.O_RDONLY)
     try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or 'unknown'
-        f.close()
+        os.close(fd)
+        try:
+            with open(os.path.join(out_dir, 'train.lock')) as f:
+                holder = f.read().strip() or 'unknown'
+        except OSError:
+            holder = 'unknown'
         raise CheckpointError(f"out_dir {out_dir!r} is in use by another training run (pid {holder}); wait for it "
                               f"to end or choose another --out_dir") from None
-    f.seek(0)
-    f.truncate()
-    f.write(f'{os.getpid()}\n')
-    f.flush()
-    return f
+    with open(os.path.join(out_dir, 'train.lock'), 'w') as f:
+        f.write(f'{os.getpid()}\n')
+    return fd
 
 
 def nonfinite_tensor(state):
@@ -150,6 +178,11 @@ def nonfinite_tensor(state):
     such a state is never saved (it would replace the last good checkpoint)."""
     named = [(f'model {k}', v) for k, v in state['model'].items()]
     named += [(f'optimizer state {i} {k}', v) for i, s in state['optimizer']['state'].items() for k, v in s.items()]
+    return first_nonfinite(named)
+
+
+def first_nonfinite(named):
+    """The first name of (name, value) pairs whose value is a float tensor holding NaN or inf, or None."""
     return next((name for name, t in named if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all()),
                 None)
 
@@ -190,19 +223,35 @@ def set_rng_state(state, device='cpu'):
         random.setstate((version, tuple(mt), gauss_next))
 
 
-def read_log(path):
-    """The records of log.jsonl; a resumed run re-logs the steps after its checkpoint, so the last
-    record of each (iter, kind) wins."""
-    records, torn = {}, 0
-    with open(path) as f:
-        for line in f:
-            try:
-                r = json.loads(line)
-                records[(r['iter'], 'val/ce' in r, 'event' in r)] = r
-            except (ValueError, KeyError, TypeError):  # a run killed mid-write leaves a torn last line
-                torn += 1
-    if torn:
-        print(f"warning: skipped {torn} unreadable line(s) of {path}", file=sys.stderr)
+def read_log(path, torn_ok=True):
+    """The records of a log.jsonl (JSON objects with an integer 'iter'); a resumed run re-logs the steps after
+    its checkpoint, so the last record of each (iter, kind) wins. A log that cannot be read or holds no record
+    (empty, binary) is a CheckpointError, one line; so is a line that is no record (torn by a run killed
+    mid-write, or glued to the next record by an older version) unless torn_ok: then one warning names it."""
+    try:
+        with open(path, 'rb') as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        raise CheckpointError(f"{path} cannot be read ({e.strerror or e})") from None
+    records, bad = {}, []
+    for i, line in enumerate(lines, 1):
+        try:
+            r = json.loads(line)
+            if not (isinstance(r, dict) and type(r.get('iter')) is int):
+                raise ValueError
+        except ValueError:  # (a UnicodeDecodeError too)
+            bad.append(i)
+            continue
+        records[(r['iter'], 'val/ce' in r, 'event' in r)] = r
+    if not records:
+        raise CheckpointError(f"{path} holds no log record: " + (
+            f"none of its {len(lines)} lines is one (not a train.py log.jsonl?)" if lines else "it is empty"))
+    if bad:
+        what = f"line {bad[0]} is" if len(bad) == 1 else f"{len(bad)} lines (the first: line {bad[0]}) are"
+        message = f"{path}: {what} not a log record (torn by a run stopped mid-write?)"
+        if not torn_ok:
+            raise CheckpointError(message)
+        print(f"warning: {message}; skipped", file=sys.stderr)
     return sorted(records.values(), key=lambda r: r['iter'])
 
 
@@ -219,8 +268,9 @@ def load_meta(path):
             meta = _PlainUnpickler(f).load()
     except Exception as e:
         raise CheckpointError(f"{path} is not a plain meta.pkl ({str(e).strip()[:200] or type(e).__name__})") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get('vocab_size'), int):
-        raise CheckpointError(f"{path} has no integer 'vocab_size'")
+    vocab_size = meta.get('vocab_size') if isinstance(meta, dict) else None
+    if type(vocab_size) is not int or vocab_size < 1:  # (True is an int to Python; 0 read as "not given")
+        raise CheckpointError(f"{path} has no positive integer 'vocab_size' (it has {vocab_size!r})")
     return meta
 
 
@@ -232,51 +282,116 @@ def clean_state_dict(state_dict):
 
 class RunDir:
     """What a training run writes into out_dir (its master process only): ckpt.pt and ckpt_best.pt, written
-    atomically, and log.jsonl, one JSON line per event (NaN/inf as null; to wandb too when given), under
-    out_dir's lock for the life of the run. A write that fails (disk full, quota) is one error line and exit
+    atomically, and log.jsonl, one JSON line per event (NaN/inf as null; to wandb too when started, where
+    train/ce and val/ce are also train/loss and val/loss, and mfu is in percent, as nanoGPT logs them), under
+    out_dir's lock for the life of the run. A record is a whole line or nothing: a failed append is cut back,
+    and the torn tail that a kill -9 mid-write leaves is moved to log.jsonl.torn at the next start (else the
+    next record would be glued onto it). A write that fails (disk full, quota) is one error line and exit
     code 1; the checkpoint it would have replaced stays whole."""
 
-    def __init__(self, out_dir, wandb=None):
+    def __init__(self, out_dir, resumed=False, wandb=None):
         self.out_dir, self.wandb = out_dir, wandb
+        self.good = os.path.join(out_dir, 'ckpt.pt') if resumed else None  # (checked finite at load)
         try:
             os.makedirs(out_dir, exist_ok=True)
             self.lock = lock_out_dir(out_dir)
         except OSError as e:
             raise CheckpointError(f"out_dir={out_dir!r} cannot be used: {e.strerror or e}") from None
         remove_stale_temps(out_dir)
+        self._write(self.path('log.jsonl'), lambda: cut_torn_tail(self.path('log.jsonl')))
 
     def path(self, name):
         return os.path.join(self.out_dir, name)
 
     def last_good(self):
-        """ckpt.pt, if there is one: it passed nonfinite_tensor when it was saved."""
-        return self.path('ckpt.pt') if os.path.exists(self.path('ckpt.pt')) else 'none yet'
+        """The ckpt.pt that this run resumed from or saved (never one of another run in out_dir)."""
+        return self.good or 'none (this run saved none yet)'
 
     def save(self, state, name='ckpt.pt'):
         self._write(self.path(name), lambda: save_checkpoint(state, self.path(name)))
+        if name == 'ckpt.pt':
+            self.good = self.path(name)  # it passed nonfinite_tensor
 
     def log(self, record):
         record = finite_or_none(record)
-        line = json.dumps(record) + '\n'
-
-        def append():
-            with open(self.path('log.jsonl'), 'a') as f:
-                f.write(line)
-        self._write(self.path('log.jsonl'), append)
+        self._write(self.path('log.jsonl'), lambda: append_line(self.path('log.jsonl'), json.dumps(record)))
         if self.wandb is not None:  # a list (tokens per expert) becomes one series per expert
             flat = {}
             for k, v in record.items():
                 flat.update({f'{k}/expert{e}': x for e, x in enumerate(v)} if isinstance(v, list) else {k: v})
+            # nanoGPT's names too (dashboards made for nanoGPT runs key on them), and its mfu in percent
+            flat.update({f'{s}/loss': flat[f'{s}/ce'] for s in ('train', 'val') if f'{s}/ce' in flat})
+            if flat.get('mfu') is not None:
+                flat['mfu'] = 100 * flat['mfu']
             self.wandb.log(flat, step=record['iter'])
+
+    def start_wandb(self, project, name, config):
+        """wandb.init, then log() logs to wandb too. If it fails (wandb not logged in: its UsageError; no
+        network), one error line says what to do, exit code 2."""
+        import wandb
+        try:
+            wandb.init(project=project, name=name, config=config)
+        except Exception as e:
+            reason = ' '.join(str(e).split())[:200] or type(e).__name__
+            print(f"error: wandb_log=True, but wandb.init failed ({reason}); log in with `wandb login` (or "
+                  f"set WANDB_API_KEY), or log offline with WANDB_MODE=offline", file=sys.stderr)
+            sys.exit(2)
+        self.wandb = wandb
 
     @staticmethod
     def _write(path, write):
         try:
             write()
         except OSError as e:
-            print(f"error: could not write {path} ({e.strerror or e}); the checkpoint before it is intact",
-                  file=sys.stderr)
+            after = ('its records before it are whole' if path.endswith('.jsonl') else
+                     'the checkpoint before it is intact' if os.path.exists(path) else
+                     'there was no checkpoint before it')
+            print(f"error: could not write {path} ({e.strerror or e}); {after}", file=sys.stderr)
             sys.exit(1)
+
+
+def append_line(path, text):
+    """Append text and a newline to path as one whole line, or nothing: a write that fails partway (disk full)
+    is cut back to where the file ended, so a later record never lands on half of this one."""
+    data = memoryview((text + '\n').encode())
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            while data:  # a short write (the last bytes before a full disk) is followed by the error
+                data = data[os.write(fd, data):]
+        except OSError:
+            os.ftruncate(fd, size)
+            raise
+    finally:
+        os.close(fd)
+
+
+def cut_torn_tail(path):
+    """A run killed while appending (kill -9, power loss) leaves path ending in part of a line: move that part
+    to path + '.torn' and cut it off, saying so, so that the next record starts on a line of its own."""
+    if not os.path.exists(path):
+        return
+    with open(path, 'rb+') as f:
+        size = f.seek(0, os.SEEK_END)
+        end = size
+        while end > 0:  # back to the last newline, a block at a time
+            start = max(0, end - 65536)
+            f.seek(start)
+            block = f.read(end - start)
+            if (nl := block.rfind(b'\n')) >= 0:
+                end = start + nl + 1
+                break
+            end = start
+        if end == size:
+            return
+        f.seek(end)
+        tail = f.read()
+        with open(path + '.torn', 'ab') as torn:
+            torn.write(tail + b'\n')
+        f.truncate(end)
+    print(f"note: {path} ended in a torn record ({size - end} bytes, from a run stopped mid-write); moved it "
+          f"to {path}.torn")
 
 
 class StopSignal:

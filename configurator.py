@@ -7,7 +7,8 @@ this will first run config/override_file.py, then override batch_size to 32.
   They may set known keys only (helper names starting with '_' and imported modules are ignored).
 - --key=value is parsed as a Python literal (ast.literal_eval) and NEVER executed; a value that is
   not a literal is taken as a plain string.
-- Unknown keys and values of the wrong type are errors: one line on stderr, exit code 2.
+- Unknown keys and values of the wrong type are errors: one line on stderr, exit code 2. So is a config
+  file that is not UTF-8 text, does not compile, raises, or calls sys.exit.
 - Other dialects: a table of foreign keys (`foreign`: moe_model.FORK_KEYS, the seed forks') translates
   theirs into these, with one printed line per file or override saying what was translated or ignored.
 """
@@ -53,14 +54,31 @@ def check_device(device):
         fail(f"device={device!r} but this machine has {torch.cuda.device_count()} CUDA devices")
 
 
-def check_memory(need, device):
-    """need bytes fit in the device's memory (the GPU's, or the machine's RAM)."""
+def available_memory(device):
+    """Bytes the run may use: the GPU's memory, or the machine's RAM that is available now (MemAvailable:
+    other processes' memory is not ours), else all of it."""
     import torch
-    have = (torch.cuda.get_device_properties(device).total_memory if device.startswith('cuda')
-            else os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES'))
-    if need > have:
-        fail(f"the model needs {need / 2**30:.1f} GiB for its fp32 weights, gradients and AdamW moments, more than "
-             f"the {have / 2**30:.1f} GiB of {device}; make it smaller (n_layer, n_embd, n_expert, expert_hidden)")
+    if device.startswith('cuda'):
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        with open('/proc/meminfo') as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith('MemAvailable:'))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+
+
+def check_memory(need, device, hint="make it smaller (batch_size, block_size, n_layer, n_embd, n_expert, "
+                                    "expert_hidden) or recompute activations (activation_checkpointing)"):
+    """need ({part: bytes}, init_model.memory_need) fits in the device's memory, else one line naming the
+    parts: checked before anything is allocated, instead of an out-of-memory kill minutes later. Processes
+    sharing a CPU (torchrun's LOCAL_WORLD_SIZE ranks) share its RAM."""
+    ranks = 1 if device.startswith('cuda') else int(os.environ.get('LOCAL_WORLD_SIZE', 1))
+    total, have = ranks * sum(need.values()), available_memory(device)
+    if total > have:
+        parts = ', '.join(f"{k} {v / 2**30:.1f}" for k, v in need.items())
+        ranks = f"; times {ranks} ranks" if ranks > 1 else ''
+        fail(f"the run needs at least {total / 2**30:.1f} GiB ({parts}{ranks}), more than the "
+             f"{have / 2**30:.1f} GiB available on {device}; {hint}")
 
 
 def check_dataset(data_dir, dataset, block_size):
@@ -130,6 +148,39 @@ def _translate(found, seen, foreign, source, config, given):
         print(f"ignored {fork}'s keys: {'; '.join(items)}")
 
 
+
+
+def _run_config_file(path):
+    """The names a config file sets (it is Python, and executed). A file that is not UTF-8 text, does not
+    compile, raises or exits (sys.exit: nothing would run, with exit code 0) is one line naming it."""
+    try:
+        with open(path, encoding='utf-8') as f:
+            source = f.read()
+        code = compile(source, path, 'exec')
+    except (OSError, UnicodeDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) else e.reason
+        fail(f"config file {path!r} cannot be read as UTF-8 text ({reason})")
+    except (SyntaxError, ValueError) as e:  # (ValueError: null bytes, before Python 3.12)
+        where = f" (line {e.lineno})" if getattr(e, 'lineno', None) else ''
+        fail(f"config file {path!r} is not valid Python{where}: {getattr(e, 'msg', None) or e}")
+    print(f"Overriding config with {path}:")
+    print(source)
+    namespace = {}
+    try:
+        exec(code, namespace)
+    except SystemExit as e:
+        fail(f"config file {path!r} calls sys.exit({e.code!r}): a config file only sets keys")
+    except Exception as e:
+        tb = e.__traceback__
+        line = None
+        while tb is not None:  # the file's own line, not that of whatever it called
+            line = tb.tb_lineno if tb.tb_frame.f_code.co_filename == path else line
+            tb = tb.tb_next
+        fail(f"config file {path!r} raised {type(e).__name__}" + (f" at line {line}" if line else '')
+             + (f": {' '.join(str(e).split())[:200]}" if str(e).strip() else ''))
+    return namespace
+
+
 def configure(config, args, given=None, foreign=None):
     """Apply config files and --key=value overrides from `args` to the dict `config`, in order. The set
     `given`, if passed, collects the keys they set (also to their default value). `foreign`, if passed,
@@ -144,12 +195,7 @@ def configure(config, args, given=None, foreign=None):
                 fail(f"bad argument {arg!r}: use --key=value or a config file path")
             if not os.path.isfile(arg):
                 fail(f"config file {arg!r} not found")
-            print(f"Overriding config with {arg}:")
-            with open(arg) as f:
-                source = f.read()
-            print(source)
-            namespace, found = {}, {}
-            exec(compile(source, arg, 'exec'), namespace)
+            namespace, found = _run_config_file(arg), {}
             for key, value in namespace.items():
                 if key.startswith('_') or isinstance(value, types.ModuleType):
                     continue

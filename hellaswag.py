@@ -11,6 +11,7 @@ scored.
 """
 import os
 import sys
+import glob
 import json
 import urllib.request
 from contextlib import nullcontext
@@ -49,6 +50,13 @@ def fetch(data_dir=''):
     """The path of hellaswag_val.jsonl in data_dir ('' = data/hellaswag), downloaded there on first use."""
     data_dir = data_dir or DATA_DIR
     path = os.path.join(data_dir, os.path.basename(URL))
+    for tmp in glob.glob(glob.escape(path) + '.*.tmp'):  # a download killed midway (kill -9) left it
+        try:
+            os.kill(int(tmp.split('.')[-2]), 0)  # a live download's: left alone
+        except ProcessLookupError:
+            os.remove(tmp)
+        except (ValueError, PermissionError):
+            pass
     if os.path.isfile(path):
         return path
     print(f"downloading {URL} to {path}")
@@ -123,13 +131,19 @@ def ending_losses(model, tokens, mask):
 
 
 @torch.no_grad()
-def score(model, examples, device, ctx=nullcontext(), verbose=False):
+def score(model, examples, device, ctx=nullcontext(), verbose=False, stop=lambda: False):
     """(acc, acc_norm, n) of model on rendered examples (render_example), in eval mode (the model's mode is
-    restored after). n counts the examples that fit in model.config.block_size (crop); with none, NaNs."""
+    restored after). n counts the examples that fit in model.config.block_size (crop); with none, NaNs.
+    stop() is asked before each example (train.py: a stop signal came): True ends the scoring, and then
+    score returns None."""
     training = model.training
     model.eval()
     correct = correct_norm = n = 0
-    for tokens, mask, label in examples:
+    for i, (tokens, mask, label) in enumerate(examples):
+        if stop():
+            print(f"hellaswag: stopped after {i} of {len(examples)} examples (a stop signal); not scored")
+            model.train(training)
+            return None
         if (cropped := crop(tokens, mask, model.config.block_size)) is None:
             continue
         with ctx:
@@ -143,10 +157,11 @@ def score(model, examples, device, ctx=nullcontext(), verbose=False):
     return (correct / n, correct_norm / n, n) if n else (float('nan'), float('nan'), 0)
 
 
-def metrics(model, examples, device, ctx=nullcontext()):
-    """score as train.py logs it."""
-    acc, acc_norm, _ = score(model, examples, device, ctx)
-    return {'hellaswag/acc': acc, 'hellaswag/acc_norm': acc_norm}
+def metrics(model, examples, device, ctx=nullcontext(), stop=lambda: False):
+    """score as train.py logs it (nothing if stopped)."""
+    if (result := score(model, examples, device, ctx, stop=stop)) is None:
+        return {}
+    return {'hellaswag/acc': result[0], 'hellaswag/acc_norm': result[1]}
 
 
 def check_vocab(vocab_size, meta_path=None):

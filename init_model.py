@@ -20,7 +20,7 @@ import torch
 from checkpoint import load_checkpoint, load_for_resume, load_weights
 from hf import GPT2_SIZES, hf_config, hf_model_args, load_hf_folder, load_gpt2
 from moe_kernels import auto_expert_impl
-from moe_model import Experts, build_model, model_config, MODEL_KEYS, SHAPE_KEYS, TRAIN_KEYS
+from moe_model import Experts, MoE, build_model, model_config, MODEL_KEYS, SHAPE_KEYS, TRAIN_KEYS
 from muon import resume_error
 from upcycle import upcycle_args, upcycle
 
@@ -106,10 +106,41 @@ def weights_keys(weights_args, config, given, init_from):
     return fixed
 
 
-def training_bytes(model_args, expert_parallel=1):
-    """Bytes of one rank's fp32 weights, gradients and two AdamW moments (16 per parameter; activations come
-    on top), with the experts split over expert_parallel ranks; counted on the meta device: nothing allocated."""
+def memory_need(model_args, tokens, train=True, dtype='float32', checkpointing='none', expert_parallel=1):
+    """Bytes that a run of this model needs, by part, for configurator.check_memory, counted on the meta
+    device (nothing allocated): the fp32 weights (one rank's: the experts split over expert_parallel ranks),
+    in training their gradients and two AdamW moments, and the activations of `tokens` tokens (training: one
+    micro-batch, kept for backward; else one forward without grad, and generation's cache of keys and values).
+    Activations per token, as measured on the CPU in float32 (which used 5-10% more): ~8 n_embd of attention
+    and 2 hidden of MLP per block (an MoE block: 2 top_k expert_hidden + top_k n_embd), 2.5 vocab_size of
+    logits and their gradient; half of that in bfloat16/float16. A lower bound: what it refuses cannot fit."""
     with torch.device('meta'):
         model = build_model(model_args)
+    c = model.config
     experts = sum(p.numel() for m in model.modules() if isinstance(m, Experts) for p in m.parameters())
-    return 16 * (sum(p.numel() for p in model.parameters()) - experts + experts // expert_parallel)
+    params = sum(p.numel() for p in model.parameters()) - experts + experts // expert_parallel
+    attn, blocks = 8 * c.n_embd, []  # per token, each block's MLP or MoE: (all of it, what 'moe' keeps of it)
+    for block in model.transformer.h:
+        if isinstance(block.mlp, MoE):
+            shared = 2 * block.mlp.shared.c_fc.out_features if block.mlp.shared is not None else 0
+            routed = c.top_k * c.n_embd + 3 * c.n_expert  # the dispatched rows, the router's scores
+            blocks.append((routed + 2 * c.top_k * c.expert_hidden + shared, routed))
+        else:
+            blocks.append((2 * block.mlp.c_fc.out_features, None))
+    if not train:  # one block at a time, and the cache
+        per_token = attn + max(m for m, _ in blocks) + 2 * c.n_layer * c.n_embd
+    elif checkpointing == 'none':
+        per_token = sum(attn + m for m, _ in blocks)
+    # with checkpointing, what is kept for backward (one layer's recomputed activations come on top, while the
+    # gradients are not all there yet: measured, leaving both out stays under the peak)
+    elif checkpointing == 'moe':  # the experts recompute
+        per_token = sum(attn + (m if k is None else k) for m, k in blocks)
+    else:  # 'all': the blocks' inputs (and an MoE block's routing) are kept
+        per_token = sum(c.n_embd + (k or 0) for _, k in blocks)
+    logits = 2.5 * c.vocab_size * tokens if train else c.vocab_size  # (generation: the last position's)
+    need = {'weights': 4 * params}
+    if train:
+        need['gradients and AdamW moments'] = 12 * params
+    act = (tokens * per_token + logits) * (4 if dtype == 'float32' else 2)
+    need[f'activations of {tokens:,} tokens'] = int(act)
+    return need

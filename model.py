@@ -425,8 +425,10 @@ class GPT(nn.Module):
                 logits, _ = self(idx_cond, kv_caches=kv_caches)
             else:
                 logits, _ = self(idx[:, -1:], kv_caches=kv_caches)  # only the newest token
-            # pluck the logits at the final step and scale by desired temperature
-            logits = logits[:, -1, :] / temperature
+            # pluck the logits at the final step and scale by desired temperature; in float64 and less their
+            # max (softmax ignores it), so that a tiny temperature is greedy sampling, never inf - inf = NaN
+            logits = logits[:, -1, :].double()
+            logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
             # optionally crop the logits to only the top k options
             if top_k is not None:
                 v, _ = torch.topk(logits, min(top_k, logits.size(-1)))

@@ -9,9 +9,10 @@ from contextlib import nullcontext
 
 import torch
 
-from configurator import configure, fail, check_choice, check_range, check_device
+from configurator import configure, fail, check_choice, check_range, check_device, check_memory
 from checkpoint import load_checkpoint, load_weights, load_meta, CheckpointError
 from moe_model import build_model
+from init_model import memory_need
 
 # -----------------------------------------------------------------------------
 init_from = 'resume'  # 'resume' (from an out_dir), a gpt2 variant (e.g. 'gpt2-xl') or a Hugging Face folder
@@ -42,9 +43,12 @@ if not temperature > 0:
 if start.startswith('FILE:'):  # the prompt is read now, so that a bad file stops before the model loads
     try:
         with open(start[5:], encoding='utf-8') as f:
-            start = f.read()
+            start = f.read(2**20 + 1)  # at most a MiB: /dev/zero or a FIFO never ends
     except (OSError, UnicodeDecodeError) as e:
         fail(f"prompt file {start[5:]!r} cannot be read as UTF-8 text ({e.strerror if isinstance(e, OSError) else e.reason})")
+    if len(start) > 2**20:
+        fail(f"prompt file {config['start'][5:]!r} holds more than {2**20:,} characters: too long for a "
+             f"prompt (the model reads its last block_size tokens)")
 if not start:
     fail("start='' is empty: the model needs at least one token to continue (the default is a newline)")
 
@@ -55,6 +59,14 @@ torch.backends.cudnn.allow_tf32 = True  # allow tf32 on cudnn
 device_type = 'cuda' if 'cuda' in device else 'cpu'  # for later use in torch.autocast
 ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
 ctx = nullcontext() if dtype == 'float32' else torch.amp.autocast(device_type=device_type, dtype=ptdtype)
+
+
+
+def fits(model_args):
+    """One line, before the model is built, if its weights and one block_size forward cannot fit on device."""
+    check_memory(memory_need(model_args, model_args['block_size'], train=False), device,
+                 hint="sample on a device with more memory")
+
 
 # model
 checkpoint = None
@@ -68,14 +80,16 @@ if init_from == 'resume':
     if expert_impl:
         model_args['expert_impl'] = expert_impl
     try:
+        fits(model_args)
         model = build_model(model_args)
         load_weights(model, checkpoint, os.path.join(out_dir, ckpt_name))
     except (ValueError, CheckpointError) as e:
         fail(str(e))
 elif init_from in ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl') or os.path.isdir(init_from):
     # init from a given GPT-2 model, or a Hugging Face folder (GPT-2's, Llama's, Mixtral's, ...: hf/native.py)
-    from hf import load_hf_folder, load_gpt2
+    from hf import load_hf_folder, load_gpt2, hf_model_args
     try:
+        fits(hf_model_args(init_from))
         model = load_hf_folder(init_from) if os.path.isdir(init_from) else load_gpt2(init_from)
     except (ValueError, OSError) as e:
         fail(str(e))
@@ -98,12 +112,15 @@ if meta_path and os.path.exists(meta_path):
         meta = load_meta(meta_path)  # plain data only: never runs code named in the file
     except CheckpointError as e:
         fail(str(e))
-    stoi, itos = meta['stoi'], meta['itos']
+    stoi, itos = meta.get('stoi'), meta.get('itos')
+    if not (isinstance(stoi, dict) and isinstance(itos, dict)):
+        fail(f"{meta_path} has no 'stoi' and 'itos' dicts (character -> id, id -> character): sample.py "
+             f"cannot encode the prompt or decode the samples")
     unknown = sorted(set(c for c in start if c not in stoi))
     if unknown:
         fail(f"the prompt has characters outside the model's vocabulary: {''.join(unknown)!r}")
     encode = lambda s: [stoi[c] for c in s]
-    decode = lambda l: ''.join([itos[i] for i in l])
+    decode = lambda l: ''.join([str(itos.get(i, '\ufffd')) for i in l])  # (an id meta.pkl lacks: U+FFFD)
 else:
     # ok let's assume gpt-2 encodings by default
     print("No meta.pkl found, assuming GPT-2 encodings...")

@@ -40,7 +40,7 @@ from checkpoint import (CheckpointError, load_meta, training_state, restore, non
 from model import CHECKPOINTING
 from moe_model import FORK_KEYS, MODEL_KEYS, MoEConfig, model_args_of
 from expert_parallel import ExpertParallel, config_error
-from init_model import Init, training_bytes
+from init_model import Init, memory_need
 from muon import OPTIMIZER_KEYS, configure_optimizers, config_error as optimizer_error
 import hellaswag
 
@@ -151,8 +151,9 @@ model_args, block_size = init.model_args, config['block_size']  # (the weights' 
 world_size = int(os.environ.get('WORLD_SIZE', 1))
 if message := config_error(expert_parallel, model_args, config['expert_impl'], dtype, world_size):
     fail(message)
-if not init.pretrained or model_args is not init.weights_args:  # fp32 weights, gradients and AdamW moments
-    check_memory(training_bytes(model_args, expert_parallel), device)
+need = memory_need(model_args, batch_size * block_size, dtype=dtype, checkpointing=activation_checkpointing,
+                   expert_parallel=expert_parallel)  # weights, AdamW state, activations: before allocating
+check_memory(need, device)
 if hellaswag_interval:  # read and tokenised now: a character-level dataset or no data file stops here
     try:
         hs_examples = hellaswag.prepare(hellaswag_dir, hellaswag_examples, block_size, model_args['vocab_size'], meta_path)
@@ -186,7 +187,7 @@ print(f"tokens per iteration will be: {tokens_per_iter:,}")
 run_dir = None  # the master writes out_dir (one run at a time: a lock); eval_only never writes or deletes there
 if master_process and not eval_only:
     try:
-        run_dir = RunDir(out_dir)
+        run_dir = RunDir(out_dir, resumed=init_from == 'resume')
     except CheckpointError as e:
         fail(str(e))
 torch.manual_seed(seed)
@@ -274,13 +275,13 @@ def estimate_loss():
     out = {}
     model.eval()
     for split in ['train', 'val']:
-        losses = torch.zeros(eval_iters)
+        total = 0.0  # (a tensor of eval_iters losses would be a memory error for a huge eval_iters)
         for k in range(eval_iters):
             X, Y = get_batch(split, -1, ddp_rank * eval_iters + k)
             with ctx:
                 logits, loss = model(X, Y)
-            losses[k] = loss.item()
-        out[split] = losses.mean().item()
+            total += loss.item()
+        out[split] = total / eval_iters
     model.train()
     return out
 
@@ -329,9 +330,8 @@ def stop_nonfinite(message, diagnosis):
 
 
 # logging
-if wandb_log and run_dir:
-    wandb.init(project=wandb_project, name=wandb_run_name, config=config)
-    run_dir.wandb = wandb
+if wandb_log and run_dir:  # (not logged in, ...: one error line)
+    run_dir.start_wandb(wandb_project, wandb_run_name, config)
 
 if run_dir and model_args['n_expert']:  # which backend expert_impl='auto' picked, beside the run's numbers
     run_dir.log({'iter': iter_num, 'event': 'start', 'expert_impl': model_args['expert_impl']})
@@ -351,8 +351,9 @@ while True:
     # evaluate the loss on train/val sets and write checkpoints
     if iter_num % eval_interval == 0 or iter_num == max_iters or eval_only:
         losses = estimate_loss()
-        # every rank (EP forwards are collective: master-only would hang); raw_model: no DDP sync, no recompiles
-        hs = (hellaswag.metrics(raw_model, hs_examples, device, ctx)
+        # every rank (EP forwards are collective: master-only would hang); raw_model: no DDP sync, no
+        # recompiles; a stop signal cuts it short, all ranks at the same example
+        hs = (hellaswag.metrics(raw_model, hs_examples, device, ctx, lambda: any_rank(stop.name is not None))
               if hellaswag_interval and iter_num % hellaswag_interval == 0 else {})
         improved = losses['val'] < best_val_loss  # each rank has its own eval batches; the master's decide
         best_val_loss = min(best_val_loss, losses['val'])

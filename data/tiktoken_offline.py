@@ -119,6 +119,20 @@ def seed_tiktoken_cache(bpe_dir=None, verbose=True):
     return src
 
 
+def gpt2_bpe_files(bpe_dir=None):
+    """{'encoder.json': path, 'vocab.bpe': path} of GPT-2's BPE files (a Hugging Face GPT2Tokenizer's
+    vocab.json and merges.txt): the local copy, else tiktoken's cache (downloaded into it if need be).
+    RuntimeError if there are none."""
+    src = _find_local_copy(bpe_dir)
+    if src is not None:
+        return {f: os.path.join(src, f) for f in GPT2_FILES}
+    get_gpt2_encoding(bpe_dir, verbose=False)  # (downloads them into the cache)
+    cache_dir = tiktoken_cache_dir()
+    if cache_dir is None or not _cache_is_complete(cache_dir):
+        raise RuntimeError("GPT-2's BPE files are neither here nor in tiktoken's cache (caching is off)")
+    return {f: os.path.join(cache_dir, cache_name(f)) for f in GPT2_FILES}
+
+
 def get_gpt2_encoding(bpe_dir=None, verbose=True):
     """tiktoken.get_encoding("gpt2"), working offline; checks encode("hello world")."""
     import tiktoken

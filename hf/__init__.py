@@ -3,11 +3,13 @@ Hugging Face model folders, both ways (tools/export_hf.py is the command line):
 - export: the transformers class that computes exactly the model, where one does (hf/native.py's table:
   Mixtral, Qwen3-MoE, OLMoE, Llama, Qwen3, GPT-2), else this repo's own; and which one, and why;
 - export_dense: a GPT-2-block model as a plain GPT2LMHeadModel (activation_function='gelu', nanoGPT's exact
-  GELU, so the logits are this project's; zero biases where the model has none);
+  GELU, so the logits are this project's; zero biases where the model has none, and config.json says bias: false);
 - export_native: the other transformers classes (hf/native.py);
 - export_moe: any other model as NanoMoEForCausalLM, whose code (hf/modeling_nanomoe.py) travels in the
   folder: AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True) loads it with no nanoMoE
   checkout;
+- describe: what any export's folder needs beside the weights: a GPT-2 BPE model's tokenizer files and
+  bos/eos ids, a note (README.md) saying what it is and how to encode text for it;
 - load_hf_folder: the way back (train.py, sample.py, bench.py, tools/eval_hellaswag.py --init_from=<folder>);
   hf_model_args reads a folder's keys before any weights; a folder this repo cannot compute exactly is one
   ValueError line naming the config field.
@@ -15,6 +17,9 @@ Hugging Face model folders, both ways (tools/export_hf.py is the command line):
 import os
 import re
 import json
+import shutil
+import socket
+import urllib.parse
 
 import torch
 
@@ -25,6 +30,7 @@ from hf.native import NATIVE, choose, export_native, hf_kwargs, load_native, nat
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CONV1D = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')  # HF stores x @ W
+GPT2_VOCAB, GPT2_EOT = 50257, 50256  # GPT-2's BPE: its tokens, and <|endoftext|> (its bos and eos)
 GPT2_SIZES = {'gpt2': (12, 12, 768), 'gpt2-medium': (24, 16, 1024), 'gpt2-large': (36, 20, 1280),  # n_layer, n_head,
               'gpt2-xl': (48, 25, 1600)}  # n_embd
 
@@ -35,17 +41,24 @@ def load_gpt2(model_type, dropout=0.0):
     ValueError, one line, if transformers cannot load it (offline, a wrong name or folder)."""
     from transformers import GPT2LMHeadModel
     print("loading weights from pretrained gpt: %s" % model_type)
-    try:
-        model_hf = GPT2LMHeadModel.from_pretrained(model_type)
+    offline = None if os.path.isdir(model_type) else hub_unreachable()
+    try:  # offline, the cache only: transformers would retry the Hub for ~30 s before it failed
+        model_hf = GPT2LMHeadModel.from_pretrained(model_type, local_files_only=offline is not None)
     except Exception as e:  # whatever transformers raises, one line
         lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
-        raise ValueError(f"cannot load GPT-2 weights from {model_type!r}: {lines[0][:300]}") from None
+        why = f"they are not in the Hugging Face cache, and {offline}" if offline else lines[0][:300]
+        raise ValueError(f"cannot load GPT-2 weights from {model_type!r}: {why}") from None
     c = model_hf.config
+    bias = getattr(c, 'bias', True)  # False: a bias=False model that export_dense wrote, its biases zeros
     model = GPT(GPTConfig(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, vocab_size=c.vocab_size,
-                          block_size=c.n_positions, bias=True, dropout=dropout, mlp_hidden=c.n_inner or 0,
+                          block_size=c.n_positions, bias=bias, dropout=dropout, mlp_hidden=c.n_inner or 0,
                           norm_eps=c.layer_norm_epsilon))
     sd, sd_hf = model.state_dict(), model_hf.state_dict()
     keys_hf = [k for k in sd_hf if not k.endswith(('.attn.masked_bias', '.attn.bias'))]
+    if not bias:
+        if nonzero := [k for k in keys_hf if k.endswith('.bias') and sd_hf[k].any()]:
+            raise ValueError(f"{model_type} says bias=false, but its {nonzero[0]} is not all zeros")
+        keys_hf = [k for k in keys_hf if not k.endswith('.bias')]
     assert len(keys_hf) == len(sd), f"mismatched keys: {len(keys_hf)} != {len(sd)}"
     with torch.no_grad():
         for k in keys_hf:  # the OpenAI checkpoints use a "Conv1D" module: its weights are transposed Linears
@@ -67,14 +80,92 @@ def export(model):
                               f"transformers class computes this model: {why}"
 
 
+def hub_unreachable(timeout=5):
+    """Why the Hugging Face Hub cannot be reached (HF_HUB_OFFLINE, or no connection to it in timeout s), or
+    None."""
+    from huggingface_hub import constants
+    if constants.HF_HUB_OFFLINE:
+        return 'HF_HUB_OFFLINE is set'
+    url = urllib.parse.urlparse(constants.ENDPOINT)
+    try:
+        port = url.port or (443 if url.scheme == 'https' else 80)
+        socket.create_connection((url.hostname, port), timeout).close()
+    except OSError as e:
+        return f"{constants.ENDPOINT} cannot be reached ({e.strerror or e})"
+    return None
+
+
 def export_dense(model):
     """A GPT2LMHeadModel holding a GPT-2-block model's weights (HF's Conv1D keeps them transposed)."""
     from transformers import GPT2Config, GPT2LMHeadModel
-    hf = GPT2LMHeadModel(GPT2Config(**hf_kwargs('GPT2LMHeadModel', model.config)))
+    # bias=False is said in config.json too (bias: false), so that load_gpt2 leaves out the zero biases
+    hf = GPT2LMHeadModel(GPT2Config(**hf_kwargs('GPT2LMHeadModel', model.config), bias=model.config.bias))
     sd = model.state_dict()
     hf.load_state_dict({k: (sd[k].t() if k.endswith(CONV1D) else sd[k]) if k in sd else torch.zeros_like(v)
                         for k, v in hf.state_dict().items()})
     return hf
+
+
+def describe(folder, model_args, meta=None, cls=None):
+    """What a user needs beside the weights, written into an exported folder (any export's, after save). A
+    GPT-2 BPE model (no meta.pkl, vocab_size >= 50257) gets GPT-2's tokenizer files (from the BPE files that
+    data/ uses: offline too) and <|endoftext|> as its bos and eos in config.json and generation_config.json;
+    a model with a vocabulary of its own (meta: its meta.pkl, a character-level one) gets it in the note. The
+    note, README.md, says what the folder holds and how to encode text for it. Returns the note's text."""
+    bpe = meta is None and model_args['vocab_size'] >= GPT2_VOCAB
+    cls = cls or ('NanoMoEForCausalLM' if model_args.get('n_expert') else 'GPT2LMHeadModel')
+    kind = ('An MoE' if model_args.get('n_expert') else 'A dense GPT') + f' as {cls}' + (
+        ' (its code: modeling_nanomoe.py; load it with trust_remote_code=True)' if cls == 'NanoMoEForCausalLM'
+        else ' (transformers\' own class: no trust_remote_code)')
+    note = ['# nanoMoE export', f"{kind}, written by nanoMoE's tools/export_hf.py."]
+    if bpe:
+        try:
+            from data.tiktoken_offline import gpt2_bpe_files
+            files = gpt2_bpe_files()
+            shutil.copyfile(files['encoder.json'], os.path.join(folder, 'vocab.json'))
+            shutil.copyfile(files['vocab.bpe'], os.path.join(folder, 'merges.txt'))
+            eot = '<|endoftext|>'
+            write_json(os.path.join(folder, 'tokenizer_config.json'), {
+                'tokenizer_class': 'GPT2Tokenizer', 'bos_token': eot, 'eos_token': eot, 'unk_token': eot,
+                'model_max_length': model_args['block_size'], 'add_prefix_space': False})
+            note.append(f"Tokenizer: GPT-2's BPE (vocab.json, merges.txt: `AutoTokenizer.from_pretrained` on "
+                        f"this folder); {eot} (id {GPT2_EOT}) is its bos and eos token.")
+        except (RuntimeError, OSError, ValueError) as e:  # offline with no copy of GPT-2's BPE files
+            print(f"warning: no tokenizer files written ({e}): use AutoTokenizer.from_pretrained('gpt2')")
+            note.append("Tokenizer: GPT-2's BPE (`AutoTokenizer.from_pretrained('gpt2')`); its bos and eos "
+                        f"token is <|endoftext|> (id {GPT2_EOT}).")
+        for name in ('config.json', 'generation_config.json'):
+            path = os.path.join(folder, name)
+            if name == 'config.json' or os.path.exists(path):
+                with open(path) as f:
+                    cfg = json.load(f)
+                write_json(path, {**cfg, 'bos_token_id': GPT2_EOT, 'eos_token_id': GPT2_EOT})
+        if model_args['vocab_size'] > GPT2_VOCAB:
+            note.append(f"vocab_size is {model_args['vocab_size']}, GPT-2's {GPT2_VOCAB} padded (nanoGPT's "
+                        f"speed-up): ids from {GPT2_VOCAB} on never occurred in training.")
+    elif meta is not None:
+        itos = meta.get('itos') if isinstance(meta.get('itos'), dict) else {}
+        chars = ''.join(str(itos.get(i, '')) for i in range(meta['vocab_size']))
+        note.append("Tokenizer: its own, from its dataset's meta.pkl (no tokenizer files here): token id i "
+                    "is character i of this string (JSON), and text is encoded character by character:")
+        note.append(f"    {json.dumps(chars)}" if len(chars) == meta['vocab_size'] else
+                    "    (meta.pkl's itos, its id -> character map, is not complete)")
+    else:
+        note.append(f"Tokenizer: unknown here (vocab_size {model_args['vocab_size']}, not GPT-2's BPE, and "
+                    f"no meta.pkl was found): encode text as its training data was.")
+    if not model_args.get('bias', True) and cls == 'GPT2LMHeadModel':
+        note.append("The model has no biases (bias=False): GPT2LMHeadModel's are zeros, and config.json's "
+                    "\"bias\": false lets nanoMoE's load_hf_folder leave them out.")
+    text = '\n\n'.join(note) + '\n'
+    with open(os.path.join(folder, 'README.md'), 'w') as f:
+        f.write(text)
+    return text
+
+
+def write_json(path, obj):
+    with open(path, 'w') as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write('\n')
 
 
 def export_moe(model):
@@ -116,12 +207,19 @@ def save(hf, folder):
 
 
 def hf_config(folder):
-    """The config.json of a Hugging Face model folder, or None if folder is not one."""
+    """The config.json of a Hugging Face model folder, or None if folder is not one; ValueError, one line, if
+    it is not a JSON object."""
     path = os.path.join(folder, 'config.json')
     if not os.path.isfile(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, encoding='utf-8') as f:
+            cfg = json.load(f)
+    except (OSError, ValueError) as e:  # (a UnicodeDecodeError, a JSONDecodeError)
+        raise ValueError(f"{path} cannot be read as JSON ({' '.join(str(e).split())[:200]})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path} is not a JSON object of config keys")
+    return cfg
 
 
 def hf_model_args(init_from):
@@ -135,13 +233,15 @@ def hf_model_args(init_from):
     cfg = hf_config(init_from)
     if cfg is None:
         raise ValueError(f"init_from={init_from!r} is neither a GPT-2 name nor a folder with a config.json")
-    if cfg.get('model_type') == 'nanomoe':
-        return dict(top_k=cfg['num_experts_per_tok'], **{k: cfg[k] for k in EXPORTED_KEYS if k in cfg})  # (older: fewer)
+    if cfg.get('model_type') == 'nanomoe':  # a key it lacks (an older export: fewer) is MoEConfig's default
+        if 'num_experts_per_tok' not in cfg:  # (every export wrote it)
+            raise ValueError(f"{os.path.join(init_from, 'config.json')} has no num_experts_per_tok (top_k)")
+        return dict(top_k=cfg['num_experts_per_tok'], **{k: cfg[k] for k in EXPORTED_KEYS if k in cfg})
     if cfg.get('model_type', 'gpt2') == 'gpt2':
         return dict(n_layer=cfg.get('n_layer', 12), n_head=cfg.get('n_head', 12),
                     n_embd=cfg.get('n_embd', 768), block_size=cfg.get('n_positions', 1024),
                     vocab_size=cfg.get('vocab_size', 50257),
-                    bias=True, n_expert=0, mlp_hidden=cfg.get('n_inner') or 0,
+                    bias=cfg.get('bias', True), n_expert=0, mlp_hidden=cfg.get('n_inner') or 0,
                     norm_eps=cfg.get('layer_norm_epsilon', 1e-5))
     if any(native.model_type == cfg['model_type'] for native in NATIVE.values()):
         try:
@@ -168,8 +268,14 @@ def load_hf_folder(folder, run_args=None):
     if cfg['model_type'] != 'nanomoe':
         return load_native(folder, model)
     from safetensors.torch import load_file
-    sd = load_file(os.path.join(folder, 'model.safetensors'))
-    sd.setdefault('lm_head.weight', sd['transformer.wte.weight'])  # tied: saved once
+    path = os.path.join(folder, 'model.safetensors')
+    try:
+        sd = load_file(path)  # missing, truncated or corrupt: whatever safetensors raises, one line
+    except Exception as e:
+        reason = ' '.join(str(e).split())[:300] or type(e).__name__
+        raise ValueError(f"{folder} cannot be loaded: {reason}") from None
+    if 'transformer.wte.weight' in sd:
+        sd.setdefault('lm_head.weight', sd['transformer.wte.weight'])  # tied: saved once
     try:
         model.load_state_dict(sd)
     except RuntimeError as e:

@@ -6,19 +6,21 @@ work, whole groups where it can (a big group is cut into slices of rows), each p
 thread, so the arithmetic is torch's own. On 2 threads one MoE layer of 128 experts (64 rows each) went
 from 1.37x to 1.23x the time of a dense MLP of the same FLOPs (RESULTS.md, "One MoE layer").
 
-It is compiled on first use with torch.utils.cpp_extension (a C++ compiler and ninja; a few seconds) into
-a folder named after a hash of the source, the flags and torch's version, under ~/.cache/torch_extensions
-(or $TORCH_EXTENSIONS_DIR). Once built, every process loads the library from there directly, taking no
-lock (torch's own load() takes the build lock, even for a no-op build). A build that was killed midway
-(kill -9) leaves its lock behind: the next process waits BUILD_WAIT_S for it, then warns (naming the folder
-to delete) and uses torch's grouped_mm, instead of waiting forever. The library defines the ops
-torch.ops.nanomoe_cpu.grouped_mm and grouped_mm_t; moe_model's grouped_mm custom ops (which carry the
-autograd and the fake implementations torch.compile traces) call them for CPU tensors where available() is
-True, and torch's grouped_mm elsewhere: on GPUs, where this file does not build (a warning says why), and
-with NANOMOE_CPU_GROUPED_MM=0 (to compare the two). `make venv` builds it ahead of time.
+It is compiled on first use with torch.utils.cpp_extension (a C++ compiler and ninja; a few seconds) into a
+folder named after a hash of the source, the flags and torch's version, under ~/.cache/torch_extensions (or
+$TORCH_EXTENSIONS_DIR). Once built, every process loads the library from there directly, taking no lock
+(torch's own load() takes the build lock, even for a no-op build). A build holds a flock on <folder>.lock,
+which the kernel releases however the build ends: the next process waits for a live build (at most
+BUILD_WAIT_S), and a build killed midway (kill -9), whose folder torch would wait on forever, is built again
+at once. The library defines the ops torch.ops.nanomoe_cpu.grouped_mm and grouped_mm_t; moe_model's
+grouped_mm custom ops (which carry the autograd and the fake implementations torch.compile traces) call them
+for CPU tensors where available() is True, and torch's grouped_mm elsewhere: on GPUs, where this file does
+not build (a warning says why), and with NANOMOE_CPU_GROUPED_MM=0 (to compare the two). `make venv` builds
+it ahead of time.
 """
 import os
 import re
+import fcntl
 import sys
 import time
 import shutil
@@ -59,26 +61,56 @@ def build_folder():
 
 
 def _load():
-    """Load the built library, building it first if need be (never waiting forever on a lock)."""
+    """Load the built library, building it first if need be: under a flock of our own, which the kernel
+    releases however a build ends (kill -9 too), so a lock left behind is never waited for."""
     folder = build_folder()
-    library, lock = os.path.join(folder, 'nanomoe_cpu_grouped_mm.so'), os.path.join(folder, 'lock')
-    start = time.monotonic()
-    if os.path.exists(lock) and not os.path.exists(library):
-        print(f"waiting (at most {BUILD_WAIT_S} s) for another build of cpu_grouped_mm.cpp: {lock}", file=sys.stderr)
-    while os.path.exists(lock) and not os.path.exists(library):  # another process is building it, or was
-        if time.monotonic() - start > BUILD_WAIT_S:
-            raise RuntimeError(f"gave up after {BUILD_WAIT_S} s waiting for the build lock {lock}; if no other "
-                               f"build is running, a killed build left it: delete {folder}")
-        time.sleep(0.5)
-    if os.path.exists(library):
-        torch.ops.load_library(library)
+    library = os.path.join(folder, 'nanomoe_cpu_grouped_mm.so')
+    if _load_library(library):
         return
-    from torch.utils.cpp_extension import load
-    if shutil.which('ninja') is None:  # pip's ninja lands in this interpreter's bin folder, maybe not on PATH
-        os.environ['PATH'] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get('PATH', '')
     os.makedirs(folder, exist_ok=True)
-    load(name='nanomoe_cpu_grouped_mm', sources=[SOURCE], extra_cflags=FLAGS, extra_ldflags=['-fopenmp'],
-         build_directory=folder, is_python_module=False)
+    with open(folder + '.lock', 'a') as lock:  # (beside the folder: a killed build's folder is emptied below)
+        start = time.monotonic()
+        if not _try_flock(lock):
+            print(f"waiting (at most {BUILD_WAIT_S} s) for another build of cpu_grouped_mm.cpp",
+                  file=sys.stderr)
+        while not _try_flock(lock):  # a live build: it ends in seconds, or hangs
+            if time.monotonic() - start > BUILD_WAIT_S:
+                raise RuntimeError(f"gave up after {BUILD_WAIT_S} s waiting for another build of "
+                                   f"cpu_grouped_mm.cpp (the process that holds {folder}.lock)")
+            time.sleep(0.5)
+        if _load_library(library):  # built by the process we waited for
+            return
+        # no build runs now: anything here is a killed one's (torch's lock file, which torch would wait for
+        # forever, half an object file or library): start afresh
+        if os.listdir(folder):
+            print(f"note: a build of cpu_grouped_mm.cpp was killed midway; building it again in {folder}",
+                  file=sys.stderr)
+            shutil.rmtree(folder)
+            os.makedirs(folder)
+        from torch.utils.cpp_extension import load
+        if shutil.which('ninja') is None:  # pip's ninja is in this interpreter's bin folder, maybe off PATH
+            os.environ['PATH'] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get('PATH', '')
+        load(name='nanomoe_cpu_grouped_mm', sources=[SOURCE], extra_cflags=FLAGS, extra_ldflags=['-fopenmp'],
+             build_directory=folder, is_python_module=False)
+
+
+def _load_library(path):
+    """True if the library at path loaded (not there, or half written by a killed build: False)."""
+    if not os.path.exists(path):
+        return False
+    try:
+        torch.ops.load_library(path)
+        return True
+    except OSError:
+        return False
+
+
+def _try_flock(f):
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
 
 
 def build_error(e):

@@ -103,3 +103,45 @@ def test_study_runs_configs_over_seeds_writes_one_table_and_plot_and_resumes(sha
     p = run('tools/study.py', str(study))  # everything is finished: nothing is retrained
     assert p.stdout.count('skipping') == 4
     assert os.path.getmtime(tmp_path / 'runs' / 'dense-s7' / 'ckpt.pt') == mtime
+
+
+def finished_run(folder, log_text, max_iters=20):
+    """A run folder as a finished train.py run leaves it (ckpt.pt at max_iters, then log.jsonl): study.py only
+    summarises it, training nothing."""
+    os.makedirs(folder)
+    model_args = dict(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=65, bias=False, dropout=0.0)
+    save_checkpoint({'model': {}, 'model_args': model_args, 'iter_num': max_iters,
+                     'config': {'max_iters': max_iters, 'gradient_accumulation_steps': 1, 'batch_size': 4,
+                                'block_size': 16}}, os.path.join(folder, 'ckpt.pt'))
+    with open(os.path.join(folder, 'log.jsonl'), 'w') as f:
+        f.write(log_text)
+
+
+def test_study_never_reports_an_earlier_eval_as_a_result_and_names_a_torn_or_empty_log(tmp_path):
+    """Three of four finished runs lost their last eval: torn and glued to the next record (an older version
+    after a full disk), an empty log, and records that are gone. study.py used to report their iter-10 eval
+    (or a row of nan) as the result, with exit code 0."""
+    step = '{"iter": 5, "loss": 4.0, "ce": 4.0, "dt_ms": 100.0}\n'
+    eval10 = '{"iter": 10, "train/ce": 3.9, "val/ce": 3.8550}\n'
+    eval20 = '{"iter": 20, "train/ce": 3.6, "val/ce": 3.5967}\n'
+    glued = eval20[:30] + '{"iter": 20, "event": "start"}\n'
+    runs = {'good': step + eval10 + eval20, 'torn': step + eval10 + glued, 'empty': '',
+            'short': step + eval10}
+    for name, text in runs.items():
+        finished_run(str(tmp_path / 'runs' / name), text)
+    study = tmp_path / 'study.py'
+    study.write_text(f"out_dir = {str(tmp_path / 'runs')!r}\nresults = {str(tmp_path / 'results')!r}\n"
+                     f"runs = {{name: ['--n_expert=0'] for name in {list(runs)!r}}}\n")
+    p = run('tools/study.py', str(study), check=False)
+    errors = [line for line in p.stderr.splitlines() if line.startswith('error:')]
+    assert p.returncode == 1 and 'Traceback' not in p.stderr and len(errors) == 1, p.stderr
+    log = str(tmp_path / 'runs' / '{}' / 'log.jsonl')
+    assert f"no result for torn: {log.format('torn')}: line 3 is not a log record" in errors[0]
+    assert f"no result for empty: {log.format('empty')} holds no log record: it is empty" in errors[0]
+    assert (f"no result for short: {log.format('short')} lacks the eval at the run's last iteration 20 (its "
+            f"last eval: 10)") in errors[0]
+    table = (tmp_path / 'results.md').read_text()
+    rows = {line.split('|')[1].split()[0]: line for line in table.splitlines() if line.startswith('| ')}
+    assert '| 3.5967 |' in rows['good'] and '| 20 |' in rows['good']
+    for name in ('torn', 'empty', 'short'):
+        assert 'NO RESULT' in rows[name] and '3.8550' not in rows[name] and 'nan' not in rows[name]

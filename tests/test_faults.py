@@ -1,8 +1,10 @@
 """Fault tolerance: kill -9 during checkpoint writes, SIGTERM, exact resume, NaN guard, bad configs,
 corrupt checkpoints and hostile input. Tiny models, one micro-batch per step, so this file stays fast."""
+import json
 import os
 import pickle
 import random
+import resource
 import shutil
 import signal
 import subprocess
@@ -124,6 +126,180 @@ def test_kill9_at_random_moments_always_leaves_a_loadable_resumable_checkpoint(s
     assert load_checkpoint(os.path.join(out, 'ckpt.pt'))['iter_num'] == last_iter + 2
     assert not [f for f in os.listdir(out) if f.endswith('.tmp')]
     print(f"5 kills, {mid_write} left a temp file (killed mid-write), last checkpoint iter {last_iter}")
+
+@pytest.mark.slow
+def test_a_kill_during_the_first_cpu_kernel_build_costs_the_next_start_no_wait(tmp_path, monkeypatch):
+    """kill -9 of a start (and its compiler) while it builds moe_kernels/cpu_grouped_mm.cpp: torch's lock
+    stays behind. Every later start used to wait 120 s on it, then fall back to torch's kernel, until the
+    folder was deleted by hand."""
+    from moe_kernels import cpu_grouped_mm
+    if not cpu_grouped_mm.available():
+        pytest.skip('no C++ toolchain here: the kernel does not build')
+    monkeypatch.setenv('TORCH_EXTENSIONS_DIR', str(tmp_path))
+    lock = os.path.join(cpu_grouped_mm.build_folder(), 'lock')  # torch's, taken while it builds
+    start = [sys.executable, '-c', 'from moe_kernels import cpu_grouped_mm as c; print(c.available())']
+    env = {**ENV, 'TORCH_EXTENSIONS_DIR': str(tmp_path)}
+    p = subprocess.Popen(start, cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not os.path.exists(lock):
+        assert p.poll() is None and time.time() < deadline, 'the build did not start'
+        time.sleep(0.05)
+    time.sleep(1)  # compiling
+    os.killpg(p.pid, signal.SIGKILL)  # the process, ninja and the compiler
+    p.wait()
+    assert os.path.exists(lock) and not os.path.exists(lock.replace('lock', 'nanomoe_cpu_grouped_mm.so'))
+    t0 = time.time()
+    again = subprocess.run(start, cwd=ROOT, env=env, capture_output=True, text=True, timeout=100)
+    assert again.stdout.strip() == 'True' and 'waiting' not in again.stderr, again.stderr
+    assert 'note: a build of cpu_grouped_mm.cpp was killed midway; building it again' in again.stderr
+    assert time.time() - t0 < 90  # a build (15 s on 2 busy cores), not BUILD_WAIT_S and a fallback
+
+
+# -----------------------------------------------------------------------------
+# log.jsonl: whole lines only
+
+
+def disk_full_past(size):
+    """A preexec_fn: the child's writes past `size` bytes fail (EFBIG, as ENOSPC would), never kill it."""
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+    return limit
+
+
+def assert_whole_lines(path):
+    text = open(path).read()
+    assert text.endswith('\n')
+    return [json.loads(line) for line in text.splitlines()]  # a torn or glued record fails here
+
+
+@pytest.mark.slow
+def test_a_full_disk_during_a_log_write_leaves_whole_lines_for_the_resume(small_dense_ckpt, tmp_path):
+    """A record the disk has room for only part of is cut back: it used to stay, torn, and the resumed
+    run glued its first record onto it (two records lost)."""
+    out = str(tmp_path / 'out')
+    shutil.copytree(small_dense_ckpt, out)
+    log = os.path.join(out, 'log.jsonl')
+    before = assert_whole_lines(log)
+    resume = [*RUN_ONLY, f'--out_dir={out}', '--init_from=resume', '--max_iters=4', '--eval_interval=1000']
+    p = subprocess.run([sys.executable, os.path.join(ROOT, 'train.py'), *resume], cwd=ROOT, env=ENV,
+                       capture_output=True, text=True, timeout=300,
+                       preexec_fn=disk_full_past(os.path.getsize(log) + 40))
+    assert p.returncode == 1 and f"error: could not write {log} (File too large)" in p.stderr, p.stderr
+    assert assert_whole_lines(log) == before  # the step 2 record did not fit: nothing of it stays
+    run('train.py', *resume)
+    records = assert_whole_lines(log)
+    assert [r['iter'] for r in records[len(before):] if 'loss' in r] == [2, 3]
+
+
+@pytest.mark.slow
+def test_a_torn_last_line_is_moved_aside_at_the_next_start(small_dense_ckpt, tmp_path):
+    """What a kill -9 in the middle of an append leaves: the next run moves it to log.jsonl.torn, saying
+    so."""
+    out = str(tmp_path / 'out')
+    shutil.copytree(small_dense_ckpt, out)
+    log = os.path.join(out, 'log.jsonl')
+    before = assert_whole_lines(log)
+    with open(log, 'a') as f:
+        f.write('{"iter": 2, "loss": 4.08984')
+    p = run('train.py', *RUN_ONLY, f'--out_dir={out}', '--init_from=resume', '--max_iters=4',
+            '--eval_interval=1000')
+    assert (f"note: {log} ended in a torn record (27 bytes, from a run stopped mid-write); moved it to "
+            f"{log}.torn") in p.stdout
+    records = assert_whole_lines(log)
+    assert records[:len(before)] == before
+    assert [r['iter'] for r in records[len(before):] if 'loss' in r] == [2, 3]
+    assert open(log + '.torn').read() == '{"iter": 2, "loss": 4.08984\n'
+
+@pytest.mark.slow
+def test_a_full_disk_at_the_first_save_does_not_claim_a_checkpoint_before_it(shakespeare_char, tmp_path):
+    out = str(tmp_path / 'out')
+    p = subprocess.run([sys.executable, os.path.join(ROOT, 'train.py'), *FAST, f'--out_dir={out}',
+                        '--max_iters=2', '--eval_interval=1'], cwd=ROOT, env=ENV, capture_output=True,
+                       text=True, timeout=300, preexec_fn=disk_full_past(64 * 1024))
+    assert p.returncode == 1 and p.stderr.strip().splitlines()[-1] == (  # it used to say "... is intact"
+        f"error: could not write {os.path.join(out, 'ckpt.pt')} (File too large); there was no checkpoint "
+        f"before it")
+    assert not [f for f in os.listdir(out) if f.startswith('ckpt')]
+
+# -----------------------------------------------------------------------------
+# Hugging Face export: whole or nothing
+
+
+@pytest.mark.slow
+def test_the_temp_folder_of_an_export_killed_midway_is_removed_by_the_next(small_dense_ckpt, tmp_path):
+    hf_dir = str(tmp_path / 'hf')
+    child = f"""
+import os, runpy, sys, time
+sys.path.insert(0, {ROOT!r})
+import hf
+save = hf.save
+def save_and_hang(model, folder):
+    save(model, folder)
+    print('written', flush=True)
+    time.sleep(60)
+hf.save = save_and_hang
+sys.argv = ['tools/export_hf.py', '--out_dir={small_dense_ckpt}', '--hf_dir={hf_dir}']
+runpy.run_path(os.path.join({ROOT!r}, 'tools', 'export_hf.py'), run_name='__main__')
+"""
+    p = subprocess.Popen([sys.executable, '-c', child], cwd=ROOT, env=ENV, stdout=subprocess.PIPE, text=True)
+    while p.stdout.readline().strip() != 'written':  # (after the config lines)
+        assert p.poll() is None
+    p.kill()  # kill -9 before the rename
+    p.wait()
+    assert os.listdir(tmp_path) == [f'hf.tmp-{p.pid}']
+    again = run('tools/export_hf.py', f'--out_dir={small_dense_ckpt}', f'--hf_dir={hf_dir}')
+    assert f"removed {hf_dir}.tmp-{p.pid}, left by an export that was killed midway" in again.stdout
+    assert os.listdir(tmp_path) == ['hf']
+
+
+@pytest.mark.slow
+def test_an_export_onto_a_full_disk_is_one_line_and_leaves_nothing(small_dense_ckpt, tmp_path):
+    hf_dir = str(tmp_path / 'hf')
+    p = subprocess.run([sys.executable, os.path.join(ROOT, 'tools', 'export_hf.py'),
+                        f'--out_dir={small_dense_ckpt}', f'--hf_dir={hf_dir}'], cwd=ROOT, env=ENV,
+                       capture_output=True, text=True, timeout=300, preexec_fn=disk_full_past(16 * 1024))
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and 'Traceback' not in p.stderr, p.stderr[-2000:]
+    assert lines[-1].startswith(f'error: cannot write {hf_dir} (')
+    assert os.listdir(tmp_path) == []
+
+@pytest.mark.slow
+def test_a_hellaswag_download_killed_midway_leaves_nothing_after_the_next_one(tmp_path, monkeypatch):
+    """The killed download's hellaswag_val.jsonl.<pid>.tmp used to stay forever."""
+    import io
+    import urllib.request
+    import hellaswag
+    data_dir = str(tmp_path / 'hs')
+    child = f"""
+import sys, time, urllib.request
+sys.path.insert(0, {ROOT!r})
+import hellaswag
+
+class Stalls:  # one chunk, then a network that hangs
+    sent = False
+    def __enter__(self): return self
+    def __exit__(self, *args): pass
+    def read(self, n):
+        if self.sent:
+            time.sleep(60)
+        self.sent = True
+        return b'{{"ctx": '
+urllib.request.urlopen = lambda url, timeout: Stalls()
+hellaswag.fetch({data_dir!r})
+"""
+    p = subprocess.Popen([sys.executable, '-c', child], cwd=ROOT, env=ENV)
+    deadline = time.time() + 60
+    while not (os.path.isdir(data_dir) and os.listdir(data_dir)):
+        assert p.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    p.kill()
+    p.wait()
+    assert os.listdir(data_dir) == [f'hellaswag_val.jsonl.{p.pid}.tmp']
+    data = b'{"ctx": "a", "endings": ["b", "c", "d", "e"], "label": 0}\n'
+    monkeypatch.setattr(urllib.request, 'urlopen', lambda url, timeout: io.BytesIO(data))
+    assert hellaswag.fetch(data_dir) == os.path.join(data_dir, 'hellaswag_val.jsonl')
+    assert os.listdir(data_dir) == ['hellaswag_val.jsonl']
 
 # -----------------------------------------------------------------------------
 # SIGTERM and exact resume
@@ -288,6 +464,7 @@ def test_gpt2_with_a_larger_block_size_fails_before_any_work(shakespeare_char, t
     ('n_exprt = 4\n', "unknown config key 'n_exprt'"),
     ("max_iters = '10'\n", "max_iters='10'"),
     ('top_k = 8\n', 'top_k=8 must be <= n_expert=4'),
+    ('import sys\nsys.exit(0)\n', 'calls sys.exit(0): a config file only sets keys'),  # (it was exit code 0)
 ])
 def test_bad_config_file_fails_before_any_work(shakespeare_char, tmp_path, text, message):
     (tmp_path / 'bad.py').write_text(text)

@@ -116,6 +116,16 @@ def test_score_acc_is_the_lowest_sum_and_acc_norm_the_lowest_mean(enc):
     assert hellaswag.metrics(model, examples, 'cpu') == {'hellaswag/acc': 1 / 3, 'hellaswag/acc_norm': 2 / 3}
 
 
+def test_score_stops_between_examples_when_asked(enc):
+    """train.py asks whether a stop signal came (it used to save only after the whole eval, 15 s later)."""
+    model = bigram(enc)
+    examples = [hellaswag.render_example(ex, enc) for ex in EXAMPLES]
+    asked = []
+    assert hellaswag.score(model, examples, 'cpu', stop=lambda: asked.append(1) or len(asked) > 1) is None
+    assert len(asked) == 2 and model.modes == [False] and model.training  # one example, mode restored
+    assert hellaswag.metrics(model, examples, 'cpu', stop=lambda: True) == {}  # nothing to log
+
+
 def test_rows_longer_than_block_size_lose_the_start_of_the_context(enc, data_dir):
     tokens, mask, _ = hellaswag.render_example(EXAMPLES[0], enc)  # 8 context tokens, endings of 1 or 3
     cropped, cmask = hellaswag.crop(tokens, mask, 4)
@@ -262,3 +272,35 @@ def test_train_logs_hellaswag_at_its_interval_and_plot_draws_it(tmp_path, data_d
     monkeypatch.setattr(sys, 'argv', ['tools/plot.py', f'--out_dir={out}'])
     runpy.run_path(os.path.join(ROOT, 'tools/plot.py'), run_name='__main__')
     assert (out / 'hellaswag.png').stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_a_sigterm_during_the_hellaswag_eval_stops_it(tmp_path):
+    """3,000 examples (tens of seconds): the run stops within one, saves and exits."""
+    import signal
+    import subprocess
+    dataset, hs = tmp_path / 'bpe', tmp_path / 'hs'
+    dataset.mkdir()
+    hs.mkdir()
+    (hs / 'hellaswag_val.jsonl').write_text(''.join(json.dumps(ex) + '\n' for ex in EXAMPLES * 1000))
+    rng = np.random.default_rng(0)
+    for split in ('train', 'val'):
+        rng.integers(0, 50257, 2000, dtype=np.uint16).tofile(dataset / f'{split}.bin')
+    out = tmp_path / 'out'
+    args = [f'--dataset={dataset}', f'--out_dir={out}', '--n_layer=1', '--n_head=2', '--n_embd=16',
+            '--block_size=64', '--n_expert=0', '--batch_size=2', '--eval_iters=1',
+            '--gradient_accumulation_steps=1', '--device=cpu', '--dtype=float32', '--compile=False',
+            '--max_iters=100', '--eval_interval=50', '--hellaswag_interval=50', '--hellaswag_examples=0',
+            f'--hellaswag_dir={hs}']
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, 'train.py'), *args], cwd=ROOT, text=True,
+                         env={**os.environ, 'PYTHONUNBUFFERED': '1'}, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    for line in p.stdout:
+        if line.startswith('number of parameters'):  # the first eval comes next
+            break
+    p.send_signal(signal.SIGTERM)
+    stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode == 0, stderr
+    assert 'hellaswag: stopped after ' in stdout and 'of 3000 examples (a stop signal); not scored' in stdout
+    assert 'received SIGTERM: saved checkpoint at iter 1' in stdout
+    assert not any('hellaswag/acc' in r for r in read_log(str(out)))

@@ -132,12 +132,31 @@ def test_gpt2_offline_is_one_line(shakespeare_char, tmp_path):
     env = {**os.environ, 'HF_HUB_OFFLINE': '1'}  # what a machine without network meets, at once
     import subprocess
     import sys
-    for script, args in (('train.py', ['--dataset=shakespeare_char', '--block_size=32']), ('sample.py', [])):
-        p = subprocess.run([sys.executable, os.path.join(ROOT, script), '--init_from=gpt2-xl', '--device=cpu',
+    # (train.py: gpt2, whose training fits a CPU machine; gpt2-xl's is refused before that, on 24 GiB)
+    for script, name, args in (('train.py', 'gpt2', ['--dataset=shakespeare_char', '--block_size=32']),
+                               ('sample.py', 'gpt2-xl', [])):
+        p = subprocess.run([sys.executable, os.path.join(ROOT, script), f'--init_from={name}', '--device=cpu',
                             f'--out_dir={tmp_path / "x"}', *args], cwd=ROOT, env=env, capture_output=True, text=True,
                            timeout=300)
         assert p.returncode == 2 and 'Traceback' not in p.stderr, p.stderr[-2000:]
-        assert p.stderr.strip().splitlines()[-1].startswith("error: cannot load GPT-2 weights from 'gpt2-xl'")
+        assert p.stderr.strip().splitlines()[-1].startswith(f"error: cannot load GPT-2 weights from '{name}'")
+
+
+@pytest.mark.slow
+def test_gpt2_without_a_network_is_one_line_at_once(tmp_path):
+    """Not in the cache and the Hub unreachable: transformers retried for ~30 s before its error."""
+    import subprocess
+    import sys
+    import time
+    env = {k: v for k, v in os.environ.items() if k != 'HF_HUB_OFFLINE'}
+    env.update(HF_HOME=str(tmp_path), HF_ENDPOINT='http://127.0.0.1:9')  # an empty cache; nothing there
+    t0 = time.time()
+    p = subprocess.run([sys.executable, os.path.join(ROOT, 'sample.py'), '--init_from=gpt2', '--device=cpu'],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and p.stderr.strip().splitlines()[-1] == (
+        "error: cannot load GPT-2 weights from 'gpt2': they are not in the Hugging Face cache, and "
+        "http://127.0.0.1:9 cannot be reached (Connection refused)"), p.stderr[-2000:]
+    assert time.time() - t0 < 20
 
 
 def nanogpt_checkpoint(path, seed=0):
@@ -194,8 +213,28 @@ def test_wandb_logs_offline(shakespeare_char, tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     (run_file,) = glob.glob(str(tmp_path / 'wandb' / 'offline-run-*' / 'run-*.wandb'))
     data = open(run_file, 'rb').read()  # the run's records: the logged keys are there as plain strings
-    for key in (b'train/ce', b'val/ce', b'grad_norm', b'layer0/max_load', b'layer1/load/expert3', b'layer1/flip_rate'):
+    for key in (b'train/ce', b'val/ce', b'grad_norm', b'layer0/max_load', b'layer1/load/expert3',
+                b'layer1/flip_rate', b'train/loss', b'val/loss'):  # (and nanoGPT's names)
         assert key in data, key
+
+
+def test_wandb_gets_nanogpts_names_too(tmp_path):
+    """nanoGPT logs train/loss, val/loss, lr and mfu (in percent): dashboards made for its runs key on
+    them."""
+    from checkpoint import RunDir
+    logged = []
+
+    class Wandb:
+        def log(self, data, step):
+            logged.append((step, data))
+    run_dir = RunDir(str(tmp_path), wandb=Wandb())
+    run_dir.log({'iter': 0, 'train/ce': 4.2, 'val/ce': 4.3, 'lr': 1e-3})
+    run_dir.log({'iter': 5, 'loss': 4.0, 'ce': 3.9, 'lr': 1e-3, 'mfu': 0.25, 'layer0/load': [0.75, 0.25]})
+    os.close(run_dir.lock)
+    (_, at_eval), (_, at_step) = logged
+    assert (at_eval['train/loss'], at_eval['val/loss'], at_eval['lr']) == (4.2, 4.3, 1e-3)
+    assert at_step['mfu'] == 25.0 and at_step['layer0/load/expert1'] == 0.25 and 'train/loss' not in at_step
+    assert read_log(str(tmp_path))[1]['mfu'] == 0.25  # log.jsonl keeps its own: a fraction
 
 # -----------------------------------------------------------------------------
 # Hugging Face export
@@ -232,6 +271,13 @@ def test_export_to_hugging_face_and_back(shakespeare_char, tmp_path, monkeypatch
         for _ in range(8):
             x = torch.cat([x, model(x)[0][:, -1].argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(greedy, x)
+    # the folder says what it is and how to encode: shakespeare_char's characters (hf.describe)
+    note = (hf_dir / 'README.md').read_text()
+    assert ('NanoMoEForCausalLM' if kind == 'moe' else 'GPT2LMHeadModel') in note
+    assert '"\\n !$&\',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"' in note
+    assert not (hf_dir / 'vocab.json').exists()  # (GPT-2's BPE only)
+    if kind == 'dense':  # bias=False comes back without GPT2LMHeadModel's zero biases
+        assert not [k for k in load_hf_folder(str(hf_dir)).state_dict() if k.endswith('bias')]
     if kind == 'moe':  # init_from takes the exported folder back (a GPT-2 folder: the tests above), with the
         # run's own keys where config.json does not fix them
         run('train.py', *[a for a in TINY_OVERRIDES if not a.startswith('--n_layer')], '--dataset=shakespeare_char',
@@ -242,6 +288,31 @@ def test_export_to_hugging_face_and_back(shakespeare_char, tmp_path, monkeypatch
     else:  # an existing folder is never overwritten
         p = run('tools/export_hf.py', f'--out_dir={out}', f'--hf_dir={hf_dir}', check=False)
         assert p.returncode == 2 and 'exists and is not an empty folder' in p.stderr
+
+@pytest.mark.slow
+def test_a_gpt2_bpe_export_has_its_tokenizer_and_generates_in_a_pipeline(tmp_path, monkeypatch):
+    """Without tokenizer files AutoTokenizer gave an empty tokenizer, and the text-generation pipeline failed
+    (bos_token_id has to be defined)."""
+    transformers = pytest.importorskip('transformers')
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    torch.manual_seed(0)
+    model_args = dict(n_layer=1, n_head=2, n_embd=32, block_size=64, bias=False, vocab_size=50304,
+                      dropout=0.0)
+    (tmp_path / 'out').mkdir()
+    torch.save({'model': GPT(GPTConfig(**model_args)).state_dict(), 'model_args': model_args,
+                'config': {'dataset': 'openwebtext'}},  # no meta.pkl: GPT-2 BPE
+               str(tmp_path / 'out' / 'ckpt.pt'))
+    run('tools/export_hf.py', f'--out_dir={tmp_path / "out"}', f'--hf_dir={tmp_path / "hf"}')
+    folder = str(tmp_path / 'hf')
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    assert tokenizer('hello world<|endoftext|>').input_ids == [31373, 995, 50256]
+    config = transformers.AutoConfig.from_pretrained(folder)
+    assert config.bos_token_id == config.eos_token_id == 50256
+    generate = transformers.pipeline('text-generation', model=folder)
+    assert generate('hello', max_new_tokens=3, do_sample=False)[0]['generated_text'].startswith('hello')
+    note = (tmp_path / 'hf' / 'README.md').read_text()
+    assert "GPT-2's BPE" in note and 'vocab_size is 50304' in note and '"bias": false' in note
+
 
 # -----------------------------------------------------------------------------
 # sparse upcycling: an MoE whose experts start as a dense model's MLPs

@@ -1,8 +1,10 @@
 """Reliability as a hostile or unlucky user meets it: one run per out_dir, no non-finite checkpoint ever, the
 fp16 guard, signals and a dead launcher, and one `error:` line for each bad input (train.py, sample.py,
 bench.py, plot.py, prepare.py)."""
+import dataclasses
 import json
 import os
+import pickle
 import resource
 import shutil
 import signal
@@ -14,9 +16,17 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, TINY, run, read_log
+from conftest import ROOT, TINY, run, read_log, nan_at
 from checkpoint import load_checkpoint, save_checkpoint
+from configurator import configure
 from test_faults import FAST, RUN_ONLY, ENV, start, wait_for_steps
+
+
+def unbuffered(script, *args):
+    """script in the background, its stdout and stderr pipes written line by line."""
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, script), *args], cwd=ROOT, text=True,
+                            env={**ENV, 'PYTHONUNBUFFERED': '1'}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
 
 
 def one_error_line(p, message, code=2):
@@ -46,6 +56,9 @@ def test_a_second_run_on_a_live_out_dir_stops_and_eval_only_deletes_nothing(shak
         open(in_flight, 'w').close()
         second = run('train.py', *FAST, f'--out_dir={out}', check=False)
         one_error_line(second, f"out_dir {out!r} is in use by another training run (pid {p.pid})")
+        os.remove(os.path.join(out, 'train.lock'))  # by hand: it used to let a second run train in here
+        second = run('train.py', *FAST, f'--out_dir={out}', check=False)
+        one_error_line(second, f"out_dir {out!r} is in use by another training run (pid unknown)")
         lines_before = open(os.path.join(out, 'log.jsonl')).read().count('\n')
         check = run('train.py', *FAST, f'--out_dir={out}', '--eval_only=True', check=False)  # "check the val loss"
         assert check.returncode == 0 and 'val loss' in check.stdout, check.stderr
@@ -109,6 +122,24 @@ def test_float16_persistent_nan_stops_after_a_bounded_number_of_skipped_steps(sh
 
 
 @pytest.mark.slow
+def test_two_sigterms_while_the_model_is_built_exit_at_once(shakespeare_char, tmp_path):
+    """The handlers are installed before the model is built (a large model takes minutes to start on a
+    CPU)."""
+    p = unbuffered('train.py', *FAST, '--n_layer=4', '--n_embd=512', '--n_head=8', '--n_expert=8',
+                   '--expert_hidden=2048', '--batch_size=2', f'--out_dir={tmp_path}')
+    for line in p.stdout:  # printed just before build_model (~1 s for these 71M parameters)
+        if line.startswith('Initializing a new model from scratch'):
+            break
+    p.send_signal(signal.SIGTERM)
+    time.sleep(0.2)  # two signals sent at once would merge into one
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=60) == 128 + signal.SIGTERM
+    stdout, stderr = p.communicate()
+    assert 'received SIGTERM again: exiting now' in stderr and 'Traceback' not in stderr
+    assert 'step 0:' not in stdout  # it did not go on to the first eval
+
+
+@pytest.mark.slow
 def test_a_second_sigterm_exits_at_once_with_128_plus_the_signal_and_no_traceback(shakespeare_char, tmp_path):
     out = str(tmp_path / 'out')
     p = start(out, *FAST, '--eval_interval=1000', '--max_iters=100000', '--gradient_accumulation_steps=100')
@@ -165,7 +196,8 @@ def write_dataset(folder, tokens, vocab=None):
     (['--learning_rate=1e999'], 'learning_rate=inf must be >= 0 and finite'),
     (['--out_dir='], "out_dir='' must name a folder"),
     pytest.param(['--n_layer=64', '--n_embd=8192', '--n_head=64', '--n_expert=64', '--top_k=2'],
-                 'GiB for its fp32 weights', marks=pytest.mark.slow),  # ~3 s
+                 'GiB (weights ', marks=pytest.mark.slow),  # ~3 s
+    (['--batch_size=1000000000'], 'activations of 32,000,000,000 tokens'),  # a tiny model: its activations
 ])
 def test_bad_values_fail_at_start_with_one_clear_line(shakespeare_char, tmp_path, args, message):
     out = tmp_path / 'out'
@@ -292,6 +324,50 @@ def test_sample_with_a_non_utf8_prompt_file_is_one_line(good_run, tmp_path):
     one_error_line(p, 'cannot be read as UTF-8 text')
 
 
+@pytest.mark.slow  # ~10 s
+def test_bench_with_no_arguments_refuses_in_one_line_what_this_machine_cannot_hold():
+    """bench.py's defaults are a 520M-parameter MoE at 12 x 1024 tokens: on a 24 GiB CPU machine the kernel's
+    out-of-memory killer used to end it after 85 s, with no line at all."""
+    from configurator import available_memory
+    from init_model import memory_need
+    from moe_model import MoEConfig, MODEL_KEYS
+    defaults = {**{f.name: f.default for f in dataclasses.fields(MoEConfig)}, 'bias': False}
+    model_args = {**{k: defaults[k] for k in MODEL_KEYS}, 'vocab_size': 50304}
+    if sum(memory_need(model_args, 12 * 1024).values()) < available_memory('cpu'):
+        pytest.skip("this machine has the memory for bench.py's defaults")
+    t0 = time.time()
+    p = subprocess.run([sys.executable, os.path.join(ROOT, 'bench.py'), '--device=cpu'], cwd=ROOT, env=ENV,
+                       capture_output=True, text=True, timeout=120)
+    one_error_line(p, 'the run needs at least ')
+    assert 'the defaults are GPT-2 size, for a GPU' in p.stderr and time.time() - t0 < 60
+
+
+@pytest.mark.slow
+def test_sample_sizes_the_model_before_it_builds_it(tmp_path):
+    """A checkpoint whose model_args say n_embd=100000: building that model was an out-of-memory kill."""
+    model_args = dict(n_layer=1, n_head=1, n_embd=100000, block_size=32, vocab_size=65, bias=False,
+                      dropout=0.0)
+    save_checkpoint({'model': {}, 'model_args': model_args, 'config': {'dataset': 'shakespeare_char'}},
+                    str(tmp_path / 'ckpt.pt'))
+    p = run('sample.py', f'--out_dir={tmp_path}', '--device=cpu', check=False)
+    one_error_line(p, 'GiB (weights 447.')
+
+
+@pytest.mark.slow
+def test_a_huge_eval_iters_allocates_nothing(shakespeare_char, tmp_path):
+    """eval_iters=10**12 used to allocate a tensor of 10**12 losses at the first eval (4 TB: a traceback)."""
+    p = unbuffered('train.py', *FAST, '--eval_iters=1000000000000', f'--out_dir={tmp_path}')
+    try:
+        for line in p.stdout:  # the first eval starts right after this line
+            if line.startswith('number of parameters'):
+                break
+        time.sleep(3)
+        assert p.poll() is None, p.stderr.read()[-2000:]  # still evaluating
+    finally:
+        p.kill()
+        p.wait()
+
+
 def test_bench_layer_tokens_0_is_one_line():
     one_error_line(run('bench.py', '--device=cpu', '--moe_layer=True', '--layer_tokens=0', check=False),
                    'layer_tokens=0 must be >= 1')
@@ -304,7 +380,50 @@ def test_plot_skips_a_torn_last_line(good_run, tmp_path):
     with open(os.path.join(out, 'log.jsonl'), 'a') as f:
         f.write('{"iter": 7, "loss": 1.2')  # a run killed mid-write
     p = run('tools/plot.py', f'--out_dir={out}')
-    assert 'skipped 1 unreadable line(s)' in p.stderr and os.path.exists(os.path.join(out, 'loss.png'))
+    log = os.path.join(out, 'log.jsonl')
+    lines = len(open(log).read().splitlines())
+    assert p.stderr.strip().splitlines() == [
+        f"warning: {log}: line {lines} is not a log record (torn by a run stopped mid-write?); skipped"]
+    assert os.path.exists(os.path.join(out, 'loss.png'))
+
+
+@pytest.mark.parametrize('case, message', [
+    ('empty', 'holds no log record: it is empty'),
+    ('start event only', 'holds no training step or eval yet (only 1 event record(s)): nothing to plot'),
+    ('binary', 'holds no log record: none of its'),
+    ('iter not a number', 'warning: {log}: line 2 is not a log record'),
+    ('plot_dir a file', 'cannot write'),
+])
+@pytest.mark.slow  # ~3 s each
+def test_plot_names_a_log_it_cannot_plot_in_one_line(tmp_path, case, message):
+    log = tmp_path / 'log.jsonl'
+    step = b'{"iter": 1, "loss": 4.0, "ce": 4.0}\n'
+    log.write_bytes({'empty': b'', 'start event only': b'{"iter": 0, "event": "start"}\n',
+                     'binary': np.random.default_rng(0).bytes(3000), 'plot_dir a file': step,
+                     'iter not a number': step + b'{"iter": "12", "loss": 3.0}\n'}[case])
+    (tmp_path / 'file').write_text('not a folder')
+    plot_dir = tmp_path / ('file' if case == 'plot_dir a file' else 'plots')
+    p = run('tools/plot.py', f'--out_dir={tmp_path}', f'--plot_dir={plot_dir}', check=False)
+    if case == 'iter not a number':  # the other records are plotted
+        assert p.returncode == 0 and p.stderr.strip().splitlines() == [
+            message.format(log=log) + ' (torn by a run stopped mid-write?); skipped']
+        assert (tmp_path / 'plots' / 'loss.png').exists()
+    else:
+        one_error_line(p, message)
+
+
+@pytest.mark.slow
+def test_prepared_data_files_are_readable_like_any_other_file():
+    """They were mode 0600 (mkstemp's): another user could not train on them."""
+    source = os.path.join(ROOT, '..', 'shared', 'data', 'tinyshakespeare', 'input.txt')
+    if not os.path.exists(source):
+        pytest.skip('no offline copy of tiny shakespeare')
+    run('data/shakespeare_char/prepare.py', source)
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ('train.bin', 'val.bin', 'meta.pkl'):
+        mode = os.stat(os.path.join(ROOT, 'data', 'shakespeare_char', name)).st_mode & 0o777
+        assert mode == 0o666 & ~umask, (name, oct(mode))
 
 
 @pytest.mark.parametrize('text, message', [('', 'the input holds 0 characters'),
@@ -314,3 +433,188 @@ def test_prepare_refuses_empty_or_too_wide_input_and_leaves_no_temp_file(tmp_pat
     before = set(os.listdir(os.path.join(ROOT, 'data', 'shakespeare_char')))
     one_error_line(run('data/shakespeare_char/prepare.py', str(tmp_path / 'input.txt'), check=False), message)
     assert set(os.listdir(os.path.join(ROOT, 'data', 'shakespeare_char'))) == before
+
+
+# -----------------------------------------------------------------------------
+# bad files: one error line
+
+
+@pytest.mark.parametrize('vocab', [0, True])
+def test_a_meta_vocab_size_that_is_not_a_positive_integer_is_one_line(tmp_path, vocab):
+    """0 used to become GPT-2's 50304, True a vocabulary of 1, silently."""
+    folder = str(tmp_path / 'data')
+    write_dataset(folder, range(100), vocab=vocab)
+    p = run('train.py', *TINY, f'--dataset={folder}', f'--out_dir={tmp_path / "out"}', check=False)
+    one_error_line(p, f"meta.pkl has no positive integer 'vocab_size' (it has {vocab!r})")
+
+
+@pytest.mark.parametrize('content, message', [
+    (b'\x00\x01\x02', 'is not valid Python: source code string cannot contain null bytes'),  # binary
+    ('n_layer = 2  # é\n'.encode('latin-1'), "cannot be read as UTF-8 text (invalid continuation byte)"),
+    (b'n_layer = [2,\n', "is not valid Python (line 1): '[' was never closed"),
+    (b'n_layer = 2\nmax_iters = 1 // 0\n', 'raised ZeroDivisionError at line 2: integer division or modulo'),
+    (b'import sys\nsys.exit(0)\n', 'calls sys.exit(0): a config file only sets keys'),  # (it was exit code 0)
+])
+def test_a_config_file_that_cannot_run_is_one_line(tmp_path, capsys, content, message):
+    (tmp_path / 'bad.py').write_bytes(content)
+    with pytest.raises(SystemExit) as e:
+        configure({'n_layer': 12, 'max_iters': 100}, [str(tmp_path / 'bad.py')])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1, err
+    assert err[0].startswith('error: config file ') and message in err[0], err
+
+
+@pytest.mark.parametrize('case, message', [
+    ('iter_num a string', "its iter_num is '12', not an integer >= 0"),
+    ('NaN weights', "holds non-finite values (NaN/inf) in model transformer.h.0.attn.c_attn.weight"),
+    ('empty optimizer state', None),
+    ('best_val_loss NaN', None),
+])
+@pytest.mark.slow
+def test_a_checkpoint_that_cannot_resume_exactly_says_so(good_run, tmp_path, case, message):
+    """A NaN checkpoint used to resume (then "Last good checkpoint" named it); a NaN best_val_loss never let
+    ckpt_best.pt be saved again; an empty optimizer state was a silently inexact resume."""
+    out = str(tmp_path / 'out')
+    shutil.copytree(good_run, out)
+    ckpt = load_checkpoint(os.path.join(out, 'ckpt.pt'))
+    if case == 'iter_num a string':
+        ckpt['iter_num'] = '12'
+    elif case == 'NaN weights':
+        ckpt['model']['transformer.h.0.attn.c_attn.weight'][0, 0] = float('nan')
+    elif case == 'empty optimizer state':
+        ckpt['optimizer']['state'] = {}
+    else:
+        ckpt['best_val_loss'] = float('nan')
+    save_checkpoint(ckpt, os.path.join(out, 'ckpt.pt'))
+    p = run('train.py', *RUN_ONLY, f'--out_dir={out}', '--init_from=resume', '--max_iters=9',
+            '--eval_interval=3', check=False)
+    if message:
+        return one_error_line(p, message)
+    assert p.returncode == 0, p.stderr
+    if case == 'empty optimizer state':
+        assert "note: the checkpoint's optimizer state is empty at iter 6: AdamW's moments start" in p.stdout
+    else:
+        assert "note: the checkpoint's best_val_loss is NaN" in p.stdout
+        assert load_checkpoint(os.path.join(out, 'ckpt_best.pt'))['iter_num'] == 9
+
+
+@pytest.mark.slow
+def test_the_last_good_checkpoint_is_this_runs_own(good_run, tmp_path):
+    """A new run in an out_dir that holds another run's ckpt.pt diverges before its first save: "Last good
+    checkpoint" used to name the other run's."""
+    out = str(tmp_path / 'out')
+    shutil.copytree(good_run, out)
+    p = run('train.py', *FAST, f'--out_dir={out}', '--eval_interval=1000', check=False, env=nan_at(2))
+    one_error_line(p, 'non-finite loss or gradient at iter 2', code=1)
+    assert p.stderr.strip().endswith('stopping. Last good checkpoint: none (this run saved none yet)')
+
+
+@pytest.mark.parametrize('case, message', [
+    ('temperature 1e-300', None),
+    ('NaN weights', 'holds non-finite values (NaN/inf) in model transformer.wte.weight'),
+    ('meta.pkl without stoi', "has no 'stoi' and 'itos' dicts"),
+    ('prompt from /dev/zero', "prompt file '/dev/zero' holds more than 1,048,576 characters"),
+])
+@pytest.mark.slow
+def test_sample_faults_are_one_line(good_run, tmp_path, case, message):
+    out = str(tmp_path / 'out')
+    shutil.copytree(good_run, out)
+    ckpt, args = load_checkpoint(os.path.join(out, 'ckpt.pt')), []
+    if case == 'temperature 1e-300':  # logits / 1e-300 were inf - inf = NaN: now greedy
+        args = ['--temperature=1e-300', '--num_samples=2', '--max_new_tokens=30']
+    elif case == 'NaN weights':
+        ckpt['model']['transformer.wte.weight'][3] = float('nan')
+    elif case == 'meta.pkl without stoi':
+        write_dataset(str(tmp_path / 'data'), range(100), vocab=65)
+        with open(tmp_path / 'data' / 'meta.pkl', 'wb') as f:
+            pickle.dump({'vocab_size': 65}, f)
+        ckpt['config']['dataset'] = str(tmp_path / 'data')
+    else:
+        args = ['--start=FILE:/dev/zero']
+    save_checkpoint(ckpt, os.path.join(out, 'ckpt.pt'))
+    p = run('sample.py', f'--out_dir={out}', '--device=cpu', *args, check=False)
+    if message:
+        return one_error_line(p, message)
+    assert p.returncode == 0 and 'Traceback' not in p.stderr, p.stderr
+    samples = p.stdout.split('---------------')[:2]
+    assert samples[0].strip().endswith(samples[1].strip()[-30:])  # greedy: the two samples are one
+
+
+@pytest.fixture(scope='module')
+def moe_folder(good_run, tmp_path_factory):
+    """good_run exported to a Hugging Face folder (NanoMoEForCausalLM)."""
+    folder = str(tmp_path_factory.mktemp('hf') / 'moe')
+    run('tools/export_hf.py', f'--out_dir={good_run}', f'--hf_dir={folder}')
+    return folder
+
+
+@pytest.mark.parametrize('case, message', [
+    ('no model.safetensors', 'cannot be loaded: No such file or directory'),
+    ('truncated model.safetensors', 'cannot be loaded: '),
+    ('corrupt model.safetensors', 'cannot be loaded: '),
+    ('config.json without num_experts_per_tok', 'config.json has no num_experts_per_tok (top_k)'),
+    ('config.json not JSON', 'config.json cannot be read as JSON'),
+])
+@pytest.mark.slow
+def test_a_hugging_face_folder_that_cannot_be_loaded_is_one_line(moe_folder, tmp_path, case, message):
+    folder = tmp_path / 'hf'
+    shutil.copytree(moe_folder, folder)
+    weights, config = folder / 'model.safetensors', folder / 'config.json'
+    if case == 'no model.safetensors':
+        weights.unlink()
+    elif case == 'truncated model.safetensors':
+        weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
+    elif case == 'corrupt model.safetensors':
+        weights.write_bytes(np.random.default_rng(0).bytes(weights.stat().st_size))
+    elif case == 'config.json without num_experts_per_tok':
+        config.write_text(json.dumps({k: v for k, v in json.loads(config.read_text()).items()
+                                      if k != 'num_experts_per_tok'}))
+    else:
+        config.write_bytes(b'\xff{"n_layer": ')
+    one_error_line(run('sample.py', f'--init_from={folder}', '--device=cpu', check=False), message)
+    p = run('train.py', *RUN_ONLY, f'--init_from={folder}', f'--out_dir={tmp_path / "out"}', check=False)
+    one_error_line(p, message)
+
+
+@pytest.mark.slow
+def test_an_export_that_cannot_write_is_one_line(good_run, tmp_path):
+    (tmp_path / 'file').write_text('not a folder')
+    hf_dir = tmp_path / 'file' / 'hf'
+    p = run('tools/export_hf.py', f'--out_dir={good_run}', f'--hf_dir={hf_dir}', check=False)
+    one_error_line(p, f"cannot write {hf_dir} (")
+    assert os.listdir(tmp_path) == ['file']
+
+
+@pytest.mark.slow
+def test_two_exports_into_one_folder_at_once_one_says_so(good_run, tmp_path):
+    """Both found the folder free; the other one's rename lands first (here: as this one's save returns)."""
+    hf_dir = str(tmp_path / 'hf')
+    child = f"""
+import os, runpy, shutil, sys
+sys.path.insert(0, {ROOT!r})
+import hf
+save = hf.save
+def save_and_the_other_lands(model, folder):
+    save(model, folder)
+    shutil.copytree(folder, {hf_dir!r})
+hf.save = save_and_the_other_lands
+sys.argv = ['tools/export_hf.py', '--out_dir={good_run}', '--hf_dir={hf_dir}']
+runpy.run_path(os.path.join({ROOT!r}, 'tools', 'export_hf.py'), run_name='__main__')
+"""
+    p = subprocess.run([sys.executable, '-c', child], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                       timeout=300)
+    one_error_line(p, f"hf_dir={hf_dir!r} was written by another export meanwhile: nothing is overwritten")
+    assert os.listdir(tmp_path) == ['hf'] and 'config.json' in os.listdir(hf_dir)  # the other's, whole
+
+
+@pytest.mark.slow
+def test_wandb_not_logged_in_is_one_line(shakespeare_char, tmp_path):
+    """wandb.init's UsageError was a traceback (after the model was built)."""
+    pytest.importorskip('wandb')
+    env = {k: v for k, v in ENV.items() if not k.startswith('WANDB_')}
+    env.update(HOME=str(tmp_path), WANDB_DIR=str(tmp_path), WANDB_SILENT='true')  # no ~/.netrc, no API key
+    p = subprocess.run([sys.executable, os.path.join(ROOT, 'train.py'), *FAST, '--wandb_log=True',
+                        f'--out_dir={tmp_path / "out"}'], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)
+    one_error_line(p, 'wandb_log=True, but wandb.init failed (')
+    assert 'log in with `wandb login`' in p.stderr and 'WANDB_MODE=offline' in p.stderr

@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root, for its modules
 from configurator import configure, fail  # noqa: E402
-from checkpoint import read_log  # noqa: E402
+from checkpoint import read_log, CheckpointError  # noqa: E402
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'  # the run: reads out_dir/log.jsonl
@@ -103,19 +103,28 @@ if __name__ == '__main__':
     log_path = os.path.join(out_dir, 'log.jsonl')
     if not os.path.exists(log_path):
         fail(f"{log_path} not found: tools/plot.py reads the log.jsonl that train.py writes into out_dir")
-    records = read_log(log_path)
+    try:
+        records = read_log(log_path)  # a torn line: one warning, skipped
+    except CheckpointError as e:
+        fail(str(e))
     steps = [r for r in records if 'loss' in r and 'event' not in r]
     evals = [r for r in records if 'val/ce' in r]
+    if not steps and not evals:
+        fail(f"{log_path} holds no training step or eval yet (only {len(records)} event record(s)): nothing "
+             f"to plot")
     layers = moe_layers(steps)
-    os.makedirs(plot_dir, exist_ok=True)
     written = [os.path.join(plot_dir, 'loss.png')]
-    plot_losses(steps, evals, written[0])
-    if layers:
-        written.append(os.path.join(plot_dir, 'load.png'))
-        plot_load(steps, layers, written[-1])
-        written.append(os.path.join(plot_dir, 'probe.png'))
-        plot_probe(evals, layers, written[-1])
-    if any('hellaswag/acc_norm' in r for r in evals):
-        written.append(os.path.join(plot_dir, 'hellaswag.png'))
-        plot_hellaswag(evals, written[-1])
+    try:
+        os.makedirs(plot_dir, exist_ok=True)
+        plot_losses(steps, evals, written[0])
+        if layers:
+            written.append(os.path.join(plot_dir, 'load.png'))
+            plot_load(steps, layers, written[-1])
+            written.append(os.path.join(plot_dir, 'probe.png'))
+            plot_probe(evals, layers, written[-1])
+        if any('hellaswag/acc_norm' in r for r in evals):
+            written.append(os.path.join(plot_dir, 'hellaswag.png'))
+            plot_hellaswag(evals, written[-1])
+    except OSError as e:  # plot_dir is a file, read-only, the disk is full
+        fail(f"cannot write {e.filename or written[-1]} (plot_dir={plot_dir!r}): {e.strerror or e}")
     print('wrote ' + ', '.join(written))

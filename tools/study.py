@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root, for its modules
 from configurator import configure, fail  # noqa: E402
-from checkpoint import load_checkpoint, read_log  # noqa: E402
+from checkpoint import load_checkpoint, read_log, CheckpointError  # noqa: E402
 from moe_model import build_model  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -95,17 +95,27 @@ def train_seconds(steps, eval_iters, n):
     return np.array([times[i] for i in iters])[at]
 
 
-def run_curve(run_dir):
+def run_curve(run_dir, failed):
     """A run's val-loss curve and summary: per eval its iteration, tokens, FLOPs, seconds and val loss; the
-    final and best val loss, train loss, routing; or None if it has no eval or no checkpoint."""
+    final and best val loss, train loss, routing. Or (None, why): the result is the eval at the run's last
+    iteration (max_iters; a failed run's: its last eval), and a log that is torn, empty or lacks that eval
+    gives none, never an earlier eval in its place (why is None for a run that failed before logging)."""
     log_path, ckpt_path = os.path.join(run_dir, 'log.jsonl'), os.path.join(run_dir, 'ckpt.pt')
-    if not (os.path.exists(log_path) and os.path.exists(ckpt_path)):
-        return None
-    records = read_log(log_path)
+    if failed and not (os.path.exists(log_path) and os.path.exists(ckpt_path)):
+        return None, None  # it stopped before logging anything: train.log says why
+    try:
+        records = read_log(log_path, torn_ok=False)
+    except CheckpointError as e:
+        return None, str(e)
     evals = [r for r in records if 'val/ce' in r]
     steps = [r for r in records if 'dt_ms' in r]
+    done, max_iters = progress(run_dir)
+    if not failed and (not evals or evals[-1]['iter'] != max_iters):
+        return None, (f"the run ended at iter {done} of {max_iters}" if done < max_iters else
+                      f"{log_path} lacks the eval at the run's last iteration {max_iters} (its last eval: "
+                      f"{evals[-1]['iter'] if evals else 'none'}); delete {run_dir} to redo the run")
     if not evals:
-        return None
+        return None, None
     ckpt = load_checkpoint(ckpt_path)
     cfg = ckpt['config']
     with torch.device('meta'):  # sizes only: no memory, no init cost
@@ -126,7 +136,7 @@ def run_curve(run_dir):
                            ('flips', evals, '/flip_rate')):
         values = [v for k, v in (rows[-1] if rows else {}).items() if k.endswith(key)]
         curve[col] = statistics.mean(values) if values else math.nan
-    return curve
+    return curve, None
 
 
 def mean_curve(curves):
@@ -191,7 +201,7 @@ def versus_text(run, base, axis):
             f"{whole['gap']:+.4f}" + span('gap', '+.4f'))
 
 
-def write_table(curves, failed, trained):
+def write_table(curves, failed, trained, errors):
     command = ' '.join(['python', 'tools/study.py', *sys.argv[1:]])
     threads = os.environ.get('OMP_NUM_THREADS')
     over_seeds = f", the mean over seeds {seeds} ± their standard deviation" if seeds else ''
@@ -206,10 +216,12 @@ def write_table(curves, failed, trained):
              'tokens | train FLOPs | train min | max/mean load | dead experts | flip rate |',
              '|---|---|---|---|---|---|---|---|---|---|---|---|---|']
     for name, c in curves.items():
-        status = ' (FAILED: see train.log)' if failed & {run for run, _ in trained[name]} else ''
+        ran = {run for run, _ in trained[name]}
+        status = (' (FAILED: see train.log)' if failed & ran else
+                  ' (NO RESULT: its log.jsonl, see the error)' if ran & set(errors) else '')
         head = f"| {name}{status} | `{' '.join(runs[name])}` |"
         if c is None:
-            lines.append(head + ' ? | nan | nan | nan | 0 |' + ' - |' * 7)
+            lines.append(head + ' ? |' + ' - |' * 10)
             continue
         total, active = c['params']
         finals = ' | '.join(spread(c['finals'][k]) for k in ('val', 'best_val', 'train'))
@@ -285,15 +297,20 @@ if __name__ == '__main__':
     os.makedirs(os.path.dirname(os.path.abspath(results)), exist_ok=True)
     trained = seeded(runs, seeds)
     failed = {run for name in runs for run, args in trained[name] if not train(run, args)}
-    curves = {}
+    curves, errors = {}, {}
     for name in runs:
-        seed_curves = [run_curve(os.path.join(out_dir, run)) for run, _ in trained[name]]
+        got = {run: run_curve(os.path.join(out_dir, run), run in failed) for run, _ in trained[name]}
+        errors.update({run: why for run, (_, why) in got.items() if why})
+        seed_curves = [curve for curve, _ in got.values()]
         curves[name] = mean_curve(seed_curves) if all(seed_curves) else None
-    write_table(curves, failed, trained)
+    write_table(curves, failed, trained, errors)
     write_plot(curves)
     print(open(results + '.md').read())
     print(f"wrote {results}.md and {results}.png")
+    problems = [f"no result for {run}: {why}" for run, why in errors.items()]
     if failed:
-        print(f"error: {len(failed)} run(s) failed: {', '.join(sorted(failed))}; re-run the same command to "
-              f"retry them", file=sys.stderr)
+        problems.insert(0, f"{len(failed)} run(s) failed: {', '.join(sorted(failed))} (re-run the same "
+                           f"command to retry them)")
+    if problems:  # one line, however many
+        print(f"error: {'; '.join(problems)}", file=sys.stderr)
         sys.exit(1)

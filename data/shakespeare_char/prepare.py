@@ -21,11 +21,15 @@ offline_copy = os.path.join(here, '..', '..', '..', 'shared', 'data', 'tinyshake
 
 
 def atomic_write(path, write):
-    """write(f) into a temp file next to path, then rename: never a half-written file under path."""
+    """write(f) into a temp file next to path, then rename: never a half-written file under path. With the
+    mode that open() would give it (mkstemp's is 0600: readable by its owner only)."""
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix='.tmp')
     try:
         with os.fdopen(fd, 'wb') as f:
             write(f)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         os.remove(tmp)
