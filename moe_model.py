@@ -30,7 +30,9 @@ import torch.nn as nn
 import torch.distributed as dist
 from torch.nn import functional as F
 
+from moe_kernels import cpu_grouped_mm
 from moe_kernels.grouped_mm import grouped_mm  # the grouped GEMM as a custom op (torch.compile traces it)
+from moe_kernels.fused import fused_experts as fused_experts_op  # the grouped backend in one op (CPU)
 from model import GPT, GPTConfig, MLP, activation, checkpointed, key, keys_of
 
 
@@ -316,9 +318,28 @@ def grouped_mlp(x_sorted, counts, experts):
     return out
 
 
+def cpu_kernel_available():
+    """moe_kernels/cpu_grouped_mm.cpp built and loaded. torch.compile cannot trace a build: it reads the
+    answer of an eager call before it (train.py and bench.py make one), else takes torch's grouped_mm."""
+    return bool(cpu_grouped_mm._built) if torch.compiler.is_compiling() else cpu_grouped_mm.available()
+
+
+def fused_experts(x, topk_idx, topk_weight, experts):
+    """grouped_experts as one op forward and one backward (moe_kernels/fused.py, on the CPU kernel): the rows
+    gathered by expert, both GEMMs with the activation between, the router-weighted sum in float32."""
+    dtype = compute_dtype(x)
+    bias = [None if b is None else b.to(dtype) for b in (experts.c_fc_bias, experts.c_proj_bias)]
+    y = fused_experts_op(x.to(dtype), topk_idx, topk_weight, experts.c_fc.to(dtype), bias[0],
+                         experts.c_proj.to(dtype), bias[1], experts.config.mlp)[0]
+    return y.to(x.dtype)
+
+
 def grouped_experts(x, topk_idx, topk_weight, experts):
     """Dropless: sort token-slots by expert, then one grouped GEMM per layer of the expert MLP. An expert
-    without tokens is an empty group: its weights get a zero gradient, so DDP sees every parameter used."""
+    without tokens is an empty group: its weights get a zero gradient, so DDP sees every parameter used.
+    On the CPU where moe_kernels/cpu_grouped_mm.cpp builds, all of it is one op (fused_experts)."""
+    if x.device.type == 'cpu' and cpu_kernel_available():
+        return fused_experts(x, topk_idx, topk_weight, experts), 0.0
     order, token, counts = sort_by_expert(topk_idx, experts.c_fc.size(0))
     # index_select rather than x[token]: its backward is a fast index_add, not an accumulating index_put
     out = grouped_mlp(x.index_select(0, token), counts, experts)
@@ -332,7 +353,7 @@ def table_experts(x, token, weight, experts):
     token = token.flatten()
     x_pad = F.pad(x, (0, 0, 0, 1))  # row N is zeros: empty places read it and add to a row dropped here
     # index_select rather than x[token]: its backward is a fast index_add, not an accumulating index_put
-    out = experts(x_pad.index_select(0, token).view(*weight.shape, -1)).flatten(0, 1)
+    out = experts(x_pad.index_select(0, token).view(*weight.shape, x.size(1))).flatten(0, 1)
     return combine(out, weight, torch.arange(token.numel(), device=x.device), token, x.size(0) + 1)[:-1]
 
 
