@@ -32,7 +32,7 @@ from torch.nn import functional as F
 
 from moe_kernels import cpu_grouped_mm
 from moe_kernels.grouped_mm import grouped_mm  # the grouped GEMM as a custom op (torch.compile traces it)
-from moe_kernels.fused import fused_experts as fused_experts_op  # the grouped backend in one op (CPU)
+from moe_kernels.fused import fused_experts as fused_experts_op, softmax_router, router_losses  # (CPU kernel)
 from model import GPT, GPTConfig, MLP, activation, checkpointed, key, keys_of
 
 
@@ -163,11 +163,18 @@ class Router(nn.Module):
             x = x.float()
             if self.training and cfg.router_jitter > 0:
                 x = x * torch.empty_like(x).uniform_(1 - cfg.router_jitter, 1 + cfg.router_jitter)
+            noise = self.training and self.noise is not None
+            if cfg.router_score == 'softmax' and not noise and x.device.type == 'cpu' and \
+                    cpu_kernel_available():
+                # the ops below in one, the same bits, with a one-pass backward (moe_kernels/fused.py)
+                norm = cfg.norm_topk and cfg.top_k > 1
+                return softmax_router(x, self.gate.weight.float(), self.expert_bias, cfg.top_k, norm,
+                                      cfg.router_temperature, cfg.route_scale)
             logits = F.linear(x, self.gate.weight.float())
             if cfg.router_temperature != 1.0:
                 logits = logits / cfg.router_temperature
             noisy = logits  # the z-loss sees the clean logits
-            if self.training and self.noise is not None:
+            if noise:
                 noisy = logits + torch.randn_like(logits) * F.softplus(F.linear(x, self.noise.weight.float()))
         softmax = cfg.router_score == 'softmax'
         scores = noisy.softmax(dim=-1) if softmax else noisy.sigmoid()
@@ -319,8 +326,11 @@ def grouped_mlp(x_sorted, counts, experts):
 
 
 def cpu_kernel_available():
-    """moe_kernels/cpu_grouped_mm.cpp built and loaded. torch.compile cannot trace a build: it reads the
-    answer of an eager call before it (train.py and bench.py make one), else takes torch's grouped_mm."""
+    """moe_kernels/cpu_grouped_mm.cpp built and loaded (never in an exported folder, where the import of
+    moe_kernels left None: hf/__init__.py). torch.compile cannot trace a build: it reads the answer of an
+    eager call before it (train.py and bench.py make one), else takes torch's ops."""
+    if cpu_grouped_mm is None:
+        return False
     return bool(cpu_grouped_mm._built) if torch.compiler.is_compiling() else cpu_grouped_mm.available()
 
 
@@ -475,9 +485,12 @@ class MoE(nn.Module):
                 balance_counts = summed_over_ranks(self.step_counts)
         if cfg.aux_loss_scope == 'sequence':
             self.balance_loss = sequence_balance_loss(by_sequence(probs), by_sequence(topk_idx))
+            self.z_loss = router_z_loss(logits)
+        elif logits.device.type == 'cpu' and cpu_kernel_available():  # both in one op (moe_kernels/fused.py)
+            self.balance_loss, self.z_loss, _ = router_losses(logits, probs, balance_counts)
         else:
             self.balance_loss = load_balance_loss(probs, topk_idx, balance_counts)
-        self.z_loss = router_z_loss(logits)
+            self.z_loss = router_z_loss(logits)
         self.tokens_per_expert, self.drop_fraction = counts, drop_fraction
         self.probs = probs.detach()  # for routing_stats' entropy, computed only when asked for
         self.topk_idx = by_sequence(topk_idx).flatten(0, 1)  # [token (b * T + t), choice]

@@ -6,10 +6,16 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/Version.h>
 #include <torch/library.h>
+#include <immintrin.h>
 
 #include <algorithm>
+#include <array>
+#include <atomic>
+#include <cmath>
 #include <functional>
+#include <string>
 #include <vector>
 
 namespace {
@@ -305,6 +311,276 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 }
 
 
+// ---------------------------------------------------------------------------------------------------
+// softmax_router: moe_model.Router's softmax path (the gate, the softmax over the experts, the top-k and the
+// chosen weights) with the same bits as its torch ops, and its backward in one pass over the rows: the
+// gradients that reach the chosen weights, the logits (the z-loss) and the probabilities (the balance
+// loss) become the logits' gradient, then the gate's two products. torch's softmax over a last dimension
+// shorter than a vector register (8 experts: 16 floats on AVX512) is slow, ~20 ns per element, as is its
+// top-k on rows this short: here they are plain loops. The softmax is the one torch runs there, step for
+// step: exp of (x - max) by the same Sleef function as torch's Vectorized::exp, the sum left to right (as
+// vec_reduce_all over a partial vector), times 1 / sum; a check against at::_softmax on first use (and
+// any row with a tie or a NaN, for the top-k) falls back to torch's own kernels.
+
+#pragma GCC push_options
+#pragma GCC target("avx512f")
+extern "C" __m512 Sleef_expf16_u10(__m512);  // torch's Vectorized<float>::exp on AVX512 (libtorch_cpu has it)
+void exp_avx512(float* v, int64_t n) {  // n: a multiple of 16
+  for (int64_t i = 0; i < n; i += 16) _mm512_storeu_ps(v + i, Sleef_expf16_u10(_mm512_loadu_ps(v + i)));
+}
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+extern "C" __m256 Sleef_expf8_u10(__m256);  // ... and on AVX2
+void exp_avx2(float* v, int64_t n) {  // n: a multiple of 8
+  for (int64_t i = 0; i < n; i += 8) _mm256_storeu_ps(v + i, Sleef_expf8_u10(_mm256_loadu_ps(v + i)));
+}
+#pragma GCC pop_options
+
+// The exp and the vector width (in floats) of torch's softmax kernel on this CPU; width 0: none of ours.
+struct VecExp { void (*exp)(float*, int64_t); int64_t width; };
+VecExp vec_exp() {
+  static const std::string capability = at::get_cpu_capability();  // what torch's kernels were picked for
+  return capability == "AVX512" ? VecExp{exp_avx512, 16} : capability == "AVX2" ? VecExp{exp_avx2, 8}
+                                                                                : VecExp{nullptr, 0};
+}
+
+// softmax over the last dimension of `rows` rows of E (E < the vector width) from x into out, as torch's
+// _vec_softmax_lastdim computes it there; buf: scratch
+void softmax_rows(const float* x, float* out, int64_t rows, int64_t E, const VecExp& ve,
+                  std::vector<float>& buf) {
+  const int64_t n = rows * E;
+  buf.assign((n + ve.width - 1) / ve.width * ve.width, 0.f);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * E;
+    float m = xr[0];  // (vec::maximum: NaN if either is)
+    for (int64_t e = 1; e < E; ++e) m = std::isnan(m) || std::isnan(xr[e]) ? NAN : std::max(m, xr[e]);
+    for (int64_t e = 0; e < E; ++e) buf[r * E + e] = xr[e] - m;
+  }
+  ve.exp(buf.data(), buf.size());  // lane by lane, as torch's exp of a partial vector
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* er = buf.data() + r * E;
+    float sum = er[0];
+    for (int64_t e = 1; e < E; ++e) sum += er[e];
+    sum = 1 / sum;
+    for (int64_t e = 0; e < E; ++e) out[r * E + e] = er[e] * sum;
+  }
+}
+
+// Whether softmax_rows reproduces at::_softmax for rows of E here (checked once per E, on fixed values:
+// no random numbers are drawn, so that a run's random stream does not depend on it)
+bool softmax_rows_exact(int64_t E, const VecExp& ve) {
+  static std::array<std::atomic<int>, 64> known{};  // 0: not checked, 1: exact, 2: not
+  if (ve.width == 0 || E >= ve.width || E >= 64) return false;
+  if (known[E] == 0) {
+    const int64_t N = 4096;
+    auto x = at::empty({N, E}, at::kFloat);
+    float* xd = x.data_ptr<float>();
+    for (int64_t i = 0; i < N * E; ++i) xd[i] = std::sin(0.37 * i) * std::pow(10.0, (i / E) % 5 - 2);
+    auto ref = at::_softmax(x, -1, false), got = at::empty_like(x);
+    std::vector<float> buf;
+    softmax_rows(xd, got.data_ptr<float>(), N, E, ve, buf);
+    known[E] = at::equal(got, ref) ? 1 : 2;
+  }
+  return known[E] == 1;
+}
+
+// The top k of a row of E, largest first, as at::topk gives them where no two values tie and none is NaN;
+// false where they do (the caller then takes at::topk's answer, whose order of ties is its own)
+bool topk_row(const float* v, int64_t E, int64_t k, float* values, int64_t* indices) {
+  int64_t filled = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    if (std::isnan(v[e])) return false;
+    int64_t i = std::min(filled, k);
+    for (; i > 0 && v[e] >= values[i - 1]; --i) {
+      if (v[e] == values[i - 1]) return false;
+      if (i < k) values[i] = values[i - 1], indices[i] = indices[i - 1];
+    }
+    if (i < k) {
+      values[i] = v[e], indices[i] = e;
+      filled = std::min(filled + 1, k);
+    } else if (v[e] == values[k - 1]) {
+      return false;  // equal to the k-th: which of the two is chosen is a tie
+    }
+  }
+  return true;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> softmax_router(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& expert_bias,
+    int64_t top_k, bool norm_topk, double temperature, double route_scale) {
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1) &&
+              x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat,
+              "softmax_router: want x [N, d] and weight [E, d], float32");
+  const int64_t N = x.size(0), E = weight.size(0), k = top_k;
+  TORCH_CHECK(0 < k && k <= E, "softmax_router: want 0 < top_k <= ", E, ", got ", k);
+  auto logits = at::mm(x, weight.t());  // F.linear(x, weight)
+  if (temperature != 1.0) logits = logits / temperature;
+  const VecExp ve = vec_exp();
+  const bool float_bias = !expert_bias || expert_bias->scalar_type() == at::kFloat;
+  if (!softmax_rows_exact(E, ve) || !softmax_rows_exact(k, ve) || !float_bias) {
+    auto probs = at::_softmax(logits, -1, false);  // torch's kernels, op for op as the Router's torch path
+    at::Tensor chosen, idx;
+    if (expert_bias) {  // the bias only selects
+      idx = std::get<1>(at::topk(probs + *expert_bias, k));
+      chosen = logits.gather(1, idx);
+    } else {
+      std::tie(chosen, idx) = at::topk(logits, k);
+    }
+    auto w = norm_topk ? at::_softmax(chosen, -1, false) : probs.gather(1, idx);
+    return {idx, route_scale != 1.0 ? w * route_scale : w, logits, probs};
+  }
+  auto probs = at::empty({N, E}, logits.options()), w = at::empty({N, k}, logits.options());
+  auto idx = at::empty({N, k}, logits.options().dtype(at::kLong));
+  const float* l = logits.data_ptr<float>();
+  auto bias_ = expert_bias ? expert_bias->contiguous() : at::Tensor();
+  const float* bias = expert_bias ? bias_.data_ptr<float>() : nullptr;
+  float *p = probs.data_ptr<float>(), *w_ = w.data_ptr<float>();
+  int64_t* idx_ = idx.data_ptr<int64_t>();
+  std::atomic<bool> exact{true};
+  at::parallel_for(0, N, grain(4 * E), [&](int64_t n0, int64_t n1) {
+    std::vector<float> buf, chosen((n1 - n0) * k), biased(E), values(k);
+    softmax_rows(l + n0 * E, p + n0 * E, n1 - n0, E, ve, buf);
+    for (int64_t n = n0; n < n1; ++n) {
+      int64_t* in = idx_ + n * k;
+      float* cn = chosen.data() + (n - n0) * k;
+      if (bias) {  // the bias only selects: (probs + bias), then the chosen logits
+        for (int64_t e = 0; e < E; ++e) biased[e] = p[n * E + e] + bias[e];
+        if (!topk_row(biased.data(), E, k, values.data(), in)) exact = false;
+        for (int64_t j = 0; j < k; ++j) cn[j] = l[n * E + in[j]];
+      } else if (!topk_row(l + n * E, E, k, cn, in)) {
+        exact = false;
+      }
+      if (!norm_topk)
+        for (int64_t j = 0; j < k; ++j) w_[n * k + j] = p[n * E + in[j]];
+    }
+    if (norm_topk) softmax_rows(chosen.data(), w_ + n0 * k, n1 - n0, k, ve, buf);
+  });
+  if (!exact) {  // a tie or a NaN somewhere: torch's top-k, whose order of ties is its own
+    at::Tensor chosen;
+    if (expert_bias) {
+      idx = std::get<1>(at::topk(probs + *expert_bias, k));
+      chosen = logits.gather(1, idx);
+    } else {
+      std::tie(chosen, idx) = at::topk(logits, k);
+    }
+    w = norm_topk ? at::_softmax(chosen, -1, false) : probs.gather(1, idx);
+  }
+  return {idx, route_scale != 1.0 ? w * route_scale : w, logits, probs};
+}
+
+std::tuple<at::Tensor, at::Tensor> softmax_router_backward(
+    const std::optional<at::Tensor>& grad_w, const std::optional<at::Tensor>& grad_logits,
+    const std::optional<at::Tensor>& grad_probs, const at::Tensor& x, const at::Tensor& weight,
+    const at::Tensor& topk_idx, const at::Tensor& topk_weight, const at::Tensor& probs, bool norm_topk,
+    double temperature, double route_scale) {
+  const int64_t N = probs.size(0), E = probs.size(1), k = topk_idx.size(1);
+  auto dense = [](const std::optional<at::Tensor>& t) {  // an expanded gradient, contiguous; an absent one
+    return t ? t->to(at::kFloat).contiguous() : at::Tensor();
+  };
+  auto gw = dense(grad_w), gl_in = dense(grad_logits), gp_in = dense(grad_probs);
+  auto idx = topk_idx.contiguous(), w = topk_weight.contiguous(), p = probs.contiguous();
+  auto gl = at::empty({N, E}, probs.options());
+  const float scale = route_scale, inv_t = 1.0 / temperature;
+  const int64_t* idx_ = idx.data_ptr<int64_t>();
+  const float *w_ = w.data_ptr<float>(), *p_ = p.data_ptr<float>();
+  const float* gw_ = gw.defined() ? gw.data_ptr<float>() : nullptr;
+  const float* gl_in_ = gl_in.defined() ? gl_in.data_ptr<float>() : nullptr;
+  const float* gp_in_ = gp_in.defined() ? gp_in.data_ptr<float>() : nullptr;
+  float* gl_ = gl.data_ptr<float>();
+  at::parallel_for(0, N, grain(E + k), [&](int64_t n0, int64_t n1) {
+    std::vector<float> gp(E);  // the probabilities' gradient
+    for (int64_t n = n0; n < n1; ++n) {
+      float* g = gl_ + n * E;
+      const float* pn = p_ + n * E;
+      for (int64_t e = 0; e < E; ++e) g[e] = gl_in_ ? gl_in_[n * E + e] : 0.f;
+      for (int64_t e = 0; e < E; ++e) gp[e] = gp_in_ ? gp_in_[n * E + e] : 0.f;
+      if (gw_) {
+        const float *wn = w_ + n * k, *gwn = gw_ + n * k;
+        const int64_t* in = idx_ + n * k;
+        if (norm_topk) {  // w = scale * softmax(chosen logits): its backward, into the chosen logits
+          float s = 0.f;
+          for (int64_t j = 0; j < k; ++j) s += wn[j] * gwn[j];
+          for (int64_t j = 0; j < k; ++j) g[in[j]] += wn[j] * (gwn[j] - s / scale);
+        } else {  // w = scale * the chosen probabilities
+          for (int64_t j = 0; j < k; ++j) gp[in[j]] += scale * gwn[j];
+        }
+      }
+      float s = 0.f;  // the softmax's backward: p * (gp - <gp, p>)
+      for (int64_t e = 0; e < E; ++e) s += gp[e] * pn[e];
+      for (int64_t e = 0; e < E; ++e) g[e] = (g[e] + pn[e] * (gp[e] - s)) * inv_t;
+    }
+  });
+  return {at::mm(gl, weight), at::mm(gl.t(), x)};
+}
+
+
+// ---------------------------------------------------------------------------------------------------
+// router_losses: moe_model.load_balance_loss and router_z_loss of one layer, from its logits, probabilities
+// and slots per expert, in one pass; the backward gives their gradients, which softmax_router's backward
+// (or the Router's torch ops) take on. The torch ops were a dozen forward and as many backward, on [N, E].
+
+// -> balance (n_expert * sum_i f_i * P_i), z (mean of logsumexp(logits)^2), and logsumexp per row
+std::tuple<at::Tensor, at::Tensor, at::Tensor> router_losses(
+    const at::Tensor& logits, const at::Tensor& probs, const at::Tensor& counts) {
+  TORCH_CHECK(logits.dim() == 2 && probs.sizes() == logits.sizes() && counts.numel() == logits.size(1) &&
+              logits.scalar_type() == at::kFloat && probs.scalar_type() == at::kFloat,
+              "router_losses: want float32 logits and probs [N, E], and counts [E]");
+  const int64_t N = logits.size(0), E = logits.size(1);
+  auto l = logits.contiguous(), p = probs.contiguous(), c = counts.to(at::kDouble).contiguous();
+  auto lse = at::empty({N}, l.options());
+  const float *l_ = l.data_ptr<float>(), *p_ = p.data_ptr<float>();
+  float* lse_ = lse.data_ptr<float>();
+  at::parallel_for(0, N, grain(E), [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {  // as torch.logsumexp: max, then log(sum(exp(x - max))) + max
+      const float* x = l_ + n * E;
+      float m = *std::max_element(x, x + E);
+      m = std::isinf(m) ? 0.f : m;
+      double sum = 0;
+      for (int64_t e = 0; e < E; ++e) sum += std::exp(x[e] - m);
+      lse_[n] = std::log(sum) + m;
+    }
+  });
+  double total = 0, z = 0, balance = 0;
+  const double* c_ = c.data_ptr<double>();
+  for (int64_t e = 0; e < E; ++e) total += c_[e];
+  std::vector<double> P(E, 0.0);
+  for (int64_t n = 0; n < N; ++n) {
+    z += double(lse_[n]) * lse_[n];
+    for (int64_t e = 0; e < E; ++e) P[e] += p_[n * E + e];
+  }
+  for (int64_t e = 0; e < E; ++e) balance += c_[e] / total * P[e] / N;
+  auto scalar = [&](double v) { return at::scalar_tensor(v, l.options()); };
+  return {scalar(E * balance), scalar(z / N), lse};
+}
+
+// -> the gradients of logits (the z-loss's) and of probs (the balance loss's)
+std::tuple<at::Tensor, at::Tensor> router_losses_backward(
+    const at::Tensor& grad_balance, const at::Tensor& grad_z, const at::Tensor& logits,
+    const at::Tensor& counts, const at::Tensor& lse) {
+  const int64_t N = logits.size(0), E = logits.size(1);
+  auto l = logits.contiguous(), c = counts.to(at::kDouble).contiguous();
+  auto grad_logits = at::empty({N, E}, l.options()), grad_probs = at::empty({N, E}, l.options());
+  const double gb = grad_balance.item<double>(), gz = grad_z.item<double>();
+  const double* c_ = c.data_ptr<double>();
+  double total = 0;
+  for (int64_t e = 0; e < E; ++e) total += c_[e];
+  std::vector<float> row(E);  // d balance / d probs[n, e] = n_expert * f_e / N, the same in every row
+  for (int64_t e = 0; e < E; ++e) row[e] = gb * E * (c_[e] / total) / N;
+  const float *l_ = l.data_ptr<float>(), *lse_ = lse.data_ptr<float>();
+  float *gl = grad_logits.data_ptr<float>(), *gp = grad_probs.data_ptr<float>();
+  at::parallel_for(0, N, grain(E), [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {  // d z / d logits = 2 lse / N * softmax(logits)
+      const float scale = 2.0 * gz * lse_[n] / N;
+      for (int64_t e = 0; e < E; ++e) {
+        gl[n * E + e] = scale * std::exp(l_[n * E + e] - lse_[n]);
+        gp[n * E + e] = row[e];
+      }
+    }
+  });
+  return {grad_logits, grad_probs};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(nanomoe_cpu, m) {
@@ -321,4 +597,8 @@ TORCH_LIBRARY_IMPL(nanomoe_cpu, CPU, m) {
 TORCH_LIBRARY_IMPL(nanomoe, CPU, m) {
   m.impl("fused_experts", fused_experts);
   m.impl("fused_experts_backward", fused_experts_backward);
+  m.impl("softmax_router", softmax_router);
+  m.impl("softmax_router_backward", softmax_router_backward);
+  m.impl("router_losses", router_losses);
+  m.impl("router_losses_backward", router_losses_backward);
 }

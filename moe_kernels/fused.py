@@ -63,3 +63,82 @@ def _fused_backward(ctx, grad_y, *unused):
 
 torch.library.register_autograd('nanomoe::fused_experts', _fused_backward, setup_context=_fused_setup)
 
+
+# softmax_router: moe_model.Router's softmax path (the gate, the softmax over the experts, the top-k and the
+# chosen weights) as one op, bit for bit its torch ops; its backward is one pass over the rows, where the
+# torch ops' backward was a dozen autograd nodes (two softmax backwards, the top-k's and gather's scatters,
+# the sums of their gradients, the gate's). Returns topk_idx, topk_weight, logits, probs, as Router does.
+_lib.define('softmax_router(Tensor x, Tensor weight, Tensor? expert_bias, int top_k, bool norm_topk, '
+            'float temperature, float route_scale) -> (Tensor, Tensor, Tensor, Tensor)')
+_lib.define('softmax_router_backward(Tensor? grad_weights, Tensor? grad_logits, Tensor? grad_probs, '
+            'Tensor x, Tensor weight, Tensor topk_idx, Tensor topk_weight, Tensor probs, bool norm_topk, '
+            'float temperature, float route_scale) -> (Tensor, Tensor)')
+softmax_router = torch.ops.nanomoe.softmax_router.default
+softmax_router_backward = torch.ops.nanomoe.softmax_router_backward.default
+
+
+@torch.library.register_fake('nanomoe::softmax_router')
+def _(x, weight, expert_bias, top_k, norm_topk, temperature, route_scale):
+    (N, E), new = (x.size(0), weight.size(0)), x.new_empty
+    return new(N, top_k, dtype=torch.long), new(N, top_k), new(N, E), new(N, E)
+
+
+@torch.library.register_fake('nanomoe::softmax_router_backward')
+def _(grad_weights, grad_logits, grad_probs, x, weight, topk_idx, topk_weight, probs, *settings):
+    return torch.empty_like(x), torch.empty_like(weight)
+
+
+def _router_setup(ctx, inputs, output):
+    x, weight, _, _, norm_topk, temperature, route_scale = inputs
+    topk_idx, topk_weight, _, probs = output
+    ctx.set_materialize_grads(False)  # an output without a gradient (the z-loss off, eval) costs nothing
+    ctx.save_for_backward(x, weight, topk_idx, topk_weight, probs)
+    ctx.settings = norm_topk, temperature, route_scale
+
+
+def _router_backward(ctx, grad_idx, grad_weights, grad_logits, grad_probs):
+    x, weight, topk_idx, topk_weight, probs = ctx.saved_tensors
+    if grad_weights is None and grad_logits is None and grad_probs is None:
+        return (None,) * 7
+    grad_x, grad_weight = softmax_router_backward(grad_weights, grad_logits, grad_probs, x, weight, topk_idx,
+                                                  topk_weight, probs, *ctx.settings)
+    return grad_x, grad_weight, None, None, None, None, None
+
+
+torch.library.register_autograd('nanomoe::softmax_router', _router_backward, setup_context=_router_setup)
+
+
+# router_losses: a layer's balance loss (moe_model.load_balance_loss, from probs and the slots per expert)
+# and z-loss (router_z_loss, from logits) in one op, and their gradients in one; -> balance, z, and the
+# logsumexp of each row (kept for the backward). Where the router is softmax_router, its backward takes
+# these gradients on: the router and its losses cost two ops forward and two backward.
+_lib.define('router_losses(Tensor logits, Tensor probs, Tensor counts) -> (Tensor, Tensor, Tensor)')
+_lib.define('router_losses_backward(Tensor grad_balance, Tensor grad_z, Tensor logits, Tensor counts, '
+            'Tensor lse) -> (Tensor, Tensor)')
+router_losses = torch.ops.nanomoe.router_losses.default
+router_losses_backward = torch.ops.nanomoe.router_losses_backward.default
+
+
+@torch.library.register_fake('nanomoe::router_losses')
+def _(logits, probs, counts):
+    return logits.new_empty(()), logits.new_empty(()), logits.new_empty(logits.size(0))
+
+
+@torch.library.register_fake('nanomoe::router_losses_backward')
+def _(grad_balance, grad_z, logits, counts, lse):
+    return torch.empty_like(logits), torch.empty_like(logits)
+
+
+def _losses_setup(ctx, inputs, output):
+    logits, _, counts = inputs
+    ctx.mark_non_differentiable(output[2])
+    ctx.save_for_backward(logits, counts, output[2])
+
+
+def _losses_backward(ctx, grad_balance, grad_z, _):
+    logits, counts, lse = ctx.saved_tensors
+    grad_logits, grad_probs = router_losses_backward(grad_balance, grad_z, logits, counts, lse)
+    return grad_logits, grad_probs, None
+
+
+torch.library.register_autograd('nanomoe::router_losses', _losses_backward, setup_context=_losses_setup)
