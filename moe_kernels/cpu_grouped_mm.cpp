@@ -119,8 +119,12 @@ Sorted sort_slots(const at::Tensor& topk_idx, int64_t E) {
   return r;
 }
 
-// Rows of a few thousand numbers per task: small enough to split, big enough to pay for a thread.
-int64_t grain(int64_t row) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(row, 1)); }
+// Rows per task for rows of `row` numbers: ATen's grain (32768), so that a loop as small as the router's
+// runs on one thread: a parallel region costs more than it saves there, and far more when another process
+// holds the other core.
+int64_t grain(int64_t row) {
+  return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(row, 1));
+}
 
 // f(s) for each slot s of token n, in expert order (the order of their rows): sums then add up as loop's
 // index_add and the export's do, expert by expert, so that y matches theirs bit for bit at any top_k
@@ -217,7 +221,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 // fused_experts' backward, from the gradient of y and what the forward kept -> the gradients of x (in
 // the experts' dtype), topk_weight (float32), c_fc, c_fc_bias, c_proj, c_proj_bias (the biases' empty
 // when bias is false). Two passes: the row-wise work of each sorted row (its output gradient, the
-// activation's backward, its x gradient), then the weight gradients, a_e^T g_e per expert.
+// activation's backward, its x gradient), and of an expert whole on one thread its weight gradients, a_e^T
+// g_e; then the weight gradients of the experts cut between threads.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_experts_backward(
     const at::Tensor& grad_y, const at::Tensor& topk_weight, const at::Tensor& c_fc, const at::Tensor& c_proj,
     bool bias, c10::string_view act, const at::Tensor& counts, const at::Tensor& order, const at::Tensor& xs,
@@ -238,6 +243,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   auto grad_w = at::empty({N, k}, w.options());
   auto g_out = at::empty({S, d}, out.options()), g_h = at::empty({S, W}, out.options());
   auto g_xs = at::empty({S, d}, out.options()), grad_x = at::empty({N, d}, out.options());
+  auto grad_c_fc = at::empty_like(c_fc), grad_c_proj = at::empty_like(c_proj);
+  auto grad_c_fc_bias = at::empty({bias ? E : 0, W}, c_fc.options());
+  auto grad_c_proj_bias = at::empty({bias ? E : 0, d}, c_fc.options());
+  // rows [r0, r1) of expert g's weight gradient, c_fc's or c_proj's: a_g^T times its output's gradient
+  auto weight_grad = [&](bool proj, int64_t g, int64_t r0, int64_t r1) {
+    const int64_t s = start[g], n = sizes[g];
+    auto grad = (proj ? grad_c_proj : grad_c_fc)[g].narrow(0, r0, r1 - r0);
+    auto g_rows = (proj ? g_out : g_h).narrow(0, s, n);
+    if (n == 0) grad.zero_();
+    else at::mm_out(grad, (proj ? a : xs).narrow(0, s, n).narrow(1, r0, r1 - r0).t(), g_rows);
+    if (bias && r0 == 0) {
+      auto grad_bias = (proj ? grad_c_proj_bias : grad_c_fc_bias)[g];
+      if (n == 0) grad_bias.zero_();
+      else at::sum_out(grad_bias, g_rows, at::IntArrayRef{0});
+    }
+  };
+  std::vector<char> done(E, 0);  // the experts whose weight gradients are computed
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "fused_experts_backward", [&] {
     const float *gy_ = gy.data_ptr<float>(), *w_ = w.data_ptr<float>();
     const scalar_t* out_ = out.data_ptr<scalar_t>();
@@ -270,6 +292,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         at::gelu_backward_out(g_h_p, g_a, h_p);
       }
       at::mm_out(g_xs_p, g_h_p, c_fc[p.g].t());
+      if (n == sizes[p.g]) {  // a whole expert on this thread: its weight gradients now, from warm caches
+        weight_grad(false, p.g, 0, d);
+        weight_grad(true, p.g, 0, H);
+        done[p.g] = 1;
+      }
     });
     const scalar_t* g_xs_ = g_xs.data_ptr<scalar_t>();
     scalar_t* grad_x_ = grad_x.data_ptr<scalar_t>();
@@ -284,29 +311,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       }
     });
   });
-  // the weight gradients: groups 0..E-1 are c_fc's (d rows each), E..2E-1 c_proj's (h rows); a row of
-  // expert e's costs its token count (an empty expert: its zeros) times the row's length
-  auto grad_c_fc = at::empty_like(c_fc), grad_c_proj = at::empty_like(c_proj);
-  auto grad_c_fc_bias = at::empty({bias ? E : 0, W}, c_fc.options());
-  auto grad_c_proj_bias = at::empty({bias ? E : 0, d}, c_fc.options());
+  // the rest of the weight gradients (of experts cut between threads, and the zeros of empty ones): groups
+  // 0..E-1 are c_fc's (d rows each), E..2E-1 c_proj's (h rows); a row of expert e's costs its token count
+  // (an empty expert: its zeros) times the row's length
   std::vector<int64_t> rows(2 * E), cost(2 * E);
   for (int64_t g = 0; g < E; ++g) {
-    rows[g] = d, cost[g] = std::max<int64_t>(sizes[g], 1) * W;
-    rows[E + g] = H, cost[E + g] = std::max<int64_t>(sizes[g], 1) * d;
+    rows[g] = done[g] ? 0 : d, cost[g] = std::max<int64_t>(sizes[g], 1) * W;
+    rows[E + g] = done[g] ? 0 : H, cost[E + g] = std::max<int64_t>(sizes[g], 1) * d;
   }
-  run(rows, cost, [&](const Piece& p) {
-    const bool proj = p.g >= E;
-    const int64_t g = p.g % E, s = start[g], n = sizes[g];
-    auto grad = (proj ? grad_c_proj : grad_c_fc)[g].narrow(0, p.r0, p.r1 - p.r0);
-    auto g_rows = (proj ? g_out : g_h).narrow(0, s, n);  // the gradient of the product's output
-    if (n == 0) grad.zero_();
-    else at::mm_out(grad, (proj ? a : xs).narrow(0, s, n).narrow(1, p.r0, p.r1 - p.r0).t(), g_rows);
-    if (bias && p.r0 == 0) {
-      auto grad_bias = (proj ? grad_c_proj_bias : grad_c_fc_bias)[g];
-      if (n == 0) grad_bias.zero_();
-      else at::sum_out(grad_bias, g_rows, at::IntArrayRef{0});
-    }
-  });
+  run(rows, cost, [&](const Piece& p) { weight_grad(p.g >= E, p.g % E, p.r0, p.r1); });
   return {grad_x, grad_w, grad_c_fc, grad_c_fc_bias, grad_c_proj, grad_c_proj_bias};
 }
 
