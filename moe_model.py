@@ -176,16 +176,22 @@ class Router(nn.Module):
             noisy = logits  # the z-loss sees the clean logits
             if noise:
                 noisy = logits + torch.randn_like(logits) * F.softplus(F.linear(x, self.noise.weight.float()))
-        softmax = cfg.router_score == 'softmax'
+        softmax, norm = cfg.router_score == 'softmax', cfg.norm_topk and cfg.top_k > 1
         scores = noisy.softmax(dim=-1) if softmax else noisy.sigmoid()
+        chosen = None  # the chosen logits, where a softmax of them is the weights
         if self.expert_bias is not None:  # the bias only selects
             topk_idx = (scores + self.expert_bias).topk(cfg.top_k, dim=-1).indices
-        else:  # softmax keeps the order of the logits (and keeps ties that its rounding would make apart)
-            topk_idx = (noisy if softmax else scores).topk(cfg.top_k, dim=-1).indices
-        topk_weight = scores.gather(1, topk_idx)
-        if cfg.norm_topk and cfg.top_k > 1:
-            topk_weight = noisy.gather(1, topk_idx).softmax(dim=-1) if softmax else \
-                topk_weight / topk_weight.sum(dim=-1, keepdim=True)
+            chosen = noisy.gather(1, topk_idx) if softmax and norm else None
+        elif softmax:  # softmax keeps the order of the logits (and keeps ties that its rounding would make apart)
+            chosen, topk_idx = noisy.topk(cfg.top_k, dim=-1)
+        else:
+            topk_idx = scores.topk(cfg.top_k, dim=-1).indices
+        if softmax and norm:
+            topk_weight = chosen.softmax(dim=-1)
+        else:
+            topk_weight = scores.gather(1, topk_idx)
+            if norm:
+                topk_weight = topk_weight / topk_weight.sum(dim=-1, keepdim=True)
         if cfg.route_scale != 1.0:
             topk_weight = topk_weight * cfg.route_scale
         return topk_idx, topk_weight, logits, scores if softmax else scores / scores.sum(dim=-1, keepdim=True)
