@@ -11,7 +11,8 @@ Reading order:
                               backend(x [N, d], topk_idx [N, k], topk_weight [N, k], experts)
                                 -> (y [N, d], drop_fraction of the token-slots)
                             'loop'     the reference: a for-loop over experts. Simple, slow.
-                            'grouped'  dropless: slots sorted by expert, two grouped GEMMs
+                            'grouped'  dropless: slots sorted by expert, two grouped GEMMs (on the CPU, one
+                                       fused op: moe_kernels/fused.py, as are the softmax router and its losses)
                             'batched'  capacity (GShard/Switch): fixed slots per expert, one bmm
                             'triton'   block-sparse kernels (moe_kernels/moe_triton.py, optional)
                             (expert parallelism puts expert_parallel.py's all-to-all dispatch in their place)

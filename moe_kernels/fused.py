@@ -2,15 +2,18 @@
 The MoE layer's fused ops for the CPU, as torch.library custom ops with fake (shape-only) implementations
 and their own autograd, so that torch.compile traces them without a graph break. The schemas are defined
 here; their CPU kernels are moe_kernels/cpu_grouped_mm.cpp's, registered when cpu_grouped_mm.available()
-loads it (moe_model calls them only then; elsewhere it runs the unfused torch ops).
+loads it (moe_model calls them only then; elsewhere, and on GPUs, it runs the unfused torch ops).
 
-fused_experts: the grouped backend's whole dispatch, one op forward and one backward: the token rows
-gathered by expert, both GEMMs with the activation between, and the router-weighted sum back to tokens.
-Unfused, that was a hundred small ops per layer and step around the GEMMs (sort, index_select, casts,
-pads, the bias gather, index_add and their backwards), a fixed cost that a small model pays in full. The
-forward returns, after y and the slots per expert, what its backward needs (the slot of each row sorted by
-expert, and per row its x, c_fc output, activation and expert output): a custom op's outputs are the only
-place to keep them.
+  fused_experts    the grouped backend: the token rows gathered by expert, both GEMMs with the activation
+                   between, the router-weighted sum back to tokens
+  softmax_router   Router's softmax path: the gate, softmax, top-k and weights, the same bits as its ops
+  router_losses    a layer's balance loss and z-loss
+
+Each is one op forward and one backward. Unfused, a small MoE layer's step was some eighty small ops around
+its GEMMs (sort, index_select, casts, pads, the bias gather, index_add, softmax, top-k, the losses' sums,
+and their backwards), a fixed cost that a small model pays in full (RESULTS.md section 3). A forward returns,
+after its results, what its backward needs (fused_experts: the slot of each row sorted by expert, and per
+row its x, c_fc output, activation and expert output): a custom op's outputs are the only place to keep them.
 """
 import torch
 
