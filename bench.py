@@ -6,7 +6,8 @@ Benchmarks. Two modes:
    $ python bench.py --n_layer=4 --n_head=4 --n_embd=128 --block_size=64 --vocab_size=65 --n_expert=8 --expert_hidden=256
    $ python bench.py --init_from=resume --out_dir=out-shakespeare-char-moe   (the checkpoint's model)
    $ python bench.py --init_from=<a Hugging Face folder> --block_size=256       (its model, random weights)
-   prints ms/iter, tokens/s, MFU (from ACTIVE parameters) and the step's peak memory (activation_checkpointing
+   prints ms/iter, tokens/s, MFU (from ACTIVE parameters; against peak_flops, by default the GPU's bf16 peak,
+   and none on a CPU unless peak_flops is given) and the step's peak memory (activation_checkpointing
    = 'moe' or 'all' trades compute for it). compare_dense=True also times the dense twin (n_expert=0; needs
    top_k * expert_hidden = mlp_hidden, every layer MoE, no shared experts), and compare_compile=True each
    model both eager and compiled, one step of each in turn: on a shared machine only a ratio measured that
@@ -25,7 +26,7 @@ import os
 import sys
 import time
 import itertools
-from contextlib import nullcontext
+from contextlib import nullcontext, contextmanager
 from dataclasses import fields
 
 import numpy as np
@@ -57,7 +58,7 @@ activation_checkpointing = 'none'  # 'none', 'moe' (the experts) or 'all': recom
 optimizer = 'adamw'  # the step's: 'adamw' or 'muon' (train.py's key, muon.py: its Newton-Schulz costs time)
 warmup_iters = 5
 bench_iters = 20
-peak_flops = 312e12  # for MFU: A100 bf16 peak; H100 SXM 989e12, H100 PCIe 756e12 (tools/gpu_check.peak_flops)
+peak_flops = 0.0  # for MFU; 0: a GPU's bf16 peak (tools/gpu_check.peak_flops: A100 312e12...), none on a CPU
 compare_dense = False  # model mode: also time the dense twin (n_expert=0), interleaved step by step, and print the ratio
 compare_compile = False  # model mode: time each model eager and compiled (torch.compile), interleaved, and print the ratio
 # moe_layer mode
@@ -205,6 +206,10 @@ def bench_model():
             fail(f"compare_dense needs a twin of equal active FLOPs: top_k * expert_hidden = {cfg.top_k * cfg.expert_hidden} "
                  f"must be mlp_hidden = {cfg.mlp_hidden}, with every layer MoE and no shared experts")
         models = {'dense twin': {**model_args, 'n_expert': 0}, 'model': model_args}
+    peak = peak_flops
+    if not peak and device_type == 'cuda':  # the GPU's own peak, not an A100's
+        from tools.gpu_check import peak_flops as gpu_peak_flops
+        peak = gpu_peak_flops(torch.cuda.get_device_name(device))
     runs = [(name, c) for name in models for c in ((False, True) if compare_compile else (compile,))]
     act_dtype = dtype if device_type == 'cuda' else 'float32'  # (a CPU step runs without autocast)
     try:  # every run's model and AdamW state live to the end; one step's activations at a time
@@ -218,9 +223,10 @@ def bench_model():
     results = time_it(*steps) if len(steps) > 1 else [time_it(*steps)]
     for (name, compiled), ms, step in zip(runs, results, steps):
         name += ' (compiled)' if compiled else ''
-        mfu = step.model.estimate_mfu(batch_size, ms / 1000, peak_flops)
+        mfu = step.model.estimate_mfu(batch_size, ms / 1000, peak) if peak else None
+        mfu = f"MFU {mfu * 100:.2f}% of {peak / 1e12:.0f} TFLOP/s, " if peak else ''  # (a CPU: none unless given)
         print(f"{name}: {ms:.2f} ms/iter, {batch_size * step.model.config.block_size / (ms / 1000):,.0f} tokens/s, "
-              f"MFU {mfu * 100:.2f}% of {peak_flops / 1e12:.0f} TFLOP/s, peak memory {peak_memory(step) / 2**20:.1f} MiB "
+              f"{mfu}peak memory {peak_memory(step) / 2**20:.1f} MiB "
               f"(activation_checkpointing={activation_checkpointing})")
     ms = dict(zip(runs, results))
     for compiled in sorted({c for _, c in runs}):
@@ -235,7 +241,7 @@ def bench_model():
 def peak_memory(step):
     """Bytes at the peak of one (untimed) step: what the model and its optimizer hold between steps, plus
     the most the step allocates on top. CUDA: from torch's max_memory_allocated; CPU: the highest running
-    sum of the allocations and frees the profiler records."""
+    sum of the allocations and frees the profiler records (its own lines on stderr silenced)."""
     held = sum(t.numel() * t.element_size() for t in itertools.chain(
         step.model.parameters(), (v for s in step.optimizer.state.values() for v in s.values() if torch.is_tensor(v))))
     if device_type == 'cuda':
@@ -245,10 +251,26 @@ def peak_memory(step):
         step()
         sync()
         return held + torch.cuda.max_memory_allocated() - before
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+    with quiet_stderr(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                                profile_memory=True) as prof:
         step()
     events = sorted(prof.events(), key=lambda e: e.time_range.start)
     return held + max(itertools.accumulate(e.self_cpu_memory_usage for e in events), default=0)
+
+
+@contextmanager
+def quiet_stderr():
+    """stderr (the file descriptor, which C++ writes to) to /dev/null: the profiler prints its start and stop
+    there ('USDT: ... profiler_start'), and a warning about blocks allocated before it started."""
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def make_step(name, model_args, compiled=False):

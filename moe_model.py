@@ -11,7 +11,8 @@ Reading order:
                               backend(x [N, d], topk_idx [N, k], topk_weight [N, k], experts)
                                 -> (y [N, d], drop_fraction of the token-slots)
                             'loop'     the reference: a for-loop over experts. Simple, slow.
-                            'grouped'  dropless: slots sorted by expert, two grouped GEMMs
+                            'grouped'  dropless: slots sorted by expert, two grouped GEMMs (on the CPU, one
+                                       fused op: moe_kernels/fused.py, as are the softmax router and its losses)
                             'batched'  capacity (GShard/Switch): fixed slots per expert, one bmm
                             'triton'   block-sparse kernels (moe_kernels/moe_triton.py, optional)
                             (expert parallelism puts expert_parallel.py's all-to-all dispatch in their place)
@@ -30,7 +31,9 @@ import torch.nn as nn
 import torch.distributed as dist
 from torch.nn import functional as F
 
+from moe_kernels import cpu_grouped_mm
 from moe_kernels.grouped_mm import grouped_mm  # the grouped GEMM as a custom op (torch.compile traces it)
+from moe_kernels.fused import fused_experts as fused_experts_op, softmax_router, router_losses  # (CPU kernel)
 from model import GPT, GPTConfig, MLP, activation, checkpointed, key, keys_of
 
 
@@ -161,22 +164,35 @@ class Router(nn.Module):
             x = x.float()
             if self.training and cfg.router_jitter > 0:
                 x = x * torch.empty_like(x).uniform_(1 - cfg.router_jitter, 1 + cfg.router_jitter)
+            noise = self.training and self.noise is not None
+            if cfg.router_score == 'softmax' and not noise and x.device.type == 'cpu' and \
+                    cpu_kernel_available():
+                # the ops below in one, the same bits, with a one-pass backward (moe_kernels/fused.py)
+                norm = cfg.norm_topk and cfg.top_k > 1
+                return softmax_router(x, self.gate.weight.float(), self.expert_bias, cfg.top_k, norm,
+                                      cfg.router_temperature, cfg.route_scale)
             logits = F.linear(x, self.gate.weight.float())
             if cfg.router_temperature != 1.0:
                 logits = logits / cfg.router_temperature
             noisy = logits  # the z-loss sees the clean logits
-            if self.training and self.noise is not None:
+            if noise:
                 noisy = logits + torch.randn_like(logits) * F.softplus(F.linear(x, self.noise.weight.float()))
-        softmax = cfg.router_score == 'softmax'
+        softmax, norm = cfg.router_score == 'softmax', cfg.norm_topk and cfg.top_k > 1
         scores = noisy.softmax(dim=-1) if softmax else noisy.sigmoid()
+        chosen = None  # the chosen logits, where a softmax of them is the weights
         if self.expert_bias is not None:  # the bias only selects
             topk_idx = (scores + self.expert_bias).topk(cfg.top_k, dim=-1).indices
-        else:  # softmax keeps the order of the logits (and keeps ties that its rounding would make apart)
-            topk_idx = (noisy if softmax else scores).topk(cfg.top_k, dim=-1).indices
-        topk_weight = scores.gather(1, topk_idx)
-        if cfg.norm_topk and cfg.top_k > 1:
-            topk_weight = noisy.gather(1, topk_idx).softmax(dim=-1) if softmax else \
-                topk_weight / topk_weight.sum(dim=-1, keepdim=True)
+            chosen = noisy.gather(1, topk_idx) if softmax and norm else None
+        elif softmax:  # softmax keeps the order of the logits (and keeps ties that its rounding would make apart)
+            chosen, topk_idx = noisy.topk(cfg.top_k, dim=-1)
+        else:
+            topk_idx = scores.topk(cfg.top_k, dim=-1).indices
+        if softmax and norm:
+            topk_weight = chosen.softmax(dim=-1)
+        else:
+            topk_weight = scores.gather(1, topk_idx)
+            if norm:
+                topk_weight = topk_weight / topk_weight.sum(dim=-1, keepdim=True)
         if cfg.route_scale != 1.0:
             topk_weight = topk_weight * cfg.route_scale
         return topk_idx, topk_weight, logits, scores if softmax else scores / scores.sum(dim=-1, keepdim=True)
@@ -316,9 +332,31 @@ def grouped_mlp(x_sorted, counts, experts):
     return out
 
 
+def cpu_kernel_available():
+    """moe_kernels/cpu_grouped_mm.cpp built and loaded (never in an exported folder, where the import of
+    moe_kernels left None: hf/__init__.py). torch.compile cannot trace a build: it reads the answer of an
+    eager call before it (train.py and bench.py make one), else takes torch's ops."""
+    if cpu_grouped_mm is None:
+        return False
+    return bool(cpu_grouped_mm._built) if torch.compiler.is_compiling() else cpu_grouped_mm.available()
+
+
+def fused_experts(x, topk_idx, topk_weight, experts):
+    """grouped_experts as one op forward and one backward (moe_kernels/fused.py, on the CPU kernel): the rows
+    gathered by expert, both GEMMs with the activation between, the router-weighted sum in float32."""
+    dtype = compute_dtype(x)
+    bias = [None if b is None else b.to(dtype) for b in (experts.c_fc_bias, experts.c_proj_bias)]
+    y = fused_experts_op(x.to(dtype), topk_idx, topk_weight, experts.c_fc.to(dtype), bias[0],
+                         experts.c_proj.to(dtype), bias[1], experts.config.mlp)[0]
+    return y.to(x.dtype)
+
+
 def grouped_experts(x, topk_idx, topk_weight, experts):
     """Dropless: sort token-slots by expert, then one grouped GEMM per layer of the expert MLP. An expert
-    without tokens is an empty group: its weights get a zero gradient, so DDP sees every parameter used."""
+    without tokens is an empty group: its weights get a zero gradient, so DDP sees every parameter used.
+    On the CPU where moe_kernels/cpu_grouped_mm.cpp builds, all of it is one op (fused_experts)."""
+    if x.device.type == 'cpu' and cpu_kernel_available():
+        return fused_experts(x, topk_idx, topk_weight, experts), 0.0
     order, token, counts = sort_by_expert(topk_idx, experts.c_fc.size(0))
     # index_select rather than x[token]: its backward is a fast index_add, not an accumulating index_put
     out = grouped_mlp(x.index_select(0, token), counts, experts)
@@ -332,7 +370,7 @@ def table_experts(x, token, weight, experts):
     token = token.flatten()
     x_pad = F.pad(x, (0, 0, 0, 1))  # row N is zeros: empty places read it and add to a row dropped here
     # index_select rather than x[token]: its backward is a fast index_add, not an accumulating index_put
-    out = experts(x_pad.index_select(0, token).view(*weight.shape, -1)).flatten(0, 1)
+    out = experts(x_pad.index_select(0, token).view(*weight.shape, x.size(1))).flatten(0, 1)
     return combine(out, weight, torch.arange(token.numel(), device=x.device), token, x.size(0) + 1)[:-1]
 
 
@@ -454,9 +492,12 @@ class MoE(nn.Module):
                 balance_counts = summed_over_ranks(self.step_counts)
         if cfg.aux_loss_scope == 'sequence':
             self.balance_loss = sequence_balance_loss(by_sequence(probs), by_sequence(topk_idx))
+            self.z_loss = router_z_loss(logits)
+        elif logits.device.type == 'cpu' and cpu_kernel_available():  # both in one op (moe_kernels/fused.py)
+            self.balance_loss, self.z_loss, _ = router_losses(logits, probs, balance_counts)
         else:
             self.balance_loss = load_balance_loss(probs, topk_idx, balance_counts)
-        self.z_loss = router_z_loss(logits)
+            self.z_loss = router_z_loss(logits)
         self.tokens_per_expert, self.drop_fraction = counts, drop_fraction
         self.probs = probs.detach()  # for routing_stats' entropy, computed only when asked for
         self.topk_idx = by_sequence(topk_idx).flatten(0, 1)  # [token (b * T + t), choice]

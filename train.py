@@ -34,6 +34,7 @@ import torch
 from torch.distributed import init_process_group, destroy_process_group
 
 from configurator import configure, fail, check_choice, check_range, check_device, check_dataset, check_memory
+from moe_kernels import cpu_grouped_mm
 from moe_kernels.cpu_memory import keep_freed_memory
 from checkpoint import (CheckpointError, load_meta, training_state, restore, nonfinite_tensor, RunDir, StopSignal,
                         DivergenceGuard)
@@ -198,6 +199,8 @@ torch.backends.cudnn.allow_tf32 = True  # allow tf32 on cudnn
 device_type = 'cuda' if 'cuda' in device else 'cpu'  # for later use in torch.autocast
 if device_type == 'cpu':
     keep_freed_memory()  # reuse freed memory: no page faults on every step's large tensors (moe_kernels/cpu_memory.py)
+    if compile:  # build or load the CPU kernel now: a compiled forward cannot (it takes torch's grouped_mm)
+        cpu_grouped_mm.available()
 # note: float16 data type will automatically use a GradScaler
 ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
 ctx = nullcontext() if dtype == 'float32' else torch.amp.autocast(device_type=device_type, dtype=ptdtype)

@@ -5,6 +5,7 @@ The MoE layer's optional fast paths, each checked against moe_model.loop_experts
   triton_aot.py           those kernels compiled for each GPU without one: what compiles and fits where
   cpu_memory.py           keep_freed_memory(): glibc keeps freed blocks, so CPU steps do not page-fault
   grouped_mm.py           the grouped GEMMs as custom ops (torch.compile traces them)
+  fused.py                the grouped backend in one op on the CPU (its kernel: cpu_grouped_mm.cpp)
 and auto_expert_impl below: which backend expert_impl='auto' runs on a device. (The folder is not called
 `kernels`: that is Hugging Face's kernels package, which transformers imports.)
 """

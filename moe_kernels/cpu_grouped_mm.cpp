@@ -1,12 +1,21 @@
 // Grouped GEMMs for the CPU whose groups run side by side, one per thread (cpu_grouped_mm.py builds and
 // loads this file, and says why). Every product is an at::mm, so the arithmetic is torch's own; only the
-// threading differs: at::mm run inside a parallel region uses one thread.
+// threading differs: at::mm run inside a parallel region uses one thread. fused_experts below is the
+// grouped backend's whole dispatch (gather, both GEMMs, activation, weighted sum) as one op, and its
+// backward as another: a small MoE layer's time went to a hundred small ops around the GEMMs.
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/Version.h>
 #include <torch/library.h>
+#include <immintrin.h>
 
 #include <algorithm>
+#include <array>
+#include <atomic>
+#include <cmath>
 #include <functional>
+#include <string>
 #include <vector>
 
 namespace {
@@ -78,6 +87,513 @@ at::Tensor grouped_mm_t(const at::Tensor& a, const at::Tensor& c, const at::Tens
   return out;
 }
 
+// ---------------------------------------------------------------------------------------------------
+// fused_experts: the token-slots (slot s = n * k + j: token n's j-th expert) sorted by expert, each
+// expert's MLP on its rows, and y[n] = sum_j topk_weight[n, j] * out[slot n * k + j] in float32. The rows
+// stay in expert order throughout (pos maps a slot to its row), so nothing is scattered but y itself.
+
+struct Sorted {
+  std::vector<int64_t> start;  // expert e has the sorted rows [start[e], start[e + 1])
+  std::vector<int64_t> pos;    // the sorted row of each slot
+  at::Tensor order;            // int64 [S]: the slot of each sorted row (pos's inverse)
+};
+
+// A counting sort, stable: an expert's slots keep token order (as moe_model.sort_by_expert's argsort).
+Sorted sort_slots(const at::Tensor& topk_idx, int64_t E) {
+  TORCH_CHECK(topk_idx.scalar_type() == at::kLong, "fused_experts: topk_idx must be int64");
+  auto idx = topk_idx.contiguous();
+  const int64_t S = idx.numel();
+  const int64_t* e = idx.data_ptr<int64_t>();
+  Sorted r{std::vector<int64_t>(E + 1, 0), std::vector<int64_t>(S), at::empty({S}, idx.options())};
+  for (int64_t s = 0; s < S; ++s) {
+    TORCH_CHECK(0 <= e[s] && e[s] < E, "fused_experts: expert index ", e[s], " out of range [0, ", E, ")");
+    ++r.start[e[s] + 1];
+  }
+  for (int64_t g = 0; g < E; ++g) r.start[g + 1] += r.start[g];
+  std::vector<int64_t> next(r.start.begin(), r.start.end() - 1);
+  int64_t* order = r.order.data_ptr<int64_t>();
+  for (int64_t s = 0; s < S; ++s) {
+    r.pos[s] = next[e[s]]++;
+    order[r.pos[s]] = s;
+  }
+  return r;
+}
+
+// Rows per task for rows of `row` numbers: ATen's grain (32768), so that a loop as small as the router's
+// runs on one thread: a parallel region costs more than it saves there, and far more when another process
+// holds the other core.
+int64_t grain(int64_t row) {
+  return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(row, 1));
+}
+
+// f(s) for each slot s of token n, in expert order (the order of their rows): sums then add up as loop's
+// index_add and the export's do, expert by expert, so that y matches theirs bit for bit at any top_k
+template <typename F>
+void each_slot_in_expert_order(const std::vector<int64_t>& pos, int64_t n, int64_t k, const F& f) {
+  int64_t few[16];
+  std::vector<int64_t> many(k > 16 ? k : 0);
+  int64_t* slots = k > 16 ? many.data() : few;
+  for (int64_t j = 0; j < k; ++j) {  // insertion sort: k is a handful
+    int64_t s = n * k + j, i = j;
+    for (; i > 0 && pos[slots[i - 1]] > pos[s]; --i) slots[i] = slots[i - 1];
+    slots[i] = s;
+  }
+  for (int64_t j = 0; j < k; ++j) f(slots[j]);
+}
+
+// y[n] = sum_j w[n, j] * out[pos[n * k + j]], in float32
+template <typename T>
+void weighted_sum(float* y, const T* out, const float* w, const std::vector<int64_t>& pos, int64_t N,
+                  int64_t k, int64_t d) {
+  at::parallel_for(0, N, grain(k * d), [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      float* yn = y + n * d;
+      std::fill(yn, yn + d, 0.f);
+      each_slot_in_expert_order(pos, n, k, [&](int64_t s) {
+        const T* row = out + pos[s] * d;
+        const float ws = w[s];
+        for (int64_t c = 0; c < d; ++c) yn[c] += ws * static_cast<float>(row[c]);
+      });
+    }
+  });
+}
+
+void check_experts(const at::Tensor& c_fc, const at::Tensor& c_proj, bool swiglu) {
+  TORCH_CHECK(c_fc.dim() == 3 && c_proj.dim() == 3 && c_fc.size(0) == c_proj.size(0) &&
+              c_fc.size(1) == c_proj.size(2) && c_fc.size(2) == (swiglu ? 2 : 1) * c_proj.size(1) &&
+              c_fc.scalar_type() == c_proj.scalar_type(),
+              "fused_experts: want c_fc [E, d, w], c_proj [E, h, d] of one dtype, w = h (gelu), 2h (swiglu)");
+}
+
+bool is_swiglu(c10::string_view act) {
+  TORCH_CHECK(act == "gelu" || act == "swiglu", "fused_experts: act must be gelu or swiglu, got ", act);
+  return act == "swiglu";
+}
+
+// x [N, d], topk_idx [N, k] (int64), topk_weight [N, k], c_fc [E, d, w], c_proj [E, h, d], biases [E, w],
+// [E, d] -> y [N, d] float32, the slots per expert [E], and what the backward needs: the slot of each sorted
+// row, and per sorted row its x, c_fc output h, activation a, and expert output (before the router weight)
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_experts(
+    const at::Tensor& x, const at::Tensor& topk_idx, const at::Tensor& topk_weight, const at::Tensor& c_fc,
+    const std::optional<at::Tensor>& c_fc_bias, const at::Tensor& c_proj,
+    const std::optional<at::Tensor>& c_proj_bias, c10::string_view act) {
+  const bool swiglu = is_swiglu(act);
+  check_experts(c_fc, c_proj, swiglu);
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == c_fc.size(1) && x.scalar_type() == c_fc.scalar_type(),
+              "fused_experts: want x [N, d] in the experts' dtype");
+  TORCH_CHECK(topk_idx.dim() == 2 && topk_idx.size(0) == x.size(0) && topk_weight.sizes() == topk_idx.sizes(),
+              "fused_experts: want topk_idx and topk_weight [N, k]");
+  const int64_t N = x.size(0), k = topk_idx.size(1), S = N * k, E = c_fc.size(0), d = x.size(1);
+  const int64_t H = c_proj.size(1);
+  Sorted sorted = sort_slots(topk_idx, E);
+  const auto& start = sorted.start;
+  auto token = sorted.order.div(k, "floor");  // the token of each sorted row
+  auto xs = at::empty({S, d}, x.options()), h = at::empty({S, c_fc.size(2)}, x.options());
+  auto a = at::empty({S, H}, x.options()), out = at::empty({S, d}, x.options());
+  std::vector<int64_t> sizes(E);
+  for (int64_t g = 0; g < E; ++g) sizes[g] = start[g + 1] - start[g];
+  run(sizes, std::vector<int64_t>(E, 1), [&](const Piece& p) {
+    const int64_t s = start[p.g] + p.r0, n = p.r1 - p.r0;
+    auto xs_p = xs.narrow(0, s, n), h_p = h.narrow(0, s, n), a_p = a.narrow(0, s, n);
+    auto out_p = out.narrow(0, s, n);
+    at::index_select_out(xs_p, x, 0, token.narrow(0, s, n));
+    if (c_fc_bias) at::addmm_out(h_p, (*c_fc_bias)[p.g], xs_p, c_fc[p.g]);
+    else at::mm_out(h_p, xs_p, c_fc[p.g]);
+    if (swiglu) {  // h holds the gate and the up projection side by side: silu(gate) * up
+      at::silu_out(a_p, h_p.narrow(1, 0, H));
+      a_p.mul_(h_p.narrow(1, H, H));
+    } else {
+      at::gelu_out(a_p, h_p);
+    }
+    if (c_proj_bias) at::addmm_out(out_p, (*c_proj_bias)[p.g], a_p, c_proj[p.g]);
+    else at::mm_out(out_p, a_p, c_proj[p.g]);
+  });
+  auto y = at::empty({N, d}, x.options().dtype(at::kFloat));
+  auto w = topk_weight.to(at::kFloat).contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "fused_experts", [&] {
+    weighted_sum(y.data_ptr<float>(), out.data_ptr<scalar_t>(), w.data_ptr<float>(), sorted.pos, N, k, d);
+  });
+  auto counts = at::empty({E}, topk_idx.options());
+  for (int64_t g = 0; g < E; ++g) counts.data_ptr<int64_t>()[g] = sizes[g];
+  return {y, counts, sorted.order, xs, h, a, out};
+}
+
+// fused_experts' backward, from the gradient of y and what the forward kept -> the gradients of x (in
+// the experts' dtype), topk_weight (float32), c_fc, c_fc_bias, c_proj, c_proj_bias (the biases' empty
+// when bias is false). Two passes: the row-wise work of each sorted row (its output gradient, the
+// activation's backward, its x gradient), and of an expert whole on one thread its weight gradients, a_e^T
+// g_e; then the weight gradients of the experts cut between threads.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_experts_backward(
+    const at::Tensor& grad_y, const at::Tensor& topk_weight, const at::Tensor& c_fc, const at::Tensor& c_proj,
+    bool bias, c10::string_view act, const at::Tensor& counts, const at::Tensor& order, const at::Tensor& xs,
+    const at::Tensor& h, const at::Tensor& a, const at::Tensor& out) {
+  const bool swiglu = is_swiglu(act);
+  check_experts(c_fc, c_proj, swiglu);
+  const int64_t N = grad_y.size(0), k = topk_weight.size(1), S = N * k, E = c_fc.size(0), d = c_fc.size(1);
+  const int64_t W = c_fc.size(2), H = c_proj.size(1);
+  TORCH_CHECK(order.numel() == S && counts.numel() == E && out.size(0) == S,
+              "fused_experts_backward: shapes do not match the forward's");
+  auto gy = grad_y.to(at::kFloat).contiguous();  // (y.sum() hands back a stride-0 gradient)
+  auto w = topk_weight.to(at::kFloat).contiguous();
+  auto ends = counts.contiguous();
+  std::vector<int64_t> start(E + 1, 0), sizes(E), pos(S);
+  for (int64_t g = 0; g < E; ++g) start[g + 1] = start[g] + (sizes[g] = ends.data_ptr<int64_t>()[g]);
+  const int64_t* slot = order.data_ptr<int64_t>();
+  for (int64_t r = 0; r < S; ++r) pos[slot[r]] = r;
+  auto grad_w = at::empty({N, k}, w.options());
+  auto g_out = at::empty({S, d}, out.options()), g_h = at::empty({S, W}, out.options());
+  auto g_xs = at::empty({S, d}, out.options()), grad_x = at::empty({N, d}, out.options());
+  auto grad_c_fc = at::empty_like(c_fc), grad_c_proj = at::empty_like(c_proj);
+  auto grad_c_fc_bias = at::empty({bias ? E : 0, W}, c_fc.options());
+  auto grad_c_proj_bias = at::empty({bias ? E : 0, d}, c_fc.options());
+  // rows [r0, r1) of expert g's weight gradient, c_fc's or c_proj's: a_g^T times its output's gradient
+  auto weight_grad = [&](bool proj, int64_t g, int64_t r0, int64_t r1) {
+    const int64_t s = start[g], n = sizes[g];
+    auto grad = (proj ? grad_c_proj : grad_c_fc)[g].narrow(0, r0, r1 - r0);
+    auto g_rows = (proj ? g_out : g_h).narrow(0, s, n);
+    if (n == 0) grad.zero_();
+    else at::mm_out(grad, (proj ? a : xs).narrow(0, s, n).narrow(1, r0, r1 - r0).t(), g_rows);
+    if (bias && r0 == 0) {
+      auto grad_bias = (proj ? grad_c_proj_bias : grad_c_fc_bias)[g];
+      if (n == 0) grad_bias.zero_();
+      else at::sum_out(grad_bias, g_rows, at::IntArrayRef{0});
+    }
+  };
+  std::vector<char> done(E, 0);  // the experts whose weight gradients are computed
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "fused_experts_backward", [&] {
+    const float *gy_ = gy.data_ptr<float>(), *w_ = w.data_ptr<float>();
+    const scalar_t* out_ = out.data_ptr<scalar_t>();
+    float* grad_w_ = grad_w.data_ptr<float>();
+    at::parallel_for(0, S, grain(d), [&](int64_t s0, int64_t s1) {  // topk_weight's: <dy[n], out[slot]>
+      for (int64_t s = s0; s < s1; ++s) {
+        const float* gyn = gy_ + (s / k) * d;
+        const scalar_t* row = out_ + pos[s] * d;
+        float acc = 0.f;
+        for (int64_t c = 0; c < d; ++c) acc += gyn[c] * static_cast<float>(row[c]);
+        grad_w_[s] = acc;
+      }
+    });
+    scalar_t* g_out_ = g_out.data_ptr<scalar_t>();
+    run(sizes, std::vector<int64_t>(E, 1), [&](const Piece& p) {
+      const int64_t s = start[p.g] + p.r0, n = p.r1 - p.r0;
+      for (int64_t r = s; r < s + n; ++r) {  // the expert output's gradient: w[slot] * dy[token]
+        const float* gyn = gy_ + (slot[r] / k) * d;
+        const float ws = w_[slot[r]];
+        for (int64_t c = 0; c < d; ++c) g_out_[r * d + c] = static_cast<scalar_t>(ws * gyn[c]);
+      }
+      auto g_a = at::mm(g_out.narrow(0, s, n), c_proj[p.g].t());
+      auto h_p = h.narrow(0, s, n), g_h_p = g_h.narrow(0, s, n), g_xs_p = g_xs.narrow(0, s, n);
+      if (swiglu) {  // as autograd does silu(gate) * up
+        auto gate = h_p.narrow(1, 0, H), up = h_p.narrow(1, H, H);
+        auto g_gate = g_h_p.narrow(1, 0, H), g_up = g_h_p.narrow(1, H, H);
+        at::mul_out(g_up, g_a, at::silu(gate));
+        at::silu_backward_out(g_gate, g_a * up, gate);
+      } else {
+        at::gelu_backward_out(g_h_p, g_a, h_p);
+      }
+      at::mm_out(g_xs_p, g_h_p, c_fc[p.g].t());
+      if (n == sizes[p.g]) {  // a whole expert on this thread: its weight gradients now, from warm caches
+        weight_grad(false, p.g, 0, d);
+        weight_grad(true, p.g, 0, H);
+        done[p.g] = 1;
+      }
+    });
+    const scalar_t* g_xs_ = g_xs.data_ptr<scalar_t>();
+    scalar_t* grad_x_ = grad_x.data_ptr<scalar_t>();
+    at::parallel_for(0, N, grain(k * d), [&](int64_t n0, int64_t n1) {  // x's: its slots' rows, summed
+      std::vector<float> acc(d);
+      for (int64_t n = n0; n < n1; ++n) {
+        std::fill(acc.begin(), acc.end(), 0.f);
+        each_slot_in_expert_order(pos, n, k, [&](int64_t s) {
+          for (int64_t c = 0; c < d; ++c) acc[c] += static_cast<float>(g_xs_[pos[s] * d + c]);
+        });
+        for (int64_t c = 0; c < d; ++c) grad_x_[n * d + c] = static_cast<scalar_t>(acc[c]);
+      }
+    });
+  });
+  // the rest of the weight gradients (of experts cut between threads, and the zeros of empty ones): groups
+  // 0..E-1 are c_fc's (d rows each), E..2E-1 c_proj's (h rows); a row of expert e's costs its token count
+  // (an empty expert: its zeros) times the row's length
+  std::vector<int64_t> rows(2 * E), cost(2 * E);
+  for (int64_t g = 0; g < E; ++g) {
+    rows[g] = done[g] ? 0 : d, cost[g] = std::max<int64_t>(sizes[g], 1) * W;
+    rows[E + g] = done[g] ? 0 : H, cost[E + g] = std::max<int64_t>(sizes[g], 1) * d;
+  }
+  run(rows, cost, [&](const Piece& p) { weight_grad(p.g >= E, p.g % E, p.r0, p.r1); });
+  return {grad_x, grad_w, grad_c_fc, grad_c_fc_bias, grad_c_proj, grad_c_proj_bias};
+}
+
+
+// ---------------------------------------------------------------------------------------------------
+// softmax_router: moe_model.Router's softmax path (the gate, the softmax over the experts, the top-k and the
+// chosen weights) with the same bits as its torch ops, and its backward in one pass over the rows: the
+// gradients that reach the chosen weights, the logits (the z-loss) and the probabilities (the balance
+// loss) become the logits' gradient, then the gate's two products. torch's softmax over a last dimension
+// shorter than a vector register (8 experts: 16 floats on AVX512) is slow, ~20 ns per element, as is its
+// top-k on rows this short: here they are plain loops. The softmax is the one torch runs there, step for
+// step: exp of (x - max) by the same Sleef function as torch's Vectorized::exp, the sum left to right (as
+// vec_reduce_all over a partial vector), times 1 / sum; a check against at::_softmax on first use (and
+// any row with a tie or a NaN, for the top-k) falls back to torch's own kernels.
+
+#pragma GCC push_options
+#pragma GCC target("avx512f")
+extern "C" __m512 Sleef_expf16_u10(__m512);  // torch's Vectorized<float>::exp on AVX512 (libtorch_cpu has it)
+void exp_avx512(float* v, int64_t n) {  // n: a multiple of 16
+  for (int64_t i = 0; i < n; i += 16) _mm512_storeu_ps(v + i, Sleef_expf16_u10(_mm512_loadu_ps(v + i)));
+}
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+extern "C" __m256 Sleef_expf8_u10(__m256);  // ... and on AVX2
+void exp_avx2(float* v, int64_t n) {  // n: a multiple of 8
+  for (int64_t i = 0; i < n; i += 8) _mm256_storeu_ps(v + i, Sleef_expf8_u10(_mm256_loadu_ps(v + i)));
+}
+#pragma GCC pop_options
+
+// The exp and the vector width (in floats) of torch's softmax kernel on this CPU; width 0: none of ours.
+struct VecExp { void (*exp)(float*, int64_t); int64_t width; };
+VecExp vec_exp() {
+  static const std::string capability = at::get_cpu_capability();  // what torch's kernels were picked for
+  return capability == "AVX512" ? VecExp{exp_avx512, 16} : capability == "AVX2" ? VecExp{exp_avx2, 8}
+                                                                                : VecExp{nullptr, 0};
+}
+
+// softmax over the last dimension of `rows` rows of E (E < the vector width) from x into out, as torch's
+// _vec_softmax_lastdim computes it there; buf: scratch
+void softmax_rows(const float* x, float* out, int64_t rows, int64_t E, const VecExp& ve,
+                  std::vector<float>& buf) {
+  const int64_t n = rows * E;
+  buf.assign((n + ve.width - 1) / ve.width * ve.width, 0.f);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * E;
+    float m = xr[0];  // (vec::maximum: NaN if either is)
+    for (int64_t e = 1; e < E; ++e) m = std::isnan(m) || std::isnan(xr[e]) ? NAN : std::max(m, xr[e]);
+    for (int64_t e = 0; e < E; ++e) buf[r * E + e] = xr[e] - m;
+  }
+  ve.exp(buf.data(), buf.size());  // lane by lane, as torch's exp of a partial vector
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* er = buf.data() + r * E;
+    float sum = er[0];
+    for (int64_t e = 1; e < E; ++e) sum += er[e];
+    sum = 1 / sum;
+    for (int64_t e = 0; e < E; ++e) out[r * E + e] = er[e] * sum;
+  }
+}
+
+// Whether softmax_rows reproduces at::_softmax for rows of E here (checked once per E, on fixed values:
+// no random numbers are drawn, so that a run's random stream does not depend on it)
+bool softmax_rows_exact(int64_t E, const VecExp& ve) {
+  static std::array<std::atomic<int>, 64> known{};  // 0: not checked, 1: exact, 2: not
+  if (ve.width == 0 || E >= ve.width || E >= 64) return false;
+  if (known[E] == 0) {
+    const int64_t N = 4096;
+    auto x = at::empty({N, E}, at::kFloat);
+    float* xd = x.data_ptr<float>();
+    for (int64_t i = 0; i < N * E; ++i) xd[i] = std::sin(0.37 * i) * std::pow(10.0, (i / E) % 5 - 2);
+    auto ref = at::_softmax(x, -1, false), got = at::empty_like(x);
+    std::vector<float> buf;
+    softmax_rows(xd, got.data_ptr<float>(), N, E, ve, buf);
+    known[E] = at::equal(got, ref) ? 1 : 2;
+  }
+  return known[E] == 1;
+}
+
+// The top k of a row of E, largest first, as at::topk gives them where no two values tie and none is NaN;
+// false where they do (the caller then takes at::topk's answer, whose order of ties is its own)
+bool topk_row(const float* v, int64_t E, int64_t k, float* values, int64_t* indices) {
+  int64_t filled = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    if (std::isnan(v[e])) return false;
+    int64_t i = std::min(filled, k);
+    for (; i > 0 && v[e] >= values[i - 1]; --i) {
+      if (v[e] == values[i - 1]) return false;
+      if (i < k) values[i] = values[i - 1], indices[i] = indices[i - 1];
+    }
+    if (i < k) {
+      values[i] = v[e], indices[i] = e;
+      filled = std::min(filled + 1, k);
+    } else if (v[e] == values[k - 1]) {
+      return false;  // equal to the k-th: which of the two is chosen is a tie
+    }
+  }
+  return true;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> softmax_router(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& expert_bias,
+    int64_t top_k, bool norm_topk, double temperature, double route_scale) {
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1) &&
+              x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat,
+              "softmax_router: want x [N, d] and weight [E, d], float32");
+  const int64_t N = x.size(0), E = weight.size(0), k = top_k;
+  TORCH_CHECK(0 < k && k <= E, "softmax_router: want 0 < top_k <= ", E, ", got ", k);
+  auto logits = at::mm(x, weight.t());  // F.linear(x, weight)
+  if (temperature != 1.0) logits = logits / temperature;
+  const VecExp ve = vec_exp();
+  const bool float_bias = !expert_bias || expert_bias->scalar_type() == at::kFloat;
+  if (!softmax_rows_exact(E, ve) || !softmax_rows_exact(k, ve) || !float_bias) {
+    auto probs = at::_softmax(logits, -1, false);  // torch's kernels, op for op as the Router's torch path
+    at::Tensor chosen, idx;
+    if (expert_bias) {  // the bias only selects
+      idx = std::get<1>(at::topk(probs + *expert_bias, k));
+      chosen = logits.gather(1, idx);
+    } else {
+      std::tie(chosen, idx) = at::topk(logits, k);
+    }
+    auto w = norm_topk ? at::_softmax(chosen, -1, false) : probs.gather(1, idx);
+    return {idx, route_scale != 1.0 ? w * route_scale : w, logits, probs};
+  }
+  auto probs = at::empty({N, E}, logits.options()), w = at::empty({N, k}, logits.options());
+  auto idx = at::empty({N, k}, logits.options().dtype(at::kLong));
+  const float* l = logits.data_ptr<float>();
+  auto bias_ = expert_bias ? expert_bias->contiguous() : at::Tensor();
+  const float* bias = expert_bias ? bias_.data_ptr<float>() : nullptr;
+  float *p = probs.data_ptr<float>(), *w_ = w.data_ptr<float>();
+  int64_t* idx_ = idx.data_ptr<int64_t>();
+  std::atomic<bool> exact{true};
+  at::parallel_for(0, N, grain(4 * E), [&](int64_t n0, int64_t n1) {
+    std::vector<float> buf, chosen((n1 - n0) * k), biased(E), values(k);
+    softmax_rows(l + n0 * E, p + n0 * E, n1 - n0, E, ve, buf);
+    for (int64_t n = n0; n < n1; ++n) {
+      int64_t* in = idx_ + n * k;
+      float* cn = chosen.data() + (n - n0) * k;
+      if (bias) {  // the bias only selects: (probs + bias), then the chosen logits
+        for (int64_t e = 0; e < E; ++e) biased[e] = p[n * E + e] + bias[e];
+        if (!topk_row(biased.data(), E, k, values.data(), in)) exact = false;
+        for (int64_t j = 0; j < k; ++j) cn[j] = l[n * E + in[j]];
+      } else if (!topk_row(l + n * E, E, k, cn, in)) {
+        exact = false;
+      }
+      if (!norm_topk)
+        for (int64_t j = 0; j < k; ++j) w_[n * k + j] = p[n * E + in[j]];
+    }
+    if (norm_topk) softmax_rows(chosen.data(), w_ + n0 * k, n1 - n0, k, ve, buf);
+  });
+  if (!exact) {  // a tie or a NaN somewhere: torch's top-k, whose order of ties is its own
+    at::Tensor chosen;
+    if (expert_bias) {
+      idx = std::get<1>(at::topk(probs + *expert_bias, k));
+      chosen = logits.gather(1, idx);
+    } else {
+      std::tie(chosen, idx) = at::topk(logits, k);
+    }
+    w = norm_topk ? at::_softmax(chosen, -1, false) : probs.gather(1, idx);
+  }
+  return {idx, route_scale != 1.0 ? w * route_scale : w, logits, probs};
+}
+
+std::tuple<at::Tensor, at::Tensor> softmax_router_backward(
+    const std::optional<at::Tensor>& grad_w, const std::optional<at::Tensor>& grad_logits,
+    const std::optional<at::Tensor>& grad_probs, const at::Tensor& x, const at::Tensor& weight,
+    const at::Tensor& topk_idx, const at::Tensor& topk_weight, const at::Tensor& probs, bool norm_topk,
+    double temperature, double route_scale) {
+  const int64_t N = probs.size(0), E = probs.size(1), k = topk_idx.size(1);
+  auto dense = [](const std::optional<at::Tensor>& t) {  // an expanded gradient, contiguous; an absent one
+    return t ? t->to(at::kFloat).contiguous() : at::Tensor();
+  };
+  auto gw = dense(grad_w), gl_in = dense(grad_logits), gp_in = dense(grad_probs);
+  auto idx = topk_idx.contiguous(), w = topk_weight.contiguous(), p = probs.contiguous();
+  auto gl = at::empty({N, E}, probs.options());
+  const float scale = route_scale, inv_t = 1.0 / temperature;
+  const int64_t* idx_ = idx.data_ptr<int64_t>();
+  const float *w_ = w.data_ptr<float>(), *p_ = p.data_ptr<float>();
+  const float* gw_ = gw.defined() ? gw.data_ptr<float>() : nullptr;
+  const float* gl_in_ = gl_in.defined() ? gl_in.data_ptr<float>() : nullptr;
+  const float* gp_in_ = gp_in.defined() ? gp_in.data_ptr<float>() : nullptr;
+  float* gl_ = gl.data_ptr<float>();
+  at::parallel_for(0, N, grain(E + k), [&](int64_t n0, int64_t n1) {
+    std::vector<float> gp(E);  // the probabilities' gradient
+    for (int64_t n = n0; n < n1; ++n) {
+      float* g = gl_ + n * E;
+      const float* pn = p_ + n * E;
+      for (int64_t e = 0; e < E; ++e) g[e] = gl_in_ ? gl_in_[n * E + e] : 0.f;
+      for (int64_t e = 0; e < E; ++e) gp[e] = gp_in_ ? gp_in_[n * E + e] : 0.f;
+      if (gw_) {
+        const float *wn = w_ + n * k, *gwn = gw_ + n * k;
+        const int64_t* in = idx_ + n * k;
+        if (norm_topk) {  // w = scale * softmax(chosen logits): its backward, into the chosen logits
+          float s = 0.f;
+          for (int64_t j = 0; j < k; ++j) s += wn[j] * gwn[j];
+          for (int64_t j = 0; j < k; ++j) g[in[j]] += wn[j] * (gwn[j] - s / scale);
+        } else {  // w = scale * the chosen probabilities
+          for (int64_t j = 0; j < k; ++j) gp[in[j]] += scale * gwn[j];
+        }
+      }
+      float s = 0.f;  // the softmax's backward: p * (gp - <gp, p>)
+      for (int64_t e = 0; e < E; ++e) s += gp[e] * pn[e];
+      for (int64_t e = 0; e < E; ++e) g[e] = (g[e] + pn[e] * (gp[e] - s)) * inv_t;
+    }
+  });
+  return {at::mm(gl, weight), at::mm(gl.t(), x)};
+}
+
+
+// ---------------------------------------------------------------------------------------------------
+// router_losses: moe_model.load_balance_loss and router_z_loss of one layer, from its logits, probabilities
+// and slots per expert, in one pass; the backward gives their gradients, which softmax_router's backward
+// (or the Router's torch ops) take on. The torch ops were a dozen forward and as many backward, on [N, E].
+
+// -> balance (n_expert * sum_i f_i * P_i), z (mean of logsumexp(logits)^2), and logsumexp per row
+std::tuple<at::Tensor, at::Tensor, at::Tensor> router_losses(
+    const at::Tensor& logits, const at::Tensor& probs, const at::Tensor& counts) {
+  TORCH_CHECK(logits.dim() == 2 && probs.sizes() == logits.sizes() && counts.numel() == logits.size(1) &&
+              logits.scalar_type() == at::kFloat && probs.scalar_type() == at::kFloat,
+              "router_losses: want float32 logits and probs [N, E], and counts [E]");
+  const int64_t N = logits.size(0), E = logits.size(1);
+  auto l = logits.contiguous(), p = probs.contiguous(), c = counts.to(at::kDouble).contiguous();
+  auto lse = at::empty({N}, l.options());
+  const float *l_ = l.data_ptr<float>(), *p_ = p.data_ptr<float>();
+  float* lse_ = lse.data_ptr<float>();
+  at::parallel_for(0, N, grain(E), [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {  // as torch.logsumexp: max, then log(sum(exp(x - max))) + max
+      const float* x = l_ + n * E;
+      float m = *std::max_element(x, x + E);
+      m = std::isinf(m) ? 0.f : m;
+      double sum = 0;
+      for (int64_t e = 0; e < E; ++e) sum += std::exp(x[e] - m);
+      lse_[n] = std::log(sum) + m;
+    }
+  });
+  double total = 0, z = 0, balance = 0;
+  const double* c_ = c.data_ptr<double>();
+  for (int64_t e = 0; e < E; ++e) total += c_[e];
+  std::vector<double> P(E, 0.0);
+  for (int64_t n = 0; n < N; ++n) {
+    z += double(lse_[n]) * lse_[n];
+    for (int64_t e = 0; e < E; ++e) P[e] += p_[n * E + e];
+  }
+  for (int64_t e = 0; e < E; ++e) balance += c_[e] / total * P[e] / N;
+  auto scalar = [&](double v) { return at::scalar_tensor(v, l.options()); };
+  return {scalar(E * balance), scalar(z / N), lse};
+}
+
+// -> the gradients of logits (the z-loss's) and of probs (the balance loss's)
+std::tuple<at::Tensor, at::Tensor> router_losses_backward(
+    const at::Tensor& grad_balance, const at::Tensor& grad_z, const at::Tensor& logits,
+    const at::Tensor& counts, const at::Tensor& lse) {
+  const int64_t N = logits.size(0), E = logits.size(1);
+  auto l = logits.contiguous(), c = counts.to(at::kDouble).contiguous();
+  auto grad_logits = at::empty({N, E}, l.options()), grad_probs = at::empty({N, E}, l.options());
+  const double gb = grad_balance.item<double>(), gz = grad_z.item<double>();
+  const double* c_ = c.data_ptr<double>();
+  double total = 0;
+  for (int64_t e = 0; e < E; ++e) total += c_[e];
+  std::vector<float> row(E);  // d balance / d probs[n, e] = n_expert * f_e / N, the same in every row
+  for (int64_t e = 0; e < E; ++e) row[e] = gb * E * (c_[e] / total) / N;
+  const float *l_ = l.data_ptr<float>(), *lse_ = lse.data_ptr<float>();
+  float *gl = grad_logits.data_ptr<float>(), *gp = grad_probs.data_ptr<float>();
+  at::parallel_for(0, N, grain(E), [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {  // d z / d logits = 2 lse / N * softmax(logits)
+      const float scale = 2.0 * gz * lse_[n] / N;
+      for (int64_t e = 0; e < E; ++e) {
+        gl[n * E + e] = scale * std::exp(l_[n * E + e] - lse_[n]);
+        gp[n * E + e] = row[e];
+      }
+    }
+  });
+  return {grad_logits, grad_probs};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(nanomoe_cpu, m) {
@@ -88,4 +604,14 @@ TORCH_LIBRARY(nanomoe_cpu, m) {
 TORCH_LIBRARY_IMPL(nanomoe_cpu, CPU, m) {
   m.impl("grouped_mm", grouped_mm);
   m.impl("grouped_mm_t", grouped_mm_t);
+}
+
+// moe_kernels/fused.py defines these ops (with their autograd and fake implementations)
+TORCH_LIBRARY_IMPL(nanomoe, CPU, m) {
+  m.impl("fused_experts", fused_experts);
+  m.impl("fused_experts_backward", fused_experts_backward);
+  m.impl("softmax_router", softmax_router);
+  m.impl("softmax_router_backward", softmax_router_backward);
+  m.impl("router_losses", router_losses);
+  m.impl("router_losses_backward", router_losses_backward);
 }

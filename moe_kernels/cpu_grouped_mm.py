@@ -15,8 +15,9 @@ BUILD_WAIT_S), and a build killed midway (kill -9), whose folder torch would wai
 at once. The library defines the ops torch.ops.nanomoe_cpu.grouped_mm and grouped_mm_t; moe_model's
 grouped_mm custom ops (which carry the autograd and the fake implementations torch.compile traces) call them
 for CPU tensors where available() is True, and torch's grouped_mm elsewhere: on GPUs, where this file does
-not build (a warning says why), and with NANOMOE_CPU_GROUPED_MM=0 (to compare the two). `make venv` builds
-it ahead of time.
+not build (a warning says why), and with NANOMOE_CPU_GROUPED_MM=0 (to compare the two). It also holds the
+CPU kernels of moe_kernels/fused.py's ops (the grouped backend in one op, the softmax router, its aux
+losses), which moe_model runs where available() is True. `make venv` builds it ahead of time.
 """
 import os
 import re

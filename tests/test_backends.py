@@ -67,14 +67,26 @@ def test_backend_matches_loop(impl, E, k, d, h, bias, B, T, mlp):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize('mlp', ['gelu', 'swiglu'])
 @pytest.mark.parametrize('E, k, d, h, bias, B, T', CASES)
-def test_grouped_on_torchs_grouped_mm_matches_loop(monkeypatch, E, k, d, h, bias, B, T):
+def test_grouped_on_torchs_grouped_mm_matches_loop(monkeypatch, E, k, d, h, bias, B, T, mlp):
     """The grouped backend where cpu_grouped_mm.cpp does not build (or on a GPU): torch's grouped_mm."""
     monkeypatch.setattr(cpu_grouped_mm, '_built', False)
-    layer = make_layer(E, k, d, h, bias)
+    layer = make_layer(E, k, d, h, bias, mlp=mlp)
     x = torch.randn(B, T, d)
+    rows = x.view(-1, d).requires_grad_()
+    y, _ = moe_model.grouped_experts(rows, *layer.router(rows)[:2], layer.experts)
+    assert 'fused' not in y.grad_fn.name()
     for r, g in zip(run(layer, 'loop', x), run(layer, 'grouped', x)):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
+
+
+def test_grouped_on_the_cpu_is_one_fused_op():
+    """Where the kernel builds, grouped's forward is one op (test_backend_matches_loop checks it)."""
+    layer = make_layer(4, 2, 8, 16, True)
+    x = torch.randn(6, 8, requires_grad=True)
+    y, _ = moe_model.grouped_experts(x, *layer.router(x)[:2], layer.experts)
+    assert y.grad_fn.name() == 'GeneratedBackwardFor_nanomoe_fused_experts_defaultBackward'
 
 
 def test_cpu_grouped_mm_builds():
@@ -125,14 +137,34 @@ def test_cpu_grouped_mm_matches_a_matmul_per_group(n_threads, sizes, dtype, a_la
         torch.testing.assert_close(got, ref, **tol)
 
 
-def test_grouped_matches_loop_on_two_threads():
-    layer = make_layer(8, 2, 24, 16, True)
+@pytest.mark.parametrize('n_threads', [2, 3])
+@pytest.mark.parametrize('mlp', ['gelu', 'swiglu'])
+def test_grouped_matches_loop_on_several_threads(n_threads, mlp):
+    """Experts cut into row slices on different threads, and memory the kernel leaves unwritten as NaN."""
+    layer = make_layer(8, 2, 24, 16, True, mlp=mlp)
     x = torch.randn(4, 6, 24)
     ref = run(layer, 'loop', x)
-    with threads(2):
+    with threads(n_threads):
         got = run(layer, 'grouped', x)
     for r, g in zip(ref, got):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('impl', FAST)
+def test_backend_takes_no_tokens(impl):
+    """An empty batch: no rows at all, every expert empty; zero weight gradients, as loop's."""
+    layer = make_layer(4, 2, 8, 16, True, mlp='swiglu')
+    x = torch.randn(0, 8, requires_grad=True)
+    topk_idx, topk_weight = torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 2, requires_grad=True)
+    grads = []
+    for backend in (loop_experts, EXPERT_IMPLS[impl]):
+        layer.zero_grad()
+        y, _ = backend(x, topk_idx, topk_weight, layer.experts)
+        assert y.shape == (0, 8)
+        grads.append(torch.autograd.grad(y.sum(), [x, topk_weight] + list(layer.experts.parameters()),
+                                         allow_unused=True, materialize_grads=True))
+    for r, g in zip(*grads):
+        torch.testing.assert_close(g, r)
 
 
 def test_cpu_grouped_mm_rejects_bad_offsets():

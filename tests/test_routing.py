@@ -425,3 +425,44 @@ def test_expert_choice_with_shared_experts_and_a_dense_layer_trains(shakespeare_
     assert set(k.split('/')[0] for k in steps[-1] if k.startswith('layer')) == {'layer1', 'layer2'}
     assert steps[-1]['layer1/max_load'] == 1.0  # expert choice: every expert exactly at capacity
     assert 'layer1/flip_rate' in records[-1] and records[-1]['val/ce'] < 4.3
+
+
+# -----------------------------------------------------------------------------
+# the fused softmax router (moe_kernels/fused.py) against the router's torch ops
+
+
+@pytest.mark.parametrize('settings', [
+    dict(router='topk', top_k=1), dict(router='topk', top_k=2), dict(router='topk', n_expert=1, top_k=1),
+    dict(router='topk', top_k=3, router_temperature=0.5), dict(router='aux_free', top_k=2),
+    dict(router='aux_free', norm_topk=False, top_k=2, route_scale=2.5), dict(router='expert_choice', top_k=2),
+    dict(router='noisy_topk', top_k=2), dict(router='topk', top_k=2, route_scale=2.5),
+], ids=lambda s: '-'.join(f'{k}={v}' for k, v in s.items()))
+@pytest.mark.parametrize('aux_loss_scope', ['micro', 'global', 'sequence'])
+def test_fused_router_matches_its_torch_ops(monkeypatch, settings, aux_loss_scope):
+    """Outputs bit for bit (test_keys checks them against the old routers too) and the gradients of x and the
+    gate: through the chosen weights, the balance loss (probs) and the z-loss (logits), in training and eval
+    (noisy_topk: the fused router in eval only, its noise in training is the torch ops')."""
+    from moe_kernels import cpu_grouped_mm
+    assert cpu_grouped_mm.available()
+    results = {}
+    for fused, training in ((True, True), (False, True), (True, False), (False, False)):
+        monkeypatch.setattr(cpu_grouped_mm, '_built', fused)
+        moe = layer(aux_loss_scope=aux_loss_scope, **settings).train(training)
+        if moe.router.expert_bias is not None:
+            moe.router.expert_bias.normal_(0, 0.3)
+        x = torch.randn(2, 12, 16, generator=torch.Generator().manual_seed(4), requires_grad=True)
+        torch.manual_seed(5)  # (noise)
+        idx, w, logits, probs = moe.router(x.view(-1, 16))
+        noise = training and settings['router'] == 'noisy_topk'
+        assert ('softmax_router' in w.grad_fn.name()) == (fused and not noise)
+        counts = count_per_expert(idx, moe.config.n_expert)
+        moe.record(counts, 0.0, logits, probs, idx, lambda rows: rows.view(2, 12, *rows.shape[1:]))
+        g = torch.randn(w.shape, generator=torch.Generator().manual_seed(6))
+        ((w * g).sum() + moe.balance_loss + moe.z_loss).backward()
+        results[fused, training] = [idx, w, logits, probs], [x.grad, moe.router.gate.weight.grad]
+    for training in (True, False):
+        (out, grads), (out_ref, grads_ref) = results[True, training], results[False, training]
+        for got, ref in zip(out, out_ref):
+            assert torch.equal(got, ref)
+        for got, ref in zip(grads, grads_ref):
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)

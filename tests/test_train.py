@@ -141,15 +141,18 @@ def test_truncated_checkpoint_gives_a_clear_error(trained, tmp_path):
 @pytest.mark.slow
 def test_bench_runs_dense_moe_and_the_layer_mode():
     """The model mode times an MoE and its dense twin and reports each one's peak memory, which activation
-    checkpointing lowers; the layer mode times every backend."""
+    checkpointing lowers, with no profiler lines, and MFU on a CPU only against a peak_flops given; the layer
+    mode times every backend."""
     peaks = {}
-    for mode in ('none', 'all'):
+    for mode, peak in (('none', []), ('all', ['--peak_flops=1e12'])):
         p = run('bench.py', '--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_size=8',
                 '--vocab_size=64', '--warmup_iters=1', '--bench_iters=2', '--device=cpu', '--n_expert=4',
-                '--expert_hidden=64', '--compare_dense=True', f'--activation_checkpointing={mode}')
+                '--expert_hidden=64', '--compare_dense=True', f'--activation_checkpointing={mode}', *peak)
         assert 'grouped GEMMs on the CPU: cpu_grouped_mm.cpp' in p.stdout  # a bench says which kernel it timed
-        lines = [l for l in p.stdout.splitlines() if 'ms/iter' in l and 'MFU' in l]
+        assert 'profiler' not in p.stdout + p.stderr
+        lines = [l for l in p.stdout.splitlines() if 'ms/iter' in l]
         assert [l.split(':')[0] for l in lines] == ['dense twin', 'model']
+        assert all(('MFU' in l) == bool(peak) and ('of 1 TFLOP/s' in l) == bool(peak) for l in lines), lines
         peaks[mode] = [float(l.split('peak memory ')[1].split(' MiB')[0]) for l in lines]
     assert all(0 < b < 0.8 * a for a, b in zip(peaks['none'], peaks['all'])), peaks
     p = run('bench.py', '--n_layer=1', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_size=8',

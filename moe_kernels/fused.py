@@ -1,0 +1,147 @@
+"""
+The MoE layer's fused ops for the CPU, as torch.library custom ops with fake (shape-only) implementations
+and their own autograd, so that torch.compile traces them without a graph break. The schemas are defined
+here; their CPU kernels are moe_kernels/cpu_grouped_mm.cpp's, registered when cpu_grouped_mm.available()
+loads it (moe_model calls them only then; elsewhere, and on GPUs, it runs the unfused torch ops).
+
+  fused_experts    the grouped backend: the token rows gathered by expert, both GEMMs with the activation
+                   between, the router-weighted sum back to tokens
+  softmax_router   Router's softmax path: the gate, softmax, top-k and weights, the same bits as its ops
+  router_losses    a layer's balance loss and z-loss
+
+Each is one op forward and one backward. Unfused, a small MoE layer's step was some eighty small ops around
+its GEMMs (sort, index_select, casts, pads, the bias gather, index_add, softmax, top-k, the losses' sums,
+and their backwards), a fixed cost that a small model pays in full (RESULTS.md section 3). A forward returns,
+after its results, what its backward needs (fused_experts: the slot of each row sorted by expert, and per
+row its x, c_fc output, activation and expert output): a custom op's outputs are the only place to keep them.
+"""
+import torch
+
+_lib = torch.library.Library('nanomoe', 'FRAGMENT')
+_lib.define('fused_experts(Tensor x, Tensor topk_idx, Tensor topk_weight, Tensor c_fc, Tensor? c_fc_bias, '
+            'Tensor c_proj, Tensor? c_proj_bias, str act) '
+            '-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)')
+_lib.define('fused_experts_backward(Tensor grad_y, Tensor topk_weight, Tensor c_fc, Tensor c_proj, '
+            'bool bias, str act, Tensor counts, Tensor order, Tensor xs, Tensor h, Tensor a, Tensor out) '
+            '-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)')
+# callers use the registered ops themselves (as grouped_mm.py's): custom_op's Python wrapper costs time
+fused_experts = torch.ops.nanomoe.fused_experts.default
+fused_experts_backward = torch.ops.nanomoe.fused_experts_backward.default
+
+
+@torch.library.register_fake('nanomoe::fused_experts')
+def _(x, topk_idx, topk_weight, c_fc, c_fc_bias, c_proj, c_proj_bias, act):
+    (N, d), S, new = x.shape, topk_idx.numel(), x.new_empty
+    return (new(N, d, dtype=torch.float32), topk_idx.new_empty(c_fc.size(0)), topk_idx.new_empty(S),
+            new(S, d), new(S, c_fc.size(2)), new(S, c_proj.size(1)), new(S, d))
+
+
+@torch.library.register_fake('nanomoe::fused_experts_backward')
+def _(grad_y, topk_weight, c_fc, c_proj, bias, act, counts, order, xs, h, a, out):
+    n_bias = c_fc.size(0) if bias else 0
+    return (xs.new_empty(grad_y.size(0), c_fc.size(1)), torch.empty_like(topk_weight, dtype=torch.float32),
+            torch.empty_like(c_fc), c_fc.new_empty(n_bias, c_fc.size(2)), torch.empty_like(c_proj),
+            c_fc.new_empty(n_bias, c_fc.size(1)))
+
+
+def _fused_setup(ctx, inputs, output):
+    _, _, topk_weight, c_fc, c_fc_bias, c_proj, c_proj_bias, act = inputs
+    y, counts, order, xs, h, a, out = output
+    ctx.mark_non_differentiable(xs, h, a, out)  # kept for the backward, not results
+    ctx.set_materialize_grads(False)  # the backward gets None for them, not zeros the size of the activations
+    ctx.save_for_backward(topk_weight, c_fc, c_proj, counts, order, xs, h, a, out)
+    ctx.act, ctx.biases = act, (c_fc_bias is not None, c_proj_bias is not None)
+
+
+def _fused_backward(ctx, grad_y, *unused):
+    topk_weight, c_fc, c_proj, counts, order, xs, h, a, out = ctx.saved_tensors
+    if grad_y is None:
+        return (None,) * 8
+    grad_x, grad_w, grad_fc, grad_fc_bias, grad_proj, grad_proj_bias = fused_experts_backward(
+        grad_y, topk_weight, c_fc, c_proj, any(ctx.biases), ctx.act, counts, order, xs, h, a, out)
+    fc_bias, proj_bias = ctx.biases
+    return (grad_x, None, grad_w, grad_fc, grad_fc_bias if fc_bias else None, grad_proj,
+            grad_proj_bias if proj_bias else None, None)
+
+
+torch.library.register_autograd('nanomoe::fused_experts', _fused_backward, setup_context=_fused_setup)
+
+
+# softmax_router: moe_model.Router's softmax path (the gate, the softmax over the experts, the top-k and the
+# chosen weights) as one op, bit for bit its torch ops; its backward is one pass over the rows, where the
+# torch ops' backward was a dozen autograd nodes (two softmax backwards, the top-k's and gather's scatters,
+# the sums of their gradients, the gate's). Returns topk_idx, topk_weight, logits, probs, as Router does.
+_lib.define('softmax_router(Tensor x, Tensor weight, Tensor? expert_bias, int top_k, bool norm_topk, '
+            'float temperature, float route_scale) -> (Tensor, Tensor, Tensor, Tensor)')
+_lib.define('softmax_router_backward(Tensor? grad_weights, Tensor? grad_logits, Tensor? grad_probs, '
+            'Tensor x, Tensor weight, Tensor topk_idx, Tensor topk_weight, Tensor probs, bool norm_topk, '
+            'float temperature, float route_scale) -> (Tensor, Tensor)')
+softmax_router = torch.ops.nanomoe.softmax_router.default
+softmax_router_backward = torch.ops.nanomoe.softmax_router_backward.default
+
+
+@torch.library.register_fake('nanomoe::softmax_router')
+def _(x, weight, expert_bias, top_k, norm_topk, temperature, route_scale):
+    (N, E), new = (x.size(0), weight.size(0)), x.new_empty
+    return new(N, top_k, dtype=torch.long), new(N, top_k), new(N, E), new(N, E)
+
+
+@torch.library.register_fake('nanomoe::softmax_router_backward')
+def _(grad_weights, grad_logits, grad_probs, x, weight, topk_idx, topk_weight, probs, *settings):
+    return torch.empty_like(x), torch.empty_like(weight)
+
+
+def _router_setup(ctx, inputs, output):
+    x, weight, _, _, norm_topk, temperature, route_scale = inputs
+    topk_idx, topk_weight, _, probs = output
+    ctx.set_materialize_grads(False)  # an output without a gradient (the z-loss off, eval) costs nothing
+    ctx.save_for_backward(x, weight, topk_idx, topk_weight, probs)
+    ctx.settings = norm_topk, temperature, route_scale
+
+
+def _router_backward(ctx, grad_idx, grad_weights, grad_logits, grad_probs):
+    x, weight, topk_idx, topk_weight, probs = ctx.saved_tensors
+    if grad_weights is None and grad_logits is None and grad_probs is None:
+        return (None,) * 7
+    grad_x, grad_weight = softmax_router_backward(grad_weights, grad_logits, grad_probs, x, weight, topk_idx,
+                                                  topk_weight, probs, *ctx.settings)
+    return grad_x, grad_weight, None, None, None, None, None
+
+
+torch.library.register_autograd('nanomoe::softmax_router', _router_backward, setup_context=_router_setup)
+
+
+# router_losses: a layer's balance loss (moe_model.load_balance_loss, from probs and the slots per expert)
+# and z-loss (router_z_loss, from logits) in one op, and their gradients in one; -> balance, z, and the
+# logsumexp of each row (kept for the backward). Where the router is softmax_router, its backward takes
+# these gradients on: the router and its losses cost two ops forward and two backward.
+_lib.define('router_losses(Tensor logits, Tensor probs, Tensor counts) -> (Tensor, Tensor, Tensor)')
+_lib.define('router_losses_backward(Tensor grad_balance, Tensor grad_z, Tensor logits, Tensor counts, '
+            'Tensor lse) -> (Tensor, Tensor)')
+router_losses = torch.ops.nanomoe.router_losses.default
+router_losses_backward = torch.ops.nanomoe.router_losses_backward.default
+
+
+@torch.library.register_fake('nanomoe::router_losses')
+def _(logits, probs, counts):
+    return logits.new_empty(()), logits.new_empty(()), logits.new_empty(logits.size(0))
+
+
+@torch.library.register_fake('nanomoe::router_losses_backward')
+def _(grad_balance, grad_z, logits, counts, lse):
+    return torch.empty_like(logits), torch.empty_like(logits)
+
+
+def _losses_setup(ctx, inputs, output):
+    logits, _, counts = inputs
+    ctx.mark_non_differentiable(output[2])
+    ctx.save_for_backward(logits, counts, output[2])
+
+
+def _losses_backward(ctx, grad_balance, grad_z, _):
+    logits, counts, lse = ctx.saved_tensors
+    grad_logits, grad_probs = router_losses_backward(grad_balance, grad_z, logits, counts, lse)
+    return grad_logits, grad_probs, None
+
+
+torch.library.register_autograd('nanomoe::router_losses', _losses_backward, setup_context=_losses_setup)
