@@ -140,6 +140,23 @@ def test_two_sigterms_while_the_model_is_built_exit_at_once(shakespeare_char, tm
 
 
 @pytest.mark.slow
+def test_one_sigterm_while_the_model_is_built_stops_it_before_training(shakespeare_char, tmp_path):
+    """It used to go on to the first eval and a step (as long again for a large model) before it saved."""
+    out = tmp_path / 'out'
+    p = unbuffered('train.py', *FAST, '--n_layer=4', '--n_embd=512', '--n_head=8', '--n_expert=8',
+                   '--expert_hidden=2048', '--batch_size=2', f'--out_dir={out}')
+    for line in p.stdout:
+        if line.startswith('Initializing a new model from scratch'):
+            break
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=120) == 0
+    stdout, stderr = p.communicate()
+    assert 'received SIGTERM during start-up: stopped before training; nothing was trained or saved' in stdout
+    assert 'step 0:' not in stdout and 'Traceback' not in stderr, stderr[-2000:]
+    assert not (out / 'ckpt.pt').exists() and not (out / 'log.jsonl').exists()
+
+
+@pytest.mark.slow
 def test_a_second_sigterm_exits_at_once_with_128_plus_the_signal_and_no_traceback(shakespeare_char, tmp_path):
     out = str(tmp_path / 'out')
     p = start(out, *FAST, '--eval_interval=1000', '--max_iters=100000', '--gradient_accumulation_steps=100')
