@@ -624,14 +624,34 @@ runpy.run_path(os.path.join({ROOT!r}, 'tools', 'export_hf.py'), run_name='__main
     assert os.listdir(tmp_path) == ['hf'] and 'config.json' in os.listdir(hf_dir)  # the other's, whole
 
 
+# what wandb.init raises where no one is logged in and there is no terminal to ask on (wandb 0.31's words)
+WANDB_STAND_IN = """
+class UsageError(Exception):
+    pass
+
+
+def init(**kwargs):
+    raise UsageError('api_key not configured (no-tty). call wandb.login(key=[your_api_key])')
+"""
+
+
+@pytest.mark.parametrize('wandb', ['installed', 'stand-in'])
 @pytest.mark.slow
-def test_wandb_not_logged_in_is_one_line(shakespeare_char, tmp_path):
-    """wandb.init's UsageError was a traceback (after the model was built)."""
-    pytest.importorskip('wandb')
+def test_wandb_not_logged_in_is_one_line(shakespeare_char, tmp_path, wandb):
+    """wandb.init's UsageError was a traceback (after the model was built). The stand-in (a wandb module
+    first on PYTHONPATH) raises it where wandb is not installed, or would find a login."""
     env = {k: v for k, v in ENV.items() if not k.startswith('WANDB_')}
     env.update(HOME=str(tmp_path), WANDB_DIR=str(tmp_path), WANDB_SILENT='true')  # no ~/.netrc, no API key
+    if wandb == 'installed':
+        pytest.importorskip('wandb')
+    else:
+        (tmp_path / 'stand_in' / 'wandb').mkdir(parents=True)
+        (tmp_path / 'stand_in' / 'wandb' / '__init__.py').write_text(WANDB_STAND_IN)
+        env['PYTHONPATH'] = os.pathsep.join(filter(None, [str(tmp_path / 'stand_in'), env.get('PYTHONPATH')]))
     p = subprocess.run([sys.executable, os.path.join(ROOT, 'train.py'), *FAST, '--wandb_log=True',
                         f'--out_dir={tmp_path / "out"}'], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=300)
     one_error_line(p, 'wandb_log=True, but wandb.init failed (')
     assert 'log in with `wandb login`' in p.stderr and 'WANDB_MODE=offline' in p.stderr
+    if wandb == 'stand-in':
+        assert 'failed (api_key not configured (no-tty). call wandb.login(key=[your_api_key]))' in p.stderr
