@@ -360,6 +360,26 @@ def test_bench_with_no_arguments_refuses_in_one_line_what_this_machine_cannot_ho
 
 
 @pytest.mark.slow
+def test_train_with_the_default_model_refuses_in_one_line_what_this_machine_cannot_hold(tmp_path):
+    """train.py's model defaults (bench.py's) on a CPU: it used to build the model and grow to 10.6 GB in 99 s
+    with no step done (nanoGPT fails at once on the missing CUDA). Sized on the meta device: no wait."""
+    from configurator import available_memory
+    from init_model import memory_need
+    from moe_model import MoEConfig, MODEL_KEYS
+    defaults = {**{f.name: f.default for f in dataclasses.fields(MoEConfig)}, 'bias': False}
+    model_args = {**{k: defaults[k] for k in MODEL_KEYS}, 'vocab_size': 50304}
+    if sum(memory_need(model_args, 12 * 1024).values()) < available_memory('cpu'):
+        pytest.skip("this machine has the memory for train.py's defaults")
+    write_dataset(str(tmp_path / 'owt'), range(2000))  # GPT-2 token ids, no meta.pkl: vocab_size 50304
+    t0 = time.time()
+    p = run('train.py', f'--dataset={tmp_path / "owt"}', '--device=cpu', f'--out_dir={tmp_path / "out"}',
+            check=False, timeout=120)
+    one_error_line(p, 'the run needs at least ')
+    assert 'activations of 12,288 tokens' in p.stderr and time.time() - t0 < 60
+    assert not (tmp_path / 'out').exists()
+
+
+@pytest.mark.slow
 def test_sample_sizes_the_model_before_it_builds_it(tmp_path):
     """A checkpoint whose model_args say n_embd=100000: building that model was an out-of-memory kill."""
     model_args = dict(n_layer=1, n_head=1, n_embd=100000, block_size=32, vocab_size=65, bias=False,
