@@ -332,6 +332,17 @@ def stop_nonfinite(message, diagnosis):
     sys.exit(1)
 
 
+# a stop signal during start-up (building, loading, compiling a large model takes minutes on a CPU): stop
+# here, before the first eval and step, which would take as long again before the run could save and exit
+if any_rank(stop.name is not None):
+    if master_process:
+        kept = f" ({os.path.join(out_dir, 'ckpt.pt')} is as it was)" if init_from == 'resume' else ''
+        print(f"received {stop.name or 'a stop signal (on another rank)'} during start-up: stopped before "
+              f"training; nothing was trained or saved{kept}")
+    if ddp:
+        destroy_process_group()
+    sys.exit(0)
+
 # logging
 if wandb_log and run_dir:  # (not logged in, ...: one error line)
     run_dir.start_wandb(wandb_project, wandb_run_name, config)

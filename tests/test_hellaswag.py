@@ -279,6 +279,7 @@ def test_a_sigterm_during_the_hellaswag_eval_stops_it(tmp_path):
     """3,000 examples (tens of seconds): the run stops within one, saves and exits."""
     import signal
     import subprocess
+    import time
     dataset, hs = tmp_path / 'bpe', tmp_path / 'hs'
     dataset.mkdir()
     hs.mkdir()
@@ -298,6 +299,7 @@ def test_a_sigterm_during_the_hellaswag_eval_stops_it(tmp_path):
     for line in p.stdout:
         if line.startswith('number of parameters'):  # the first eval comes next
             break
+    time.sleep(2)  # into that eval (~20 s): a signal during start-up stops the run before it
     p.send_signal(signal.SIGTERM)
     stdout, stderr = p.communicate(timeout=120)
     assert p.returncode == 0, stderr

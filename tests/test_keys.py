@@ -189,9 +189,12 @@ def test_the_exported_folder_runs_without_the_repo(tmp_path):
 def test_resume_refuses_a_changed_shape_key_and_applies_a_changed_forward_key(shakespeare_char, tmp_path):
     out = str(tmp_path / 'out')
     run('train.py', *TINY, f'--out_dir={out}', '--max_iters=4', '--eval_interval=4')
+    (tmp_path / 'wider.py').write_text('n_embd = 64\n')  # a config file's key as a flag's
     for flag, old in (('--top_k=1', 'top_k=2'), ('--n_expert=8', 'n_expert=4'), ('--n_embd=64', 'n_embd=32'),
+                      ('--n_layer=3', 'n_layer=2'), (str(tmp_path / 'wider.py'), 'n_embd=32'),
                       ('--router=aux_free', "router='topk'"), ('--vocab_size=100', 'vocab_size=65')):
         p = run('train.py', *TINY, f'--out_dir={out}', '--init_from=resume', '--max_iters=6', flag, check=False)
+        flag = '--n_embd=64' if flag.endswith('wider.py') else flag
         if flag == '--top_k=1':  # forward: applied, said in one line, and the checkpoint records what ran
             assert p.returncode == 0 and "note: this run changes what the weights of init_from='resume' compute: " \
                 "top_k 2 -> 1" in p.stdout

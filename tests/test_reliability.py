@@ -140,6 +140,23 @@ def test_two_sigterms_while_the_model_is_built_exit_at_once(shakespeare_char, tm
 
 
 @pytest.mark.slow
+def test_one_sigterm_while_the_model_is_built_stops_it_before_training(shakespeare_char, tmp_path):
+    """It used to go on to the first eval and a step (as long again for a large model) before it saved."""
+    out = tmp_path / 'out'
+    p = unbuffered('train.py', *FAST, '--n_layer=4', '--n_embd=512', '--n_head=8', '--n_expert=8',
+                   '--expert_hidden=2048', '--batch_size=2', f'--out_dir={out}')
+    for line in p.stdout:
+        if line.startswith('Initializing a new model from scratch'):
+            break
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=120) == 0
+    stdout, stderr = p.communicate()
+    assert 'received SIGTERM during start-up: stopped before training; nothing was trained or saved' in stdout
+    assert 'step 0:' not in stdout and 'Traceback' not in stderr, stderr[-2000:]
+    assert not (out / 'ckpt.pt').exists() and not (out / 'log.jsonl').exists()
+
+
+@pytest.mark.slow
 def test_a_second_sigterm_exits_at_once_with_128_plus_the_signal_and_no_traceback(shakespeare_char, tmp_path):
     out = str(tmp_path / 'out')
     p = start(out, *FAST, '--eval_interval=1000', '--max_iters=100000', '--gradient_accumulation_steps=100')
@@ -340,6 +357,26 @@ def test_bench_with_no_arguments_refuses_in_one_line_what_this_machine_cannot_ho
                        capture_output=True, text=True, timeout=120)
     one_error_line(p, 'the run needs at least ')
     assert 'the defaults are GPT-2 size, for a GPU' in p.stderr and time.time() - t0 < 60
+
+
+@pytest.mark.slow
+def test_train_with_the_default_model_refuses_in_one_line_what_this_machine_cannot_hold(tmp_path):
+    """train.py's model defaults (bench.py's) on a CPU: it used to build the model and grow to 10.6 GB in 99 s
+    with no step done (nanoGPT fails at once on the missing CUDA). Sized on the meta device: no wait."""
+    from configurator import available_memory
+    from init_model import memory_need
+    from moe_model import MoEConfig, MODEL_KEYS
+    defaults = {**{f.name: f.default for f in dataclasses.fields(MoEConfig)}, 'bias': False}
+    model_args = {**{k: defaults[k] for k in MODEL_KEYS}, 'vocab_size': 50304}
+    if sum(memory_need(model_args, 12 * 1024).values()) < available_memory('cpu'):
+        pytest.skip("this machine has the memory for train.py's defaults")
+    write_dataset(str(tmp_path / 'owt'), range(2000))  # GPT-2 token ids, no meta.pkl: vocab_size 50304
+    t0 = time.time()
+    p = run('train.py', f'--dataset={tmp_path / "owt"}', '--device=cpu', f'--out_dir={tmp_path / "out"}',
+            check=False, timeout=120)
+    one_error_line(p, 'the run needs at least ')
+    assert 'activations of 12,288 tokens' in p.stderr and time.time() - t0 < 60
+    assert not (tmp_path / 'out').exists()
 
 
 @pytest.mark.slow
@@ -607,14 +644,34 @@ runpy.run_path(os.path.join({ROOT!r}, 'tools', 'export_hf.py'), run_name='__main
     assert os.listdir(tmp_path) == ['hf'] and 'config.json' in os.listdir(hf_dir)  # the other's, whole
 
 
+# what wandb.init raises where no one is logged in and there is no terminal to ask on (wandb 0.31's words)
+WANDB_STAND_IN = """
+class UsageError(Exception):
+    pass
+
+
+def init(**kwargs):
+    raise UsageError('api_key not configured (no-tty). call wandb.login(key=[your_api_key])')
+"""
+
+
+@pytest.mark.parametrize('wandb', ['installed', 'stand-in'])
 @pytest.mark.slow
-def test_wandb_not_logged_in_is_one_line(shakespeare_char, tmp_path):
-    """wandb.init's UsageError was a traceback (after the model was built)."""
-    pytest.importorskip('wandb')
+def test_wandb_not_logged_in_is_one_line(shakespeare_char, tmp_path, wandb):
+    """wandb.init's UsageError was a traceback (after the model was built). The stand-in (a wandb module
+    first on PYTHONPATH) raises it where wandb is not installed, or would find a login."""
     env = {k: v for k, v in ENV.items() if not k.startswith('WANDB_')}
     env.update(HOME=str(tmp_path), WANDB_DIR=str(tmp_path), WANDB_SILENT='true')  # no ~/.netrc, no API key
+    if wandb == 'installed':
+        pytest.importorskip('wandb')
+    else:
+        (tmp_path / 'stand_in' / 'wandb').mkdir(parents=True)
+        (tmp_path / 'stand_in' / 'wandb' / '__init__.py').write_text(WANDB_STAND_IN)
+        env['PYTHONPATH'] = os.pathsep.join(filter(None, [str(tmp_path / 'stand_in'), env.get('PYTHONPATH')]))
     p = subprocess.run([sys.executable, os.path.join(ROOT, 'train.py'), *FAST, '--wandb_log=True',
                         f'--out_dir={tmp_path / "out"}'], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=300)
     one_error_line(p, 'wandb_log=True, but wandb.init failed (')
     assert 'log in with `wandb login`' in p.stderr and 'WANDB_MODE=offline' in p.stderr
+    if wandb == 'stand-in':
+        assert 'failed (api_key not configured (no-tty). call wandb.login(key=[your_api_key]))' in p.stderr
