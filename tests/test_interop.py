@@ -289,20 +289,28 @@ def test_export_to_hugging_face_and_back(shakespeare_char, tmp_path, monkeypatch
         p = run('tools/export_hf.py', f'--out_dir={out}', f'--hf_dir={hf_dir}', check=False)
         assert p.returncode == 2 and 'exists and is not an empty folder' in p.stderr
 
+
 @pytest.mark.slow
-def test_a_gpt2_bpe_export_has_its_tokenizer_and_generates_in_a_pipeline(tmp_path, monkeypatch):
+@pytest.mark.parametrize('kind', ['gpt2', 'qwen3_moe'])
+def test_a_gpt2_bpe_export_has_its_tokenizer_and_generates_in_a_pipeline(tmp_path, monkeypatch, kind):
     """Without tokenizer files AutoTokenizer gave an empty tokenizer, and the text-generation pipeline failed
-    (bos_token_id has to be defined)."""
+    (bos_token_id has to be defined). A GPT-2-block dense model and a modern MoE (transformers' own
+    Qwen3MoeForCausalLM) alike."""
     transformers = pytest.importorskip('transformers')
+    from moe_model import build_model
     monkeypatch.setenv('HF_HUB_OFFLINE', '1')
     torch.manual_seed(0)
     model_args = dict(n_layer=1, n_head=2, n_embd=32, block_size=64, bias=False, vocab_size=50304,
                       dropout=0.0)
+    if kind == 'qwen3_moe':
+        model_args.update(norm='rmsnorm', rope=True, mlp='swiglu', qk_norm='head', tie_embeddings=False,
+                          n_expert=4, top_k=2, expert_hidden=32)
     (tmp_path / 'out').mkdir()
-    torch.save({'model': GPT(GPTConfig(**model_args)).state_dict(), 'model_args': model_args,
+    torch.save({'model': build_model(model_args).state_dict(), 'model_args': model_args,
                 'config': {'dataset': 'openwebtext'}},  # no meta.pkl: GPT-2 BPE
                str(tmp_path / 'out' / 'ckpt.pt'))
-    run('tools/export_hf.py', f'--out_dir={tmp_path / "out"}', f'--hf_dir={tmp_path / "hf"}')
+    p = run('tools/export_hf.py', f'--out_dir={tmp_path / "out"}', f'--hf_dir={tmp_path / "hf"}')
+    assert ('Qwen3MoeForCausalLM' if kind == 'qwen3_moe' else 'GPT2LMHeadModel') in p.stdout
     folder = str(tmp_path / 'hf')
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     assert tokenizer('hello world<|endoftext|>').input_ids == [31373, 995, 50256]
@@ -311,7 +319,9 @@ def test_a_gpt2_bpe_export_has_its_tokenizer_and_generates_in_a_pipeline(tmp_pat
     generate = transformers.pipeline('text-generation', model=folder)
     assert generate('hello', max_new_tokens=3, do_sample=False)[0]['generated_text'].startswith('hello')
     note = (tmp_path / 'hf' / 'README.md').read_text()
-    assert "GPT-2's BPE" in note and 'vocab_size is 50304' in note and '"bias": false' in note
+    assert "GPT-2's BPE" in note and 'vocab_size is 50304' in note
+    assert ('"bias": false' in note) == (kind == 'gpt2')
+    assert 'no trust_remote_code' in note and 'trust_remote_code=True' not in note
 
 
 # -----------------------------------------------------------------------------
