@@ -3,7 +3,8 @@ Benchmarks. Two modes:
 
 1) a whole training step (forward + backward + optimizer step) of the configured model, dense
    (n_expert=0) or MoE, on random tokens (or real data with real_data=True):
-   $ python bench.py --n_layer=4 --n_head=4 --n_embd=128 --block_size=64 --vocab_size=65 --n_expert=8 --expert_hidden=256
+   $ python bench.py --n_layer=4 --n_head=4 --n_embd=128 --block_size=64 --vocab_size=65 --n_expert=8 \
+         --expert_hidden=256
    $ python bench.py --init_from=resume --out_dir=out-shakespeare-char-moe   (the checkpoint's model)
    $ python bench.py --init_from=<a Hugging Face folder> --block_size=256       (its model, random weights)
    prints ms/iter, tokens/s, MFU (from ACTIVE parameters; against peak_flops, by default the GPU's bf16 peak,
@@ -12,7 +13,8 @@ Benchmarks. Two modes:
    top_k * expert_hidden = mlp_hidden, every layer MoE, no shared experts), and compare_compile=True each
    model both eager and compiled, one step of each in turn: on a shared machine only a ratio measured that
    way means anything. optimizer='muon' times Muon's step instead of AdamW's (muon.py).
-   $ python bench.py --n_layer=4 --n_head=4 --n_embd=128 --block_size=64 --vocab_size=65 --expert_hidden=256 --compare_compile=True
+   $ python bench.py --n_layer=4 --n_head=4 --n_embd=128 --block_size=64 --vocab_size=65 --expert_hidden=256 \
+         --compare_compile=True
 
 2) moe_layer=True: ONE MoE layer forward + backward for every expert backend, next to a dense MLP
    with the same active FLOPs (hidden = top_k * expert_hidden), for each n_expert in layer_experts:
@@ -20,7 +22,8 @@ Benchmarks. Two modes:
    prints ms, the ratio to the dense-equivalent MLP (timed in turn with each backend), achieved GFLOP/s, that
    as a share of torch's dense GEMM of the same FLOPs (the ceiling, timed first) and peak memory (CUDA only).
    On the CPU, NANOMOE_CPU_GROUPED_MM=0 times torch's grouped_mm instead of moe_kernels/cpu_grouped_mm.cpp:
-   $ NANOMOE_CPU_GROUPED_MM=0 python bench.py --moe_layer=True --n_embd=384 --expert_hidden=1536 --layer_impls=grouped
+   $ NANOMOE_CPU_GROUPED_MM=0 python bench.py --moe_layer=True --n_embd=384 --expert_hidden=1536 \
+         --layer_impls=grouped
 """
 import os
 import sys
@@ -45,7 +48,8 @@ from muon import OPTIMIZERS, configure_optimizers
 init_from = 'scratch'  # 'scratch' (the config below), 'resume' (out_dir/ckpt.pt's model), an HF folder
 out_dir = 'out'
 batch_size = 12
-# the model: every key of moe_model.MoEConfig, at its default there (n_expert = 0: the dense GPT), except for these
+# the model: every key of moe_model.MoEConfig, at its default
+# there (n_expert = 0: the dense GPT), except for these
 globals().update({f.name: f.default for f in fields(MoEConfig)})
 bias = False
 real_data = False
@@ -59,15 +63,18 @@ optimizer = 'adamw'  # the step's: 'adamw' or 'muon' (train.py's key, muon.py: i
 warmup_iters = 5
 bench_iters = 20
 peak_flops = 0.0  # for MFU; 0: a GPU's bf16 peak (tools/gpu_check.peak_flops: A100 312e12...), none on a CPU
-compare_dense = False  # model mode: also time the dense twin (n_expert=0), interleaved step by step, and print the ratio
-compare_compile = False  # model mode: time each model eager and compiled (torch.compile), interleaved, and print the ratio
+# model mode: also time the dense twin (n_expert=0), interleaved step by step, and print the ratio
+compare_dense = False
+# model mode: time each model eager and compiled (torch.compile), interleaved, and print the ratio
+compare_compile = False
 # moe_layer mode
 moe_layer = False
 layer_tokens = 4096
 layer_experts = '8,32,128'  # comma-separated n_expert values
 layer_impls = 'loop,grouped,batched'  # comma-separated backends (add triton on a GPU)
 # -----------------------------------------------------------------------------
-config = configure({k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))
+config = configure({k: v for k, v in globals().items() if not k.startswith('_')
+                    and isinstance(v, (int, float, bool, str))
                     or k in MODEL_KEYS}, sys.argv[1:], foreign=FORK_KEYS)  # the seed forks' keys too
 globals().update(config)
 check_choice(config, 'dtype', ('float32', 'bfloat16', 'float16'))
@@ -84,8 +91,10 @@ torch.backends.cuda.matmul.allow_tf32 = True  # allow tf32 on matmul
 torch.backends.cudnn.allow_tf32 = True  # allow tf32 on cudnn
 device_type = 'cuda' if 'cuda' in device else 'cpu'  # for later use in torch.autocast
 if device_type == 'cpu':
-    keep_freed_memory()  # reuse freed memory: no page faults on every step's large tensors (moe_kernels/cpu_memory.py)
-    print("grouped GEMMs on the CPU: " + ("cpu_grouped_mm.cpp" if cpu_grouped_mm.available() else "torch's grouped_mm"))
+    # reuse freed memory: no page faults on every step's large tensors (moe_kernels/cpu_memory.py)
+    keep_freed_memory()
+    print("grouped GEMMs on the CPU: " + ("cpu_grouped_mm.cpp" if cpu_grouped_mm.available()
+                                          else "torch's grouped_mm"))
 ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
 ctx = nullcontext() if device_type == 'cpu' else torch.amp.autocast(device_type=device_type, dtype=ptdtype)
 
@@ -120,9 +129,10 @@ def bench_moe_layer():
     per_token = 2 * matmuls * top_k * hidden + 2 * n_embd + 3 * E  # the two layers' activations
     check_memory({'weights and gradients': 8 * n_embd * hidden * matmuls * (E + top_k),
                   f'activations of {layer_tokens:,} tokens': 4 * layer_tokens * per_token}, device, hint=HINT)
-    print(f"one layer, fwd+bwd: {layer_tokens} tokens, n_embd {n_embd}, expert hidden {hidden}, top_k {top_k}, "
-          f"{mlp}, {dtype} on {device}")
-    x = torch.randn(1, layer_tokens, n_embd, device=device, dtype=ptdtype if device_type == 'cpu' else torch.float32)
+    print(f"one layer, fwd+bwd: {layer_tokens} tokens, n_embd {n_embd}, expert hidden {hidden}, "
+          f"top_k {top_k}, {mlp}, {dtype} on {device}")
+    x = torch.randn(1, layer_tokens, n_embd, device=device, dtype=ptdtype if device_type == 'cpu'
+                    else torch.float32)
     x.requires_grad_(True)
     # an active-FLOPs twin: a dense MLP whose hidden size is what a token runs in the MoE
     dense = MLP(GPTConfig(n_embd=n_embd, n_head=1, bias=bias, mlp=mlp), top_k * hidden).to(device)
@@ -130,7 +140,8 @@ def bench_moe_layer():
 
     def layer_step(layer):
         def step():
-            layer.zero_grad(set_to_none=True)  # as a training step does: gradients are written, not accumulated
+            # as a training step does: gradients are written, not accumulated
+            layer.zero_grad(set_to_none=True)
             x.grad = None
             with ctx:
                 y = layer(x)
@@ -138,25 +149,28 @@ def bench_moe_layer():
         return step
 
     def peak_memory():
-        return f"{torch.cuda.max_memory_allocated() / 2**20:8.0f} MiB" if device_type == 'cuda' else '     n/a'
+        return (f"{torch.cuda.max_memory_allocated() / 2**20:8.0f} MiB" if device_type == 'cuda'
+                else '     n/a')
 
     # the ceiling: torch's dense GEMM, [tokens, d] @ [d, top_k * hidden], in the compute dtype
     a = torch.randn(layer_tokens, n_embd, device=device, dtype=ptdtype)
     w = torch.randn(n_embd, top_k * hidden, device=device, dtype=ptdtype)
     gemm = flops / (3 * matmuls) / time_it(lambda: a @ w) / 1e6
-    print(f"torch's dense GEMM [{layer_tokens}, {n_embd}] @ [{n_embd}, {top_k * hidden}], {dtype}: {gemm:.1f} GFLOP/s (the ceiling)")
+    print(f"torch's dense GEMM [{layer_tokens}, {n_embd}] @ [{n_embd}, {top_k * hidden}], {dtype}: "
+          f"{gemm:.1f} GFLOP/s (the ceiling)")
     if device_type == 'cpu' and ptdtype != torch.float32:
         dense = dense.to(ptdtype)
     dense_step = layer_step(dense)
     if device_type == 'cuda':
         torch.cuda.reset_peak_memory_stats()
     dense_ms = time_it(dense_step)
-    print(f"{'n_expert':>8} {'impl':>8} {'ms':>9} {'x dense':>8} {'dense ms':>9} {'GFLOP/s':>9} {'% GEMM':>7} {'peak mem':>12}")
+    print(f"{'n_expert':>8} {'impl':>8} {'ms':>9} {'x dense':>8} {'dense ms':>9} {'GFLOP/s':>9} "
+          f"{'% GEMM':>7} {'peak mem':>12}")
     print(f"{'-':>8} {'dense':>8} {dense_ms:9.2f} {1.0:8.2f} {dense_ms:9.2f} {flops / dense_ms / 1e6:9.1f} "
           f"{100 * flops / dense_ms / 1e6 / gemm:7.1f} {peak_memory():>12}")
     for E in [int(e) for e in layer_experts.split(',')]:
-        cfg = MoEConfig(n_embd=n_embd, n_head=1, n_layer=1, bias=bias, n_expert=E, top_k=top_k, expert_hidden=hidden,
-                        capacity_factor=capacity_factor, mlp=mlp)
+        cfg = MoEConfig(n_embd=n_embd, n_head=1, n_layer=1, bias=bias, n_expert=E, top_k=top_k,
+                        expert_hidden=hidden, capacity_factor=capacity_factor, mlp=mlp)
         layer = MoE(cfg).to(device)
         torch.nn.init.normal_(layer.experts.c_fc, std=0.02)
         torch.nn.init.normal_(layer.experts.c_proj, std=0.02)
@@ -202,9 +216,11 @@ def bench_model():
             cfg = MoEConfig(**model_args)  # validates, and fills in expert_hidden
         except ValueError as e:
             fail(str(e))
-        if cfg.top_k * cfg.expert_hidden != cfg.mlp_hidden or cfg.n_shared_expert or cfg.moe_every > 1 or cfg.n_dense_layers:
-            fail(f"compare_dense needs a twin of equal active FLOPs: top_k * expert_hidden = {cfg.top_k * cfg.expert_hidden} "
-                 f"must be mlp_hidden = {cfg.mlp_hidden}, with every layer MoE and no shared experts")
+        if (cfg.top_k * cfg.expert_hidden != cfg.mlp_hidden or cfg.n_shared_expert or cfg.moe_every > 1
+                or cfg.n_dense_layers):
+            fail("compare_dense needs a twin of equal active FLOPs: "
+                 f"top_k * expert_hidden = {cfg.top_k * cfg.expert_hidden} must be mlp_hidden = "
+                 f"{cfg.mlp_hidden}, with every layer MoE and no shared experts")
         models = {'dense twin': {**model_args, 'n_expert': 0}, 'model': model_args}
     peak = peak_flops
     if not peak and device_type == 'cuda':  # the GPU's own peak, not an A100's
@@ -224,18 +240,21 @@ def bench_model():
     for (name, compiled), ms, step in zip(runs, results, steps):
         name += ' (compiled)' if compiled else ''
         mfu = step.model.estimate_mfu(batch_size, ms / 1000, peak) if peak else None
-        mfu = f"MFU {mfu * 100:.2f}% of {peak / 1e12:.0f} TFLOP/s, " if peak else ''  # (a CPU: none unless given)
-        print(f"{name}: {ms:.2f} ms/iter, {batch_size * step.model.config.block_size / (ms / 1000):,.0f} tokens/s, "
-              f"{mfu}peak memory {peak_memory(step) / 2**20:.1f} MiB "
+        # (a CPU: none unless given)
+        mfu = f"MFU {mfu * 100:.2f}% of {peak / 1e12:.0f} TFLOP/s, " if peak else ''
+        print(f"{name}: {ms:.2f} ms/iter, {batch_size * step.model.config.block_size / (ms / 1000):,.0f} "
+              f"tokens/s, {mfu}peak memory {peak_memory(step) / 2**20:.1f} MiB "
               f"(activation_checkpointing={activation_checkpointing})")
     ms = dict(zip(runs, results))
     for compiled in sorted({c for _, c in runs}):
         if compare_dense:
             print(f"model / dense twin{' (compiled)' if compiled else ''}: "
-                  f"{ms['model', compiled] / ms['dense twin', compiled]:.2f}x (same active FLOPs, timed in turn in one run)")
+                  f"{ms['model', compiled] / ms['dense twin', compiled]:.2f}x (same active FLOPs, "
+                  "timed in turn in one run)")
     for name in models:
         if compare_compile:
-            print(f"{name} compiled / eager: {ms[name, True] / ms[name, False]:.2f}x (timed in turn in one run)")
+            print(f"{name} compiled / eager: {ms[name, True] / ms[name, False]:.2f}x "
+                  "(timed in turn in one run)")
 
 
 def peak_memory(step):
@@ -243,7 +262,8 @@ def peak_memory(step):
     the most the step allocates on top. CUDA: from torch's max_memory_allocated; CPU: the highest running
     sum of the allocations and frees the profiler records (its own lines on stderr silenced)."""
     held = sum(t.numel() * t.element_size() for t in itertools.chain(
-        step.model.parameters(), (v for s in step.optimizer.state.values() for v in s.values() if torch.is_tensor(v))))
+        step.model.parameters(), (v for s in step.optimizer.state.values() for v in s.values()
+                                  if torch.is_tensor(v))))
     if device_type == 'cuda':
         sync()
         before = torch.cuda.memory_allocated()
@@ -285,7 +305,8 @@ def make_step(name, model_args, compiled=False):
     model.to(device)
     optimizer = configure_optimizers(model, device_type, config['optimizer'], learning_rate=1e-4,
                                      weight_decay=1e-2)
-    print(f"{name}: {model.get_num_params() / 1e6:.2f}M parameters, {model.get_num_params(active=True) / 1e6:.2f}M active")
+    print(f"{name}: {model.get_num_params() / 1e6:.2f}M parameters, "
+          f"{model.get_num_params(active=True) / 1e6:.2f}M active")
     if real_data:
         data = np.memmap(os.path.join('data', dataset, 'train.bin'), dtype=np.uint16, mode='r')
 

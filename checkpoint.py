@@ -40,7 +40,8 @@ def save_checkpoint(obj, path):
     except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
-        # a failed write (disk full) reaches torch.save's zip writer, whose own error then hides it: raise the OSError
+        # a failed write (disk full) reaches torch.save's zip
+        # writer, whose own error then hides it: raise the OSError
         if isinstance(e, RuntimeError) and isinstance(e.__context__, OSError):
             raise e.__context__ from None
         raise
@@ -66,8 +67,10 @@ def load_checkpoint(path, map_location='cpu'):
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # whatever pickle or zip raise deep inside, the user gets one line
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"checkpoint {path} is truncated or corrupt and cannot be loaded ({first_line[:200]})") from None
-    if not (isinstance(ckpt, dict) and isinstance(ckpt.get('model'), dict) and isinstance(ckpt.get('model_args'), dict)):
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt and cannot be loaded "
+                              f"({first_line[:200]})") from None
+    if not (isinstance(ckpt, dict) and isinstance(ckpt.get('model'), dict)
+            and isinstance(ckpt.get('model_args'), dict)):
         raise CheckpointError(f"checkpoint {path} is not a nanoMoE checkpoint (no 'model'/'model_args')")
     # compile's prefix, and the causal-mask buffer nanoGPT's attention keeps without flash attention
     ckpt['model'] = {k: v for k, v in clean_state_dict(ckpt['model']).items() if not k.endswith('.attn.bias')}
@@ -112,7 +115,8 @@ def load_for_resume(path):
 
 
 def load_weights(model, ckpt, path):
-    """model.load_state_dict(ckpt['model']); CheckpointError, one line, if the weights do not fit model_args."""
+    """model.load_state_dict(ckpt['model']); CheckpointError, one line, if the weights do not fit
+    model_args."""
     try:
         model.load_state_dict(ckpt['model'])
     except RuntimeError as e:  # torch's message lists every key: the first is enough
@@ -143,11 +147,13 @@ def restore(ckpt, model, optimizer, scaler, parallel, device):
         if ckpt.get('scaler'):
             scaler.load_state_dict(ckpt['scaler'])
         else:
-            print("note: the checkpoint has no GradScaler state (it was not a float16 run): the scaler starts fresh")
+            print("note: the checkpoint has no GradScaler state (it was not a float16 run): "
+                  "the scaler starts fresh")
     if 'rng' in ckpt:
         set_rng_state(ckpt['rng'], device)
     else:
-        print("note: the checkpoint has no RNG state: dropout and router noise do not continue the old sequence")
+        print("note: the checkpoint has no RNG state: "
+              "dropout and router noise do not continue the old sequence")
 
 
 def lock_out_dir(out_dir):
@@ -166,8 +172,8 @@ def lock_out_dir(out_dir):
                 holder = f.read().strip() or 'unknown'
         except OSError:
             holder = 'unknown'
-        raise CheckpointError(f"out_dir {out_dir!r} is in use by another training run (pid {holder}); wait for it "
-                              f"to end or choose another --out_dir") from None
+        raise CheckpointError(f"out_dir {out_dir!r} is in use by another training run (pid {holder}); "
+                              f"wait for it to end or choose another --out_dir") from None
     with open(os.path.join(out_dir, 'train.lock'), 'w') as f:
         f.write(f'{os.getpid()}\n')
     return fd
@@ -177,13 +183,15 @@ def nonfinite_tensor(state):
     """The name of the first model weight or optimizer tensor of a training_state holding NaN or inf, or None:
     such a state is never saved (it would replace the last good checkpoint)."""
     named = [(f'model {k}', v) for k, v in state['model'].items()]
-    named += [(f'optimizer state {i} {k}', v) for i, s in state['optimizer']['state'].items() for k, v in s.items()]
+    named += [(f'optimizer state {i} {k}', v) for i, s in state['optimizer']['state'].items()
+              for k, v in s.items()]
     return first_nonfinite(named)
 
 
 def first_nonfinite(named):
     """The first name of (name, value) pairs whose value is a float tensor holding NaN or inf, or None."""
-    return next((name for name, t in named if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all()),
+    return next((name for name, t in named if torch.is_tensor(t) and t.is_floating_point()
+                 and not torch.isfinite(t).all()),
                 None)
 
 
@@ -206,7 +214,8 @@ def rng_state(device='cpu'):
     version, mt, gauss_next = random.getstate()
     return {'torch': torch.get_rng_state(),
             'cuda': torch.cuda.get_rng_state(device) if device.startswith('cuda') else None,
-            'numpy': {'key': torch.from_numpy(key.astype(np.int64)), 'pos': pos, 'has_gauss': has_gauss, 'gauss': gauss},
+            'numpy': {'key': torch.from_numpy(key.astype(np.int64)), 'pos': pos, 'has_gauss': has_gauss,
+                      'gauss': gauss},
             'python': [version, list(mt), gauss_next]}
 
 
@@ -217,7 +226,8 @@ def set_rng_state(state, device='cpu'):
         torch.cuda.set_rng_state(state['cuda'], device)
     if 'numpy' in state:
         s = state['numpy']
-        np.random.set_state(('MT19937', s['key'].numpy().astype(np.uint32), s['pos'], s['has_gauss'], s['gauss']))
+        np.random.set_state(('MT19937', s['key'].numpy().astype(np.uint32), s['pos'], s['has_gauss'],
+                             s['gauss']))
     if 'python' in state:
         version, mt, gauss_next = state['python']
         random.setstate((version, tuple(mt), gauss_next))
@@ -267,7 +277,8 @@ def load_meta(path):
         with open(path, 'rb') as f:
             meta = _PlainUnpickler(f).load()
     except Exception as e:
-        raise CheckpointError(f"{path} is not a plain meta.pkl ({str(e).strip()[:200] or type(e).__name__})") from None
+        raise CheckpointError(f"{path} is not a plain meta.pkl "
+                              f"({str(e).strip()[:200] or type(e).__name__})") from None
     vocab_size = meta.get('vocab_size') if isinstance(meta, dict) else None
     if type(vocab_size) is not int or vocab_size < 1:  # (True is an int to Python; 0 read as "not given")
         raise CheckpointError(f"{path} has no positive integer 'vocab_size' (it has {vocab_size!r})")
@@ -277,7 +288,8 @@ def load_meta(path):
 def clean_state_dict(state_dict):
     """Strip the '_orig_mod.' prefix that torch.compile adds to parameter names."""
     unwanted_prefix = '_orig_mod.'
-    return {k[len(unwanted_prefix):] if k.startswith(unwanted_prefix) else k: v for k, v in state_dict.items()}
+    return {k[len(unwanted_prefix):] if k.startswith(unwanted_prefix) else k: v
+            for k, v in state_dict.items()}
 
 
 class RunDir:
@@ -434,5 +446,6 @@ class DivergenceGuard:
         return 'stop' if self.on_nonfinite == 'stop' or self.in_a_row >= self.patience else 'skip'
 
     def message(self, iter_num, loss, grad_norm):
-        return (f"non-finite loss or gradient at iter {iter_num} (loss {float(loss):.4g}, grad norm {float(grad_norm):.4g})"
+        return (f"non-finite loss or gradient at iter {iter_num} (loss {float(loss):.4g}, "
+                f"grad norm {float(grad_norm):.4g})"
                 + (f", {self.in_a_row} steps in a row" if self.in_a_row > 1 else ''))

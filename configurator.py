@@ -40,7 +40,8 @@ def check_range(config, keys, low, high=None):
     """low <= config[key] (< high if given, else finite) for each key."""
     for key in keys:
         if not low <= config[key] < (float('inf') if high is None else high):
-            fail(f"{key}={config[key]} must be >= {low} and " + (f"< {high}" if high is not None else "finite"))
+            fail(f"{key}={config[key]} must be >= {low} and " + (f"< {high}" if high is not None
+                                                                 else "finite"))
 
 
 def check_device(device):
@@ -88,12 +89,13 @@ def check_dataset(data_dir, dataset, block_size):
         path = os.path.join(data_dir, f'{split}.bin')
         if not os.path.exists(path):
             fail(f"dataset {dataset!r} is not prepared: {path} is missing; " + (
-                "write train.bin and val.bin there (uint16 token ids; see data/openwebtext/prepare.py --out_dir)"
+                "write train.bin and val.bin there (uint16 token ids; "
+                "see data/openwebtext/prepare.py --out_dir)"
                 if os.path.isabs(dataset) else f"run: python data/{dataset}/prepare.py"))
         size = os.path.getsize(path)
         if size % 2 or size // 2 < block_size + 1:
-            fail(f"{path} holds {size} bytes: it must be uint16 token ids (an even number of bytes), at least "
-                 f"block_size + 1 = {block_size + 1} of them")
+            fail(f"{path} holds {size} bytes: it must be uint16 token ids (an even number of bytes), "
+                 f"at least block_size + 1 = {block_size + 1} of them")
 
 
 def _parse(text, default):
@@ -115,7 +117,8 @@ def _checked(key, value, config, source):
         return value
     if type(default) is float and type(value) is int:
         return float(value)
-    fail(f"{key}={value!r} (from {source}) must be of type {type(default).__name__}, got {type(value).__name__}")
+    fail(f"{key}={value!r} (from {source}) must be of type {type(default).__name__}, "
+         f"got {type(value).__name__}")
 
 
 def _translate(found, seen, foreign, source, config, given):

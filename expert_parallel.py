@@ -47,7 +47,8 @@ def config_error(expert_parallel, model_args, expert_impl, dtype, world_size):
 
 def expert_params(model):
     """(name, parameter) of every expert weight (the sharded ones under EP), in a fixed order."""
-    return [(f'{module_name}.{name}', p) for module_name, module in model.named_modules() if isinstance(module, Experts)
+    return [(f'{module_name}.{name}', p) for module_name, module in model.named_modules()
+            if isinstance(module, Experts)
             for name, p in module.named_parameters()]
 
 
@@ -56,7 +57,8 @@ class ExpertParallel:
 
     def __init__(self, degree=1, device_type='cpu'):
         self.degree, self.group, self.expert_dp_group = degree, None, None
-        self.bytes_sent = self.step_bytes = 0  # by this rank to others by all-to-all, in training forwards and backwards
+        # by this rank to others by all-to-all, in training forwards and backwards
+        self.bytes_sent = self.step_bytes = 0
         if degree > 1:
             mesh = init_device_mesh(device_type, (dist.get_world_size() // degree, degree),
                                     mesh_dim_names=('expert_dp', 'ep'))
@@ -76,8 +78,8 @@ class ExpertParallel:
         dispatch = torch.compiler.disable(lambda *args: expert_parallel_experts(*args, ep=self))
         for layer in model.moe_layers().values():
             layer.backend = dispatch
-        print(f"expert parallel: {self.degree} ranks per EP group, {layer.experts.c_fc.size(0)} experts per layer "
-              f"on this rank")
+        print(f"expert parallel: {self.degree} ranks per EP group, "
+              f"{layer.experts.c_fc.size(0)} experts per layer on this rank")
 
     def data_parallel(self, model, **kwargs):
         """DDP around model; under EP it leaves the expert weights alone (sync_grads syncs them)."""
@@ -95,13 +97,15 @@ class ExpertParallel:
         return sd
 
     def optimizer_state_dict(self, optimizer, model):
-        """optimizer.state_dict(), with the expert weights' state gathered to the CPU (collective, as above)."""
+        """optimizer.state_dict(), with the expert weights' state gathered to the CPU (collective, as
+        above)."""
         sd = optimizer.state_dict()
         if self.group is not None:
             sd['state'] = dict(sd['state'])
             for i, p in _expert_state_ids(optimizer, model):
                 if i in sd['state']:
-                    sd['state'][i] = {k: _gather(v, self.group) if torch.is_tensor(v) and v.shape == p.shape else v
+                    sd['state'][i] = {k: _gather(v, self.group) if torch.is_tensor(v) and v.shape == p.shape
+                                      else v
                                       for k, v in sd['state'][i].items()}
         return sd
 
@@ -110,8 +114,10 @@ class ExpertParallel:
         if self.group is not None:
             sd = {**sd, 'state': dict(sd['state'])}
             for i, p in _expert_state_ids(optimizer, model):
-                if i in sd['state']:  # per-expert tensors (AdamW's exp_avg, exp_avg_sq) are cut; 'step' is shared
-                    sd['state'][i] = {k: _shard(v, self.group) if torch.is_tensor(v) and v.dim() == p.dim() else v
+                # per-expert tensors (AdamW's exp_avg, exp_avg_sq) are cut; 'step' is shared
+                if i in sd['state']:
+                    sd['state'][i] = {k: _shard(v, self.group) if torch.is_tensor(v) and v.dim() == p.dim()
+                                      else v
                                       for k, v in sd['state'][i].items()}
         optimizer.load_state_dict(sd)
 
@@ -138,13 +144,15 @@ class ExpertParallel:
         with_grad = [p for p in model.parameters() if p.grad is not None]
         expert_sq = torch.nn.utils.get_total_norm([p.grad for p in with_grad if id(p) in expert_ids]).pow(2)
         dist.all_reduce(expert_sq, group=self.group)
-        other_sq = torch.nn.utils.get_total_norm([p.grad for p in with_grad if id(p) not in expert_ids]).pow(2)
+        other_sq = torch.nn.utils.get_total_norm([p.grad for p in with_grad
+                                                  if id(p) not in expert_ids]).pow(2)
         total = (other_sq + expert_sq).sqrt()
         torch.nn.utils.clip_grads_with_norm_(with_grad, max_norm, total)
         return total
 
     def step_stats(self):
-        """For the training log: the megabytes this rank sent by all-to-all in the last step ({} without EP)."""
+        """For the training log: the megabytes this rank sent by all-to-all in the last step ({} without
+        EP)."""
         return {} if self.group is None else {'a2a_MB': self.step_bytes / 1e6}
 
 
@@ -204,7 +212,8 @@ def expert_parallel_experts(x, topk_idx, topk_weight, experts, ep):
     x_recv = _AllToAll.apply(x.index_select(0, token).to(compute_dtype(x)), send_splits, recv_splits, group)
     # x_recv is ordered by (source rank, local expert): regroup by local expert, stably
     local_expert = torch.arange(E_local, device=x.device).repeat(n_ranks)
-    by_expert = torch.argsort(torch.repeat_interleave(local_expert, recv_counts.flatten(), output_size=x_recv.size(0)),
+    by_expert = torch.argsort(torch.repeat_interleave(local_expert, recv_counts.flatten(),
+                                                      output_size=x_recv.size(0)),
                               stable=True)
     out = grouped_mlp(x_recv.index_select(0, by_expert), recv_counts.sum(0), experts)
     out = out.index_select(0, torch.argsort(by_expert))  # back to (source rank, local expert) order

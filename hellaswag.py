@@ -64,8 +64,9 @@ def fetch(data_dir=''):
         os.makedirs(data_dir, exist_ok=True)
         download(URL, path)
     except Exception as e:  # offline: URLError, a timeout, a refused connection, an unwritable folder, ...
-        raise HellaSwagError(f"HellaSwag data {path} is missing and its download from {URL} failed ({one_line(e)}); "
-                             f"offline, download that file elsewhere and place it at {path}") from None
+        raise HellaSwagError(f"HellaSwag data {path} is missing and its download from {URL} failed "
+                             f"({one_line(e)}); offline, download that file elsewhere and place it at "
+                             f"{path}") from None
     return path
 
 
@@ -80,13 +81,14 @@ def load_examples(path, max_examples=0):
                     break
                 try:
                     ex = json.loads(line)
-                    ok = (isinstance(ex['ctx'], str) and isinstance(ex['endings'], list) and len(ex['endings']) == 4
+                    ok = (isinstance(ex['ctx'], str) and isinstance(ex['endings'], list)
+                          and len(ex['endings']) == 4
                           and all(isinstance(e, str) for e in ex['endings']) and ex['label'] in (0, 1, 2, 3))
                 except (ValueError, TypeError, KeyError):
                     ok = False
                 if not ok:
-                    raise HellaSwagError(f"{path} line {i} is not a HellaSwag example (JSON with ctx, 4 endings and a "
-                                         f"label 0-3); delete the file to download it again")
+                    raise HellaSwagError(f"{path} line {i} is not a HellaSwag example (JSON with ctx, "
+                                         f"4 endings and a label 0-3); delete the file to download it again")
                 examples.append(ex)
     except (OSError, UnicodeDecodeError) as e:
         raise HellaSwagError(f"{path} cannot be read ({one_line(e)})") from None
@@ -96,8 +98,9 @@ def load_examples(path, max_examples=0):
 
 
 def render_example(example, enc):
-    """tokens [4, T]: row i is the context then ' ' + ending i (GPT-2's BPE keeps a word's leading space in its
-    token), right-padded with 0; mask [4, T]: 1 on the ending's tokens; and the label (the right ending)."""
+    """tokens [4, T]: row i is the context then ' ' + ending i (GPT-2's BPE keeps a word's leading space in
+    its token), right-padded with 0; mask [4, T]: 1 on the ending's tokens; and the label (the right
+    ending)."""
     ctx = enc.encode_ordinary(example['ctx'])
     rows = [ctx + enc.encode_ordinary(' ' + ending) for ending in example['endings']]
     tokens = torch.zeros(4, max(map(len, rows)), dtype=torch.long)
@@ -109,9 +112,9 @@ def render_example(example, enc):
 
 
 def crop(tokens, mask, block_size):
-    """(tokens, mask) cut to block_size columns by dropping the first ones. The rows share the context, so every
-    ending keeps the same end of it. None if an ending would lose the context token that predicts its first
-    token (or the context is empty): that example cannot be scored in block_size."""
+    """(tokens, mask) cut to block_size columns by dropping the first ones. The rows share the context, so
+    every ending keeps the same end of it. None if an ending would lose the context token that predicts its
+    first token (or the context is empty): that example cannot be scored in block_size."""
     cut = max(0, tokens.size(1) - block_size)
     if mask[:, :cut + 1].any():
         return None
@@ -122,7 +125,8 @@ def ending_losses(model, tokens, mask):
     """Per row, the sum and the mean of the cross-entropy of the ending's tokens. model.GPT returns the logits
     of every position only when given targets (else of the last one): the targets are the next tokens on the
     ending, -1 (ignored by the model's loss, which is not used) elsewhere."""
-    targets = F.pad(torch.where(mask[:, 1:].bool(), tokens[:, 1:], -1), (0, 1), value=-1)  # position t predicts t+1
+    # position t predicts t+1
+    targets = F.pad(torch.where(mask[:, 1:].bool(), tokens[:, 1:], -1), (0, 1), value=-1)
     logits, _ = model(tokens, targets)
     losses = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1,
                              reduction='none').view(targets.shape)  # 0 off the endings
@@ -168,11 +172,11 @@ def check_vocab(vocab_size, meta_path=None):
     """HellaSwagError unless the model reads GPT-2 BPE: a dataset with a meta.pkl has its own vocabulary (a
     character-level one), and so has a model with fewer than GPT-2's 50257 tokens."""
     if meta_path and os.path.exists(meta_path):
-        raise HellaSwagError(f"HellaSwag needs a GPT-2 BPE model, but the dataset has its own vocabulary ({meta_path}): "
-                             f"a character-level model cannot read GPT-2 tokens")
+        raise HellaSwagError("HellaSwag needs a GPT-2 BPE model, but the dataset has its own vocabulary "
+                             f"({meta_path}): a character-level model cannot read GPT-2 tokens")
     if vocab_size < GPT2_VOCAB:
-        raise HellaSwagError(f"HellaSwag needs a GPT-2 BPE model (vocab_size >= {GPT2_VOCAB}), but this one has "
-                             f"vocab_size={vocab_size} (a character-level model?)")
+        raise HellaSwagError(f"HellaSwag needs a GPT-2 BPE model (vocab_size >= {GPT2_VOCAB}), "
+                             f"but this one has vocab_size={vocab_size} (a character-level model?)")
 
 
 def prepare(data_dir='', max_examples=0, block_size=None, vocab_size=GPT2_VOCAB, meta_path=None):
@@ -188,9 +192,12 @@ def prepare(data_dir='', max_examples=0, block_size=None, vocab_size=GPT2_VOCAB,
     except Exception as e:
         raise HellaSwagError(one_line(e)) from None
     rendered = [render_example(ex, enc) for ex in examples]
-    too_long = sum(crop(tokens, mask, block_size) is None for tokens, mask, _ in rendered) if block_size else 0
+    too_long = sum(crop(tokens, mask, block_size) is None
+                   for tokens, mask, _ in rendered) if block_size else 0
     if too_long == len(rendered):
-        raise HellaSwagError(f"no HellaSwag example fits block_size={block_size} (an ending and a context token)")
+        raise HellaSwagError(f"no HellaSwag example fits block_size={block_size} "
+                             "(an ending and a context token)")
     print(f"hellaswag: {len(rendered)} examples from {path}" +
-          (f", {too_long} of them skipped (an ending longer than block_size={block_size})" if too_long else ''))
+          (f", {too_long} of them skipped (an ending longer than block_size={block_size})" if too_long
+           else ''))
     return rendered

@@ -56,9 +56,11 @@ class Init:
         self.weights_args = args  # the model that the weights load into
         upcycled = init_from not in ('scratch', 'resume') and upcycle_args(args, config, given)
         self.model_args = args = upcycled or args  # the model this run trains
-        if args['n_expert'] and args['expert_impl'] == 'auto':  # resolved once, then saved and logged as resolved
+        # resolved once, then saved and logged as resolved
+        if args['n_expert'] and args['expert_impl'] == 'auto':
             hidden = args['expert_hidden'] or 4 * args['n_embd']
-            impl, warning = (('grouped', None) if config['expert_parallel'] != 1 else  # (EP runs grouped's GEMMs)
+            # (EP runs grouped's GEMMs)
+            impl, warning = (('grouped', None) if config['expert_parallel'] != 1 else
                              auto_expert_impl(config['device'], config['dtype'], hidden))
             print(f"expert_impl='auto': {impl}" + (f"\nwarning: {warning}" if warning else ''))
             args['expert_impl'] = config['expert_impl'] = impl
@@ -66,7 +68,8 @@ class Init:
         model_config(args)  # every model key checked (top_k <= n_expert, n_embd % n_head, ...)
 
     def build(self):
-        """The model, with its weights (a CheckpointError or ValueError, one line, if they cannot be loaded)."""
+        """The model, with its weights (a CheckpointError or ValueError, one line, if they cannot be
+        loaded)."""
         if self.init_from == 'scratch':
             print("Initializing a new model from scratch")
             return build_model(self.model_args)
@@ -97,12 +100,13 @@ def weights_keys(weights_args, config, given, init_from):
         if k not in given or config[k] == v or k == 'block_size' or upcycling:  # (block_size: Init checks it)
             fixed[k] = v
         elif k in SHAPE_KEYS:
-            raise ValueError(f"{k}={config[k]!r}, but the weights of init_from={init_from!r} have {k}={v!r}: it "
-                             f"fixes their shape, so it cannot change (leave it out, or start a new run)")
+            raise ValueError(f"{k}={config[k]!r}, but the weights of init_from={init_from!r} have {k}={v!r}: "
+                             f"it fixes their shape, so it cannot change (leave it out, or start a new run)")
         elif k not in SHAPE_KEYS:
             changed.append(f"{k} {v!r} -> {config[k]!r}")
     if changed:
-        print(f"note: this run changes what the weights of init_from={init_from!r} compute: {', '.join(changed)}")
+        print(f"note: this run changes what the weights of init_from={init_from!r} compute: "
+              f"{', '.join(changed)}")
     return fixed
 
 

@@ -16,8 +16,8 @@ Departures from nanoGPT's model.py:
 - GPTConfig checks its values (one clear ValueError) and says what each key is (key() below); MLP takes a
   hidden size (shared experts);
 - activation checkpointing (set_activation_checkpointing), off by default;
-- from_pretrained (hf.load_gpt2) also takes a local folder; configure_optimizers uses fused AdamW on CPU too and tells
-  stacked expert biases apart from weights by name.
+- from_pretrained (hf.load_gpt2) also takes a local folder; configure_optimizers uses fused AdamW on CPU too
+  and tells stacked expert biases apart from weights by name.
 """
 
 import math
@@ -50,20 +50,25 @@ def keys_of(config_class, *kinds):
 @dataclass
 class GPTConfig:
     block_size: int = key(1024, 'shape')
-    vocab_size: int = key(50304, 'shape')  # GPT-2 vocab_size of 50257, padded up to nearest multiple of 64 for efficiency
+    # GPT-2 vocab_size of 50257, padded up to nearest multiple of 64 for efficiency
+    vocab_size: int = key(50304, 'shape')
     n_layer: int = key(12, 'shape')
     n_head: int = key(12, 'forward')
     n_embd: int = key(768, 'shape')
     dropout: float = key(0.0, 'train')
-    bias: bool = key(True, 'shape')  # True: bias in Linears and LayerNorms, like GPT-2. False: a bit better and faster
-    # the block: GPT-2's by default; the modern one (Llama, Mixtral, OLMoE, Qwen3) is rmsnorm, rope, swiglu, qk_norm
+    # True: bias in Linears and LayerNorms, like GPT-2. False: a bit better and faster
+    bias: bool = key(True, 'shape')
+    # the block: GPT-2's by default; the modern one (Llama,
+    # Mixtral, OLMoE, Qwen3) is rmsnorm, rope, swiglu, qk_norm
     norm: str = key('layernorm', 'shape')    # 'layernorm' (GPT-2) or 'rmsnorm'
     norm_eps: float = key(1e-5, 'forward')
     rope: bool = key(False, 'shape')         # rotary positions (the rotate-half form) instead of learned ones
     rope_theta: float = key(10000.0, 'forward')
-    mlp: str = key('gelu', 'shape')          # the MLP and every expert: 'gelu' (GPT-2) or 'swiglu' (gate, up, down)
+    # the MLP and every expert: 'gelu' (GPT-2) or 'swiglu' (gate, up, down)
+    mlp: str = key('gelu', 'shape')
     mlp_hidden: int = key(0, 'shape')        # the dense MLP's hidden size; 0 means 4 * n_embd
-    qk_norm: str = key('none', 'shape')      # RMSNorm on q and k: 'none', each 'head' (Qwen3), or 'full' (OLMoE)
+    # RMSNorm on q and k: 'none', each 'head' (Qwen3), or 'full' (OLMoE)
+    qk_norm: str = key('none', 'shape')
     n_kv_head: int = key(0, 'shape')         # key/value heads (grouped-query attention); 0 means n_head
     head_dim: int = key(0, 'shape')          # each head's size; 0 means n_embd // n_head (Qwen3: often wider)
     tie_embeddings: bool = key(True, 'shape')  # the language-model head is the token embedding (GPT-2)
@@ -72,13 +77,16 @@ class GPTConfig:
         self.mlp_hidden = self.mlp_hidden or 4 * self.n_embd
         self.n_kv_head = self.n_kv_head or self.n_head
         if not self.head_dim and self.n_embd % self.n_head != 0:
-            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head} (or set head_dim)")
+            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head} "
+                             "(or set head_dim)")
         self.head_dim = self.head_dim or self.n_embd // self.n_head
-        for key in ('block_size', 'vocab_size', 'n_layer', 'n_head', 'n_embd', 'mlp_hidden', 'n_kv_head', 'head_dim'):
+        for key in ('block_size', 'vocab_size', 'n_layer', 'n_head', 'n_embd', 'mlp_hidden', 'n_kv_head',
+                    'head_dim'):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
                 raise ValueError(f"{key}={getattr(self, key)!r} must be a positive integer")
         if self.n_head % self.n_kv_head or self.rope and self.head_dim % 2:
-            raise ValueError(f"n_kv_head={self.n_kv_head} must divide n_head={self.n_head}" if self.n_head % self.n_kv_head
+            raise ValueError(f"n_kv_head={self.n_kv_head} must divide n_head={self.n_head}"
+                             if self.n_head % self.n_kv_head
                              else f"rope needs an even head size, not head_dim = {self.head_dim}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
@@ -112,7 +120,8 @@ def norm(config, ndim=None):
 
 def rope_cos_sin(positions, head_size, theta):
     """Rotary embeddings' cos and sin [t, head_size] at these positions, in float32 (the rotate-half form)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_size, 2, dtype=torch.float32, device=positions.device) / head_size)
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_size, 2, dtype=torch.float32,
+                                            device=positions.device) / head_size)
     angles = torch.outer(positions.float(), inv_freq).repeat(1, 2)
     return angles.cos(), angles.sin()
 
@@ -142,7 +151,8 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, kv_cache=None, rope=None):
         B, T, C = x.size()  # batch size, sequence length, embedding dimensionality (n_embd)
-        q, k, v = self.c_attn(x).split([self.n_head * self.hs, self.n_kv_head * self.hs, self.n_kv_head * self.hs], dim=2)
+        q, k, v = self.c_attn(x).split([self.n_head * self.hs, self.n_kv_head * self.hs,
+                                        self.n_kv_head * self.hs], dim=2)
         if self.qk_norm == 'full':
             q, k = self.q_norm(q), self.k_norm(k)
         q = q.view(B, T, self.n_head, self.hs)
@@ -207,7 +217,8 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config)
         self.ln_2 = norm(config)
         self.mlp = mlp
-        self.checkpoint = None  # recompute in backward (set_activation_checkpointing): None, 'block' or 'attn'
+        # recompute in backward (set_activation_checkpointing): None, 'block' or 'attn'
+        self.checkpoint = None
 
     def forward(self, x, kv_cache=None, rope=None):
         if self.checkpoint == 'block' and kv_cache is None:
@@ -245,7 +256,8 @@ class GPT(nn.Module):
             # "UserWarning: functional_call was passed multiple values for tied weights.
             # This behavior is deprecated and will be an error in future versions"
             # not 100% sure what this is, so far seems to be harmless. TODO investigate
-            self.transformer.wte.weight = self.lm_head.weight  # https://paperswithcode.com/method/weight-tying
+            # https://paperswithcode.com/method/weight-tying
+            self.transformer.wte.weight = self.lm_head.weight
 
         # init all weights
         self.apply(self._init_weights)
@@ -282,9 +294,11 @@ class GPT(nn.Module):
 
     def set_activation_checkpointing(self, mode):
         """Trade compute for memory: 'none'; 'moe' (the MoE layers' experts recompute their activations in
-        backward: nothing in a dense model); 'all' (every block recomputes; MoEGPT says how for MoE blocks)."""
+        backward: nothing in a dense model); 'all' (every block recomputes; MoEGPT says how for MoE
+        blocks)."""
         if mode not in CHECKPOINTING:
-            raise ValueError(f"activation_checkpointing={mode!r} is unknown; allowed: {', '.join(CHECKPOINTING)}")
+            raise ValueError(f"activation_checkpointing={mode!r} is unknown; allowed: "
+                             f"{', '.join(CHECKPOINTING)}")
         for block in self.transformer.h:
             block.checkpoint = 'block' if mode == 'all' else None
 
@@ -353,15 +367,17 @@ class GPT(nn.Module):
         # e.g. we may load the GPT2 pretrained model checkpoint (block size 1024)
         # but want to use a smaller block size for some smaller, simpler model
         if block_size > self.config.block_size:
-            raise ValueError(f"block_size={block_size} is larger than the model's block_size={self.config.block_size}")
+            raise ValueError(f"block_size={block_size} is larger than the model's "
+                             f"block_size={self.config.block_size}")
         self.config.block_size = block_size
         if not self.config.rope:
             self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
 
     @classmethod
     def from_pretrained(cls, model_type, override_args=None):
-        """GPT-2's weights from Hugging Face: model_type is 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl', or a
-        local folder holding a GPT2LMHeadModel (save_pretrained); override_args may set dropout (hf.load_gpt2)."""
+        """GPT-2's weights from Hugging Face: model_type is 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl', or
+        a local folder holding a GPT2LMHeadModel (save_pretrained); override_args may set dropout
+        (hf.load_gpt2)."""
         from hf import load_gpt2
         return load_gpt2(model_type, **(override_args or {}))
 
@@ -380,7 +396,8 @@ class GPT(nn.Module):
         num_decay_params = sum(p.numel() for p in decay_params)
         num_nodecay_params = sum(p.numel() for p in nodecay_params)
         print(f"num decayed parameter tensors: {len(decay_params)}, with {num_decay_params:,} parameters")
-        print(f"num non-decayed parameter tensors: {len(nodecay_params)}, with {num_nodecay_params:,} parameters")
+        print(f"num non-decayed parameter tensors: {len(nodecay_params)}, "
+              f"with {num_nodecay_params:,} parameters")
         # Create AdamW optimizer and use the fused version if it is available
         fused_available = 'fused' in inspect.signature(torch.optim.AdamW).parameters
         use_fused = fused_available and device_type in ('cuda', 'cpu')  # on CPU too: ~4x faster than foreach

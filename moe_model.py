@@ -4,7 +4,8 @@ Mixture-of-Experts GPT: model.py's dense GPT with routed experts in place of (so
 Reading order:
   ROUTERS, MoEConfig        router presets; the MoE keys, on top of GPTConfig's (model.key: what each is)
   Router, aux losses        fp32 scores and top-k, with orthogonal settings (score function, renormalisation,
-                            selection bias, noise, scale); the Switch balance loss and the ST-MoE z-loss, per layer
+                            selection bias, noise, scale); the Switch balance loss and the ST-MoE z-loss, per
+                            layer
   dispatch helpers          sort token-slots by expert; weight and sum them back (combine)
   Experts                   every expert's weights stacked [n_expert, ...], named like the MLP's
   backends                  one signature, looked up by name in EXPERT_IMPLS:
@@ -12,7 +13,8 @@ Reading order:
                                 -> (y [N, d], drop_fraction of the token-slots)
                             'loop'     the reference: a for-loop over experts. Simple, slow.
                             'grouped'  dropless: slots sorted by expert, two grouped GEMMs (on the CPU, one
-                                       fused op: moe_kernels/fused.py, as are the softmax router and its losses)
+                                       fused op: moe_kernels/fused.py, as are the softmax router and its
+                                       losses)
                             'batched'  capacity (GShard/Switch): fixed slots per expert, one bmm
                             'triton'   block-sparse kernels (moe_kernels/moe_triton.py, optional)
                             (expert parallelism puts expert_parallel.py's all-to-all dispatch in their place)
@@ -39,13 +41,15 @@ from model import GPT, GPTConfig, MLP, activation, checkpointed, key, keys_of
 
 # Router presets: each names the router settings that a run leaves unset (None). The names stay those that
 # configs and checkpoints have always used; every router name is written here and only here.
-_TOPK = dict(router_score='softmax', norm_topk=True, router_bias=False, router_noise=False, expert_choice=False)
+_TOPK = dict(router_score='softmax', norm_topk=True, router_bias=False, router_noise=False,
+             expert_choice=False)
 ROUTERS = {
     'topk': _TOPK,                                             # Switch, GShard, Mixtral
     'noisy_topk': {**_TOPK, 'router_noise': True},             # Shazeer et al. 2017
     'expert_choice': {**_TOPK, 'norm_topk': False, 'expert_choice': True},  # Zhou et al. 2022
     'aux_free': {**_TOPK, 'router_bias': True},                # DeepSeek-V3's balancing, softmax scores
-    'deepseek_v3': {**_TOPK, 'router_score': 'sigmoid', 'router_bias': True},  # DeepSeek-V3's router (torchtitan)
+    # DeepSeek-V3's router (torchtitan)
+    'deepseek_v3': {**_TOPK, 'router_score': 'sigmoid', 'router_bias': True},
 }
 
 
@@ -54,27 +58,37 @@ class MoEConfig(GPTConfig):
     n_expert: int = key(8, 'shape')         # experts per MoE layer
     top_k: int = key(2, 'forward')          # experts each token is sent to
     expert_hidden: int = key(0, 'shape')    # hidden size of one expert; 0 means mlp_hidden, the dense MLP's
-    moe_every: int = key(1, 'shape')        # every moe_every-th block is MoE (1: all; 2: every other, as in Switch)
-    n_shared_expert: int = key(0, 'shape')  # experts of expert_hidden that every token passes through (DeepSeekMoE)
+    # every moe_every-th block is MoE (1: all; 2: every other, as in Switch)
+    moe_every: int = key(1, 'shape')
+    # experts of expert_hidden that every token passes through (DeepSeekMoE)
+    n_shared_expert: int = key(0, 'shape')
     n_dense_layers: int = key(0, 'shape')   # the first n_dense_layers blocks keep a dense MLP (DeepSeekMoE)
     expert_impl: str = key('grouped', 'train')  # one of EXPERT_IMPLS below; all share the same parameters
-    capacity_factor: float = key(1.25, 'train')  # capacity backends only: slots per expert = cf * tokens * top_k / n_expert
+    # capacity backends only: slots per expert = cf * tokens * top_k / n_expert
+    capacity_factor: float = key(1.25, 'train')
     # the router (Router below): a preset of ROUTERS, whose settings a run may set one by one
     router: str = key('topk', 'shape')
     router_score: str = key(None, 'forward')   # 'softmax' over the experts, or each expert's 'sigmoid'
     norm_topk: bool = key(None, 'forward')     # the chosen experts' weights divided by their sum (top_k > 1)
     router_bias: bool = key(None, 'shape')     # aux-loss-free balancing: a per-expert bias that only selects
-    router_noise: bool = key(None, 'shape')    # noisy top-k: learned Gaussian noise on the logits, training only
+    # noisy top-k: learned Gaussian noise on the logits, training only
+    router_noise: bool = key(None, 'shape')
     expert_choice: bool = key(None, 'train')   # training only: each expert picks its tokens (eval: top-k)
-    router_temperature: float = key(1.0, 'forward')  # softmax temperature of the router (logits / temperature)
-    route_scale: float = key(1.0, 'forward')   # the chosen experts' weights are scaled by this (DeepSeek-V3: 2.5)
-    router_jitter: float = key(0.0, 'train')   # training only: router input times U(1 - jitter, 1 + jitter) (Switch)
-    bias_update_rate: float = key(0.001, 'train')  # router_bias: per-step change of an expert's selection bias
+    # softmax temperature of the router (logits / temperature)
+    router_temperature: float = key(1.0, 'forward')
+    # the chosen experts' weights are scaled by this (DeepSeek-V3: 2.5)
+    route_scale: float = key(1.0, 'forward')
+    # training only: router input times U(1 - jitter, 1 + jitter) (Switch)
+    router_jitter: float = key(0.0, 'train')
+    # router_bias: per-step change of an expert's selection bias
+    bias_update_rate: float = key(0.001, 'train')
     # the auxiliary losses and regularisers of training
     aux_loss_coef: float = key(0.01, 'train')  # weight of the Switch load-balancing loss
     z_loss_coef: float = key(0.001, 'train')   # weight of the ST-MoE router z-loss
-    aux_loss_scope: str = key('micro', 'train')  # balance loss over the 'micro'-batch, the 'global' batch, each 'sequence'
-    expert_dropout: float = key(0.0, 'train')  # training only: each whole expert is dropped with this probability
+    # balance loss over the 'micro'-batch, the 'global' batch, each 'sequence'
+    aux_loss_scope: str = key('micro', 'train')
+    # training only: each whole expert is dropped with this probability
+    expert_dropout: float = key(0.0, 'train')
 
     def __post_init__(self):
         super().__post_init__()
@@ -86,14 +100,17 @@ class MoEConfig(GPTConfig):
         if self.top_k > self.n_expert:
             raise ValueError(f"top_k={self.top_k} must be <= n_expert={self.n_expert}")
         if self.moe_every > self.n_layer:
-            raise ValueError(f"moe_every={self.moe_every} must be <= n_layer={self.n_layer}, else no layer is MoE")
+            raise ValueError(f"moe_every={self.moe_every} must be <= n_layer={self.n_layer}, "
+                             "else no layer is MoE")
         if self.expert_impl not in EXPERT_IMPLS:
-            raise ValueError(f"expert_impl={self.expert_impl!r} is unknown; allowed: {', '.join(EXPERT_IMPLS)}")
+            raise ValueError(f"expert_impl={self.expert_impl!r} is unknown; allowed: "
+                             f"{', '.join(EXPERT_IMPLS)}")
         if self.expert_impl == 'triton' and importlib.util.find_spec('triton') is None:
             raise ValueError("expert_impl='triton' needs the triton package (pip install triton); "
                              f"other choices: {', '.join(k for k in EXPERT_IMPLS if k != 'triton')}")
         if self.expert_impl == 'triton' and self.expert_hidden % 16:
-            raise ValueError(f"expert_impl='triton' needs expert_hidden divisible by 16, got {self.expert_hidden}")
+            raise ValueError("expert_impl='triton' needs expert_hidden divisible by 16, "
+                             f"got {self.expert_hidden}")
         if self.capacity_factor <= 0:
             raise ValueError(f"capacity_factor={self.capacity_factor} must be > 0")
         if self.router not in ROUTERS:
@@ -109,7 +126,8 @@ class MoEConfig(GPTConfig):
             if getattr(self, key_) < 0:
                 raise ValueError(f"{key_}={getattr(self, key_)} must be >= 0")
         if self.aux_loss_scope not in ('micro', 'global', 'sequence'):
-            raise ValueError(f"aux_loss_scope={self.aux_loss_scope!r} is unknown; allowed: micro, global, sequence")
+            raise ValueError(f"aux_loss_scope={self.aux_loss_scope!r} is unknown; allowed: micro, global, "
+                             "sequence")
         for key_ in ('router_temperature', 'route_scale'):
             if getattr(self, key_) <= 0:
                 raise ValueError(f"{key_}={getattr(self, key_)} must be > 0")
@@ -120,8 +138,8 @@ class MoEConfig(GPTConfig):
             if not isinstance(getattr(self, key_), int) or getattr(self, key_) < 0:
                 raise ValueError(f"{key_}={getattr(self, key_)!r} must be a non-negative integer")
         if not any(self.is_moe_layer(i) for i in range(self.n_layer)):
-            raise ValueError(f"n_dense_layers={self.n_dense_layers} with moe_every={self.moe_every} leaves no MoE "
-                             f"layer among n_layer={self.n_layer}")
+            raise ValueError(f"n_dense_layers={self.n_dense_layers} with moe_every={self.moe_every} leaves "
+                             f"no MoE layer among n_layer={self.n_layer}")
 
     def is_moe_layer(self, layer_idx):
         return layer_idx >= self.n_dense_layers and (layer_idx + 1) % self.moe_every == 0
@@ -137,11 +155,12 @@ class Router(nn.Module):
                      (DeepSeek-V3); the balance loss's P_i are the softmax, or s_i / sum_j s_j
       router_noise   in training N(0, 1) * softplus(x @ W_noise) is added to the logits, W_noise learned
                      (Shazeer et al. 2017); no noise in eval
-      router_bias    a per-expert bias added to the scores to pick the top-k, not to the weights; MoEGPT.end_step()
-                     moves it against each expert's load error after every step (DeepSeek-V3's balancing)
-      norm_topk      with top_k > 1 the chosen weights are divided by their sum (a softmax of the chosen logits);
-                     at top_k = 1 that would make every weight 1.0 and cut the router off from the language-model
-                     gradient, so k = 1 keeps the raw score
+      router_bias    a per-expert bias added to the scores to pick the top-k, not to the weights;
+                     MoEGPT.end_step() moves it against each expert's load error after every step
+                     (DeepSeek-V3's balancing)
+      norm_topk      with top_k > 1 the chosen weights are divided by their sum (a softmax of the chosen
+                     logits); at top_k = 1 that would make every weight 1.0 and cut the router off from the
+                     language-model gradient, so k = 1 keeps the raw score
       route_scale    the weights times this
       expert_choice  in training each expert picks its tokens (expert_choice() below, called by MoE.forward)
       router_jitter  in training the router input is multiplied by U(1 - jitter, 1 + jitter) (Switch)
@@ -183,7 +202,8 @@ class Router(nn.Module):
         if self.expert_bias is not None:  # the bias only selects
             topk_idx = (scores + self.expert_bias).topk(cfg.top_k, dim=-1).indices
             chosen = noisy.gather(1, topk_idx) if softmax and norm else None
-        elif softmax:  # softmax keeps the order of the logits (and keeps ties that its rounding would make apart)
+        # softmax keeps the order of the logits (and keeps ties that its rounding would make apart)
+        elif softmax:
             chosen, topk_idx = noisy.topk(cfg.top_k, dim=-1)
         else:
             topk_idx = scores.topk(cfg.top_k, dim=-1).indices
@@ -201,7 +221,8 @@ class Router(nn.Module):
 def count_per_expert(topk_idx, n_expert):
     """Token-slots routed to each expert (int64 [n_expert]); static shape, unlike bincount."""
     flat = topk_idx.flatten()
-    return torch.zeros(n_expert, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+    return torch.zeros(n_expert, dtype=torch.long,
+                       device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
 
 
 def load_balance_loss(probs, topk_idx, counts=None):
@@ -221,7 +242,8 @@ def sequence_balance_loss(probs, topk_idx):
     sequences. probs [B, T, n_expert], topk_idx [B, T, k]."""
     B, n_expert = probs.size(0), probs.size(-1)
     idx = topk_idx.reshape(B, -1)
-    counts = torch.zeros(B, n_expert, device=probs.device).scatter_add_(1, idx, torch.ones(idx.shape, device=idx.device))
+    counts = torch.zeros(B, n_expert, device=probs.device).scatter_add_(
+        1, idx, torch.ones(idx.shape, device=idx.device))
     f = counts / counts.sum(dim=1, keepdim=True)
     return n_expert * (f * probs.mean(dim=1)).sum(dim=1).mean()
 
@@ -313,7 +335,8 @@ def grouped_mlp(x_sorted, counts, experts):
     c_fc, c_proj, c_fc_bias = experts.c_fc.to(dtype), experts.c_proj.to(dtype), experts.c_fc_bias
     (E, h, d), halves = c_proj.shape, c_fc.size(2) // c_proj.size(1)  # halves: 2 for swiglu (gate, up)
     pad_d, pad_h = -d % (16 // c_fc.element_size()), -h % (16 // c_fc.element_size())
-    if pad_d or pad_h:  # grouped_mm wants row strides in multiples of 16 bytes: zero-pad (gelu(0) = silu(0) = 0)
+    # grouped_mm wants row strides in multiples of 16 bytes: zero-pad (gelu(0) = silu(0) = 0)
+    if pad_d or pad_h:
         # (swiglu's gate and up halves are padded each, so that they still pair up)
         c_fc = F.pad(c_fc.view(E, d, halves, h), (0, pad_h, 0, 0, 0, pad_d)).flatten(2)
         c_proj = F.pad(c_proj, (0, pad_d, 0, pad_h))
@@ -429,7 +452,8 @@ def as_rows(x, position_major):
 
 def from_rows(rows, B, T, position_major):
     """as_rows's inverse: rows [B * T, ...] -> [B, T, ...], contiguous (as x is)."""
-    return rows.unflatten(0, (T, B)).transpose(0, 1).contiguous() if position_major else rows.unflatten(0, (B, T))
+    return (rows.unflatten(0, (T, B)).transpose(0, 1).contiguous() if position_major
+            else rows.unflatten(0, (B, T)))
 
 # -----------------------------------------------------------------------------
 # The MoE layer
@@ -448,12 +472,15 @@ class MoE(nn.Module):
         self.router = Router(config)
         self.experts = Experts(config)
         # DeepSeekMoE: n shared experts of expert_hidden each are one MLP of n * expert_hidden
-        self.shared = MLP(config, config.n_shared_expert * config.expert_hidden) if config.n_shared_expert else None
+        self.shared = MLP(config,
+                          config.n_shared_expert * config.expert_hidden) if config.n_shared_expert else None
         self.dropout = nn.Dropout(config.dropout)
-        self.backend = None  # None: EXPERT_IMPLS[config.expert_impl]; expert parallelism puts its dispatch here
+        # None: EXPERT_IMPLS[config.expert_impl]; expert parallelism puts its dispatch here
+        self.backend = None
         self.step_counts = None  # this rank's token-slots per expert over the optimizer step so far
         self.probe_top1 = None
-        self.checkpoint = False  # recompute the experts' activations in backward (set_activation_checkpointing)
+        # recompute the experts' activations in backward (set_activation_checkpointing)
+        self.checkpoint = False
 
     def forward(self, x):
         cfg, (B, T, C) = self.config, x.shape
@@ -461,20 +488,24 @@ class MoE(nn.Module):
         position_major = getattr(backend, 'position_major', False)
         x_rows = as_rows(x, position_major)
         topk_idx, topk_weight, logits, probs = self.router(x_rows)
-        # the experts (not the router, whose forward has effects: the step's loads) may be recomputed in backward
+        # the experts (not the router, whose forward has effects:
+        # the step's loads) may be recomputed in backward
         run = checkpointed if self.checkpoint else (lambda fn, *args: fn(*args))
         keep = None  # expert dropout: inverted dropout, one coin per whole expert
         if self.training and cfg.expert_dropout > 0:
-            keep = (torch.rand(cfg.n_expert, device=x.device) >= cfg.expert_dropout).float() / (1 - cfg.expert_dropout)
+            keep = (torch.rand(cfg.n_expert,
+                               device=x.device) >= cfg.expert_dropout).float() / (1 - cfg.expert_dropout)
         if self.training and cfg.expert_choice:  # experts pick their tokens: a table
             token, weight, drop_fraction = expert_choice(probs, cfg.top_k)
-            y = run(table_experts, x_rows, token, weight if keep is None else weight * keep[:, None], self.experts)
+            y = run(table_experts, x_rows, token, weight if keep is None else weight * keep[:, None],
+                    self.experts)
             counts = torch.full((cfg.n_expert,), token.size(1), dtype=torch.long, device=x.device)
         else:
             weight = topk_weight if keep is None else topk_weight * keep[topk_idx]
             y, drop_fraction = run(backend, x_rows, topk_idx, weight, self.experts)
             counts = count_per_expert(topk_idx, cfg.n_expert)
-        self.record(counts, drop_fraction, logits, probs, topk_idx, lambda rows: from_rows(rows, B, T, position_major))
+        self.record(counts, drop_fraction, logits, probs, topk_idx,
+                    lambda rows: from_rows(rows, B, T, position_major))
         y = self.dropout(from_rows(y.to(x.dtype), B, T, position_major))
         return y if self.shared is None else y + run(self.shared, x)
 
@@ -503,7 +534,8 @@ class MoE(nn.Module):
         self.topk_idx = by_sequence(topk_idx).flatten(0, 1)  # [token (b * T + t), choice]
 
     def _load_from_state_dict(self, state_dict, prefix, *args):
-        state_dict.setdefault(prefix + '_extra_state', None)  # checkpoints from before the layer kept its probe
+        # checkpoints from before the layer kept its probe
+        state_dict.setdefault(prefix + '_extra_state', None)
         super()._load_from_state_dict(state_dict, prefix, *args)
 
     def get_extra_state(self):  # a tensor always (empty: none yet), so that a state_dict holds tensors only
@@ -593,7 +625,8 @@ class MoEGPT(GPT):
             share = layer.tokens_per_expert.float() / layer.tokens_per_expert.sum()
             stats[f'layer{i}/dead_fraction'] = (share < 0.1 / self.config.n_expert).float().mean().item()
             top1, previous = layer.topk_idx[:, 0].clone(), layer.probe_top1
-            if previous is not None and previous.shape == top1.shape:  # (a resumed run may have another batch size)
+            # (a resumed run may have another batch size)
+            if previous is not None and previous.shape == top1.shape:
                 stats[f'layer{i}/flip_rate'] = (top1 != previous.to(top1.device)).float().mean().item()
             layer.probe_top1 = top1.cpu()
         return stats
@@ -633,7 +666,8 @@ class MoEGPT(GPT):
         expert's selection bias moves by bias_update_rate against its load error over the step's global
         batch (DeepSeek-V3: overloaded experts down, underloaded up), minus the mean move, so that the
         biases keep mean 0 and cannot drift together (a common shift picks the same experts); not for a
-        skipped step. The step's loads (this rank's) become tokens_per_expert, for routing_stats, and restart."""
+        skipped step. The step's loads (this rank's) become tokens_per_expert, for routing_stats, and
+        restart."""
         for layer in self.moe_layers().values():
             if layer.step_counts is None:
                 continue

@@ -30,7 +30,8 @@ compile = False  # use PyTorch 2.0 to compile the model to be faster
 expert_impl = ''  # '' keeps the checkpoint's; any backend works with any checkpoint
 use_kv_cache = True  # keep past keys/values instead of recomputing them (same tokens either way)
 # -----------------------------------------------------------------------------
-config = configure({k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))},
+config = configure({k: v for k, v in globals().items() if not k.startswith('_')
+                    and isinstance(v, (int, float, bool, str))},
                    sys.argv[1:])
 globals().update(config)
 check_choice(config, 'dtype', ('float32', 'bfloat16', 'float16'))
@@ -45,7 +46,8 @@ if start.startswith('FILE:'):  # the prompt is read now, so that a bad file stop
         with open(start[5:], encoding='utf-8') as f:
             start = f.read(2**20 + 1)  # at most a MiB: /dev/zero or a FIFO never ends
     except (OSError, UnicodeDecodeError) as e:
-        fail(f"prompt file {start[5:]!r} cannot be read as UTF-8 text ({e.strerror if isinstance(e, OSError) else e.reason})")
+        fail(f"prompt file {start[5:]!r} cannot be read as UTF-8 text "
+             f"({e.strerror if isinstance(e, OSError) else e.reason})")
     if len(start) > 2**20:
         fail(f"prompt file {config['start'][5:]!r} holds more than {2**20:,} characters: too long for a "
              f"prompt (the model reads its last block_size tokens)")
@@ -104,8 +106,10 @@ if compile:
 
 # look for the meta pickle in case it is available in the dataset folder
 meta_path = None
-if checkpoint is not None and 'config' in checkpoint and 'dataset' in checkpoint['config']:  # older checkpoints might not have these...
-    meta_path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', checkpoint['config']['dataset'], 'meta.pkl')
+# older checkpoints might not have these...
+if checkpoint is not None and 'config' in checkpoint and 'dataset' in checkpoint['config']:
+    meta_path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data',
+                             checkpoint['config']['dataset'], 'meta.pkl')
 if meta_path and os.path.exists(meta_path):
     print(f"Loading meta from {meta_path}...")
     try:
@@ -137,6 +141,7 @@ x = (torch.tensor(start_ids, dtype=torch.long, device=device)[None, ...])
 with torch.no_grad():
     with ctx:
         for k in range(num_samples):
-            y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k, use_kv_cache=use_kv_cache)
+            y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k,
+                               use_kv_cache=use_kv_cache)
             print(decode(y[0].tolist()))
             print('---------------')

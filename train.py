@@ -10,9 +10,11 @@ $ torchrun --standalone --nproc_per_node=4 train.py config/train_gpt2_moe.py
 
 To run with DDP on 4 gpus across 2 nodes, example:
 - Run on the first (master) node with example IP 123.456.123.456:
-$ torchrun --nproc_per_node=8 --nnodes=2 --node_rank=0 --master_addr=123.456.123.456 --master_port=1234 train.py
+$ torchrun --nproc_per_node=8 --nnodes=2 --node_rank=0 --master_addr=123.456.123.456 --master_port=1234 \
+    train.py
 - Run on the worker node:
-$ torchrun --nproc_per_node=8 --nnodes=2 --node_rank=1 --master_addr=123.456.123.456 --master_port=1234 train.py
+$ torchrun --nproc_per_node=8 --nnodes=2 --node_rank=1 --master_addr=123.456.123.456 --master_port=1234 \
+    train.py
 (If your cluster does not have Infiniband interconnect prepend NCCL_IB_DISABLE=1)
 
 The model is dense (model.GPT) when n_expert=0, else an MoE (moe_model.MoEGPT): the loop only calls model
@@ -36,8 +38,8 @@ from torch.distributed import init_process_group, destroy_process_group
 from configurator import configure, fail, check_choice, check_range, check_device, check_dataset, check_memory
 from moe_kernels import cpu_grouped_mm
 from moe_kernels.cpu_memory import keep_freed_memory
-from checkpoint import (CheckpointError, load_meta, training_state, restore, nonfinite_tensor, RunDir, StopSignal,
-                        DivergenceGuard)
+from checkpoint import (CheckpointError, load_meta, training_state, restore, nonfinite_tensor, RunDir,
+                        StopSignal, DivergenceGuard)
 from model import CHECKPOINTING
 from moe_model import FORK_KEYS, MODEL_KEYS, MoEConfig, model_args_of
 from expert_parallel import ExpertParallel, config_error
@@ -53,10 +55,12 @@ eval_interval = 2000
 log_interval = 1
 eval_iters = 200
 eval_only = False  # if True, script exits right after the first eval
-hellaswag_interval = 0  # at evals where iter_num % hellaswag_interval == 0: HellaSwag acc (hellaswag.py); 0: off
+# at evals where iter_num % hellaswag_interval == 0: HellaSwag acc (hellaswag.py); 0: off
+hellaswag_interval = 0
 hellaswag_examples = 500  # the first N HellaSwag validation examples; 0: all 10,042
 hellaswag_dir = ''  # where hellaswag_val.jsonl is cached (downloaded on first use); '': data/hellaswag
-init_from = 'scratch'  # 'scratch', 'resume', 'gpt2*', a Hugging Face folder, or a checkpoint file (.pt): its weights
+# 'scratch', 'resume', 'gpt2*', a Hugging Face folder, or a checkpoint file (.pt): its weights
+init_from = 'scratch'
 always_save_checkpoint = True  # nanoGPT's: False writes ckpt.pt only at an eval that improves the val loss
 seed = 1337
 # wandb logging
@@ -67,14 +71,17 @@ wandb_run_name = 'gpt2-moe'  # 'run' + str(time.time())
 dataset = 'openwebtext'
 gradient_accumulation_steps = 5 * 8  # used to simulate larger batch sizes
 batch_size = 12  # if gradient_accumulation_steps > 1, this is the micro-batch size
-# model: every key of moe_model.MoEConfig (GPTConfig's and the MoE's, block_size among them; n_expert = 0 trains
-# the dense GPT), at its default there (what each key is, and the router presets: moe_model.py), except for these
+# model: every key of moe_model.MoEConfig (GPTConfig's and
+# the MoE's, block_size among them; n_expert = 0 trains the dense GPT), at its default there (what each key
+# is, and the router presets: moe_model.py), except for these
 globals().update({f.name: f.default for f in fields(MoEConfig)})
 bias = False  # do we use bias inside LayerNorm and Linear layers?
 vocab_size = 0  # 0: from the dataset's meta.pkl, else GPT-2's 50304
-expert_impl = 'auto'  # 'auto': the fast one for this device (moe_kernels.auto_expert_impl), or one of EXPERT_IMPLS
+# 'auto': the fast one for this device (moe_kernels.auto_expert_impl), or one of EXPERT_IMPLS
+expert_impl = 'auto'
 expert_parallel = 1  # EP degree: each MoE layer's experts are split over this many ranks (torchrun); 1: none
-upcycle_noise = 0.0  # init_from a dense model and n_expert set: experts start as its MLPs plus this noise (upcycle.py)
+# init_from a dense model and n_expert set: experts start as its MLPs plus this noise (upcycle.py)
+upcycle_noise = 0.0
 # adamw optimizer
 learning_rate = 6e-4  # max learning rate
 max_iters = 600000  # total number of training iterations
@@ -96,13 +103,16 @@ min_lr = 6e-5  # minimum learning rate, should be ~= learning_rate/10 per Chinch
 # system
 backend = ''  # DDP backend: 'nccl', 'gloo'; '' picks nccl on CUDA, gloo on CPU
 device = 'cuda' if torch.cuda.is_available() else 'cpu'  # 'cpu', 'cuda', 'cuda:0', ... (not 'mps')
-dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else ('float16' if torch.cuda.is_available() else 'float32')
+dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else \
+    ('float16' if torch.cuda.is_available() else 'float32')
 compile = torch.cuda.is_available()  # use PyTorch 2.0 to compile the model to be faster
-activation_checkpointing = 'none'  # recompute activations in backward to save memory: 'none', 'moe' (experts), 'all'
+# recompute activations in backward to save memory: 'none', 'moe' (experts), 'all'
+activation_checkpointing = 'none'
 peak_flops = 312e12  # for MFU: A100 bf16 peak; an H100 SXM is 989e12
 on_nonfinite = 'stop'  # a NaN/inf loss or grad norm: 'stop' the run, or 'skip' the step
 # -----------------------------------------------------------------------------
-config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))
+config_keys = [k for k, v in globals().items() if not k.startswith('_')
+               and isinstance(v, (int, float, bool, str))
                or k in MODEL_KEYS]
 given = set()  # the keys that the config files and the command line set
 # config files and --key=value, in nanoGPT's dialect or the seed forks' (FORK_KEYS: their keys, translated)
@@ -142,7 +152,8 @@ if os.path.exists(meta_path):
         fail(str(e))
     print(f"found vocab_size = {meta_vocab_size} (inside {meta_path})")
 ddp = int(os.environ.get('RANK', -1)) != -1  # is this a ddp run?
-stop = StopSignal(ddp)  # SIGTERM, Ctrl-C, ...: finish the step, save, exit (from here on: building a model takes time)
+# SIGTERM, Ctrl-C, ...: finish the step, save, exit (from here on: building a model takes time)
+stop = StopSignal(ddp)
 try:  # where the model comes from (init_model.py): a checkpoint, GPT-2, ...; and expert_impl='auto' resolved
     init = Init(init_from, out_dir, config, given, vocab_size or meta_vocab_size or 50304)
 except (ValueError, CheckpointError) as e:
@@ -157,7 +168,8 @@ need = memory_need(model_args, batch_size * block_size, dtype=dtype, checkpointi
 check_memory(need, device)
 if hellaswag_interval:  # read and tokenised now: a character-level dataset or no data file stops here
     try:
-        hs_examples = hellaswag.prepare(hellaswag_dir, hellaswag_examples, block_size, model_args['vocab_size'], meta_path)
+        hs_examples = hellaswag.prepare(hellaswag_dir, hellaswag_examples, block_size,
+                                        model_args['vocab_size'], meta_path)
     except hellaswag.HellaSwagError as e:
         fail(f"hellaswag_interval={hellaswag_interval}: {e}")
 
@@ -175,7 +187,8 @@ if ddp:
     # world_size number of processes will be training simultaneously, so we can scale
     # down the desired gradient accumulation iterations per process proportionally
     if gradient_accumulation_steps % ddp_world_size != 0:
-        fail(f"gradient_accumulation_steps={gradient_accumulation_steps} must be divisible by the world size {ddp_world_size}")
+        fail(f"gradient_accumulation_steps={gradient_accumulation_steps} must be divisible by the world size "
+             f"{ddp_world_size}")
     gradient_accumulation_steps //= ddp_world_size
 else:
     # if not ddp, we are running on a single gpu, and one process
@@ -185,7 +198,8 @@ else:
 tokens_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size * block_size
 print(f"tokens per iteration will be: {tokens_per_iter:,}")
 
-run_dir = None  # the master writes out_dir (one run at a time: a lock); eval_only never writes or deletes there
+# the master writes out_dir (one run at a time: a lock); eval_only never writes or deletes there
+run_dir = None
 if master_process and not eval_only:
     try:
         run_dir = RunDir(out_dir, resumed=init_from == 'resume')
@@ -198,7 +212,8 @@ torch.backends.cuda.matmul.allow_tf32 = True  # allow tf32 on matmul
 torch.backends.cudnn.allow_tf32 = True  # allow tf32 on cudnn
 device_type = 'cuda' if 'cuda' in device else 'cpu'  # for later use in torch.autocast
 if device_type == 'cpu':
-    keep_freed_memory()  # reuse freed memory: no page faults on every step's large tensors (moe_kernels/cpu_memory.py)
+    # reuse freed memory: no page faults on every step's large tensors (moe_kernels/cpu_memory.py)
+    keep_freed_memory()
     if compile:  # build or load the CPU kernel now: a compiled forward cannot (it takes torch's grouped_mm)
         cpu_grouped_mm.available()
 # note: float16 data type will automatically use a GradScaler
@@ -219,7 +234,8 @@ def get_batch(split, step, micro_step):
     xy = torch.stack([torch.from_numpy((data[i:i + block_size + 1]).astype(np.int64)) for i in ix])
     if xy.max() >= raw_model.config.vocab_size:  # cheap here, a device-side assert or garbage later
         fail(f"{split}.bin of {data_dir} holds token id {int(xy.max())}, but the model's vocab_size is "
-             f"{raw_model.config.vocab_size} (from meta.pkl, --vocab_size, the checkpoint or the pretrained model)")
+             f"{raw_model.config.vocab_size} (from meta.pkl, --vocab_size, "
+             "the checkpoint or the pretrained model)")
     x, y = xy[:, :-1].contiguous(), xy[:, 1:].contiguous()
     if device_type == 'cuda':
         # pin arrays x,y, which allows us to move them to GPU asynchronously (non_blocking=True)
@@ -236,7 +252,8 @@ try:
     model = init.build()
 except (ValueError, CheckpointError) as e:
     fail(str(e))
-iter_num, best_val_loss = (init.ckpt['iter_num'], init.ckpt['best_val_loss']) if init_from == 'resume' else (0, 1e9)
+iter_num, best_val_loss = (init.ckpt['iter_num'],
+                           init.ckpt['best_val_loss']) if init_from == 'resume' else (0, 1e9)
 # crop down the model block size if desired, using model surgery (growing it was refused above)
 if block_size < model.config.block_size:
     model.crop_block_size(block_size)  # the checkpoint's model_args are read off the model (model_args_of)
@@ -244,7 +261,8 @@ config.update({k: v for k, v in {'n_expert': 0, **model_args_of(model)}.items() 
 n_total, n_active = model.get_num_params(), model.get_num_params(active=True)
 print(f"number of parameters: {n_total / 1e6:.2f}M total, {n_active / 1e6:.2f}M active per token")
 model.set_activation_checkpointing(activation_checkpointing)
-# expert parallelism: keep this rank's experts only (every rank built or loaded the same full model, on the CPU)
+# expert parallelism: keep this rank's experts only (every
+# rank built or loaded the same full model, on the CPU)
 parallel = ExpertParallel(expert_parallel, device_type)
 parallel.shard(model)
 model.to(device)
@@ -295,7 +313,8 @@ def get_lr(it):
     if it < warmup_iters:
         return learning_rate * (it + 1) / (warmup_iters + 1)
     # 2) if it > lr_decay_iters, return min learning rate
-    if it >= lr_decay_iters:  # (the cosine below is min_lr there too; no 0/0 when warmup_iters == lr_decay_iters)
+    # (the cosine below is min_lr there too; no 0/0 when warmup_iters == lr_decay_iters)
+    if it >= lr_decay_iters:
         return min_lr
     # 3) in between, use cosine decay down to min learning rate
     decay_ratio = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
@@ -317,8 +336,9 @@ def checkpoint_state():
     """Every rank calls this (expert parallelism gathers the experts); the master saves it. A state with a
     NaN/inf weight (a step can have a finite loss and gradient and still leave one) stops the run instead:
     it would replace the last good checkpoint."""
-    state = training_state(raw_model, optimizer, scaler, parallel, device, model_args=model_args_of(raw_model),
-                           iter_num=iter_num, best_val_loss=best_val_loss, config=config)
+    state = training_state(raw_model, optimizer, scaler, parallel, device,
+                           model_args=model_args_of(raw_model), iter_num=iter_num,
+                           best_val_loss=best_val_loss, config=config)
     if bad := nonfinite_tensor(state):  # the same full state on every rank: they all stop here
         stop_nonfinite(f"non-finite values in {bad} at iter {iter_num}, not saved", {})
     return state
@@ -353,7 +373,8 @@ if run_dir and model_args['n_expert']:  # which backend expert_impl='auto' picke
 t0 = time.time()
 local_iter_num = 0  # number of iterations in the lifetime of this process
 guard = DivergenceGuard(on_nonfinite, scaler_skips=scaler.is_enabled())
-debug_nan_at = int(os.environ.get('NANOMOE_DEBUG_NAN_AT_ITER', -1))  # tests only: a NaN loss at this iteration
+# tests only: a NaN loss at this iteration
+debug_nan_at = int(os.environ.get('NANOMOE_DEBUG_NAN_AT_ITER', -1))
 running_mfu = -1.0
 while True:
 
@@ -372,17 +393,20 @@ while True:
         improved = losses['val'] < best_val_loss  # each rank has its own eval batches; the master's decide
         best_val_loss = min(best_val_loss, losses['val'])
         with ctx:  # routing on a fixed batch: dead experts, top-1 flips since the previous eval
-            probe = raw_model.probe_routing(get_batch('val', -2, 0)[0])  # every rank: EP forwards are collective
-        state = checkpoint_state() if iter_num > 0 and not eval_only else None  # every rank: EP gathers experts
+            # every rank: EP forwards are collective
+            probe = raw_model.probe_routing(get_batch('val', -2, 0)[0])
+        # every rank: EP gathers experts
+        state = checkpoint_state() if iter_num > 0 and not eval_only else None
         if master_process:
             print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
                   + ''.join(f", {k} {v:.4f}" for k, v in hs.items()))
-            stats = {k: v for k, v in {**raw_model.routing_stats(), **probe}.items() if not isinstance(v, list)}
+            stats = {k: v for k, v in {**raw_model.routing_stats(), **probe}.items()
+                     if not isinstance(v, list)}
             if stats:
                 print('routing (fixed eval batch): ' + ', '.join(f'{k} {v:.3f}' for k, v in stats.items()))
             if run_dir:
-                run_dir.log({'iter': iter_num, 'train/ce': losses['train'], 'val/ce': losses['val'], 'lr': lr, **probe,
-                             **hs})
+                run_dir.log({'iter': iter_num, 'train/ce': losses['train'], 'val/ce': losses['val'], 'lr': lr,
+                             **probe, **hs})
             if state is not None:
                 if always_save_checkpoint or improved:
                     print(f"saving checkpoint to {out_dir}")
@@ -445,7 +469,8 @@ while True:
     dt = t1 - t0
     t0 = t1
     if iter_num % log_interval == 0 and master_process:
-        lossf = loss_sum.item()  # the training loss (CE + aux) averaged over micro steps; a CPU-GPU sync point
+        # the training loss (CE + aux) averaged over micro steps; a CPU-GPU sync point
+        lossf = loss_sum.item()
         if local_iter_num >= 5:  # let the training loop settle a bit
             mfu = raw_model.estimate_mfu(batch_size * gradient_accumulation_steps, dt, peak_flops)
             running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
@@ -453,7 +478,8 @@ while True:
         parts = ', '.join(f'{k} {v:.4f}' for k, v in terms.items())
         extra = parallel.step_stats()  # all-to-all megabytes under expert parallelism
         print(f"iter {iter_num}/{max_iters}: loss {lossf:.4f} ({parts}), time {dt * 1000:.2f}ms, "
-              f"{tokens_per_iter / dt:,.0f} tok/s" + (f", mfu {running_mfu * 100:.2f}%" if running_mfu >= 0 else '')
+              f"{tokens_per_iter / dt:,.0f} tok/s" + (f", mfu {running_mfu * 100:.2f}%" if running_mfu >= 0
+                                                      else '')
               + ''.join(f', {k} {v:.2f}' for k, v in extra.items()))
         run_dir.log({'iter': iter_num, 'loss': lossf, **terms, 'lr': lr, 'grad_norm': float(grad_norm),
                      'dt_ms': dt * 1000, 'mfu': running_mfu, **extra, **raw_model.routing_stats()})
@@ -465,10 +491,12 @@ while True:
         state = checkpoint_state()
         if master_process:
             run_dir.save(state, 'ckpt.pt')
-            print(f"received {stop.name or 'a stop signal (on another rank)'}: saved checkpoint at iter {iter_num} "
-                  f"to {os.path.join(out_dir, 'ckpt.pt')}; continue with --init_from=resume")
+            print(f"received {stop.name or 'a stop signal (on another rank)'}: "
+                  f"saved checkpoint at iter {iter_num} to {os.path.join(out_dir, 'ckpt.pt')}; "
+                  "continue with --init_from=resume")
         break
 
 if ddp:
-    torch.distributed.barrier()  # the master may still be writing the last checkpoint: the ranks leave together
+    # the master may still be writing the last checkpoint: the ranks leave together
+    torch.distributed.barrier()
     destroy_process_group()

@@ -1,6 +1,7 @@
 """
 Sparse upcycling (Komatsuzaki et al. 2022): an MoE whose experts start as the MLPs of a trained dense model.
-$ python train.py config/train_shakespeare_char_cpu.py --init_from=out-shakespeare-char-cpu/ckpt.pt --n_expert=8
+$ python train.py config/train_shakespeare_char_cpu.py --init_from=out-shakespeare-char-cpu/ckpt.pt \
+    --n_expert=8
 
 train.py upcycles when init_from is a dense model (a GPT-2 name, a local GPT-2 folder, or a checkpoint file
 of this project or nanoGPT) and the run sets n_expert (a config file or the command line; without it the
@@ -34,13 +35,14 @@ def upcycle_args(dense_args, config, given):
     if 'n_expert' not in given or n_expert == have:
         return None
     if have:
-        raise ValueError(f"n_expert={n_expert}, but init_from={config['init_from']!r} is an MoE with n_expert={have}: "
-                         f"upcycling starts from a dense model (leave n_expert out to train this one as it is)")
+        raise ValueError(f"n_expert={n_expert}, but init_from={config['init_from']!r} is an MoE with "
+                         f"n_expert={have}: upcycling starts from a dense model "
+                         "(leave n_expert out to train this one as it is)")
     hidden = dense_args.get('mlp_hidden') or 4 * dense_args['n_embd']
     expert_hidden = config['expert_hidden'] or hidden
     if hidden % expert_hidden:
-        raise ValueError(f"expert_hidden={expert_hidden} must divide the dense MLP's hidden size mlp_hidden = {hidden} "
-                         f"to upcycle it: each expert is a slice of it")
+        raise ValueError(f"expert_hidden={expert_hidden} must divide the dense MLP's hidden size mlp_hidden "
+                         f"= {hidden} to upcycle it: each expert is a slice of it")
     g = hidden // expert_hidden
     top_k = config['top_k'] if 'top_k' in given or g == 1 else g
     if n_expert % g or top_k % g:
@@ -64,17 +66,21 @@ def upcycle(dense, model_args, noise=0.0):
           + f"; top_k={moe.config.top_k}, upcycle_noise={noise}")
     own = moe.state_dict()
     # every name but the MoE layers' MLP weights is the same in both models
-    missing = moe.load_state_dict({k: v for k, v in dense.state_dict().items() if k in own}, strict=False).missing_keys
+    missing = moe.load_state_dict({k: v for k, v in dense.state_dict().items() if k in own},
+                                  strict=False).missing_keys
     assert all(int(k.split('.')[2]) in moe.moe_layers() for k in missing), missing
     for i, layer in moe.moe_layers().items():
         mlp, experts = dense.transformer.h[i].mlp, layer.experts
         d, g, halves = moe.config.n_embd, hidden // h, 2 if moe.config.mlp == 'swiglu' else 1
-        # expert c * g + s: hidden units s * h .. (s + 1) * h of the MLP (nn.Linear keeps weights [out, in]), of
-        # its gate and of its up projection alike with swiglu (c_fc holds them side by side)
-        experts.c_fc.copy_(mlp.c_fc.weight.view(halves, g, h, d).permute(1, 3, 0, 2).reshape(g, d, -1).repeat(E // g, 1, 1))
+        # expert c * g + s: hidden units s * h .. (s + 1) * h
+        # of the MLP (nn.Linear keeps weights [out, in]), of its gate and of its up projection alike with
+        # swiglu (c_fc holds them side by side)
+        experts.c_fc.copy_(mlp.c_fc.weight.view(halves, g, h,
+                                                d).permute(1, 3, 0, 2).reshape(g, d, -1).repeat(E // g, 1, 1))
         experts.c_proj.copy_(g * mlp.c_proj.weight.view(d, g, h).permute(1, 2, 0).repeat(E // g, 1, 1))
         if experts.c_fc_bias is not None:
-            experts.c_fc_bias.copy_(mlp.c_fc.bias.view(halves, g, h).transpose(0, 1).reshape(g, -1).repeat(E // g, 1))
+            experts.c_fc_bias.copy_(mlp.c_fc.bias.view(halves, g,
+                                                       h).transpose(0, 1).reshape(g, -1).repeat(E // g, 1))
             experts.c_proj_bias.copy_(mlp.c_proj.bias.expand(E, d))  # the chosen weights sum to 1: added once
         gate = layer.router.gate.weight  # [E, d]: one random row per copy, shared by its g slices
         gate.copy_(gate[::g].repeat_interleave(g, dim=0))

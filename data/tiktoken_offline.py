@@ -148,5 +148,6 @@ def get_gpt2_encoding(bpe_dir=None, verbose=True):
         ) from e
     ids = enc.encode_ordinary("hello world")
     if ids != HELLO_WORLD_IDS:
-        raise RuntimeError(f"gpt2 encoding sanity check failed: 'hello world' -> {ids}, expected {HELLO_WORLD_IDS}")
+        raise RuntimeError(f"gpt2 encoding sanity check failed: 'hello world' -> {ids}, "
+                           f"expected {HELLO_WORLD_IDS}")
     return enc

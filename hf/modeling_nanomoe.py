@@ -20,8 +20,9 @@ class NanoMoEConfig(PretrainedConfig):
     as num_experts_per_tok (transformers reads a config's top_k as a sampling setting). A key that config.json
     lacks (an older export) is MoEConfig's default, or its router preset's."""
     model_type = 'nanomoe'
-    attribute_map = {'hidden_size': 'n_embd', 'max_position_embeddings': 'block_size', 'num_attention_heads': 'n_head',
-                     'num_hidden_layers': 'n_layer'}  # transformers' names for nanoGPT's
+    attribute_map = {'hidden_size': 'n_embd', 'max_position_embeddings': 'block_size',
+                     # transformers' names for nanoGPT's
+                     'num_attention_heads': 'n_head', 'num_hidden_layers': 'n_layer'}
 
     def __init__(self, num_experts_per_tok=2, **kwargs):
         self.num_experts_per_tok = num_experts_per_tok
@@ -34,7 +35,8 @@ class NanoMoEConfig(PretrainedConfig):
 
     def model_args(self):
         """The MoEGPT keys of this config."""
-        return {'top_k': self.num_experts_per_tok, **{k: getattr(self, k) for k in EXPORTED_KEYS if k != 'top_k'}}
+        return {'top_k': self.num_experts_per_tok, **{k: getattr(self, k) for k in EXPORTED_KEYS
+                                                      if k != 'top_k'}}
 
 
 class NanoMoEForCausalLM(PreTrainedModel, GenerationMixin):
@@ -51,7 +53,8 @@ class NanoMoEForCausalLM(PreTrainedModel, GenerationMixin):
         object.__setattr__(self, 'moegpt', model)
         self.post_init()
 
-    def _init_weights(self, module):  # MoEGPT's constructor drew the weights as nanoMoE does; loading replaces them
+    # MoEGPT's constructor drew the weights as nanoMoE does; loading replaces them
+    def _init_weights(self, module):
         pass
 
     def get_input_embeddings(self):
@@ -65,12 +68,13 @@ class NanoMoEForCausalLM(PreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids, attention_mask=None, labels=None, **kwargs):
         if input_ids.size(1) > self.config.block_size:
-            raise ValueError(f"{input_ids.size(1)} tokens do not fit the model's block_size={self.config.block_size}")
+            raise ValueError(f"{input_ids.size(1)} tokens do not fit the model's "
+                             f"block_size={self.config.block_size}")
         logits = self.lm_head(self.moegpt.hidden(input_ids))
         loss = None
         if labels is not None:  # transformers' convention: labels are the inputs, shifted here
-            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(), labels[:, 1:].reshape(-1),
-                                   ignore_index=-100)
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(),
+                                   labels[:, 1:].reshape(-1), ignore_index=-100)
         return CausalLMOutput(loss=loss, logits=logits)
 
     def prepare_inputs_for_generation(self, input_ids, **kwargs):  # no cache: the whole (cropped) context

@@ -48,16 +48,19 @@ def available():
             _load()
             _built = True
         except Exception as e:  # no compiler, no ninja, another OS: torch's grouped_mm still works
-            warnings.warn(f"cpu_grouped_mm.cpp did not build ({build_error(e)}); on the CPU the grouped backend "
-                          "uses torch's grouped_mm, which runs the experts one after another")
+            warnings.warn(f"cpu_grouped_mm.cpp did not build ({build_error(e)}); "
+                          "on the CPU the grouped backend uses torch's grouped_mm, "
+                          "which runs the experts one after another")
     return _built
 
 
 def build_folder():
     """Where this source, built with these flags against this torch, lives."""
     with open(SOURCE, 'rb') as f:
-        key = hashlib.sha1(f.read() + repr((FLAGS, torch.__version__, platform.machine())).encode()).hexdigest()[:12]
-    root = os.environ.get('TORCH_EXTENSIONS_DIR') or os.path.join(os.path.expanduser('~'), '.cache', 'torch_extensions')
+        key = hashlib.sha1(f.read() + repr((FLAGS, torch.__version__, platform.machine())).encode()
+                           ).hexdigest()[:12]
+    root = os.environ.get('TORCH_EXTENSIONS_DIR') or os.path.join(os.path.expanduser('~'), '.cache',
+                                                                  'torch_extensions')
     return os.path.join(root, f'nanomoe_cpu_grouped_mm_{key}')
 
 
@@ -117,4 +120,5 @@ def _try_flock(f):
 def build_error(e):
     """The line of a failed build that says why: torch's message starts with the compile command."""
     lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
-    return next((line for line in lines[1:] if re.search(r'error|not found|no such file', line, re.I)), lines[0])
+    return next((line for line in lines[1:] if re.search(r'error|not found|no such file', line, re.I)),
+                lines[0])

@@ -11,13 +11,15 @@ from torch.nn import functional as F
 
 from moe_kernels import cpu_grouped_mm
 
-_torch_grouped_mm = getattr(F, 'grouped_mm', None) or torch._grouped_mm  # (public from torch 2.9; 2.8 has the other)
+# (public from torch 2.9; 2.8 has the other)
+_torch_grouped_mm = getattr(F, 'grouped_mm', None) or torch._grouped_mm
 
 
 @torch.library.custom_op('nanomoe::grouped_mm', mutates_args=())
 def _grouped_mm_op(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """a [M, K] (rows sorted by group), b [G, K, N], offs [G] int32 (the end row of each group) -> [M, N]:
-    group g's rows times b[g]. On the CPU moe_kernels/cpu_grouped_mm's kernel (groups side by side), else torch's."""
+    group g's rows times b[g]. On the CPU moe_kernels/cpu_grouped_mm's kernel (groups side by side), else
+    torch's."""
     if a.device.type == 'cpu' and cpu_grouped_mm.available():
         return torch.ops.nanomoe_cpu.grouped_mm(a, b, offs)
     return _torch_grouped_mm(a, b, offs=offs)

@@ -68,27 +68,31 @@ def _use_kernels(x, n_slots):
 # What the autotuner tries on a GPU: every tile size but the first (the interpreter's single small one)
 # with every num_warps and num_stages. moe_kernels/triton_aot.py compiles them ahead of time for each GPU.
 TILES = {"sdd": [{"BLOCK_K": 16}, {"BLOCK_K": 32}, {"BLOCK_K": 64}],
-         "dsd": [{"BLOCK_N": 32, "BLOCK_K": 16}, {"BLOCK_N": 64, "BLOCK_K": 32}, {"BLOCK_N": 64, "BLOCK_K": 64},
-                 {"BLOCK_N": 128, "BLOCK_K": 32}]}
+         "dsd": [{"BLOCK_N": 32, "BLOCK_K": 16}, {"BLOCK_N": 64, "BLOCK_K": 32},
+                 {"BLOCK_N": 64, "BLOCK_K": 64}, {"BLOCK_N": 128, "BLOCK_K": 32}]}
 TILES["tsd"] = TILES["dsd"]
 WARPS, STAGES = (4, 8), (3, 4)
 # (compute capability, dtype) where every configuration above compiles and fits the GPU's shared memory,
-# as moe_kernels/triton_aot.py finds (the tests check it); moe_kernels.auto_expert_impl uses 'triton' only there.
+# as moe_kernels/triton_aot.py finds (the tests check it); moe_kernels.auto_expert_impl uses 'triton' only
+# there.
 # Before sm80 there are no tensor cores for bfloat16 or TF32: not used there even where they compile.
 # The most a 16-bit configuration needs (sdd, BLOCK=128, BLOCK_K=64, 4 stages): 32 KiB before sm80, 96 on
-# sm80-sm89 (3 buffers of pipelined loads: sm86/sm89 allow 99, so one more stage would not fit), 128 on sm90.
+# sm80-sm89 (3 buffers of pipelined loads: sm86/sm89 allow 99, so one more stage would not fit), 128 on
+# sm90.
 # float32 (TF32) fits nowhere: that configuration needs 256 KiB on sm90, 192 on sm80.
-SUPPORTED = {(70, 'float16'), (75, 'float16'), (80, 'bfloat16'), (80, 'float16'), (86, 'bfloat16'), (86, 'float16'),
-             (89, 'bfloat16'), (89, 'float16'), (90, 'bfloat16'), (90, 'float16')}
+SUPPORTED = {(70, 'float16'), (75, 'float16'), (80, 'bfloat16'), (80, 'float16'), (86, 'bfloat16'),
+             (86, 'float16'), (89, 'bfloat16'), (89, 'float16'), (90, 'bfloat16'), (90, 'float16')}
 NOT_FAST = {(cc, dtype) for cc in (70, 75) for dtype in ('bfloat16', 'float32')}
 
 if HAS_TRITON:
     def _configs(tile_kwargs, interpreted=_KERNELS_INTERPRETED):  # interpreted=False: a GPU's (triton_aot.py)
         if interpreted:  # the interpreter is slow and cannot benchmark: a single small config
             return [triton.Config(tile_kwargs[0], num_warps=4, num_stages=1)]
-        if os.environ.get("NANOMOE_TRITON_AUTOTUNE") == "0":  # correctness tests on a GPU: one config, no tuning
+        # correctness tests on a GPU: one config, no tuning
+        if os.environ.get("NANOMOE_TRITON_AUTOTUNE") == "0":
             return [triton.Config(tile_kwargs[1], num_warps=4, num_stages=3)]
-        return [triton.Config(kw, num_warps=w, num_stages=s) for kw in tile_kwargs[1:] for w in WARPS for s in STAGES]
+        return [triton.Config(kw, num_warps=w, num_stages=s) for kw in tile_kwargs[1:] for w in WARPS
+                for s in STAGES]
 
     def _prune_block_k(configs, nargs, **kwargs):
         # DSD/TSD step through a BxB block BLOCK_K at a time, so BLOCK_K must divide B
@@ -128,7 +132,8 @@ if HAS_TRITON:
     @triton.jit
     def _dsd_kernel(data_ptr, offsets_ptr, col_idx_ptr, w_ptr, out_ptr, N,
                     stride_we, stride_wk, stride_wn, stride_om, stride_on, BLOCKS_PER_EXPERT,
-                    BLOCK: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                    BLOCK: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr):
         # one program = rows of row block r x BLOCK_N output columns: sum over the row's blocks
         r = tl.program_id(0).to(tl.int64)
         offs_m = tl.arange(0, BLOCK)
@@ -143,7 +148,8 @@ if HAS_TRITON:
             e = c // BLOCKS_PER_EXPERT
             k_base = (c % BLOCKS_PER_EXPERT) * BLOCK
             blk_ptrs = data_ptr + b * BLOCK * BLOCK + offs_m[:, None] * BLOCK + offs_k[None, :]
-            w_ptrs = w_ptr + e * stride_we + (k_base + offs_k)[:, None] * stride_wk + offs_n[None, :] * stride_wn
+            w_ptrs = (w_ptr + e * stride_we + (k_base + offs_k)[:, None] * stride_wk
+                      + offs_n[None, :] * stride_wn)
             for k0 in range(0, BLOCK, BLOCK_K):
                 blk = tl.load(blk_ptrs)
                 w = tl.load(w_ptrs, mask=n_mask[None, :], other=0.0)
@@ -158,7 +164,8 @@ if HAS_TRITON:
     @triton.jit
     def _tsd_kernel(data_ptr, offsets_t_ptr, block_offsets_t_ptr, row_idx_ptr, d_ptr, out_ptr, N,
                     stride_dm, stride_dn, stride_oe, stride_ok, stride_on, BLOCKS_PER_EXPERT,
-                    BLOCK: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                    BLOCK: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr):
         # one program = column block c (= B hidden units of expert e) x BLOCK_N columns of d:
         # out[e, j-block, n] = sum over the blocks in column c of block^T @ d[rows of that block, n]
         c = tl.program_id(0).to(tl.int64)
@@ -196,7 +203,8 @@ class Topology:
     n_expert: int                # E
     blocks_per_expert: int       # h // B
     n_tokens: int                # N
-    n_rows: int                  # P: room for every expert's slots padded to a multiple of B, in the worst case
+    # P: room for every expert's slots padded to a multiple of B, in the worst case
+    n_rows: int
     order: torch.Tensor          # [N*k] flat slot ids sorted (stably) by expert
     pos: torch.Tensor            # [N*k] padded row of each sorted slot
     row_src: torch.Tensor        # [P] source token of each padded row (N = the zero padding row)
@@ -293,22 +301,25 @@ def sdd(a: torch.Tensor, w: torch.Tensor, row_idx: torch.Tensor, col_idx: torch.
 
 
 @torch.library.custom_op("nanomoe::dsd", mutates_args=())
-def dsd(data: torch.Tensor, w: torch.Tensor, row_idx: torch.Tensor, col_idx: torch.Tensor, offsets: torch.Tensor,
-        offsets_t: torch.Tensor, block_offsets_t: torch.Tensor, trans_w: bool = False) -> torch.Tensor:
+def dsd(data: torch.Tensor, w: torch.Tensor, row_idx: torch.Tensor, col_idx: torch.Tensor,
+        offsets: torch.Tensor, offsets_t: torch.Tensor, block_offsets_t: torch.Tensor,
+        trans_w: bool = False) -> torch.Tensor:
     """sparse [P, E*h] (block values [nnz, B, B]) @ w viewed as [E*h, N] (w [E, h, N], or [E, N, h]
     if trans_w) -> dense [P, N]."""
     B, data = data.shape[1], data.contiguous()  # the kernels index blocks as [nnz, B, B] row-major
     N = w.shape[1] if trans_w else w.shape[2]
     out = torch.empty((offsets.numel() - 1) * B, N, device=data.device, dtype=data.dtype)
     grid = lambda meta: (offsets.numel() - 1, triton.cdiv(N, meta["BLOCK_N"]))
-    _dsd_kernel[grid](data, offsets, col_idx, w, out, N, *_weight_strides(w, trans_w), out.stride(0), out.stride(1),
-                      w.shape[2 if trans_w else 1] // B, BLOCK=B, PRECISION=_precision(data.dtype))
+    _dsd_kernel[grid](data, offsets, col_idx, w, out, N, *_weight_strides(w, trans_w), out.stride(0),
+                      out.stride(1), w.shape[2 if trans_w else 1] // B, BLOCK=B,
+                      PRECISION=_precision(data.dtype))
     return out
 
 
 @torch.library.custom_op("nanomoe::tsd", mutates_args=())
-def tsd(data: torch.Tensor, d: torch.Tensor, row_idx: torch.Tensor, col_idx: torch.Tensor, offsets: torch.Tensor,
-        offsets_t: torch.Tensor, block_offsets_t: torch.Tensor, n_expert: int, trans_out: bool = False) -> torch.Tensor:
+def tsd(data: torch.Tensor, d: torch.Tensor, row_idx: torch.Tensor, col_idx: torch.Tensor,
+        offsets: torch.Tensor, offsets_t: torch.Tensor, block_offsets_t: torch.Tensor, n_expert: int,
+        trans_out: bool = False) -> torch.Tensor:
     """sparse^T [E*h, P] @ d [P, N], per expert -> [E, h, N] (or [E, N, h] if trans_out).
     These are the weight gradients x_e^T @ grad_h_e and act_e^T @ grad_out_e."""
     B, E, N, data = data.shape[1], n_expert, d.shape[1], data.contiguous()
@@ -345,16 +356,20 @@ def _setup(ctx, inputs, output):
 def _sdd_backward(ctx, grad):
     a, w, *topo = ctx.saved_tensors
     grad = grad.contiguous()
-    grad_a = dsd(grad, w, *topo, trans_w=not ctx.trans) if ctx.needs_input_grad[0] else None  # grad_h @ w[e]^T
-    grad_w = tsd(grad, a, *topo, w.shape[0], trans_out=not ctx.trans) if ctx.needs_input_grad[1] else None  # a_e^T @ grad_h_e
+    # grad_h @ w[e]^T
+    grad_a = dsd(grad, w, *topo, trans_w=not ctx.trans) if ctx.needs_input_grad[0] else None
+    # a_e^T @ grad_h_e
+    grad_w = tsd(grad, a, *topo, w.shape[0], trans_out=not ctx.trans) if ctx.needs_input_grad[1] else None
     return grad_a, grad_w, *[None] * 6
 
 
 def _dsd_backward(ctx, grad):
     data, w, *topo = ctx.saved_tensors
     grad = grad.contiguous()
-    grad_data = sdd(grad, w, *topo, trans_w=not ctx.trans) if ctx.needs_input_grad[0] else None  # grad @ w[e]^T
-    grad_w = tsd(data, grad, *topo, w.shape[0], trans_out=ctx.trans) if ctx.needs_input_grad[1] else None  # act_e^T @ grad_e
+    # grad @ w[e]^T
+    grad_data = sdd(grad, w, *topo, trans_w=not ctx.trans) if ctx.needs_input_grad[0] else None
+    # act_e^T @ grad_e
+    grad_w = tsd(data, grad, *topo, w.shape[0], trans_out=ctx.trans) if ctx.needs_input_grad[1] else None
     return grad_data, grad_w, *[None] * 6
 
 
@@ -390,9 +405,11 @@ def block_sparse_experts(x, topk_idx, topk_weight, c_fc, c_proj, c_fc_bias=None,
     x_pad = F.pad(x.to(dt), (0, 0, 0, 1))[topo.row_src]
     hid = []
     for i in range(halves):  # gelu: c_fc; swiglu: gate, then up
-        part = sdd(x_pad, c_fc.to(dt).view(E, d, halves, h)[:, :, i].contiguous(), *topo.tensors())  # [nnz, B, B]
+        # [nnz, B, B]
+        part = sdd(x_pad, c_fc.to(dt).view(E, d, halves, h)[:, :, i].contiguous(), *topo.tensors())
         if c_fc_bias is not None:
-            part = part + c_fc_bias.to(dt).view(E, halves, h)[:, i].reshape(-1, B)[topo.col_idx.long()].unsqueeze(1)
+            part = part + c_fc_bias.to(dt).view(E, halves,
+                                                h)[:, i].reshape(-1, B)[topo.col_idx.long()].unsqueeze(1)
         hid.append(part)
     # moe_model's activation(), elementwise on the block values, so the sparsity is preserved
     act = F.gelu(hid[0]) if halves == 1 else F.silu(hid[0]) * hid[1]
@@ -400,7 +417,8 @@ def block_sparse_experts(x, topk_idx, topk_weight, c_fc, c_proj, c_fc_bias=None,
     if c_proj_bias is not None:
         out = out + c_proj_bias.to(dt)[topo.row_expert]
     # weight the k slots of each token and add them up, in float32
-    return combine(out[topo.pos], topk_weight, topo.order, topo.order // topk_idx.shape[1], x.size(0)).to(x.dtype)
+    return combine(out[topo.pos], topk_weight, topo.order, topo.order // topk_idx.shape[1],
+                   x.size(0)).to(x.dtype)
 
 
 def triton_experts(x, topk_idx, topk_weight, experts):

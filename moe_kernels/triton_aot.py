@@ -61,12 +61,13 @@ from moe_kernels import moe_triton  # noqa: E402
 
 # shared memory one block may use (cudaDevAttrMaxSharedMemoryPerBlockOptin, what Triton checks a launch
 # against; from sm80 on 1 KiB less than the SM has: 163 KiB on an A100's 164), in KiB, and GPUs with it
-GPUS = {70: (96, 'V100'), 75: (64, 'T4'), 80: (163, 'A100'), 86: (99, 'A10, RTX 30xx'), 89: (99, 'L4, RTX 40xx'),
-        90: (227, 'H100, H200')}
+GPUS = {70: (96, 'V100'), 75: (64, 'T4'), 80: (163, 'A100'), 86: (99, 'A10, RTX 30xx'),
+        89: (99, 'L4, RTX 40xx'), 90: (227, 'H100, H200')}
 DTYPES = {'float16': torch.float16, 'bfloat16': torch.bfloat16, 'float32': torch.float32}
 KERNELS = {'sdd': moe_triton._sdd_kernel, 'dsd': moe_triton._dsd_kernel, 'tsd': moe_triton._tsd_kernel}
 # what the tests compile: every pair moe_triton.SUPPORTED lists, and fp32 on an A100, which does not fit
-REQUIRED = [(70, 'float16'), (75, 'float16'), *((cc, d) for cc in (80, 86, 89, 90) for d in ('bfloat16', 'float16')),
+REQUIRED = [(70, 'float16'), (75, 'float16'), *((cc, d) for cc in (80, 86, 89, 90)
+                                                for d in ('bfloat16', 'float16')),
             (80, 'float32')]
 
 
@@ -114,8 +115,10 @@ def launches(dtype, n_embd=64, hidden=256):
     try:
         for name, kernel in KERNELS.items():
             kernel.run = recorder(name)  # the launchers call kernel[grid](...), which calls kernel.run
-        for block, tf32 in itertools.product(moe_triton._BLOCK_CHOICES, (True, False) if dtype == 'float32' else (True,)):
-            moe_triton.BLOCK_SIZE, moe_triton.tf32_allowed = block, lambda tf32=tf32: tf32  # torch's flags untouched
+        for block, tf32 in itertools.product(moe_triton._BLOCK_CHOICES, (True, False) if dtype == 'float32'
+                                             else (True,)):
+            # torch's flags untouched
+            moe_triton.BLOCK_SIZE, moe_triton.tf32_allowed = block, lambda tf32=tf32: tf32
             g = torch.Generator().manual_seed(0)
             make = lambda *shape: torch.randn(*shape, generator=g, dtype=DTYPES[dtype], requires_grad=True)
             x, c_fc, c_proj = make(64, n_embd), make(2, n_embd, hidden), make(2, hidden, n_embd)
@@ -147,14 +150,16 @@ def jobs(dtype, everything=False):
     """[(name, signature, constexprs, attrs, config)] to compile for one dtype: every launch in every
     configuration (everything=True), or per kernel the one with the largest footprint (the first such
     launch: the forward's)."""
-    out = [(name, sig, cx, attrs, c) for name, sig, cx, attrs in launches(dtype) for c in configurations(name, cx['BLOCK'])]
+    out = [(name, sig, cx, attrs, c) for name, sig, cx, attrs in launches(dtype)
+           for c in configurations(name, cx['BLOCK'])]
     if not everything:
         out = [max((j for j in out if j[0] == name), key=lambda j: footprint(j[2], j[4])) for name in KERNELS]
     return out
 
 
 def compile_one(cc, name, signature, constexprs, attrs, tiles, options):
-    """Shared memory in bytes of one launch compiled for sm{cc} in one configuration, or the error (a string)."""
+    """Shared memory in bytes of one launch compiled for sm{cc} in one configuration, or the error (a
+    string)."""
     src = ASTSource(_jit(name), signature, constexprs={**constexprs, **tiles}, attrs=attrs)
     try:
         return triton.compile(src, target=GPUTarget('cuda', cc, 32), options=options).metadata.shared
@@ -176,11 +181,14 @@ def _compiler_environment():
 def check(pairs, everything=False, workers=2, verbose=False):
     """Compile for each (compute capability, dtype) pair: {pair: [(name, unit strides, constexprs, config,
     shared bytes or the compiler's error, fits)]}. The slow targets go first, to keep both workers busy."""
-    todo = sorted(((cc, dtype, *job) for cc, dtype in pairs for job in jobs(dtype, everything)), key=lambda j: j[0])
-    args = [(cc, name, sig, cx, attrs, c.kwargs, {k: v for k, v in c.all_kwargs().items() if k not in c.kwargs})
+    todo = sorted(((cc, dtype, *job) for cc, dtype in pairs for job in jobs(dtype, everything)),
+                  key=lambda j: j[0])
+    args = [(cc, name, sig, cx, attrs, c.kwargs, {k: v for k, v in c.all_kwargs().items()
+                                                  if k not in c.kwargs})
             for cc, dtype, name, sig, cx, attrs, c in todo]
     table = {pair: [] for pair in pairs}
-    with _compiler_environment(), ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context('spawn')) as pool:
+    with _compiler_environment(), \
+            ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context('spawn')) as pool:
         t0 = time.time()
         for (cc, dtype, name, sig, cx, attrs, c), shared in zip(todo, pool.map(compile_one, *zip(*args))):
             fits = isinstance(shared, int) and shared <= GPUS[cc][0] * 1024
@@ -195,14 +203,16 @@ def unit_strides(signature):
 
 
 def describe(constexprs, config):
-    return ' '.join(f'{k}={v}' for k, v in {**constexprs, **config.kwargs}.items() if not k.startswith('stride')) + \
+    return ' '.join(f'{k}={v}' for k, v in {**constexprs, **config.kwargs}.items()
+                    if not k.startswith('stride')) + \
         f' warps={config.num_warps} stages={config.num_stages}'
 
 
 def row(cc, dtype, name, units, constexprs, config, shared, fits):
     verdict = 'fits' if fits else 'DOES NOT FIT' if isinstance(shared, int) else 'DOES NOT COMPILE'
     return (f'sm{cc} {dtype:8s} {name} 1:{units:21s} {describe(constexprs, config):62s} '
-            f'{shared if isinstance(shared, int) else "-":>6} {verdict}{"" if isinstance(shared, int) else ": " + shared}')
+            f'{shared if isinstance(shared, int) else "-":>6} '
+            f'{verdict}{"" if isinstance(shared, int) else ": " + shared}')
 
 
 def verdicts(table):
@@ -214,7 +224,8 @@ def verdicts(table):
 
 def main():
     parser = argparse.ArgumentParser(description='Compile the Triton MoE kernels for each GPU, without one.')
-    parser.add_argument('--all', action='store_true', help='every launch and configuration the autotuner can run')
+    parser.add_argument('--all', action='store_true',
+                        help='every launch and configuration the autotuner can run')
     parser.add_argument('--targets', default='required',
                         help="'required' (the tests'), 'all', or pairs like '80:bfloat16,90:float16'")
     parser.add_argument('--workers', type=int, default=2, help='compiler processes')
@@ -228,23 +239,29 @@ def main():
             pairs = [(int(cc), d) for cc, d in (t.split(':') for t in args.targets.split(','))]
             assert all(cc in GPUS and d in DTYPES for cc, d in pairs)
         except (ValueError, AssertionError):
-            parser.error(f'--targets={args.targets!r}: cc:dtype pairs, cc in {sorted(GPUS)}, dtype in {list(DTYPES)}')
+            parser.error(f'--targets={args.targets!r}: cc:dtype pairs, cc in {sorted(GPUS)}, '
+                         f'dtype in {list(DTYPES)}')
     table = check(pairs, args.all, args.workers, verbose=True)
     ok, disagree = verdicts(table)
     for (cc, dtype), rows in table.items():
         biggest = max((r for r in rows if isinstance(r[4], int)), key=lambda r: r[4], default=None)
         if args.all and biggest:  # do the tests' configurations need the most shared memory? (they should)
             tested = {(n, unit_strides(sig), cx['BLOCK'], str(c)) for n, sig, cx, _, c in jobs(dtype)}
-            most = max((r[4] for r in rows if isinstance(r[4], int) and (r[0], r[1], r[2]['BLOCK'], str(r[3])) in tested),
+            most = max((r[4] for r in rows if isinstance(r[4], int)
+                        and (r[0], r[1], r[2]['BLOCK'], str(r[3])) in tested),
                        default=0)
-            print(f'sm{cc} {dtype}: the configurations the tests compile need {most} bytes, all of them at most '
-                  f'{biggest[4]}: {"they bound the rest" if most >= biggest[4] else "THEY DO NOT BOUND THE REST"}')
+            print(f'sm{cc} {dtype}: the configurations the tests compile need {most} bytes, '
+                  f'all of them at most {biggest[4]}: '
+                  f'{"they bound the rest" if most >= biggest[4] else "THEY DO NOT BOUND THE REST"}')
         print(f'sm{cc} ({GPUS[cc][1]}: {GPUS[cc][0]} KiB a block) {dtype}: '
-              + ('every configuration compiles and fits' if ok[cc, dtype] else 'EXCLUDED: not every configuration compiles and fits')
-              + (f'; the most shared memory: {biggest[4] // 1024} KiB ({biggest[0]} {describe(biggest[2], biggest[3])})' if biggest else '')
+              + ('every configuration compiles and fits' if ok[cc, dtype]
+                 else 'EXCLUDED: not every configuration compiles and fits')
+              + (f'; the most shared memory: {biggest[4] // 1024} KiB '
+                 f'({biggest[0]} {describe(biggest[2], biggest[3])})' if biggest else '')
               + (' (not used: no tensor cores for it)' if (cc, dtype) in moe_triton.NOT_FAST else ''))
     for cc, dtype in disagree:
-        print(f'error: moe_triton.SUPPORTED says sm{cc} {dtype} {"does not fit" if ok[cc, dtype] else "fits"}, '
+        print(f'error: moe_triton.SUPPORTED says sm{cc} {dtype} '
+              f'{"does not fit" if ok[cc, dtype] else "fits"}, '
               f'the compiles say it {"does" if ok[cc, dtype] else "does not"}', file=sys.stderr)
     sys.exit(1 if disagree else 0)
 

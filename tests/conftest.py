@@ -14,17 +14,20 @@ sys.path.insert(0, ROOT)
 
 # a model small enough to train a few dozen steps in seconds on 2 CPU cores
 TINY = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_size=8', '--eval_iters=2',
-        '--device=cpu', '--dtype=float32', '--compile=False', '--n_expert=4', '--top_k=2', '--expert_hidden=32',
-        '--expert_impl=grouped', '--dataset=shakespeare_char', '--gradient_accumulation_steps=1', '--learning_rate=3e-3', '--warmup_iters=5',
-        '--decay_lr=False', '--log_interval=1', '--max_iters=10']
+        '--device=cpu', '--dtype=float32', '--compile=False', '--n_expert=4', '--top_k=2',
+        '--expert_hidden=32', '--expert_impl=grouped', '--dataset=shakespeare_char',
+        '--gradient_accumulation_steps=1', '--learning_rate=3e-3', '--warmup_iters=5', '--decay_lr=False',
+        '--log_interval=1', '--max_iters=10']
 
 
 def run(script, *args, check=True, timeout=300, env=None):
-    """Run one of the repo's scripts with this interpreter (env: variables to set); returns the CompletedProcess."""
+    """Run one of the repo's scripts with this interpreter (env: variables to set); returns the
+    CompletedProcess."""
     p = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=ROOT, capture_output=True,
                        text=True, timeout=timeout, env={**os.environ, **(env or {})})
     if check and p.returncode != 0:
-        raise AssertionError(f"{script} {' '.join(args)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+        raise AssertionError(f"{script} {' '.join(args)} failed "
+                             f"({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     return p
 
 

@@ -16,8 +16,8 @@ pytestmark = pytest.mark.slow  # every test reads a training run (moe_run) or tr
 def moe_run(shakespeare_char, tmp_path_factory):
     """A tiny MoE trained 30 steps (2 micro-batches each, global-batch balance loss), evaluated every 10."""
     out = str(tmp_path_factory.mktemp('moe_run'))
-    run('train.py', *TINY, f'--out_dir={out}', '--max_iters=30', '--eval_interval=10', '--gradient_accumulation_steps=2',
-        '--aux_loss_scope=global', '--n_shared_expert=1')
+    run('train.py', *TINY, f'--out_dir={out}', '--max_iters=30', '--eval_interval=10',
+        '--gradient_accumulation_steps=2', '--aux_loss_scope=global', '--n_shared_expert=1')
     return out
 
 
@@ -51,7 +51,8 @@ def test_plot_writes_the_three_pngs(moe_run, tmp_path):
 
 
 def test_specialisation_table_and_image(moe_run, tmp_path):
-    p = run('tools/specialisation.py', f'--out_dir={moe_run}', f'--plot_dir={tmp_path}', '--n_windows=16', '--batch_size=8')
+    p = run('tools/specialisation.py', f'--out_dir={moe_run}', f'--plot_dir={tmp_path}', '--n_windows=16',
+            '--batch_size=8')
     table = (tmp_path / 'specialisation.md').read_text()
     assert '## layer 0' in table and '## layer 1' in table
     rows = [l for l in table.splitlines() if l.startswith('| ') and l[2].isdigit()]
@@ -62,11 +63,12 @@ def test_specialisation_table_and_image(moe_run, tmp_path):
 
 
 def test_study_runs_configs_over_seeds_writes_one_table_and_plot_and_resumes(shakespeare_char, tmp_path):
-    tiny = [a for a in TINY if not a.startswith('--max_iters')] + ['--max_iters=4', '--eval_interval=2', '--eval_iters=1']
+    tiny = [a for a in TINY if not a.startswith('--max_iters')] + ['--max_iters=4', '--eval_interval=2',
+                                                                   '--eval_iters=1']
     study = tmp_path / 'study.py'
-    study.write_text(f"title = 'tiny'\nout_dir = {str(tmp_path / 'runs')!r}\nresults = {str(tmp_path / 'results')!r}\n"
-                     f"runs = {{'dense': {tiny + ['--n_expert=0']!r}, 'moe': {tiny!r}}}\nseeds = [1337, 7]\n"
-                     f"baselines = {{'moe': 'dense'}}\n")
+    study.write_text(f"title = 'tiny'\nout_dir = {str(tmp_path / 'runs')!r}\nresults = "
+                     f"{str(tmp_path / 'results')!r}\nruns = {{'dense': {tiny + ['--n_expert=0']!r}, 'moe': "
+                     f"{tiny!r}}}\nseeds = [1337, 7]\nbaselines = {{'moe': 'dense'}}\n")
     # an interrupted run: 'moe' of seed 7 stopped at iter 2 of 4
     run('train.py', *tiny, f'--out_dir={tmp_path / "runs" / "moe-s7"}', '--max_iters=2', '--seed=7')
     ckpt_path = str(tmp_path / 'runs' / 'moe-s7' / 'ckpt.pt')

@@ -18,8 +18,8 @@ FAST = ['grouped', 'batched']  # triton: tests/test_triton.py (under TRITON_INTE
 
 def make_layer(E, k, d, h, bias, seed=0, mlp='gelu'):
     torch.manual_seed(seed)
-    layer = MoE(MoEConfig(n_layer=1, n_head=1, n_embd=d, n_expert=E, top_k=k, expert_hidden=h, bias=bias, mlp=mlp,
-                          capacity_factor=float(E)))  # capacity = all slots: nothing dropped
+    layer = MoE(MoEConfig(n_layer=1, n_head=1, n_embd=d, n_expert=E, top_k=k, expert_hidden=h, bias=bias,
+                          mlp=mlp, capacity_factor=float(E)))  # capacity = all slots: nothing dropped
     with torch.no_grad():
         for p in layer.parameters():
             p.normal_(0, 0.5)
@@ -99,7 +99,8 @@ def threads(n):
     """n intra-op threads, and uninitialised memory filled with NaN: a row the kernel skips shows."""
     previous, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(n)
-    torch.use_deterministic_algorithms(True)  # torch.utils.deterministic.fill_uninitialized_memory is on by default
+    # torch.utils.deterministic.fill_uninitialized_memory is on by default
+    torch.use_deterministic_algorithms(True)
     try:
         yield
     finally:
@@ -109,7 +110,8 @@ def threads(n):
 
 @pytest.mark.parametrize('n_threads', [1, 3])
 @pytest.mark.parametrize('sizes', [[5, 0, 9, 2], [0, 0, 7], [40], [0, 0], [13, 1, 0, 30, 0]])
-@pytest.mark.parametrize('dtype, a_layout', [(torch.float32, 'rows'), (torch.float32, 'columns'), (torch.bfloat16, 'rows')])
+@pytest.mark.parametrize('dtype, a_layout', [(torch.float32, 'rows'), (torch.float32, 'columns'),
+                                             (torch.bfloat16, 'rows')])
 def test_cpu_grouped_mm_matches_a_matmul_per_group(n_threads, sizes, dtype, a_layout):
     """The kernel and both its gradients against one matmul per group: empty groups (first, last, all),
     one group split over threads, and 3 threads, so that pieces of a group land on different threads."""
@@ -117,7 +119,8 @@ def test_cpu_grouped_mm_matches_a_matmul_per_group(n_threads, sizes, dtype, a_la
     torch.manual_seed(0)
     G, K, N = len(sizes), 12, 20
     a = torch.randn(sum(sizes), K, dtype=dtype)
-    a = (a if a_layout == 'rows' else a.t().contiguous().t()).requires_grad_(True)  # 'columns': a non-contiguous a
+    # 'columns': a non-contiguous a
+    a = (a if a_layout == 'rows' else a.t().contiguous().t()).requires_grad_(True)
     b = torch.randn(G, K, N, dtype=dtype, requires_grad=True)
     offs = torch.tensor(sizes).cumsum(0).to(torch.int32)
     w = torch.randn(sum(sizes), N, dtype=dtype)
@@ -176,7 +179,8 @@ def test_cpu_grouped_mm_rejects_bad_offsets():
 
 
 def test_grouped_mm_double_backward_matches_a_matmul_per_group():
-    """grouped_mm's backward is made of grouped_mm ops, so it is differentiable again (e.g. gradient penalties)."""
+    """grouped_mm's backward is made of grouped_mm ops, so it is differentiable again (e.g. gradient
+    penalties)."""
     sizes, a, b = [3, 0, 5], torch.randn(8, 4, requires_grad=True), torch.randn(3, 4, 5, requires_grad=True)
     grads = []
     for fn in (lambda: moe_model.grouped_mm(a, b, torch.tensor(sizes).cumsum(0).to(torch.int32)),
@@ -192,11 +196,13 @@ def test_cpu_grouped_mm_falls_back_with_one_warning_when_it_cannot_build(monkeyp
     monkeypatch.setenv('TORCH_EXTENSIONS_DIR', str(tmp_path))  # nothing built there yet
 
     def no_compiler(*args, **kwargs):  # what torch raises: the failed command first, the reason further down
-        raise RuntimeError("Error building extension 'nanomoe_cpu_grouped_mm': [1/2] c++ -MMD -O3 -c cpu_grouped_mm.cpp\n"
-                           "FAILED: cpu_grouped_mm.o\n/bin/sh: 1: c++: not found\nninja: build stopped: subcommand failed.")
+        raise RuntimeError("Error building extension 'nanomoe_cpu_grouped_mm': "
+                           "[1/2] c++ -MMD -O3 -c cpu_grouped_mm.cpp\nFAILED: cpu_grouped_mm.o\n/bin/sh: 1: "
+                           "c++: not found\nninja: build stopped: subcommand failed.")
     monkeypatch.setattr(torch.utils.cpp_extension, 'load', no_compiler)
     monkeypatch.setattr(cpu_grouped_mm, '_built', None)
-    with pytest.warns(UserWarning, match=r"did not build \(/bin/sh: 1: c\+\+: not found\).*torch's grouped_mm"):
+    with pytest.warns(UserWarning,
+                      match=r"did not build \(/bin/sh: 1: c\+\+: not found\).*torch's grouped_mm"):
         assert not cpu_grouped_mm.available()
     with warnings.catch_warnings():
         warnings.simplefilter('error')  # once per process
@@ -217,12 +223,14 @@ def test_a_built_cpu_kernel_loads_without_the_build_lock(tmp_path):
     import sys
     assert cpu_grouped_mm.available()
     env = {**os.environ, 'TORCH_EXTENSIONS_DIR': str(tmp_path)}
-    folder = subprocess.run([sys.executable, '-c', 'from moe_kernels import cpu_grouped_mm; print(cpu_grouped_mm.build_folder())'],
+    folder = subprocess.run([sys.executable, '-c', 'from moe_kernels import cpu_grouped_mm; '
+                                                   'print(cpu_grouped_mm.build_folder())'],
                             cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout.strip()
     os.makedirs(folder)
     shutil.copy(os.path.join(cpu_grouped_mm.build_folder(), 'nanomoe_cpu_grouped_mm.so'), folder)
     open(os.path.join(folder, 'lock'), 'w').close()
-    p = subprocess.run([sys.executable, '-c', 'from moe_kernels import cpu_grouped_mm; print(cpu_grouped_mm.available())'],
+    p = subprocess.run([sys.executable, '-c', 'from moe_kernels import cpu_grouped_mm; '
+                                              'print(cpu_grouped_mm.available())'],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert p.stdout.strip() == 'True', p.stderr
 
@@ -345,8 +353,9 @@ def compiled_step_matches_eager(impl, dtype=torch.float32, checkpointing='none',
     from torch._dynamo.utils import counters
     from moe_model import build_model
     torch.manual_seed(0)
-    model = build_model(dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64, n_expert=4, top_k=2,
-                             expert_hidden=32, expert_impl=impl, bias=True, n_shared_expert=1, **(block or {}))).to(dtype)
+    model = build_model(dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64, n_expert=4,
+                             top_k=2, expert_hidden=32, expert_impl=impl, bias=True, n_shared_expert=1,
+                             **(block or {}))).to(dtype)
     x, y = torch.randint(64, (4, 16)), torch.randint(64, (4, 16))
     results = []
     for step in (model, torch.compile(model, backend='aot_eager')):
@@ -383,9 +392,11 @@ def test_compiled_training_step_has_no_graph_break(impl, dtype, checkpointing, b
     ('cuda', (9, 0), True, 'float16', 24, 'grouped', 'divisible by 16'),
     ('cuda', (9, 0), True, 'float32', 64, 'grouped', 'does not list sm90 with float32'),  # 256 KiB > 227
     ('cuda', (10, 0), True, 'bfloat16', 64, 'grouped', None),     # B200
-    ('cuda', (10, 0), True, 'float16', 64, 'grouped', 'does not list sm100 with float16'),  # not checked ahead
+    # not checked ahead
+    ('cuda', (10, 0), True, 'float16', 64, 'grouped', 'does not list sm100 with float16'),
     ('cuda', (10, 0), True, 'float32', 64, 'grouped', 'does not list sm100 with float32'),
-    ('cuda', (12, 0), True, 'bfloat16', 64, 'grouped', 'does not list sm120 with bfloat16'),  # RTX 50xx: no fused kernel
+    # RTX 50xx: no fused kernel
+    ('cuda', (12, 0), True, 'bfloat16', 64, 'grouped', 'does not list sm120 with bfloat16'),
     ('cuda', (8, 0), True, 'bfloat16', 64, 'triton', None),       # A100
     ('cuda', (8, 0), False, 'bfloat16', 64, 'grouped', 'triton is not installed'),
     ('cuda', (8, 0), True, 'float16', 24, 'grouped', 'divisible by 16'),
@@ -393,14 +404,16 @@ def test_compiled_training_step_has_no_graph_break(impl, dtype, checkpointing, b
     ('cuda', (7, 0), True, 'bfloat16', 64, 'grouped', 'sm70 has no tensor cores for bfloat16'),
     ('cuda', (8, 0), True, 'float32', 64, 'grouped', 'does not list sm80 with float32'),  # 192 KiB > 163
     ('cuda', (8, 6), True, 'bfloat16', 64, 'triton', None),       # A10, RTX 30xx
-    ('cuda', (8, 7), True, 'float16', 64, 'grouped', 'does not list sm87 with float16'),  # not checked ahead: not used
+    # not checked ahead: not used
+    ('cuda', (8, 7), True, 'float16', 64, 'grouped', 'does not list sm87 with float16'),
 ])
 def test_auto_expert_impl_for_each_gpu(monkeypatch, device, capability, triton, dtype, hidden, expected, why):
     import importlib.util
     from moe_kernels import auto_expert_impl
     monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda device=None: capability)
     find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *a: (object() if triton else None) if name == 'triton'
+    monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *a: (object() if triton else None)
+                        if name == 'triton'
                         else find_spec(name, *a))
     impl, warning = auto_expert_impl(device, dtype, hidden)
     assert impl == expected and (warning is None if why is None else why in warning and 'slow' in warning)

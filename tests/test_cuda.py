@@ -10,7 +10,8 @@ from moe_model import EXPERT_IMPLS, MoE, MoEConfig, build_model
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')]
 FAST = [i for i in EXPERT_IMPLS if i != 'loop' and (i != 'triton' or importlib.util.find_spec('triton'))]
-DTYPES = [torch.float16] + ([torch.bfloat16] if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else [])
+DTYPES = [torch.float16] + ([torch.bfloat16] if torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+                            else [])
 
 
 def layer_step(layer, impl, x, dtype):
@@ -20,11 +21,13 @@ def layer_step(layer, impl, x, dtype):
     x = x.clone().requires_grad_(True)
     with torch.autocast('cuda', dtype=dtype):
         y = layer(x)
-    (y.float() * torch.randn(y.shape, device='cuda', generator=torch.Generator('cuda').manual_seed(1))).sum().backward()
+    (y.float() * torch.randn(y.shape, device='cuda',
+                             generator=torch.Generator('cuda').manual_seed(1))).sum().backward()
     return [y.float()] + [t.grad.float() for t in (x, *layer.parameters())]
 
 
-@pytest.mark.parametrize('E, k, d, h', [(8, 2, 256, 512), (64, 8, 128, 128)])  # 64 x 128: fine-grained experts
+# 64 x 128: fine-grained experts
+@pytest.mark.parametrize('E, k, d, h', [(8, 2, 256, 512), (64, 8, 128, 128)])
 @pytest.mark.parametrize('dtype', DTYPES)
 @pytest.mark.parametrize('impl', FAST)
 def test_backend_matches_loop_on_the_gpu(impl, dtype, E, k, d, h):
@@ -37,17 +40,19 @@ def test_backend_matches_loop_on_the_gpu(impl, dtype, E, k, d, h):
     x = torch.randn(4, 256, d, device='cuda')
     ref, got = layer_step(layer, 'loop', x, dtype), layer_step(layer, impl, x, dtype)
     for i, (r, g) in enumerate(zip(ref, got)):  # both round to 16 bits, in different orders
-        torch.testing.assert_close(g, r, rtol=0.05, atol=0.05 * r.abs().mean().item() + 1e-6, msg=lambda m: f'tensor {i}: {m}')
+        torch.testing.assert_close(g, r, rtol=0.05, atol=0.05 * r.abs().mean().item() + 1e-6,
+                                   msg=lambda m: f'tensor {i}: {m}')
 
 
 @pytest.mark.parametrize('impl', [i for i in FAST if i != 'batched'])  # (batched: the CPU tests compile it)
 def test_compiled_step_has_no_graph_break_and_matches_eager_on_the_gpu(impl):
-    """Inductor on the GPU: no graph break in a training step, and eager's loss and gradients (bf16 autocast)."""
+    """Inductor on the GPU: no graph break in a training step, and eager's loss and gradients (bf16
+    autocast)."""
     import torch._dynamo
     from torch._dynamo.utils import counters
     torch.manual_seed(0)
-    model = build_model(dict(n_layer=2, n_head=4, n_embd=128, block_size=128, vocab_size=256, n_expert=8, top_k=2,
-                             expert_hidden=256, expert_impl=impl, capacity_factor=8.0)).cuda()
+    model = build_model(dict(n_layer=2, n_head=4, n_embd=128, block_size=128, vocab_size=256, n_expert=8,
+                             top_k=2, expert_hidden=256, expert_impl=impl, capacity_factor=8.0)).cuda()
     x, y = torch.randint(256, (8, 128), device='cuda'), torch.randint(256, (8, 128), device='cuda')
     dtype = DTYPES[-1]
     results = []
@@ -65,10 +70,11 @@ def test_compiled_step_has_no_graph_break_and_matches_eager_on_the_gpu(impl):
 
 
 @pytest.mark.parametrize('dtype', DTYPES)
-@pytest.mark.parametrize('impl', EXPERT_IMPLS if importlib.util.find_spec('triton') else [i for i in EXPERT_IMPLS if i != 'triton'])
+@pytest.mark.parametrize('impl', EXPERT_IMPLS if importlib.util.find_spec('triton')
+                         else [i for i in EXPERT_IMPLS if i != 'triton'])
 def test_an_empty_expert_gets_exactly_zero_weight_gradients(impl, dtype):
-    """Experts 0, 5 and 7 (the first, a middle and the last group) get no token: their weight gradients must be
-    exactly zero, on every backend. Empty groups are where grouped GEMM kernels have written garbage into
+    """Experts 0, 5 and 7 (the first, a middle and the last group) get no token: their weight gradients must
+    be exactly zero, on every backend. Empty groups are where grouped GEMM kernels have written garbage into
     the weight gradient (CUTLASS issue 2674), and torch's bf16 grouped_mm on sm90+ is such a kernel."""
     torch.manual_seed(0)
     E, empty = 8, [0, 5, 7]
@@ -100,8 +106,8 @@ def test_auto_picks_what_this_gpu_runs_fast_and_it_trains(dtype):
         assert (impl, warning) == ('grouped', None)  # torch's fused grouped_mm
     elif importlib.util.find_spec('triton'):
         assert impl == 'triton' or 'slow' in warning
-    model = build_model(dict(n_layer=1, n_head=2, n_embd=64, block_size=32, vocab_size=64, n_expert=4, top_k=2,
-                             expert_hidden=256, expert_impl=impl)).cuda()
+    model = build_model(dict(n_layer=1, n_head=2, n_embd=64, block_size=32, vocab_size=64, n_expert=4,
+                             top_k=2, expert_hidden=256, expert_impl=impl)).cuda()
     with torch.autocast('cuda', dtype=dtype):
         _, loss = model(torch.randint(64, (4, 32), device='cuda'), torch.randint(64, (4, 32), device='cuda'))
     loss.backward()

@@ -106,7 +106,8 @@ def test_gpt2_encoding_offline(env, enc):
 
 def test_bad_bpe_dir_is_a_clear_error(env, tmp_path):
     e = dict(env, TIKTOKEN_CACHE_DIR=str(tmp_path / "empty_cache"))
-    r = run(SHAKESPEARE_PREPARE, SHAKESPEARE_TXT, "--out_dir", tmp_path, "--bpe_dir", tmp_path / "nope", env=e)
+    r = run(SHAKESPEARE_PREPARE, SHAKESPEARE_TXT, "--out_dir", tmp_path, "--bpe_dir", tmp_path / "nope",
+            env=e)
     assert r.returncode == 2
     assert "GPT-2 BPE file not found" in r.stderr
     assert not os.path.exists(tmp_path / "train.bin")
@@ -168,7 +169,8 @@ def test_openwebtext_gutenberg_folder(env, enc, tmp_path):
 
 def test_openwebtext_wikitext_file(env, enc, tmp_path):
     out = tmp_path / "out"
-    r = run(OWT_PREPARE, "--files", WIKITEXT, "--out_dir", out, "--num_proc", 1, "--val_fraction", 0.05, env=env)
+    r = run(OWT_PREPARE, "--files", WIKITEXT, "--out_dir", out, "--num_proc", 1, "--val_fraction", 0.05,
+            env=env)
     assert r.returncode == 0, r.stderr
     with open(WIKITEXT, encoding="utf-8") as f:
         lines = io.StringIO(f.read()).readlines()  # a single file: one document per line (kept "\n")
@@ -215,9 +217,9 @@ def test_short_training_run_on_gutenberg_bins_lowers_the_loss(env, tmp_path):
     assert r.returncode == 0, r.stderr
     out = tmp_path / "out"
     tiny = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=8", "--eval_iters=4",
-            "--device=cpu", "--dtype=float32", "--compile=False", "--n_expert=4", "--top_k=2", "--expert_hidden=32",
-            "--learning_rate=3e-3", "--warmup_iters=5", "--decay_lr=False", "--log_interval=10",
-            "--gradient_accumulation_steps=1"]
+            "--device=cpu", "--dtype=float32", "--compile=False", "--n_expert=4", "--top_k=2",
+            "--expert_hidden=32", "--learning_rate=3e-3", "--warmup_iters=5", "--decay_lr=False",
+            "--log_interval=10", "--gradient_accumulation_steps=1"]
     # a dataset may be given as a folder path holding train.bin/val.bin (no meta.pkl: GPT-2 vocab)
     r = run(os.path.join(REPO_ROOT, "train.py"), *tiny, f"--dataset={data}", f"--out_dir={out}",
             "--max_iters=40", "--eval_interval=40", env=env)

@@ -86,8 +86,8 @@ def test_expert_parallel_layer_equals_loop_on_the_full_weights(tmp_path, world_s
     spawn(_layer_worker, world_size, tmp_path, ep, bias, routing, mlp)
 
 
-MODEL = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64, n_expert=4, top_k=2, expert_hidden=32,
-             bias=True, router='noisy_topk')
+MODEL = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64, n_expert=4, top_k=2,
+             expert_hidden=32, bias=True, router='noisy_topk')
 
 
 def _model_worker(rank, world_size, tmp, ep):
@@ -117,7 +117,8 @@ def _model_worker(rank, world_size, tmp, ep):
         if name in expert_names:  # mean over ranks of the full-model gradient, this rank's shard
             total = p_ref.grad.clone()
             dist.all_reduce(total)
-            torch.testing.assert_close(p.grad, total[ep_rank * per_rank:(ep_rank + 1) * per_rank] / world_size,
+            torch.testing.assert_close(p.grad,
+                                       total[ep_rank * per_rank:(ep_rank + 1) * per_rank] / world_size,
                                        rtol=1e-4, atol=1e-6, msg=name)
         else:  # data-parallel parameters: still this rank's own gradient (DDP would average them)
             torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-4, atol=1e-6, msg=name)
@@ -126,14 +127,16 @@ def _model_worker(rank, world_size, tmp, ep):
     probe = torch.arange(32).view(2, 16)
     state = parallel.state_dict(model)  # collective
     if rank == 0:
-        save_checkpoint({'model': state, 'model_args': MODEL, 'logits': model(probe)[0]}, os.path.join(tmp, 'ckpt.pt'))
+        save_checkpoint({'model': state, 'model_args': MODEL, 'logits': model(probe)[0]},
+                        os.path.join(tmp, 'ckpt.pt'))
     else:
         model(probe)  # the EP forward is collective: every rank takes part
 
 
 @pytest.mark.parametrize('world_size, ep', [(2, 2), (4, 2)])
 @pytest.mark.slow
-def test_expert_parallel_model_equals_one_process_and_its_checkpoint_loads_unsharded(tmp_path, world_size, ep):
+def test_expert_parallel_model_equals_one_process_and_its_checkpoint_loads_unsharded(
+        tmp_path, world_size, ep):
     spawn(_model_worker, world_size, tmp_path, ep)
     ckpt = load_checkpoint(str(tmp_path / 'ckpt.pt'))
     assert ckpt['model']['transformer.h.0.mlp.experts.c_fc'].shape == (4, 32, 32)  # every expert
@@ -147,13 +150,15 @@ def test_expert_parallel_model_equals_one_process_and_its_checkpoint_loads_unsha
 # train.py under torchrun
 
 # grad_clip small enough to clip every step: the clipping norm must be the whole model's on every rank
-STEPS = [*TINY, '--gradient_accumulation_steps=4', '--max_iters=4', '--eval_interval=2', '--bias=True', '--grad_clip=0.05']
+STEPS = [*TINY, '--gradient_accumulation_steps=4', '--max_iters=4', '--eval_interval=2', '--bias=True',
+         '--grad_clip=0.05']
 
 
 def torchrun(nproc, *args, env=None):
     env = {**os.environ, 'OMP_NUM_THREADS': '1', **(env or {})}
-    p = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}',
-                        os.path.join(ROOT, 'train.py'), *args], cwd=ROOT, capture_output=True, text=True,
+    p = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone',
+                        f'--nproc_per_node={nproc}', os.path.join(ROOT, 'train.py'), *args], cwd=ROOT,
+                        capture_output=True, text=True,
                        timeout=300, env=env)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-6000:]
     return p
@@ -206,12 +211,15 @@ def test_train_with_expert_parallel_equals_ddp(shakespeare_char, tmp_path, nproc
 
 @pytest.mark.slow
 def test_checkpoints_move_between_ep_degrees_and_sample_in_one_process(shakespeare_char, tmp_path):
-    """Checkpoints are unsharded: EP=2 -> plain DDP -> EP=2 resumes train exactly what DDP trains in one go."""
+    """Checkpoints are unsharded: EP=2 -> plain DDP -> EP=2 resumes train exactly what DDP trains in one
+    go."""
     full, part = tmp_path / 'full', tmp_path / 'part'
     torchrun(2, *STEPS, f'--out_dir={full}')
-    torchrun(2, *STEPS, f'--out_dir={part}', '--expert_parallel=2', '--max_iters=2')  # experts + AdamW state gathered
+    # experts + AdamW state gathered
+    torchrun(2, *STEPS, f'--out_dir={part}', '--expert_parallel=2', '--max_iters=2')
     torchrun(2, *STEPS, f'--out_dir={part}', '--max_iters=3', '--init_from=resume')
-    torchrun(2, *STEPS, f'--out_dir={part}', '--expert_parallel=2', '--init_from=resume')  # ... and sharded again
+    # ... and sharded again
+    torchrun(2, *STEPS, f'--out_dir={part}', '--expert_parallel=2', '--init_from=resume')
     assert_same_weights(weights(part), weights(full))
     p = run('sample.py', f'--out_dir={part}', '--num_samples=1', '--max_new_tokens=20', '--device=cpu')
     assert len(p.stdout.split('---------------')[0].strip()) >= 20
@@ -242,18 +250,21 @@ def test_expert_parallel_off_is_plain_torch():
         m(X, X)[1].backward()
         optimizers.append(torch.optim.AdamW(m.parameters(), lr=1e-3))
     parallel.sync_grads(model, world_size=1)  # nothing to do: DDP (or one process) has the gradients
-    norm, twin_norm = parallel.clip_grad_norm(model, 0.1), torch.nn.utils.clip_grad_norm_(twin.parameters(), 0.1)
+    norm, twin_norm = parallel.clip_grad_norm(model,
+                                              0.1), torch.nn.utils.clip_grad_norm_(twin.parameters(), 0.1)
     assert torch.equal(norm, twin_norm)
     for p, q in zip(model.parameters(), twin.parameters()):
         assert torch.equal(p.grad, q.grad)
     for opt in optimizers:
         opt.step()
     sd = parallel.state_dict(model)
-    assert sd.keys() == model.state_dict().keys() and all(torch.equal(sd[k], v) for k, v in twin.state_dict().items()
+    assert sd.keys() == model.state_dict().keys() and all(torch.equal(sd[k], v)
+                                                          for k, v in twin.state_dict().items()
                                                            if torch.is_tensor(v))
     opt_sd = parallel.optimizer_state_dict(optimizers[0], model)
     assert opt_sd == optimizers[0].state_dict()
     fresh = torch.optim.AdamW(model.parameters(), lr=1e-3)
     parallel.load_optimizer_state_dict(fresh, model, opt_sd)
-    assert all(torch.equal(fresh.state[p]['exp_avg'], optimizers[0].state[p]['exp_avg']) for p in model.parameters())
+    assert all(torch.equal(fresh.state[p]['exp_avg'], optimizers[0].state[p]['exp_avg'])
+               for p in model.parameters())
     assert parallel.step_stats() == {}

@@ -41,7 +41,8 @@ def wait_for_steps(p, out, n, timeout=120):
     """Poll log.jsonl until it holds n training steps (all runs in out together)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        assert p.poll() is None, f"train.py exited early ({p.returncode}): {open(out + '.stderr').read()[-2000:]}"
+        assert p.poll() is None, \
+            f"train.py exited early ({p.returncode}): {open(out + '.stderr').read()[-2000:]}"
         if logged_steps(out) >= n:
             return
         time.sleep(0.02)
@@ -90,7 +91,8 @@ save_checkpoint({{'model': {{'w': torch.ones(1000)}}, 'model_args': {{}}, 'iter_
     p.wait()
     ckpt = load_checkpoint(str(path))
     assert ckpt['iter_num'] == 1 and torch.equal(ckpt['model']['w'], torch.zeros(1000))
-    assert [f for f in os.listdir(tmp_path) if f.endswith('.tmp')]  # the orphan that train.py removes at start
+    # the orphan that train.py removes at start
+    assert [f for f in os.listdir(tmp_path) if f.endswith('.tmp')]
 
 
 @pytest.mark.slow
@@ -370,8 +372,8 @@ def test_a_dense_checkpoint_resumes_dense_and_a_run_that_says_n_expert_stops(sma
     shutil.copytree(small_dense_ckpt, out)
     p = run('train.py', *FAST, f'--out_dir={out}', '--init_from=resume', '--max_iters=3', check=False)
     assert p.returncode == 2 and p.stderr.strip().splitlines() == [
-        "error: n_expert=4, but the weights of init_from='resume' have n_expert=0: it fixes their shape, so it "
-        "cannot change (leave it out, or start a new run)"]
+        "error: n_expert=4, but the weights of init_from='resume' have n_expert=0: it fixes their shape, "
+        "so it cannot change (leave it out, or start a new run)"]
     run('train.py', *RUN_ONLY, f'--out_dir={out}', '--init_from=resume', '--max_iters=3')
     args = load_checkpoint(os.path.join(out, 'ckpt.pt'))['model_args']  # dense: nanoGPT's keys, no n_expert
     assert set(args) == {'block_size', 'vocab_size', 'n_layer', 'n_head', 'n_embd', 'dropout', 'bias'}
@@ -401,7 +403,8 @@ def test_injected_nan_triggers_the_guard(shakespeare_char, tmp_path, mode):
     diagnosis = records[0]
     for i in (0, 1):  # expert loads and router state of both MoE layers at the failing step
         assert len(diagnosis[f'layer{i}/load']) == 4 and diagnosis[f'layer{i}/gate_weight_finite'] is True
-        assert {f'layer{i}/router_logits_absmax', f'layer{i}/router_logits_finite', f'layer{i}/z_loss'} <= set(diagnosis)
+        assert {f'layer{i}/router_logits_absmax', f'layer{i}/router_logits_finite',
+                f'layer{i}/z_loss'} <= set(diagnosis)
     ckpt = load_checkpoint(os.path.join(out, 'ckpt.pt'))
     assert all(torch.isfinite(v).all() for v in ckpt['model'].values())  # NaN never reached the weights
     if mode == 'stop':
@@ -411,7 +414,8 @@ def test_injected_nan_triggers_the_guard(shakespeare_char, tmp_path, mode):
         assert ckpt['iter_num'] == 5 and sorted(step_losses(out)) == list(range(7))
     else:
         assert p.returncode == 0, p.stderr
-        assert 'non-finite loss or gradient at iter 7 (loss nan, grad norm nan); skipping this step' in p.stdout
+        assert ('non-finite loss or gradient at iter 7 (loss nan, grad norm nan); skipping this step'
+                in p.stdout)
         assert ckpt['iter_num'] == 10 and sorted(step_losses(out)) == [0, 1, 2, 3, 4, 5, 6, 8, 9]
 
 @pytest.mark.slow
@@ -421,7 +425,8 @@ def test_a_dense_model_skips_a_nonfinite_step_too(shakespeare_char, tmp_path):
     assert 'non-finite loss or gradient at iter 2' in p.stdout and 'skipping this step' in p.stdout
 
 
-@pytest.mark.parametrize('dtype', ['float32', 'float16'])  # float16: the GradScaler skips the step, not the guard
+# float16: the GradScaler skips the step, not the guard
+@pytest.mark.parametrize('dtype', ['float32', 'float16'])
 @pytest.mark.slow
 def test_a_skipped_step_leaves_the_model_as_if_it_never_ran(shakespeare_char, tmp_path, dtype):
     # with the aux-loss-free router: the skipped step's loads must not move the expert bias either
@@ -429,9 +434,11 @@ def test_a_skipped_step_leaves_the_model_as_if_it_never_ran(shakespeare_char, tm
     skipped, clean = str(tmp_path / 'skipped'), str(tmp_path / 'clean')
     run('train.py', *args, f'--out_dir={skipped}', '--max_iters=8', '--eval_interval=8',
         '--on_nonfinite=skip', env=nan_at(7))  # checkpoint at iter 8: steps 0-6 trained, 7 skipped
-    run('train.py', *args, f'--out_dir={clean}', '--max_iters=7', '--eval_interval=7')  # checkpoint after steps 0-6
+    # checkpoint after steps 0-6
+    run('train.py', *args, f'--out_dir={clean}', '--max_iters=7', '--eval_interval=7')
     a, b = (load_checkpoint(os.path.join(out, 'ckpt.pt')) for out in (skipped, clean))
-    assert a['model']['transformer.h.0.mlp.router.expert_bias'].abs().sum() > 0  # the bias did move in steps 0-6
+    # the bias did move in steps 0-6
+    assert a['model']['transformer.h.0.mlp.router.expert_bias'].abs().sum() > 0
     assert a['model'].keys() == b['model'].keys()
     for key in a['model']:
         torch.testing.assert_close(a['model'][key], b['model'][key], rtol=0, atol=0, msg=key)
@@ -449,13 +456,16 @@ def assert_clean_failure(p, message):
 @pytest.mark.slow
 def test_resume_with_a_larger_block_size_fails_before_any_work(small_dense_ckpt):
     before = {f: os.path.getmtime(os.path.join(small_dense_ckpt, f)) for f in os.listdir(small_dense_ckpt)}
-    p = run('train.py', *RUN_ONLY, f'--out_dir={small_dense_ckpt}', '--init_from=resume', '--block_size=64', check=False)
+    p = run('train.py', *RUN_ONLY, f'--out_dir={small_dense_ckpt}', '--init_from=resume', '--block_size=64',
+            check=False)
     assert_clean_failure(p, "block_size=64 is larger than the model's block_size=32")
-    assert {f: os.path.getmtime(os.path.join(small_dense_ckpt, f)) for f in os.listdir(small_dense_ckpt)} == before
+    assert {f: os.path.getmtime(os.path.join(small_dense_ckpt, f))
+            for f in os.listdir(small_dense_ckpt)} == before
 
 
 def test_gpt2_with_a_larger_block_size_fails_before_any_work(shakespeare_char, tmp_path):
-    p = run('train.py', *RUN_ONLY, f'--out_dir={tmp_path / "out"}', '--init_from=gpt2', '--block_size=2048', check=False)
+    p = run('train.py', *RUN_ONLY, f'--out_dir={tmp_path / "out"}', '--init_from=gpt2', '--block_size=2048',
+            check=False)
     assert_clean_failure(p, "block_size=2048 is larger than the model's block_size=1024")
     assert not (tmp_path / 'out').exists()
 

@@ -36,9 +36,9 @@ EXAMPLES = [
      'split': 'val', 'split_type': 'zeroshot', 'label': 2,
      'endings': ['It runs.', 'It sleeps.', 'It eats.', 'It jumps high.'], 'source_id': 'test~1'},
     # it knows " falls" after " he": both pick ending 0, both wrong
-    {'ind': 2, 'activity_label': 'Roof shingle removal', 'ctx_a': 'A man is sitting on a roof.', 'ctx_b': 'he',
-     'ctx': 'A man is sitting on a roof. he', 'split': 'val', 'split_type': 'indomain', 'label': 3,
-     'endings': ['falls', 'jumps down', 'sits down', 'runs away'], 'source_id': 'test~2'},
+    {'ind': 2, 'activity_label': 'Roof shingle removal', 'ctx_a': 'A man is sitting on a roof.',
+     'ctx_b': 'he', 'ctx': 'A man is sitting on a roof. he', 'split': 'val', 'split_type': 'indomain',
+     'label': 3, 'endings': ['falls', 'jumps down', 'sits down', 'runs away'], 'source_id': 'test~2'},
 ]
 
 
@@ -129,11 +129,13 @@ def test_score_stops_between_examples_when_asked(enc):
 def test_rows_longer_than_block_size_lose_the_start_of_the_context(enc, data_dir):
     tokens, mask, _ = hellaswag.render_example(EXAMPLES[0], enc)  # 8 context tokens, endings of 1 or 3
     cropped, cmask = hellaswag.crop(tokens, mask, 4)
-    assert torch.equal(cropped, tokens[:, -4:]) and torch.equal(cmask, mask[:, -4:])  # the last context token stays
+    # the last context token stays
+    assert torch.equal(cropped, tokens[:, -4:]) and torch.equal(cmask, mask[:, -4:])
     assert hellaswag.crop(tokens, mask, 3) is None  # " cooks" would lose the token that predicts it
     assert torch.equal(hellaswag.crop(tokens, mask, 64)[0], tokens)
     examples = [hellaswag.render_example(ex, enc) for ex in EXAMPLES]
-    # the bigram model reads one token back: a crop that keeps it scores the same; example 1 (4-token endings) is skipped
+    # the bigram model reads one token back: a crop that keeps
+    # it scores the same; example 1 (4-token endings) is skipped
     assert hellaswag.score(bigram(enc, block_size=5), examples, 'cpu') == (1 / 3, 2 / 3, 3)
     assert hellaswag.score(bigram(enc, block_size=4), examples, 'cpu') == (0.0, 0.5, 2)
     with pytest.raises(hellaswag.HellaSwagError, match='no HellaSwag example fits block_size=2'):
@@ -202,7 +204,8 @@ def test_the_download_is_atomic_and_cached(tmp_path, monkeypatch):
 def gpt2_checkpoint(out_dir, vocab_size=V, dataset='owt-like'):
     """out_dir/ckpt.pt of a tiny dense GPT, as train.py writes it (the keys hellaswag.py reads)."""
     torch.manual_seed(0)
-    model_args = dict(n_layer=1, n_head=2, n_embd=32, block_size=64, bias=False, vocab_size=vocab_size, dropout=0.0)
+    model_args = dict(n_layer=1, n_head=2, n_embd=32, block_size=64, bias=False, vocab_size=vocab_size,
+                      dropout=0.0)
     os.makedirs(out_dir, exist_ok=True)
     torch.save({'model': GPT(GPTConfig(**model_args)).state_dict(), 'model_args': model_args,
                 'config': {'dataset': dataset}}, os.path.join(out_dir, 'ckpt.pt'))
@@ -237,35 +240,40 @@ def test_command_offline_without_the_file_is_one_error_line(tmp_path, monkeypatc
     code, out, err = command(monkeypatch, capsys, f'--out_dir={tmp_path / "out"}', f'--data_dir={empty}')
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith('error: HellaSwag data '), err
-    assert str(empty / 'hellaswag_val.jsonl') in lines[0] and hellaswag.URL in lines[0] and 'place' in lines[0]
+    assert str(empty / 'hellaswag_val.jsonl') in lines[0] and hellaswag.URL in lines[0] \
+        and 'place' in lines[0]
     assert os.listdir(empty) == []
 
 
 def test_command_refuses_a_character_level_checkpoint(tmp_path, data_dir, monkeypatch, capsys):
-    gpt2_checkpoint(str(tmp_path / 'out'), vocab_size=65, dataset='tiny_char')  # shakespeare_char's vocab_size
+    # shakespeare_char's vocab_size
+    gpt2_checkpoint(str(tmp_path / 'out'), vocab_size=65, dataset='tiny_char')
     code, out, err = command(monkeypatch, capsys, f'--out_dir={tmp_path / "out"}', f'--data_dir={data_dir}')
     lines = err.strip().splitlines()
-    assert code == 2 and len(lines) == 1 and 'needs a GPT-2 BPE model' in lines[0] and 'vocab_size=65' in lines[0], err
+    assert code == 2 and len(lines) == 1 and 'needs a GPT-2 BPE model' in lines[0] \
+        and 'vocab_size=65' in lines[0], err
 
 
 @pytest.mark.slow
 def test_train_logs_hellaswag_at_its_interval_and_plot_draws_it(tmp_path, data_dir, monkeypatch, capsys):
-    """train.py on a tiny GPT-2-BPE dataset (uint16 ids, no meta.pkl), a tiny MoE, 2 examples at every other eval."""
+    """train.py on a tiny GPT-2-BPE dataset (uint16 ids, no meta.pkl), a tiny MoE, 2 examples at every other
+    eval."""
     dataset = tmp_path / 'bpe'
     dataset.mkdir()
     rng = np.random.default_rng(0)
     for split in ('train', 'val'):
         rng.integers(0, 50257, 2000, dtype=np.uint16).tofile(dataset / f'{split}.bin')
     out = tmp_path / 'out'
-    p = run('train.py', f'--dataset={dataset}', f'--out_dir={out}', '--n_layer=1', '--n_head=2', '--n_embd=16',
-            '--block_size=64', '--n_expert=2', '--top_k=1', '--expert_hidden=16', '--batch_size=2', '--eval_iters=1',
-            '--gradient_accumulation_steps=1', '--device=cpu', '--dtype=float32', '--compile=False', '--max_iters=2',
-            '--eval_interval=1', '--warmup_iters=0', '--hellaswag_interval=2', '--hellaswag_examples=2',
-            f'--hellaswag_dir={data_dir}')
+    p = run('train.py', f'--dataset={dataset}', f'--out_dir={out}', '--n_layer=1', '--n_head=2',
+            '--n_embd=16', '--block_size=64', '--n_expert=2', '--top_k=1', '--expert_hidden=16',
+            '--batch_size=2', '--eval_iters=1', '--gradient_accumulation_steps=1', '--device=cpu',
+            '--dtype=float32', '--compile=False', '--max_iters=2', '--eval_interval=1', '--warmup_iters=0',
+            '--hellaswag_interval=2', '--hellaswag_examples=2', f'--hellaswag_dir={data_dir}')
     assert f"hellaswag: 2 examples from {data_dir}" in p.stdout
     evals = [r for r in read_log(str(out)) if 'val/ce' in r]
     assert [r['iter'] for r in evals] == [0, 1, 2]
-    assert [('hellaswag/acc_norm' in r, 'hellaswag/acc' in r) for r in evals] == [(True, True), (False, False),
+    assert [('hellaswag/acc_norm' in r, 'hellaswag/acc' in r)
+            for r in evals] == [(True, True), (False, False),
                                                                                    (True, True)]
     assert all(r['hellaswag/acc_norm'] in (0, 0.5, 1) for r in evals[::2])  # 2 examples
     assert 'hellaswag/acc_norm' in p.stdout.split('step 2: ')[1].splitlines()[0]  # printed with the eval

@@ -19,27 +19,30 @@ from moe_model import EXPORTED_KEYS, build_model  # noqa: E402
 
 # tiny models of transformers' classes: GQA, an odd rope_theta and eps, so that a field read wrong shows
 SMALL = dict(vocab_size=65, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-             max_position_embeddings=64, rms_norm_eps=1e-6, rope_theta=5e4, bos_token_id=None, eos_token_id=None,
-             pad_token_id=None)
+             max_position_embeddings=64, rms_norm_eps=1e-6, rope_theta=5e4, bos_token_id=None,
+             eos_token_id=None, pad_token_id=None)
 FOREIGN = {
     'mixtral': ('Mixtral', dict(intermediate_size=16, num_local_experts=4, num_experts_per_tok=2)),
     'qwen3_moe': ('Qwen3Moe', dict(intermediate_size=48, moe_intermediate_size=16, num_experts=4,
                                    num_experts_per_tok=2, head_dim=8, norm_topk_prob=True)),
     'qwen3_moe-sparse': ('Qwen3Moe', dict(num_hidden_layers=5, intermediate_size=48, moe_intermediate_size=16,
-                                          num_experts=4, num_experts_per_tok=3, head_dim=8, decoder_sparse_step=2,
-                                          mlp_only_layers=[0, 1], tie_word_embeddings=True)),
-    'olmoe': ('Olmoe', dict(intermediate_size=16, num_experts=4, num_experts_per_tok=2)),  # norm_topk_prob=False
+                                          num_experts=4, num_experts_per_tok=3, head_dim=8,
+                                          decoder_sparse_step=2, mlp_only_layers=[0, 1],
+                                          tie_word_embeddings=True)),
+    # norm_topk_prob=False
+    'olmoe': ('Olmoe', dict(intermediate_size=16, num_experts=4, num_experts_per_tok=2)),
     'olmoe-top1': ('Olmoe', dict(intermediate_size=16, num_experts=4, num_experts_per_tok=1)),
     'llama': ('Llama', dict(intermediate_size=48)),
-    'llama-biases': ('Llama', dict(intermediate_size=48, attention_bias=True, mlp_bias=True, num_key_value_heads=4)),
+    'llama-biases': ('Llama', dict(intermediate_size=48, attention_bias=True, mlp_bias=True,
+                                   num_key_value_heads=4)),
     'qwen3': ('Qwen3', dict(intermediate_size=48, head_dim=8, tie_word_embeddings=True)),
     'qwen3-wide-heads': ('Qwen3', dict(intermediate_size=48, head_dim=16)),  # wider than hidden / heads
 }
 
 
 def foreign(kind, folder, **changes):
-    """A tiny random model of a transformers class, saved (save_pretrained) in folder; its routers and norms far
-    from their init, so that a wrong expert choice, norm or renormalisation shows in the logits."""
+    """A tiny random model of a transformers class, saved (save_pretrained) in folder; its routers and norms
+    far from their init, so that a wrong expert choice, norm or renormalisation shows in the logits."""
     prefix, extra = FOREIGN[kind]
     torch.manual_seed(0)
     config = getattr(transformers, prefix + 'Config')(**{**SMALL, **extra, **changes})
@@ -78,8 +81,10 @@ def test_a_dense_transformers_folder_upcycles_into_the_same_function(kind, tmp_p
     from upcycle import upcycle, upcycle_args
     hf = foreign(kind, tmp_path)
     dense = load_hf_folder(str(tmp_path))
-    config = {**asdict(MoEConfig()), 'expert_hidden': 0, 'init_from': str(tmp_path), 'n_expert': 4, 'top_k': 2}
-    moe = upcycle(dense, upcycle_args({**asdict(dense.config), 'n_expert': 0}, config, {'n_expert'}), 0.0).eval()
+    config = {**asdict(MoEConfig()), 'expert_hidden': 0, 'init_from': str(tmp_path), 'n_expert': 4,
+              'top_k': 2}
+    moe = upcycle(dense, upcycle_args({**asdict(dense.config), 'n_expert': 0}, config, {'n_expert'}),
+                  0.0).eval()
     assert moe.config.n_expert == 4 and moe.config.qk_norm == dense.config.qk_norm
     with torch.no_grad():
         torch.testing.assert_close(moe(IDX, IDX)[0], hf(IDX).logits, rtol=1e-5, atol=1e-5)
@@ -88,7 +93,8 @@ def test_a_dense_transformers_folder_upcycles_into_the_same_function(kind, tmp_p
 @pytest.mark.slow
 @pytest.mark.parametrize('kind', ['mixtral', 'qwen3_moe'])
 def test_a_transformers_folder_fine_tunes_from_the_command_line(kind, shakespeare_char, tmp_path):
-    """train.py --init_from=<folder>: the checkpoint after steps at learning rate 0 holds the folder's model."""
+    """train.py --init_from=<folder>: the checkpoint after steps at learning rate 0 holds the folder's
+    model."""
     hf = foreign(kind, tmp_path / 'hf', max_position_embeddings=32)
     out = tmp_path / 'out'
     tiny = [a for a in TINY if not a.startswith(('--n_layer', '--n_head', '--n_embd', '--n_expert', '--top_k',
@@ -96,8 +102,8 @@ def test_a_transformers_folder_fine_tunes_from_the_command_line(kind, shakespear
     run('train.py', *tiny, f'--init_from={tmp_path / "hf"}', f'--out_dir={out}', '--max_iters=2',
         '--learning_rate=0', '--eval_interval=2', '--expert_impl=loop')
     if kind == 'mixtral':  # bench.py times the folder's model
-        p = run('bench.py', f'--init_from={tmp_path / "hf"}', '--block_size=16', '--batch_size=2', '--device=cpu',
-                '--dtype=float32', '--bench_iters=1', '--warmup_iters=0')
+        p = run('bench.py', f'--init_from={tmp_path / "hf"}', '--block_size=16', '--batch_size=2',
+                '--device=cpu', '--dtype=float32', '--bench_iters=1', '--warmup_iters=0')
         assert 'ms/iter' in p.stdout
     ckpt = load_checkpoint(str(out / 'ckpt.pt'))
     model = build_model(ckpt['model_args']).eval()
@@ -147,7 +153,8 @@ def test_a_model_exported_natively_loads_without_remote_code_with_the_same_logit
     with torch.no_grad():
         logits = model(IDX, IDX)[0]
         torch.testing.assert_close(hf(IDX).logits, logits, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(load_hf_folder(str(tmp_path)).eval()(IDX, IDX)[0], logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(load_hf_folder(str(tmp_path)).eval()(IDX, IDX)[0], logits, rtol=1e-5,
+                                   atol=1e-5)
         greedy = hf.generate(IDX[:, :4], max_new_tokens=30, do_sample=False)
         assert torch.equal(greedy, model.generate(IDX[:, :4], 30, top_k=1))
 
@@ -156,7 +163,8 @@ def test_the_export_picks_the_remote_class_and_says_why(tmp_path):
     cases = [  # (keys, the key the one line names)
         (dict(MOE, qk_norm='none', n_shared_expert=1), 'n_shared_expert=0 (this model: 1)'),
         (dict(MOE, qk_norm='head', router='deepseek_v3'), "router_score='softmax' (this model: 'sigmoid')"),
-        (dict(MOE, qk_norm='none', top_k=1), 'norm_topk=True (this model: False)'),  # Mixtral: 1 expert weighs 1.0
+        # Mixtral: 1 expert weighs 1.0
+        (dict(MOE, qk_norm='none', top_k=1), 'norm_topk=True (this model: False)'),
         (dict(n_expert=4, top_k=2), "norm='rmsnorm' (this model: 'layernorm')"),  # GPT-2's block with experts
         (dict(MODERN, n_expert=0, qk_norm='full'), "qk_norm='head' (this model: 'full')"),
         (dict(MODERN, n_expert=0, rope=False), 'rope=True (this model: False)')]
@@ -168,7 +176,8 @@ def test_the_export_picks_the_remote_class_and_says_why(tmp_path):
         save(hf_model, str(tmp_path / str(i)))  # back as what it was: untied heads untied, dense models dense
         back = load_hf_folder(str(tmp_path / str(i))).eval()
         assert type(back) is type(model)
-        if hasattr(model, 'set_expert_impl'):  # the exported class runs 'loop' (the CPU's fused op: ~1e-8 off)
+        # the exported class runs 'loop' (the CPU's fused op: ~1e-8 off)
+        if hasattr(model, 'set_expert_impl'):
             model.set_expert_impl('loop')
             back.set_expert_impl('loop')
         with torch.no_grad():
@@ -189,7 +198,8 @@ def test_every_class_row_says_what_it_does_with_every_exported_key():
 REFUSED = [  # (kind, config changes, the field the error names)
     ('qwen3', dict(use_sliding_window=True, max_window_layers=1), 'use_sliding_window=True'),
     ('mixtral', dict(sliding_window=16), 'sliding_window=16'),
-    ('llama', dict(rope_scaling={'rope_type': 'linear', 'factor': 2.0}), "rope_parameters.rope_type='linear'"),
+    ('llama', dict(rope_scaling={'rope_type': 'linear', 'factor': 2.0}),
+     "rope_parameters.rope_type='linear'"),
     ('llama', dict(partial_rotary_factor=0.5), 'rope_parameters.partial_rotary_factor=0.5'),
     ('llama', dict(hidden_act='gelu'), "hidden_act='gelu'"),
     ('llama', dict(attention_bias=True), 'mlp_bias=False'),  # biased q/k/v/o, but no MLP bias
@@ -209,12 +219,15 @@ def test_a_config_this_repo_cannot_compute_is_one_error_line_naming_the_field(ki
     for read in (hf_model_args, load_hf_folder):  # before any weights are read: config.json alone
         with pytest.raises(ValueError) as e:
             read(str(tmp_path))
-        assert '\n' not in str(e.value) and field in str(e.value) and str(tmp_path) in str(e.value), str(e.value)
+        assert '\n' not in str(e.value) and field in str(e.value) and str(tmp_path) in str(e.value), \
+            str(e.value)
 
 
 def test_a_class_this_repo_does_not_load_is_one_error_line(tmp_path):
-    transformers.MistralConfig(**SMALL, intermediate_size=48).save_pretrained(tmp_path)  # (Mixtral's dense twin)
-    with pytest.raises(ValueError, match=r"holds a 'mistral' model \(config.json\), which this repo does not load"):
+    # (Mixtral's dense twin)
+    transformers.MistralConfig(**SMALL, intermediate_size=48).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"holds a 'mistral' model \(config.json\), "
+                                         r"which this repo does not load"):
         load_hf_folder(str(tmp_path))
 
 
@@ -223,8 +236,8 @@ def test_sample_and_train_refuse_a_folder_in_one_line(shakespeare_char, tmp_path
     """The issue's case: sample.py once loaded a Mixtral folder as a GPT-2 and printed noise, exit 0."""
     foreign('qwen3', tmp_path / 'hf', use_sliding_window=True, max_window_layers=1)
     for script, args in (('sample.py', ['--device=cpu', '--num_samples=1', '--max_new_tokens=5']),
-                         ('train.py', [*TINY, f'--out_dir={tmp_path / "out"}']), ('bench.py', ['--device=cpu']),
-                         ('tools/eval_hellaswag.py', ['--device=cpu'])):
+                         ('train.py', [*TINY, f'--out_dir={tmp_path / "out"}']),
+                         ('bench.py', ['--device=cpu']), ('tools/eval_hellaswag.py', ['--device=cpu'])):
         p = run(script, *args, f'--init_from={tmp_path / "hf"}', check=False)
         assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, (script, p.stderr[-2000:])
         assert p.stderr.startswith('error: ') and 'use_sliding_window=True' in p.stderr, p.stderr
@@ -237,7 +250,8 @@ def test_export_hf_writes_the_native_class_and_says_so(shakespeare_char, tmp_pat
              '--tie_embeddings=False', '--norm_topk=False', '--max_iters=4']
     run('train.py', *TINY, f'--out_dir={out}', *olmoe)
     p = run('tools/export_hf.py', f'--out_dir={out}', f'--hf_dir={hf_dir}')
-    assert 'exporting as OlmoeForCausalLM: its block and every key map onto it (no trust_remote_code)' in p.stdout
+    assert ('exporting as OlmoeForCausalLM: its block and every key map onto it (no trust_remote_code)'
+            in p.stdout)
     with open(hf_dir / 'config.json') as f:
         assert json.load(f)['architectures'] == ['OlmoeForCausalLM']
     ckpt = load_checkpoint(str(out / 'ckpt.pt'))

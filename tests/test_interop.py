@@ -13,8 +13,9 @@ from configurator import configure
 from model import GPT, GPTConfig
 from moe_model import FORK_KEYS, MODEL_KEYS, MoEConfig
 
-TINY_OVERRIDES = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_size=8', '--eval_iters=2',
-                  '--device=cpu', '--compile=False', '--max_iters=4', '--eval_interval=2', '--log_interval=1']
+TINY_OVERRIDES = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_size=8',
+                  '--eval_iters=2', '--device=cpu', '--compile=False', '--max_iters=4', '--eval_interval=2',
+                  '--log_interval=1']
 
 # the keys and values of nanoGPT's config/train_shakespeare_char.py and config/finetune_shakespeare.py
 NANOGPT_SHAKESPEARE_CHAR = """
@@ -96,8 +97,9 @@ def tiny_gpt2(tmp_path_factory):
     transformers = pytest.importorskip('transformers')
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp('tiny-gpt2')
-    transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=65, n_positions=64,
-                                                         activation_function='gelu')).save_pretrained(folder)
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=65,
+                                                         n_positions=64, activation_function='gelu')
+                                 ).save_pretrained(folder)
     return str(folder)
 
 
@@ -122,13 +124,14 @@ def test_nanogpt_finetune_config_runs_with_a_local_gpt2_folder(shakespeare_char,
     run('train.py', str(config), *TINY_OVERRIDES, f'--init_from={tiny_gpt2}', '--dataset=shakespeare_char',
         '--gradient_accumulation_steps=2', f'--out_dir={out}', '--backend=gloo')
     ckpt = load_checkpoint(str(out / 'ckpt.pt'))
-    assert ckpt['model_args'] == {**dataclasses.asdict(NanoGPTConfig(n_layer=2, n_head=2, n_embd=32, vocab_size=65,
-                                                                      block_size=32))}
+    assert ckpt['model_args'] == {**dataclasses.asdict(NanoGPTConfig(n_layer=2, n_head=2, n_embd=32,
+                                                                     vocab_size=65, block_size=32))}
 
 
 @pytest.mark.slow
 def test_gpt2_offline_is_one_line(shakespeare_char, tmp_path):
-    """Offline, a GPT-2 name is one error line at once. (A relative GPT-2 folder: the upcycling test below.)"""
+    """Offline, a GPT-2 name is one error line at once. (A relative GPT-2 folder: the upcycling test
+    below.)"""
     env = {**os.environ, 'HF_HUB_OFFLINE': '1'}  # what a machine without network meets, at once
     import subprocess
     import sys
@@ -136,7 +139,8 @@ def test_gpt2_offline_is_one_line(shakespeare_char, tmp_path):
     for script, name, args in (('train.py', 'gpt2', ['--dataset=shakespeare_char', '--block_size=32']),
                                ('sample.py', 'gpt2-xl', [])):
         p = subprocess.run([sys.executable, os.path.join(ROOT, script), f'--init_from={name}', '--device=cpu',
-                            f'--out_dir={tmp_path / "x"}', *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                            f'--out_dir={tmp_path / "x"}', *args], cwd=ROOT, env=env, capture_output=True,
+                            text=True,
                            timeout=300)
         assert p.returncode == 2 and 'Traceback' not in p.stderr, p.stderr[-2000:]
         assert p.stderr.strip().splitlines()[-1].startswith(f"error: cannot load GPT-2 weights from '{name}'")
@@ -167,12 +171,14 @@ def nanogpt_checkpoint(path, seed=0):
     model = GPT(GPTConfig(**model_args))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW([{'params': [p for p in params if p.dim() >= 2], 'weight_decay': 0.1},
-                                   {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}], lr=1e-3)
+                                   {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}],
+                                   lr=1e-3)
     x = torch.randint(65, (4, 32))
     model(x, x)[1].backward()
     optimizer.step()
     torch.save({'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'model_args': model_args,
-                'iter_num': 100, 'best_val_loss': torch.tensor(4.0), 'config': {'dataset': 'shakespeare_char'}}, path)
+                'iter_num': 100, 'best_val_loss': torch.tensor(4.0),
+                'config': {'dataset': 'shakespeare_char'}}, path)
     return model
 
 
@@ -181,11 +187,13 @@ def test_a_nanogpt_checkpoint_resumes_here(shakespeare_char, tmp_path):
     out = tmp_path / 'out'
     out.mkdir()
     nanogpt_checkpoint(str(out / 'ckpt.pt'))
-    p = run('train.py', *TINY_OVERRIDES, '--dataset=shakespeare_char', '--init_from=resume', '--max_iters=102',
-            f'--out_dir={out}')  # n_expert is 8 by default: the checkpoint still decides (dense)
+    p = run('train.py', *TINY_OVERRIDES, '--dataset=shakespeare_char', '--init_from=resume',
+            # n_expert is 8 by default: the checkpoint still decides (dense)
+            '--max_iters=102', f'--out_dir={out}')
     assert 'note: the checkpoint has no RNG state' in p.stdout
     ckpt = load_checkpoint(str(out / 'ckpt.pt'))
-    assert ckpt['iter_num'] == 102 and set(ckpt['model_args']) == {f.name for f in dataclasses.fields(NanoGPTConfig)}
+    assert ckpt['iter_num'] == 102 and \
+        set(ckpt['model_args']) == {f.name for f in dataclasses.fields(NanoGPTConfig)}
     run('sample.py', f'--out_dir={out}', '--device=cpu', '--num_samples=1', '--max_new_tokens=5')
 
 
@@ -196,7 +204,8 @@ def test_a_dense_checkpoint_from_here_loads_in_nanogpt(shakespeare_char, tmp_pat
     run('train.py', *TINY_OVERRIDES, '--dataset=shakespeare_char', '--n_expert=0', f'--out_dir={out}')
     ckpt = torch.load(str(out / 'ckpt.pt'), map_location='cpu', weights_only=True)
     config = NanoGPTConfig(**ckpt['model_args'])  # nanoGPT: gptconf = GPTConfig(**checkpoint['model_args'])
-    nanogpt_names = GPT(GPTConfig(**dataclasses.asdict(config))).state_dict().keys()  # nanoGPT's names are these
+    # nanoGPT's names are these
+    nanogpt_names = GPT(GPTConfig(**dataclasses.asdict(config))).state_dict().keys()
     assert {k.removeprefix('_orig_mod.') for k in ckpt['model']} == set(nanogpt_names)
     assert ckpt['config']['dataset'] == 'shakespeare_char'  # where nanoGPT's sample.py looks for meta.pkl
 
@@ -207,8 +216,9 @@ def test_wandb_logs_offline(shakespeare_char, tmp_path):
     import subprocess
     import sys
     env = {**os.environ, 'WANDB_MODE': 'offline', 'WANDB_DIR': str(tmp_path), 'WANDB_SILENT': 'true'}
-    p = subprocess.run([sys.executable, os.path.join(ROOT, 'train.py'), *TINY_OVERRIDES, '--dataset=shakespeare_char',
-                        '--n_expert=4', '--expert_hidden=32', '--wandb_log=True', f'--out_dir={tmp_path / "out"}'],
+    p = subprocess.run([sys.executable, os.path.join(ROOT, 'train.py'), *TINY_OVERRIDES,
+                        '--dataset=shakespeare_char', '--n_expert=4', '--expert_hidden=32',
+                        '--wandb_log=True', f'--out_dir={tmp_path / "out"}'],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     (run_file,) = glob.glob(str(tmp_path / 'wandb' / 'offline-run-*' / 'run-*.wandb'))
@@ -259,13 +269,15 @@ def test_export_to_hugging_face_and_back(shakespeare_char, tmp_path, monkeypatch
     if kind == 'dense':
         hf = transformers.GPT2LMHeadModel.from_pretrained(str(hf_dir)).eval()
     else:
-        assert os.path.exists(hf_dir / 'modeling_nanomoe.py')  # self-contained: the code travels with the weights
+        # self-contained: the code travels with the weights
+        assert os.path.exists(hf_dir / 'modeling_nanomoe.py')
         hf = transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir), trust_remote_code=True).eval()
     idx = torch.randint(65, (3, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ours = model(idx, idx)[0]
         torch.testing.assert_close(hf(idx).logits, ours, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(load_hf_folder(str(hf_dir)).eval()(idx, idx)[0], ours, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(load_hf_folder(str(hf_dir)).eval()(idx, idx)[0], ours, rtol=1e-5,
+                                   atol=1e-5)
         greedy = hf.generate(idx[:, :4], max_new_tokens=8, do_sample=False)
         x = idx[:, :4]
         for _ in range(8):
@@ -280,11 +292,13 @@ def test_export_to_hugging_face_and_back(shakespeare_char, tmp_path, monkeypatch
         assert not [k for k in load_hf_folder(str(hf_dir)).state_dict() if k.endswith('bias')]
     if kind == 'moe':  # init_from takes the exported folder back (a GPT-2 folder: the tests above), with the
         # run's own keys where config.json does not fix them
-        run('train.py', *[a for a in TINY_OVERRIDES if not a.startswith('--n_layer')], '--dataset=shakespeare_char',
-            f'--init_from={hf_dir}',
-            f'--out_dir={tmp_path / "again"}', '--expert_impl=batched', '--aux_loss_coef=0.05', '--dropout=0.1')
+        run('train.py', *[a for a in TINY_OVERRIDES if not a.startswith('--n_layer')],
+            '--dataset=shakespeare_char', f'--init_from={hf_dir}',
+            f'--out_dir={tmp_path / "again"}', '--expert_impl=batched', '--aux_loss_coef=0.05',
+            '--dropout=0.1')
         args = load_checkpoint(str(tmp_path / 'again' / 'ckpt.pt'))['model_args']
-        assert (args['expert_impl'], args['aux_loss_coef'], args['dropout'], args['n_shared_expert']) == ('batched', 0.05, 0.1, 1)
+        assert (args['expert_impl'], args['aux_loss_coef'], args['dropout'],
+                args['n_shared_expert']) == ('batched', 0.05, 0.1, 1)
     else:  # an existing folder is never overwritten
         p = run('tools/export_hf.py', f'--out_dir={out}', f'--hf_dir={hf_dir}', check=False)
         assert p.returncode == 2 and 'exists and is not an empty folder' in p.stderr
@@ -331,7 +345,8 @@ def test_a_gpt2_bpe_export_has_its_tokenizer_and_generates_in_a_pipeline(tmp_pat
 def upcycled(dense, given=('n_expert',), **moe):
     from moe_model import MoEConfig
     from upcycle import upcycle_args, upcycle
-    config = {**dataclasses.asdict(MoEConfig()), 'expert_hidden': 0, 'init_from': 'x', **moe}  # train.py's defaults
+    # train.py's defaults
+    config = {**dataclasses.asdict(MoEConfig()), 'expert_hidden': 0, 'init_from': 'x', **moe}
     args = upcycle_args({**dataclasses.asdict(dense.config), 'n_expert': 0}, config, set(given))
     return args, upcycle(dense, args, config.get('upcycle_noise', 0.0))
 
@@ -347,11 +362,12 @@ def test_an_upcycled_model_computes_the_dense_function_at_step_0(bias, slices, c
     """Copied experts (slices=1, top-2) or granular ones (each a 1/slices cut of the MLP, top_k = slices): the
     chosen weights sum to 1, so the logits are the dense model's, whatever the (random) router picks."""
     torch.manual_seed(0)
-    dense = GPT(GPTConfig(n_layer=3, n_head=2, n_embd=16, block_size=16, vocab_size=50, bias=bias, dropout=0.0,
-                          **block)).eval()
+    dense = GPT(GPTConfig(n_layer=3, n_head=2, n_embd=16, block_size=16, vocab_size=50, bias=bias,
+                          dropout=0.0, **block)).eval()
     args, moe = upcycled(dense, n_expert=slices * copies, expert_hidden=64 // slices, expert_impl=expert_impl,
                          n_dense_layers=1, given=('n_expert', 'expert_impl'))
-    assert args['top_k'] == max(2, slices) and args['n_layer'] == 3  # the dense model's shape, the run's experts
+    # the dense model's shape, the run's experts
+    assert args['top_k'] == max(2, slices) and args['n_layer'] == 3
     moe.eval()
     idx = torch.randint(50, (4, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -388,23 +404,28 @@ def test_upcycling_refuses_what_it_cannot_copy_exactly():
 
 
 @pytest.mark.slow
-def test_upcycle_a_nanogpt_checkpoint_and_a_gpt2_folder_from_the_command_line(shakespeare_char, tiny_gpt2, tmp_path):
-    """Step 0's eval of the upcycled model is the dense model's, to the printed digit; from a checkpoint file the
-    run then trains and saves an MoE. A dense model stays dense unless n_expert is set (nanoGPT's finetuning)."""
+def test_upcycle_a_nanogpt_checkpoint_and_a_gpt2_folder_from_the_command_line(
+        shakespeare_char, tiny_gpt2, tmp_path):
+    """Step 0's eval of the upcycled model is the dense model's, to the printed digit; from a checkpoint file
+    the run then trains and saves an MoE. A dense model stays dense unless n_expert is set (nanoGPT's
+    finetuning)."""
     nanogpt_checkpoint(str(tmp_path / 'dense.pt'))
-    for init_from in (str(tmp_path / 'dense.pt'), os.path.relpath(tiny_gpt2, ROOT)):  # (a relative folder works)
+    # (a relative folder works)
+    for init_from in (str(tmp_path / 'dense.pt'), os.path.relpath(tiny_gpt2, ROOT)):
         base = [*TINY_OVERRIDES, '--dataset=shakespeare_char', f'--init_from={init_from}', '--eval_iters=4']
         p_dense = run('train.py', *base, '--eval_only=True', f'--out_dir={tmp_path / "eval"}')
         train = init_from.endswith('.pt')  # (and the GPT-2 folder: its step 0 only)
         p = run('train.py', *base, '--n_expert=4', '--expert_hidden=64', f'--out_dir={tmp_path / "up"}',
                 *([] if train else ['--eval_only=True']))  # 2 slices of the MLP's 128 hidden units: top_k=2
         step0 = [line for line in p_dense.stdout.splitlines() if line.startswith('step 0:')]
-        assert step0 and step0[0] in p.stdout and 'sparse upcycling' in p.stdout and 'sparse' not in p_dense.stdout
+        assert step0 and step0[0] in p.stdout and 'sparse upcycling' in p.stdout \
+            and 'sparse' not in p_dense.stdout
     ckpt = load_checkpoint(str(tmp_path / 'up' / 'ckpt.pt'))
     assert ckpt['model_args']['n_expert'] == 4 and ckpt['model_args']['top_k'] == 2 and ckpt['iter_num'] == 4
     # (no --expert_impl: 'auto', saved and logged as what it resolved to, 'grouped' on a CPU)
     assert ckpt['model_args']['expert_impl'] == ckpt['config']['expert_impl'] == 'grouped'
-    assert [r['expert_impl'] for r in read_log(str(tmp_path / 'up')) if r.get('event') == 'start'] == ['grouped']
+    assert [r['expert_impl'] for r in read_log(str(tmp_path / 'up'))
+            if r.get('event') == 'start'] == ['grouped']
     p = run('train.py', *TINY_OVERRIDES, '--dataset=shakespeare_char', f'--init_from={tmp_path / "dense.pt"}',
             '--n_expert=3', '--expert_hidden=64', f'--out_dir={tmp_path / "bad"}', check=False)
     assert p.returncode == 2 and p.stderr.strip().splitlines() == [
@@ -414,19 +435,21 @@ def test_upcycle_a_nanogpt_checkpoint_and_a_gpt2_folder_from_the_command_line(sh
 
 
 def test_the_exported_moe_routes_like_ours_with_the_deepseek_v3_router():
-    """hf/modeling_nanomoe.py's router is a copy of moe_model's: every router variant must agree (in process)."""
+    """hf/modeling_nanomoe.py's router is a copy of moe_model's: every router variant must agree (in
+    process)."""
     pytest.importorskip('transformers')
     from hf import export_moe
     from moe_model import MoEGPT, MoEConfig
     torch.manual_seed(0)
-    model = MoEGPT(MoEConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=65, n_expert=4, top_k=2,
-                             expert_hidden=32, router='deepseek_v3', route_scale=2.5)).eval()
+    model = MoEGPT(MoEConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=65, n_expert=4,
+                             top_k=2, expert_hidden=32, router='deepseek_v3', route_scale=2.5)).eval()
     with torch.no_grad():
         for layer in model.moe_layers().values():
             layer.router.expert_bias.normal_(0, 0.5)  # a bias that changes which experts are picked
     idx = torch.randint(65, (2, 32))
     with torch.no_grad():
-        torch.testing.assert_close(export_moe(model).eval()(idx).logits, model(idx, idx)[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(export_moe(model).eval()(idx).logits, model(idx, idx)[0], rtol=1e-5,
+                                   atol=1e-5)
 
 # -----------------------------------------------------------------------------
 # the seed forks' config files: their keys are translated (moe_model.FORK_KEYS)

@@ -1,5 +1,6 @@
 """The key registry (model.key: each model key declared once, with its kind), the router presets against the
-routers they replaced, the Hugging Face export of every router and forward key, and resume with changed keys."""
+routers they replaced, the Hugging Face export of every router and forward key, and resume with changed
+keys."""
 import os
 import re
 import sys
@@ -32,16 +33,17 @@ def test_every_model_key_has_one_kind_and_the_lists_derive_from_the_kinds():
     assert set(keys_of(GPTConfig)) < set(MODEL_KEYS)
     # what the kinds promise: a shape key changes the weights' names, shapes or sharing; the others do not
     def weights(**kw):
-        sd = MoEGPT(MoEConfig(**{**SMALL, 'n_layer': 3, 'n_dense_layers': 1, **kw})).state_dict(keep_vars=True)
+        sd = MoEGPT(MoEConfig(**{**SMALL, 'n_layer': 3, 'n_dense_layers': 1,
+                                 **kw})).state_dict(keep_vars=True)
         shared = sorted(tuple(n for n in sd if sd[n] is v) for v in sd.values())
         return {n: v.shape for n, v in sd.items()}, shared
     base = weights()
-    changed = dict(n_expert=8, expert_hidden=16, n_layer=4, n_embd=16, vocab_size=50, block_size=8, bias=False,
-                   moe_every=2, n_shared_expert=1, n_dense_layers=2, router='noisy_topk', router_bias=True,
-                   router_noise=True, top_k=1, n_head=4, router_score='sigmoid', norm_topk=False,
-                   router_temperature=2.0, route_scale=2.0, expert_choice=True, dropout=0.1, norm='rmsnorm',
-                   norm_eps=1e-6, rope=True, rope_theta=5e5, mlp='swiglu', mlp_hidden=48, qk_norm='head',
-                   n_kv_head=1, head_dim=8, tie_embeddings=False)
+    changed = dict(n_expert=8, expert_hidden=16, n_layer=4, n_embd=16, vocab_size=50, block_size=8,
+                   bias=False, moe_every=2, n_shared_expert=1, n_dense_layers=2, router='noisy_topk',
+                   router_bias=True, router_noise=True, top_k=1, n_head=4, router_score='sigmoid',
+                   norm_topk=False, router_temperature=2.0, route_scale=2.0, expert_choice=True, dropout=0.1,
+                   norm='rmsnorm', norm_eps=1e-6, rope=True, rope_theta=5e5, mlp='swiglu', mlp_hidden=48,
+                   qk_norm='head', n_kv_head=1, head_dim=8, tie_embeddings=False)
     assert set(changed) | set(TRAIN_KEYS) == set(MODEL_KEYS)  # (every key not in TRAIN_KEYS is tried)
     for k, v in changed.items():
         assert (weights(**{k: v}) != base) == (k in SHAPE_KEYS), k
@@ -109,14 +111,16 @@ def test_router_presets_equal_the_old_routers_bit_for_bit(router, top_k, trainin
     torch.manual_seed(1)
     noisy = logits_ref + torch.randn_like(logits_ref) * F.softplus(F.linear(x, r.noise.weight)) \
         if training and r.noise is not None else logits_ref
-    idx_ref, w_ref, probs_ref = old_router(router, logits_ref, noisy, r.expert_bias, top_k, r.config.route_scale)
+    idx_ref, w_ref, probs_ref = old_router(router, logits_ref, noisy, r.expert_bias, top_k,
+                                           r.config.route_scale)
     assert torch.equal(logits, logits_ref) and torch.equal(idx, idx_ref)
     assert torch.equal(w, w_ref) and torch.equal(probs, probs_ref)
 
 
 def test_router_settings_compose_and_override_their_preset():
     cfg = MoEConfig(**SMALL, router='deepseek_v3', router_bias=False, norm_topk=False)
-    assert (cfg.router_score, cfg.router_bias, cfg.norm_topk, cfg.router_noise) == ('sigmoid', False, False, False)
+    assert (cfg.router_score, cfg.router_bias, cfg.norm_topk,
+            cfg.router_noise) == ('sigmoid', False, False, False)
     cfg = MoEConfig(**SMALL, router='topk', router_score='sigmoid', router_noise=True, expert_choice=True)
     r = Router(cfg)
     assert r.noise is not None and r.expert_bias is None
@@ -139,12 +143,14 @@ FORWARD_SETTINGS = [dict(router=name) for name in ROUTERS] + [
     dict(router='aux_free', router_temperature=0.5, top_k=3), dict(n_head=4, top_k=1)]
 
 
-@pytest.mark.parametrize('settings', FORWARD_SETTINGS, ids=lambda s: '-'.join(f'{k}={v}' for k, v in s.items()))
+@pytest.mark.parametrize('settings', FORWARD_SETTINGS,
+                         ids=lambda s: '-'.join(f'{k}={v}' for k, v in s.items()))
 def test_the_export_computes_what_the_model_computes_for_every_router(settings):
     pytest.importorskip('transformers')
     from hf import export_moe
     torch.manual_seed(0)
-    model = MoEGPT(MoEConfig(**{**SMALL, 'n_layer': 3, 'n_dense_layers': 1, 'n_shared_expert': 1, **settings})).eval()
+    model = MoEGPT(MoEConfig(**{**SMALL, 'n_layer': 3, 'n_dense_layers': 1, 'n_shared_expert': 1,
+                                **settings})).eval()
     with torch.no_grad():
         for layer in model.moe_layers().values():
             layer.router.gate.weight.normal_(0, 1.0)  # routing far from uniform: a wrong key shows
@@ -157,7 +163,8 @@ def test_the_export_computes_what_the_model_computes_for_every_router(settings):
 
 def test_the_exported_folder_runs_without_the_repo(tmp_path):
     """The folder's modeling_nanomoe.py is the repo's own model code: it loads in a process that cannot import
-    the repo (cwd elsewhere), gives the same logits, and tells the repo's kernels apart from its model code."""
+    the repo (cwd elsewhere), gives the same logits, and tells the repo's kernels apart from its model
+    code."""
     pytest.importorskip('transformers')
     from hf import export_moe, save
     torch.manual_seed(0)
@@ -168,16 +175,18 @@ def test_the_exported_folder_runs_without_the_repo(tmp_path):
     save(export_moe(model), str(tmp_path / 'hf'))
     source = (tmp_path / 'hf' / 'modeling_nanomoe.py').read_text()
     with open(os.path.join(ROOT, 'moe_model.py')) as f:
-        assert 'class Router(nn.Module):' + f.read().split('class Router(nn.Module):')[1].split('\n# ---')[0] in source
+        assert 'class Router(nn.Module):' + \
+            f.read().split('class Router(nn.Module):')[1].split('\n# ---')[0] in source
     code = ("import sys, torch; from transformers import AutoModelForCausalLM\n"
             "assert not any('moe_kernels' in m or m == 'moe_model' for m in sys.modules)\n"
             "m = AutoModelForCausalLM.from_pretrained('hf', trust_remote_code=True).eval()\n"
             "ref = torch.load('ref.pt')\n"
             "with torch.no_grad(): assert torch.equal(m(ref['idx']).logits, ref['logits'])\n"
             "assert 'moe_model' not in sys.modules; print('ok')")
-    env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'} | {'HF_HUB_OFFLINE': '1',
-                                                                       'HF_MODULES_CACHE': str(tmp_path / 'modules')}
-    p = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
+    env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'} | {
+        'HF_HUB_OFFLINE': '1', 'HF_MODULES_CACHE': str(tmp_path / 'modules')}
+    p = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, capture_output=True, text=True, env=env,
+                       timeout=300)
     assert p.returncode == 0 and p.stdout.strip().endswith('ok'), p.stderr[-2000:]
 
 
@@ -193,16 +202,17 @@ def test_resume_refuses_a_changed_shape_key_and_applies_a_changed_forward_key(sh
     for flag, old in (('--top_k=1', 'top_k=2'), ('--n_expert=8', 'n_expert=4'), ('--n_embd=64', 'n_embd=32'),
                       ('--n_layer=3', 'n_layer=2'), (str(tmp_path / 'wider.py'), 'n_embd=32'),
                       ('--router=aux_free', "router='topk'"), ('--vocab_size=100', 'vocab_size=65')):
-        p = run('train.py', *TINY, f'--out_dir={out}', '--init_from=resume', '--max_iters=6', flag, check=False)
+        p = run('train.py', *TINY, f'--out_dir={out}', '--init_from=resume', '--max_iters=6', flag,
+                check=False)
         flag = '--n_embd=64' if flag.endswith('wider.py') else flag
         if flag == '--top_k=1':  # forward: applied, said in one line, and the checkpoint records what ran
-            assert p.returncode == 0 and "note: this run changes what the weights of init_from='resume' compute: " \
-                "top_k 2 -> 1" in p.stdout
+            assert p.returncode == 0 and "note: this run changes what the weights of init_from='resume' " \
+                "compute: top_k 2 -> 1" in p.stdout
             ckpt = load_checkpoint(os.path.join(out, 'ckpt.pt'))
             assert ckpt['model_args']['top_k'] == ckpt['config']['top_k'] == 1 and ckpt['iter_num'] == 6
             continue
         key, value = flag[2:].split('=')
         value = value if key == 'router' else int(value)
         assert p.returncode == 2 and p.stderr.strip().splitlines() == [
-            f"error: {key}={value!r}, but the weights of init_from='resume' have {old}: it fixes their shape, "
-            "so it cannot change (leave it out, or start a new run)"], p.stderr
+            f"error: {key}={value!r}, but the weights of init_from='resume' have {old}: "
+            "it fixes their shape, so it cannot change (leave it out, or start a new run)"], p.stderr

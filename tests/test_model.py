@@ -167,8 +167,9 @@ def test_bad_model_configs_raise_clear_errors(kw, message):
 MODERN = dict(norm='rmsnorm', rope=True, mlp='swiglu', qk_norm='full', n_kv_head=1, tie_embeddings=False)
 
 
-@pytest.mark.parametrize('make', [lambda: GPT(GPTConfig(**SMALL)), lambda: moe(), lambda: moe(expert_impl='loop'),
-                                  lambda: GPT(GPTConfig(**SMALL, **MODERN)), lambda: moe(**MODERN)])
+@pytest.mark.parametrize('make', [lambda: GPT(GPTConfig(**SMALL)), lambda: moe(),
+                                  lambda: moe(expert_impl='loop'), lambda: GPT(GPTConfig(**SMALL, **MODERN)),
+                                  lambda: moe(**MODERN)])
 def test_kv_cache_generation_equals_cache_free(make):
     model = make().eval()
     idx = torch.randint(97, (2, 5))
@@ -214,16 +215,20 @@ def test_layers_carry_their_probe_in_checkpoints_and_old_checkpoints_still_load(
     assert all(torch.equal(rebuilt.moe_layers()[i].probe_top1, t) for i, t in top1.items())
     flips = {k: v for k, v in rebuilt.probe_routing(probe).items() if 'flip_rate' in k}
     assert flips == {'layer1/flip_rate': 0.0, 'layer3/flip_rate': 0.0}
-    assert not any('flip_rate' in k for k in rebuilt.probe_routing(probe[:1]))  # another batch size: nothing to compare
+    # another batch size: nothing to compare
+    assert not any('flip_rate' in k for k in rebuilt.probe_routing(probe[:1]))
     old = {k: v for k, v in sd.items() if not k.endswith('_extra_state')}
-    save_checkpoint({'model': old, 'model_args': model_args_of(model), 'probe_top1': top1}, tmp_path / 'old.pt')
+    save_checkpoint({'model': old, 'model_args': model_args_of(model), 'probe_top1': top1},
+                    tmp_path / 'old.pt')
     save_checkpoint({'model': old, 'model_args': model_args_of(model)}, tmp_path / 'older.pt')
-    assert all(torch.is_tensor(v) for v in build_model(model_args_of(model)).state_dict().values())  # none yet: empty
+    # none yet: empty
+    assert all(torch.is_tensor(v) for v in build_model(model_args_of(model)).state_dict().values())
     for name, expected in (('old.pt', top1), ('older.pt', {1: None, 3: None})):
         rebuilt = build_model(model_args_of(model))
         rebuilt.load_state_dict(load_checkpoint(str(tmp_path / name))['model'])  # strict
         for i, t in expected.items():
-            assert (rebuilt.moe_layers()[i].probe_top1 is None) if t is None else torch.equal(rebuilt.moe_layers()[i].probe_top1, t)
+            assert (rebuilt.moe_layers()[i].probe_top1 is None) if t is None else \
+                torch.equal(rebuilt.moe_layers()[i].probe_top1, t)
 
 
 def test_the_model_keys_come_from_the_config_classes():
@@ -242,7 +247,8 @@ def test_diagnose_dense_is_empty_and_moe_names_each_layer():
     model(idx, idx)
     stats = model.diagnose(idx)
     for i in (0, 1):
-        assert stats[f'layer{i}/gate_weight_finite'] is True and stats[f'layer{i}/router_logits_finite'] == 1.0
+        assert stats[f'layer{i}/gate_weight_finite'] is True \
+            and stats[f'layer{i}/router_logits_finite'] == 1.0
         assert {f'layer{i}/max_load', f'layer{i}/router_logits_std', f'layer{i}/z_loss'} <= set(stats)
 
 
@@ -283,9 +289,10 @@ def test_a_compiled_model_compiles_once_for_training_and_once_for_eval(n_expert)
 
 @pytest.mark.parametrize('impl, router, mode, block', [
     ('loop', 'topk', 'moe', {}), ('grouped', 'topk', 'all', {}), ('batched', 'noisy_topk', 'all', {}),
-    ('grouped', 'expert_choice', 'moe', {}), ('dense', None, 'all', {}), ('grouped', 'expert_choice', 'all', MODERN),
-    ('dense', None, 'all', MODERN)])
-def test_activation_checkpointing_keeps_less_and_gives_the_same_gradients(impl, router, mode, block, device='cpu'):
+    ('grouped', 'expert_choice', 'moe', {}), ('dense', None, 'all', {}),
+    ('grouped', 'expert_choice', 'all', MODERN), ('dense', None, 'all', MODERN)])
+def test_activation_checkpointing_keeps_less_and_gives_the_same_gradients(
+        impl, router, mode, block, device='cpu'):
     """With dropout and a shared expert: the same loss and gradients as without checkpointing (the RNG is
     replayed in the recompute), and fewer bytes kept for backward (else nothing was checkpointed).
     (device: tests/test_triton.py runs it on the GPU where there is one)"""
@@ -299,7 +306,8 @@ def test_activation_checkpointing_keeps_less_and_gives_the_same_gradients(impl, 
         model = build_model(args).to(device)
         model.set_activation_checkpointing(m)
         saved = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
+        with torch.autograd.graph.saved_tensors_hooks(
+                lambda t: saved.append(t.numel() * t.element_size()) or t,
                                                       lambda t: t):
             _, loss = model(x, y)
         loss.backward()
@@ -311,5 +319,7 @@ def test_activation_checkpointing_keeps_less_and_gives_the_same_gradients(impl, 
 
 
 def test_activation_checkpointing_rejects_an_unknown_mode():
-    with pytest.raises(ValueError, match="activation_checkpointing='some' is unknown; allowed: none, moe, all"):
-        GPT(GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=8, vocab_size=16)).set_activation_checkpointing('some')
+    with pytest.raises(ValueError,
+                       match="activation_checkpointing='some' is unknown; allowed: none, moe, all"):
+        GPT(GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=8,
+                      vocab_size=16)).set_activation_checkpointing('some')

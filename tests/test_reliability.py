@@ -60,11 +60,13 @@ def test_a_second_run_on_a_live_out_dir_stops_and_eval_only_deletes_nothing(shak
         second = run('train.py', *FAST, f'--out_dir={out}', check=False)
         one_error_line(second, f"out_dir {out!r} is in use by another training run (pid unknown)")
         lines_before = open(os.path.join(out, 'log.jsonl')).read().count('\n')
-        check = run('train.py', *FAST, f'--out_dir={out}', '--eval_only=True', check=False)  # "check the val loss"
+        # "check the val loss"
+        check = run('train.py', *FAST, f'--out_dir={out}', '--eval_only=True', check=False)
         assert check.returncode == 0 and 'val loss' in check.stdout, check.stderr
         assert os.path.exists(in_flight)  # the live run's temp file is not "stale"
         assert p.poll() is None  # the live run goes on
-        assert all('val/ce' not in json.loads(line) for line in open(os.path.join(out, 'log.jsonl')).readlines()[lines_before:])
+        assert all('val/ce' not in json.loads(line)
+                   for line in open(os.path.join(out, 'log.jsonl')).readlines()[lines_before:])
     finally:
         p.send_signal(signal.SIGTERM)
         assert p.wait(timeout=120) == 0
@@ -92,13 +94,14 @@ def test_nonfinite_weights_are_never_saved_over_a_good_checkpoint(good_run, tmp_
     the next eval would have saved them over ckpt.pt."""
     out = str(tmp_path / 'out')
     shutil.copytree(good_run, out)
-    p = run('train.py', *FAST, f'--out_dir={out}', '--init_from=resume', '--eval_interval=1', '--max_iters=10',
-            '--weight_decay=1e300', check=False)
+    p = run('train.py', *FAST, f'--out_dir={out}', '--init_from=resume', '--eval_interval=1',
+            '--max_iters=10', '--weight_decay=1e300', check=False)
     ckpt = os.path.join(out, 'ckpt.pt')
     one_error_line(p, "non-finite values in model ", code=1)
     assert f"at iter 7, not saved; stopping. Last good checkpoint: {ckpt}" in p.stderr
     saved = load_checkpoint(ckpt)
-    assert saved['iter_num'] == 6 and all(torch.isfinite(v).all() for v in saved['model'].values() if torch.is_tensor(v))
+    assert saved['iter_num'] == 6 and all(torch.isfinite(v).all() for v in saved['model'].values()
+                                          if torch.is_tensor(v))
     assert read_log(out)[-1]['event'] == 'nonfinite'
 
 
@@ -107,9 +110,10 @@ def test_float16_persistent_nan_stops_after_a_bounded_number_of_skipped_steps(sh
     """fp16's GradScaler skips a non-finite step by itself; only 25 of them in a row stop the run (with the
     same nonfinite record as in fp32), instead of training to max_iters on NaN and exiting 0."""
     out = str(tmp_path / 'out')
-    p = run('train.py', *FAST, f'--out_dir={out}', '--dtype=float16', '--weight_decay=1e300', '--max_iters=60',
-            '--eval_interval=1000', check=False)
-    one_error_line(p, 'non-finite loss or gradient at iter 25 (loss nan, grad norm nan), 25 steps in a row; stopping',
+    p = run('train.py', *FAST, f'--out_dir={out}', '--dtype=float16', '--weight_decay=1e300',
+            '--max_iters=60', '--eval_interval=1000', check=False)
+    one_error_line(p, 'non-finite loss or gradient at iter 25 (loss nan, grad norm nan), 25 steps in a row; '
+                      'stopping',
                    code=1)
     records = read_log(out)
     assert records[-1]['event'] == 'nonfinite' and records[-1]['loss'] is None  # JSON null, not a bare NaN
@@ -173,9 +177,10 @@ def test_a_second_sigterm_exits_at_once_with_128_plus_the_signal_and_no_tracebac
 def test_workers_save_and_exit_when_the_torchrun_launcher_is_killed(shakespeare_char, tmp_path):
     out = str(tmp_path / 'out')
     with open(out + '.stdout', 'w') as stdout, open(out + '.stderr', 'w') as stderr:
-        launcher = subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-                                     os.path.join(ROOT, 'train.py'), *FAST, '--gradient_accumulation_steps=2',
-                                     '--eval_interval=1000', '--max_iters=100000', f'--out_dir={out}'],
+        launcher = subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--standalone',
+                                     '--nproc_per_node=2', os.path.join(ROOT, 'train.py'), *FAST,
+                                     '--gradient_accumulation_steps=2', '--eval_interval=1000',
+                                     '--max_iters=100000', f'--out_dir={out}'],
                                     cwd=ROOT, stdout=stdout, stderr=stderr, env=ENV)
     wait_for_steps(launcher, out, 2, timeout=240)
     workers = [int(pid) for pid in subprocess.run(['pgrep', '-P', str(launcher.pid)], capture_output=True,
@@ -184,7 +189,8 @@ def test_workers_save_and_exit_when_the_torchrun_launcher_is_killed(shakespeare_
     launcher.kill()  # kill -9: no chance to pass a signal on
     launcher.wait()
     deadline = time.time() + 120
-    while any(os.path.exists(f'/proc/{pid}') and open(f'/proc/{pid}/stat').read().split()[2] != 'Z' for pid in workers):
+    while any(os.path.exists(f'/proc/{pid}') and open(f'/proc/{pid}/stat').read().split()[2] != 'Z'
+              for pid in workers):
         assert time.time() < deadline, 'orphaned workers are still training'
         time.sleep(0.2)
     ckpt = load_checkpoint(os.path.join(out, 'ckpt.pt'))  # they saved before leaving
@@ -254,7 +260,8 @@ def test_malformed_data_is_one_line(tmp_path, case, message):
 
 
 def test_an_absolute_dataset_path_gets_a_sensible_hint(tmp_path):
-    p = run('train.py', *TINY, f'--dataset={tmp_path / "nothing"}', f'--out_dir={tmp_path / "out"}', check=False)
+    p = run('train.py', *TINY, f'--dataset={tmp_path / "nothing"}', f'--out_dir={tmp_path / "out"}',
+            check=False)
     one_error_line(p, 'write train.bin and val.bin there')
     assert 'data//' not in p.stderr
 
@@ -274,7 +281,8 @@ def test_checkpoints_that_do_not_fit_their_model_args_are_one_line(good_run, tmp
 
 
 @pytest.mark.slow
-def test_resume_applies_the_new_optimizer_settings_and_a_float32_checkpoint_resumes_in_float16(good_run, tmp_path):
+def test_resume_applies_the_new_optimizer_settings_and_a_float32_checkpoint_resumes_in_float16(
+        good_run, tmp_path):
     out = str(tmp_path / 'out')
     shutil.copytree(good_run, out)
     p = run('train.py', *FAST, f'--out_dir={out}', '--init_from=resume', '--max_iters=9', '--eval_interval=3',
@@ -282,7 +290,8 @@ def test_resume_applies_the_new_optimizer_settings_and_a_float32_checkpoint_resu
     assert 'the checkpoint has no GradScaler state' in p.stdout
     ckpt = load_checkpoint(os.path.join(out, 'ckpt.pt'))
     decay, no_decay = ckpt['optimizer']['param_groups']
-    assert decay['weight_decay'] == 0.5 and no_decay['weight_decay'] == 0.0 and tuple(decay['betas']) == (0.8, 0.9)
+    assert (decay['weight_decay'] == 0.5 and no_decay['weight_decay'] == 0.0
+            and tuple(decay['betas']) == (0.8, 0.9))
     assert ckpt['config']['weight_decay'] == 0.5 and ckpt['scaler']  # recorded and applied alike
 
 
@@ -312,12 +321,14 @@ def test_a_full_disk_at_save_is_one_line_and_the_checkpoint_before_stays(good_ru
     def small_files():  # writes past 64 KiB fail (EFBIG, as ENOSPC would) instead of killing the process
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
-    p = subprocess.run([sys.executable, os.path.join(ROOT, 'train.py'), *FAST, f'--out_dir={out}', '--init_from=resume',
-                        '--max_iters=8', '--eval_interval=2'], cwd=ROOT, env=ENV, capture_output=True, text=True,
+    p = subprocess.run([sys.executable, os.path.join(ROOT, 'train.py'), *FAST, f'--out_dir={out}',
+                        '--init_from=resume', '--max_iters=8', '--eval_interval=2'], cwd=ROOT, env=ENV,
+                        capture_output=True, text=True,
                        preexec_fn=small_files, timeout=300)
-    one_error_line(p, f"could not write {os.path.join(out, 'ckpt.pt')} (File too large); the checkpoint before it "
-                      "is intact", code=1)
-    assert os.path.getsize(os.path.join(out, 'ckpt.pt')) == size and load_checkpoint(os.path.join(out, 'ckpt.pt'))
+    one_error_line(p, f"could not write {os.path.join(out, 'ckpt.pt')} (File too large); "
+                      "the checkpoint before it is intact", code=1)
+    assert os.path.getsize(os.path.join(out, 'ckpt.pt')) == size and \
+        load_checkpoint(os.path.join(out, 'ckpt.pt'))
     assert not [f for f in os.listdir(out) if f.endswith('.tmp')]
 
 
@@ -337,7 +348,8 @@ def test_sample_bad_values_are_one_line(good_run, args, message):
 @pytest.mark.slow
 def test_sample_with_a_non_utf8_prompt_file_is_one_line(good_run, tmp_path):
     (tmp_path / 'prompt.txt').write_bytes(b'\xff\xfe ROMEO')
-    p = run('sample.py', f'--out_dir={good_run}', '--device=cpu', f'--start=FILE:{tmp_path / "prompt.txt"}', check=False)
+    p = run('sample.py', f'--out_dir={good_run}', '--device=cpu', f'--start=FILE:{tmp_path / "prompt.txt"}',
+            check=False)
     one_error_line(p, 'cannot be read as UTF-8 text')
 
 
@@ -464,7 +476,8 @@ def test_prepared_data_files_are_readable_like_any_other_file():
 
 
 @pytest.mark.parametrize('text, message', [('', 'the input holds 0 characters'),
-                                           (''.join(chr(i) for i in range(0x4e00, 0x4e00 + 72000) if not 0xd800 <= i < 0xe000), 'at most 65,536')])
+                                           (''.join(chr(i) for i in range(0x4e00, 0x4e00 + 72000)
+                                                    if not 0xd800 <= i < 0xe000), 'at most 65,536')])
 def test_prepare_refuses_empty_or_too_wide_input_and_leaves_no_temp_file(tmp_path, text, message):
     (tmp_path / 'input.txt').write_text(text, encoding='utf-8')
     before = set(os.listdir(os.path.join(ROOT, 'data', 'shakespeare_char')))

@@ -85,7 +85,8 @@ def test_expert_choice_is_non_causal_in_training_and_causal_per_token_topk_in_ev
     moe.eval()
     y = moe(x)
     torch.testing.assert_close(y[:, :8], moe(x2)[:, :8])
-    # eval = per-token top-k with the raw (not renormalised) probabilities, as expert choice weighs in training
+    # eval = per-token top-k with the raw (not renormalised)
+    # probabilities, as expert choice weighs in training
     x_flat = x.transpose(0, 1).reshape(-1, 16)
     probs = moe.router.gate(x_flat).softmax(-1)
     w, idx = probs.topk(2, dim=-1)
@@ -114,7 +115,8 @@ def test_noisy_topk_is_deterministic_in_eval_and_noisy_in_training():
 
 def test_router_temperature_scales_the_logits():
     x = torch.randn(40, 16)
-    hot, cold = Router(MoEConfig(n_layer=1, n_head=1, n_embd=16, n_expert=4, top_k=2, router_temperature=4.0)), \
+    hot, cold = Router(MoEConfig(n_layer=1, n_head=1, n_embd=16, n_expert=4, top_k=2,
+                                 router_temperature=4.0)), \
         Router(MoEConfig(n_layer=1, n_head=1, n_embd=16, n_expert=4, top_k=2))
     cold.load_state_dict(hot.state_dict())
     probs_hot, probs_cold = hot(x)[3], cold(x)[3]
@@ -163,7 +165,8 @@ def test_the_bias_moves_toward_balance_on_a_skewed_batch_and_keeps_mean_0(router
     # the bias only selects: probabilities and the chosen experts' weights come from the gate alone
     torch.testing.assert_close(moe.router(x[0])[3], probs_before)
     idx, w, logits, probs = moe.router(x[0])
-    torch.testing.assert_close(w, probs.gather(1, idx) if router == 'aux_free' else logits.sigmoid().gather(1, idx))
+    torch.testing.assert_close(w, probs.gather(1, idx) if router == 'aux_free'
+                               else logits.sigmoid().gather(1, idx))
     assert 'transformer.h.0.mlp.router.expert_bias' in model.state_dict()  # checkpointed
 
 
@@ -188,7 +191,8 @@ def test_deepseek_v3_router_formulas_on_hand_made_logits():
     top1 = Router(MoEConfig(n_layer=1, n_head=1, n_embd=4, n_expert=4, top_k=1, router='deepseek_v3'))
     with torch.no_grad():
         top1.gate.weight.copy_(torch.eye(4))
-    torch.testing.assert_close(top1(x)[1][:, 0], torch.sigmoid(torch.tensor([2.0, 3.0])))  # k=1: the raw score
+    # k=1: the raw score
+    torch.testing.assert_close(top1(x)[1][:, 0], torch.sigmoid(torch.tensor([2.0, 3.0])))
 
 
 @pytest.mark.parametrize('expert_impl', ['grouped', 'batched'])  # batched routes tokens position-major
@@ -224,7 +228,8 @@ def test_step_loads_count_every_micro_batch_and_the_probe_counts_dead_experts():
     assert model.routing_stats()['layer0/load'] == pytest.approx((total / total.sum()).tolist())
     with torch.no_grad():
         moe.router.gate.weight.zero_()
-        moe.router.gate.weight[:, 0] = torch.tensor([3.0, 3.0, -3.0, -3.0])  # experts 2 and 3 lose every token
+        # experts 2 and 3 lose every token
+        moe.router.gate.weight[:, 0] = torch.tensor([3.0, 3.0, -3.0, -3.0])
     probe = torch.randint(50, (2, 16))
     stats = model.probe_routing(probe)
     share = moe.tokens_per_expert.float() / moe.tokens_per_expert.sum()
@@ -237,7 +242,8 @@ def test_aux_free_bias_needs_end_step_and_eval_does_not_count():
     model.eval()
     model(idx)
     model.end_step()
-    assert all((l.router.expert_bias == 0).all() for l in model.moe_layers().values())  # eval forwards are not counted
+    # eval forwards are not counted
+    assert all((l.router.expert_bias == 0).all() for l in model.moe_layers().values())
 
 
 # -----------------------------------------------------------------------------
@@ -253,7 +259,8 @@ def test_global_aux_loss_scope_counts_every_micro_batch_of_the_step():
     glob(b), micro(b)
     probs_b = glob.router(b[0])[3]
     torch.testing.assert_close(micro.balance_loss, load_balance_loss(probs_b, glob.topk_idx))
-    torch.testing.assert_close(glob.balance_loss, load_balance_loss(probs_b, glob.topk_idx, counts_a + glob.tokens_per_expert))
+    torch.testing.assert_close(glob.balance_loss, load_balance_loss(probs_b, glob.topk_idx,
+                                                                    counts_a + glob.tokens_per_expert))
     assert not torch.allclose(glob.balance_loss, micro.balance_loss)
     # a new optimizer step starts counting afresh
     model = MoEGPT(MoEConfig(**SMALL, n_expert=4, top_k=2, aux_loss_scope='global'))
@@ -270,18 +277,20 @@ def _ddp_worker(rank, world_size, init_file, out_file):
     x = skewed_input(n=24, seed=10 + rank)  # different tokens on every rank
     moe.train()
     moe(x)
-    torch.save({'loss': moe.balance_loss.detach(), 'counts': moe.tokens_per_expert, 'probs': moe.router(x[0])[3].detach(),
-                'idx': moe.topk_idx}, f'{out_file}.{rank}')
+    torch.save({'loss': moe.balance_loss.detach(), 'counts': moe.tokens_per_expert,
+                'probs': moe.router(x[0])[3].detach(), 'idx': moe.topk_idx}, f'{out_file}.{rank}')
     dist.destroy_process_group()
 
 
 @pytest.mark.slow
 def test_global_aux_loss_scope_sums_loads_over_ddp_ranks(tmp_path):
-    torch.multiprocessing.spawn(_ddp_worker, args=(2, str(tmp_path / 'init'), str(tmp_path / 'out')), nprocs=2)
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, str(tmp_path / 'init'), str(tmp_path / 'out')),
+                                nprocs=2)
     r0, r1 = (torch.load(tmp_path / f'out.{r}') for r in range(2))
     assert not torch.equal(r0['counts'], r1['counts'])
     for r in (r0, r1):  # f_i from both ranks' tokens, P_i from the rank's own
-        torch.testing.assert_close(r['loss'], load_balance_loss(r['probs'], r['idx'], r0['counts'] + r1['counts']))
+        torch.testing.assert_close(r['loss'], load_balance_loss(r['probs'], r['idx'],
+                                                                r0['counts'] + r1['counts']))
 
 
 # -----------------------------------------------------------------------------
@@ -300,7 +309,8 @@ def test_shared_experts_add_parameters_and_their_mlp_output():
     assert not torch.allclose(shared(x), plain(x))
     model = MoEGPT(MoEConfig(**SMALL, n_expert=4, top_k=2, n_shared_expert=1))
     per_layer = 2 * 16 * 64 + 64 + 16  # one shared expert of expert_hidden = 4 * 16
-    assert model.get_num_params(active=True) - MoEGPT(MoEConfig(**SMALL, n_expert=4, top_k=2)).get_num_params(active=True) \
+    assert model.get_num_params(active=True) \
+        - MoEGPT(MoEConfig(**SMALL, n_expert=4, top_k=2)).get_num_params(active=True) \
         == 2 * per_layer  # every token runs them: all active
 
 
@@ -355,9 +365,10 @@ def test_routing_stats_and_flip_rate():
 
 
 def test_every_new_key_round_trips_through_model_args():
-    model = MoEGPT(MoEConfig(**{**SMALL, 'n_layer': 3}, n_expert=4, top_k=2, router='aux_free', router_temperature=0.7,
-                             router_jitter=0.1, bias_update_rate=0.02, n_shared_expert=1, n_dense_layers=1,
-                             expert_dropout=0.1, aux_loss_scope='global', expert_hidden=24))
+    model = MoEGPT(MoEConfig(**{**SMALL, 'n_layer': 3}, n_expert=4, top_k=2, router='aux_free',
+                             router_temperature=0.7, router_jitter=0.1, bias_update_rate=0.02,
+                             n_shared_expert=1, n_dense_layers=1, expert_dropout=0.1, aux_loss_scope='global',
+                             expert_hidden=24))
     rebuilt = build_model(model_args_of(model))
     assert rebuilt.config == model.config
     rebuilt.load_state_dict(model.state_dict())  # same parameters and buffers (the aux-free bias)
@@ -366,7 +377,8 @@ def test_every_new_key_round_trips_through_model_args():
 
 
 @pytest.mark.parametrize('kw, message', [
-    (dict(router='hash'), "router='hash' is unknown; allowed: topk, noisy_topk, expert_choice, aux_free, deepseek_v3"),
+    (dict(router='hash'), "router='hash' is unknown; allowed: topk, noisy_topk, expert_choice, aux_free, "
+                          "deepseek_v3"),
     (dict(aux_loss_scope='batch'), "aux_loss_scope='batch' is unknown; allowed: micro, global, sequence"),
     (dict(route_scale=0.0), 'route_scale=0.0 must be > 0'),
     (dict(router_temperature=0.0), 'router_temperature=0.0 must be > 0'),
@@ -391,15 +403,16 @@ def test_train_rejects_a_bad_router_before_any_work(shakespeare_char, tmp_path):
 @pytest.mark.slow
 def test_stateful_routing_resumes_exactly(shakespeare_char, tmp_path):
     # the aux-free bias (a buffer) and the RNG of jitter and expert dropout must all come back on resume
-    args = [*TINY, '--router=aux_free', '--router_jitter=0.1', '--expert_dropout=0.2', '--aux_loss_scope=global',
-            '--gradient_accumulation_steps=2', '--eval_interval=3']
+    args = [*TINY, '--router=aux_free', '--router_jitter=0.1', '--expert_dropout=0.2',
+            '--aux_loss_scope=global', '--gradient_accumulation_steps=2', '--eval_interval=3']
     full, part = str(tmp_path / 'full'), str(tmp_path / 'part')
     run('train.py', *args, f'--out_dir={full}', '--max_iters=6')
     run('train.py', *args, f'--out_dir={part}', '--max_iters=3')
     run('train.py', *args, f'--out_dir={part}', '--max_iters=6', '--init_from=resume')
     losses = lambda out: [r['loss'] for r in read_log(out) if 'loss' in r]
     assert len(losses(full)) == 6 and losses(full) == losses(part)  # bit-identical on CPU
-    assert load_checkpoint(os.path.join(part, 'ckpt.pt'))['model']['transformer.h.0.mlp.router.expert_bias'].abs().sum() > 0
+    assert load_checkpoint(os.path.join(part, 'ckpt.pt'))['model'][
+        'transformer.h.0.mlp.router.expert_bias'].abs().sum() > 0
 
 
 @pytest.mark.slow
@@ -418,8 +431,8 @@ def test_the_first_eval_after_a_resume_has_a_flip_rate(shakespeare_char, tmp_pat
 
 @pytest.mark.slow
 def test_expert_choice_with_shared_experts_and_a_dense_layer_trains(shakespeare_char, tmp_path):
-    run('train.py', *TINY, '--router=expert_choice', '--n_shared_expert=1', '--n_layer=3', '--n_dense_layers=1',
-        f'--out_dir={tmp_path}', '--max_iters=4', '--eval_interval=2')
+    run('train.py', *TINY, '--router=expert_choice', '--n_shared_expert=1', '--n_layer=3',
+        '--n_dense_layers=1', f'--out_dir={tmp_path}', '--max_iters=4', '--eval_interval=2')
     records = read_log(tmp_path)
     steps = [r for r in records if 'loss' in r]
     assert set(k.split('/')[0] for k in steps[-1] if k.startswith('layer')) == {'layer1', 'layer2'}

@@ -34,8 +34,9 @@ def test_the_modern_block_preset_trains_and_samples(shakespeare_char, tmp_path, 
     """config/train_shakespeare_char_olmoe_cpu.py (OLMoE's block) and its dense twin (a Llama-style GPT),
     cut to 30 steps of a smaller model: the loss falls, the checkpoint records the block, sample.py runs."""
     out = str(tmp_path / 'out')
-    run('train.py', 'config/train_shakespeare_char_olmoe_cpu.py', f'--out_dir={out}', f'--n_expert={n_expert}',
-        '--n_layer=2', '--max_iters=30', '--eval_interval=30', '--eval_iters=5', '--log_interval=10')
+    run('train.py', 'config/train_shakespeare_char_olmoe_cpu.py', f'--out_dir={out}',
+        f'--n_expert={n_expert}', '--n_layer=2', '--max_iters=30', '--eval_interval=30', '--eval_iters=5',
+        '--log_interval=10')
     evals = [r for r in read_log(out) if 'val/ce' in r]
     assert evals[-1]['val/ce'] < evals[0]['val/ce'] - 0.5, evals
     args = load_checkpoint(os.path.join(out, 'ckpt.pt'))['model_args']
@@ -51,7 +52,8 @@ def test_checkpoint_holds_the_full_config_and_loads_weights_only(trained):
     ckpt = load_checkpoint(os.path.join(trained, 'ckpt.pt'))  # weights_only=True inside
     assert ckpt['iter_num'] == 60
     args = ckpt['model_args']
-    assert (args['n_expert'], args['top_k'], args['expert_hidden'], args['expert_impl']) == (4, 2, 32, 'grouped')
+    assert (args['n_expert'], args['top_k'], args['expert_hidden'],
+            args['expert_impl']) == (4, 2, 32, 'grouped')
     assert os.path.exists(os.path.join(trained, 'ckpt_best.pt'))
     assert ckpt['best_val_loss'] == min(r['val/ce'] for r in read_log(trained) if 'val/ce' in r)
 
@@ -101,7 +103,8 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(shakespeare_char, tm
     (['--expert_parallel=0'], 'expert_parallel=0 must be a positive integer'),
     (['--expert_parallel=3'], 'expert_parallel=3 must divide n_expert=4'),
     (['--expert_parallel=2', '--n_expert=0'], 'expert_parallel=2 needs an MoE model'),
-    (['--expert_parallel=2', '--expert_impl=loop'], "expert_impl='loop' with expert_parallel=2; allowed: 'grouped'"),
+    (['--expert_parallel=2', '--expert_impl=loop'], "expert_impl='loop' with expert_parallel=2; allowed: "
+                                                    "'grouped'"),
     (['--expert_parallel=2', '--router=expert_choice'], "router='expert_choice' with expert_parallel=2"),
     (['--expert_parallel=2'], 'expert_parallel=2 must divide the number of processes (1)'),
     (['--optimizer=sgd'], "optimizer='sgd'; allowed: 'adamw', 'muon'"),
@@ -119,8 +122,8 @@ def test_bad_config_fails_at_start_with_one_clear_line(shakespeare_char, tmp_pat
 @pytest.mark.slow
 def test_override_is_never_executed(shakespeare_char, tmp_path):
     marker = tmp_path / 'pwned'
-    p = run('train.py', *TINY, f"--out_dir={tmp_path}/__import__('os').system('touch {marker}')", '--eval_only=True',
-            check=False)
+    p = run('train.py', *TINY, f"--out_dir={tmp_path}/__import__('os').system('touch {marker}')",
+            '--eval_only=True', check=False)
     assert not marker.exists()
     p = run('train.py', *TINY, f"--max_iters=__import__('os').system('touch {marker}')", check=False)
     assert p.returncode == 2 and not marker.exists()
@@ -148,7 +151,8 @@ def test_bench_runs_dense_moe_and_the_layer_mode():
         p = run('bench.py', '--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_size=8',
                 '--vocab_size=64', '--warmup_iters=1', '--bench_iters=2', '--device=cpu', '--n_expert=4',
                 '--expert_hidden=64', '--compare_dense=True', f'--activation_checkpointing={mode}', *peak)
-        assert 'grouped GEMMs on the CPU: cpu_grouped_mm.cpp' in p.stdout  # a bench says which kernel it timed
+        # a bench says which kernel it timed
+        assert 'grouped GEMMs on the CPU: cpu_grouped_mm.cpp' in p.stdout
         assert 'profiler' not in p.stdout + p.stderr
         lines = [l for l in p.stdout.splitlines() if 'ms/iter' in l]
         assert [l.split(':')[0] for l in lines] == ['dense twin', 'model']
@@ -186,15 +190,16 @@ def gpu_check(copy, *args, fault=''):
     import subprocess
     import sys
     env = {**os.environ, 'NANOMOE_GPU_CHECK_FAULT': fault}
-    return subprocess.run([sys.executable, 'tools/gpu_check.py', *args], cwd=copy, env=env, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run([sys.executable, 'tools/gpu_check.py', *args], cwd=copy, env=env,
+                          capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.slow
 def test_gpu_check_quick_in_a_bare_copy_runs_every_part_and_reports_a_failed_one(shakespeare_char, tmp_path):
-    """The GPU machine's conditions, rehearsed with --quick (the CPU, tiny sizes): a bare copy of the repo with
-    the three data files brought along, one command, the report into a folder outside the repo, a budget. A
-    fault injected into part (b) (an unknown option): the report says so, and every other part still runs."""
+    """The GPU machine's conditions, rehearsed with --quick (the CPU, tiny sizes): a bare copy of the repo
+    with the three data files brought along, one command, the report into a folder outside the repo, a budget.
+    A fault injected into part (b) (an unknown option): the report says so, and every other part still
+    runs."""
     import shutil
     copy = bare_copy(tmp_path / 'repo')
     for name in ('train.bin', 'val.bin', 'meta.pkl'):
@@ -207,7 +212,8 @@ def test_gpu_check_quick_in_a_bare_copy_runs_every_part_and_reports_a_failed_one
     text = (out / 'gpu_check.md').read_text()
     assert re.findall(r'^## \((\w)\) ', text, re.M) == ['a', 'b', 'd', 'c', 'c']  # (c)'s compiles last
     summary = text.split('## Summary')[1].split('## (a)')[0]
-    assert "(b) One MoE layer: 8 experts x 64, top-2: **FAILED** (exit code 2): error: unknown config key 'no_such_key'" in summary
+    assert ("(b) One MoE layer: 8 experts x 64, top-2: **FAILED** (exit code 2): "
+            "error: unknown config key 'no_such_key'" in summary)
     assert text.count('exit code 0,') == 4 and 'pending' not in summary
     assert 'skipped' in summary  # (a): the CUDA tests, skipped on the CPU
     assert 'model / dense twin: ' in summary and 'activation_checkpointing=all' in summary
@@ -222,19 +228,24 @@ def test_gpu_check_cuts_a_part_short_and_names_the_data_to_bring(tmp_path):
     copy = bare_copy(tmp_path / 'repo')
     t0 = time.time()
     p = gpu_check(copy, '--quick', '--parts=ad', f'--out={tmp_path}/OUT/', '--budget=20', fault='a=hang')
-    assert p.returncode == 1 and 'Traceback' not in p.stderr and time.time() - t0 < 20 + 10, p.stdout + p.stderr
-    bring = ('data/shakespeare_char/train.bin, val.bin, meta.pkl missing: run python3 data/shakespeare_char/prepare.py '
+    assert p.returncode == 1 and 'Traceback' not in p.stderr and time.time() - t0 < 20 + 10, \
+        p.stdout + p.stderr
+    bring = ('data/shakespeare_char/train.bin, val.bin, meta.pkl missing: '
+             'run python3 data/shakespeare_char/prepare.py '
              'where the data is and bring train.bin, val.bin and meta.pkl along')
     assert f'(d) will not run: {bring}' in p.stdout.splitlines()
     text = (tmp_path / 'OUT' / 'gpu_check.md').read_text()
     summary = text.split('## Summary')[1].split('## (a)')[0]
-    assert re.search(r'- \(a\) CUDA tests: \*\*CUT SHORT\*\* after \d+ s, its share of the budget', summary), summary
+    assert re.search(r'- \(a\) CUDA tests: \*\*CUT SHORT\*\* after \d+ s, its share of the budget',
+                     summary), summary
     assert f'- (d) shakespeare_char MoE run: **NOT RUN**: {bring}' in summary
     started = int(re.search(r'started (\d+)', text).group(1))  # the hanging part's own child
-    state = open(f'/proc/{started}/stat').read().split(')')[1].split()[0] if os.path.exists(f'/proc/{started}') else 'gone'
+    state = (open(f'/proc/{started}/stat').read().split(')')[1].split()[0]
+             if os.path.exists(f'/proc/{started}') else 'gone')
     assert state in ('gone', 'Z'), state  # killed with it (a zombie until its new parent reaps it)
     p = gpu_check(copy)  # no GPU here
-    assert p.returncode == 2 and p.stderr.strip() == 'error: no CUDA GPU here; --quick runs the check on the CPU'
+    assert p.returncode == 2 and \
+        p.stderr.strip() == 'error: no CUDA GPU here; --quick runs the check on the CPU'
 
 
 def test_gpu_check_picks_peak_flops_and_a_per_test_timeout(monkeypatch):
@@ -252,7 +263,8 @@ def test_gpu_check_picks_peak_flops_and_a_per_test_timeout(monkeypatch):
     for installed in (True, False):
         monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *a: (object() if installed else None)
                             if name == 'pytest_timeout' else find_spec(name, *a))
-        (tests,) = [cmd for part, _, cmd, _ in gpu_check.parts(quick=True, long=False, out_dir='run') if part == 'a']
+        (tests,) = [cmd for part, _, cmd, _ in gpu_check.parts(quick=True, long=False, out_dir='run')
+                    if part == 'a']
         assert ('--timeout=60' in tests) == installed, tests
 
 

@@ -15,7 +15,8 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must be set before the kernels are defined
-triton = pytest.importorskip("triton", reason="triton is not installed (optional dependency: pip install triton)")
+triton = pytest.importorskip("triton", reason="triton is not installed (optional dependency: "
+                                              "pip install triton)")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import moe_model  # noqa: E402
@@ -29,8 +30,9 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 B = 16  # tiny topology blocks keep the interpreter fast
 
 # The interpreter runs the kernels on numpy, and some releases of the two do not work together; on a GPU
-# the kernels run compiled and numpy plays no part. (Triton major.minor, the first numpy release it fails with):
-# Triton 3.6 with numpy 2.4 ("TypeError: only 0-dimensional arrays can be converted to Python scalars")
+# the kernels run compiled and numpy plays no part. (Triton
+# major.minor, the first numpy release it fails with): Triton 3.6 with numpy 2.4 ("TypeError: only
+# 0-dimensional arrays can be converted to Python scalars")
 INTERPRETER_FAILS_WITH = {(3, 6): (2, 4)}
 major_minor = lambda version: tuple(int(n) for n in re.findall(r"\d+", version)[:2])
 _numpy_from = INTERPRETER_FAILS_WITH.get(major_minor(triton.__version__))
@@ -43,8 +45,10 @@ kernels_run = pytest.mark.skipif(  # the tests that run the kernels
 def _kernel_settings(monkeypatch):
     monkeypatch.setattr(mt, "BLOCK_SIZE", B)
     monkeypatch.setattr(mt, "MIN_TRITON_SLOTS", 0)  # force the kernels even for tiny batches
-    if DEVICE == "cuda":  # exact fp32 on GPU (the kernels and torch's matmuls), so the tight tolerances below hold
-        matmul = torch.backends.cuda.matmul  # torch >= 2.9's API where it exists (the legacy flag's reads can raise)
+    # exact fp32 on GPU (the kernels and torch's matmuls), so the tight tolerances below hold
+    if DEVICE == "cuda":
+        # torch >= 2.9's API where it exists (the legacy flag's reads can raise)
+        matmul = torch.backends.cuda.matmul
         monkeypatch.setattr(matmul, *(("fp32_precision", "ieee") if hasattr(matmul, "fp32_precision") else
                                       ("allow_tf32", False)))
 
@@ -62,7 +66,8 @@ def Experts(n_expert, d, h, bias, dtype=torch.float32, mlp="gelu"):
 
 def make_routing(N, E, k, mode):
     if mode == "random":
-        idx = torch.stack([torch.randperm(E)[:k] for _ in range(N)]) if k <= E else torch.randint(0, E, (N, k))
+        idx = torch.stack([torch.randperm(E)[:k]
+                           for _ in range(N)]) if k <= E else torch.randint(0, E, (N, k))
     elif mode == "empty":  # only experts 1, 4, 6 get tokens: the others are empty
         allowed = torch.tensor([1, 4, 6])
         idx = allowed[torch.stack([torch.randperm(3)[:k] for _ in range(N)])]
@@ -134,15 +139,18 @@ def test_kernels_match_dense(d):
     # SDD: dense x dense -> blocks; and with the weight transposed (grad of act = grad_out @ w2^T)
     data = mt.sdd(a, w1, *topo.tensors())
     torch.testing.assert_close(mt.blocks_to_dense(data, topo), (a @ W1) * mask, **tol)
-    torch.testing.assert_close(mt.blocks_to_dense(mt.sdd(a, w2, *topo.tensors(), trans_w=True), topo), (a @ W2.T) * mask, **tol)
+    torch.testing.assert_close(mt.blocks_to_dense(mt.sdd(a, w2, *topo.tensors(), trans_w=True), topo),
+                               (a @ W2.T) * mask, **tol)
     # DSD: blocks x dense -> dense; and transposed (grad of x = grad_h @ w1^T)
     H = mt.blocks_to_dense(data, topo)
     torch.testing.assert_close(mt.dsd(data, w2, *topo.tensors()), H @ W2, **tol)
     torch.testing.assert_close(mt.dsd(data, w1, *topo.tensors(), trans_w=True), H @ W1.T, **tol)
     # TSD: the weight gradients act^T @ grad_out (-> [E, h, d]) and x^T @ grad_h (-> [E, d, h])
     torch.testing.assert_close(mt.tsd(data, a, *topo.tensors(), E), (H.T @ a).reshape(E, h, d), **tol)
-    torch.testing.assert_close(mt.tsd(data, a, *topo.tensors(), E, trans_out=True), (a.T @ H).reshape(d, E, h).transpose(0, 1), **tol)
-    assert (mt.tsd(data, a, *topo.tensors(), E)[1] == 0).all()  # empty expert: zero gradient, written by the kernel
+    torch.testing.assert_close(mt.tsd(data, a, *topo.tensors(), E, trans_out=True),
+                               (a.T @ H).reshape(d, E, h).transpose(0, 1), **tol)
+    # empty expert: zero gradient, written by the kernel
+    assert (mt.tsd(data, a, *topo.tensors(), E)[1] == 0).all()
 
 @kernels_run
 def test_sdd_dsd_autograd():
@@ -308,7 +316,8 @@ def test_compiled_training_step_has_no_graph_break():
     """The block-sparse products are custom ops (and the topology has static shapes, no host sync): compile
     traces the whole model with the triton backend, and its step equals eager's."""
     if DEVICE == "cuda":
-        pytest.skip("a CPU model runs interpreted kernels only; tests/test_cuda.py compiles triton on the GPU")
+        pytest.skip("a CPU model runs interpreted kernels only; "
+                    "tests/test_cuda.py compiles triton on the GPU")
     from test_backends import compiled_step_matches_eager
     compiled_step_matches_eager("triton")
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-triton = pytest.importorskip("triton", reason="triton is not installed (optional dependency: pip install triton)")
+triton = pytest.importorskip("triton", reason="triton is not installed (optional dependency: "
+                                              "pip install triton)")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from moe_kernels import moe_triton as mt  # noqa: E402
@@ -33,7 +34,8 @@ def test_supported_lists_the_gpus_and_dtypes_where_every_configuration_compiles_
     assert sorted(r[0] for r in rows) == sorted(aot.KERNELS), table
     assert all(isinstance(r[4], int) for r in rows), table  # compiled (a fit or not) for every target
     ok, disagree = aot.verdicts({(cc, dtype): rows})
-    assert not disagree, f"moe_triton.SUPPORTED {'lacks' if ok[cc, dtype] else 'lists'} sm{cc} {dtype}:\n{table}"
+    assert not disagree, \
+        f"moe_triton.SUPPORTED {'lacks' if ok[cc, dtype] else 'lists'} sm{cc} {dtype}:\n{table}"
     if (cc, dtype) == (80, "float32"):
         assert [r[4] for r in rows if not r[5]] == [192 * 1024] and not ok[cc, dtype], table
 

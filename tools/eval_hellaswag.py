@@ -1,8 +1,11 @@
 """
 HellaSwag accuracy of a GPT-2-BPE model (a checkpoint, GPT-2 or a GPT-2 folder), scored as hellaswag.py says:
-$ python tools/eval_hellaswag.py --out_dir=out-gpt2-moe                 # out_dir/ckpt.pt (--ckpt_name=ckpt_best.pt)
-$ python tools/eval_hellaswag.py --init_from=gpt2 --device=cuda        # gpt2-medium/-large/-xl, a GPT-2 folder
-$ python tools/eval_hellaswag.py --out_dir=out-gpt2-moe --max_examples=500   # the first 500 of the 10,042 examples
+$ python tools/eval_hellaswag.py --out_dir=out-gpt2-moe                 # out_dir/ckpt.pt
+                                                                       # (--ckpt_name=ckpt_best.pt)
+$ python tools/eval_hellaswag.py --init_from=gpt2 --device=cuda        # gpt2-medium/-large/-xl,
+                                                                       # a GPT-2 folder
+$ python tools/eval_hellaswag.py --out_dir=out-gpt2-moe --max_examples=500   # the first 500 of the
+                                                                             # 10,042 examples
 """
 import os
 import sys
@@ -10,12 +13,14 @@ from contextlib import nullcontext
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root, for its modules
+# the repo root, for its modules
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configurator import configure, fail, check_choice, check_range, check_device  # noqa: E402
 from hellaswag import HERE, HellaSwagError, prepare, score  # noqa: E402
 
 # -----------------------------------------------------------------------------
-init_from = 'resume'  # 'resume' (out_dir/ckpt_name), a checkpoint file (.pt), 'gpt2*', or a Hugging Face folder
+# 'resume' (out_dir/ckpt_name), a checkpoint file (.pt), 'gpt2*', or a Hugging Face folder
+init_from = 'resume'
 out_dir = 'out'
 ckpt_name = 'ckpt.pt'  # or 'ckpt_best.pt'
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
@@ -24,15 +29,16 @@ expert_impl = ''  # '' keeps the checkpoint's; any backend works with any checkp
 max_examples = 0  # the first N validation examples; 0: all
 data_dir = ''  # where hellaswag_val.jsonl is (downloaded to); '': data/hellaswag
 # -----------------------------------------------------------------------------
-config = configure({k: globals()[k] for k in ('init_from', 'out_dir', 'ckpt_name', 'device', 'dtype', 'expert_impl',
-                                              'max_examples', 'data_dir')}, sys.argv[1:])
+config = configure({k: globals()[k] for k in ('init_from', 'out_dir', 'ckpt_name', 'device', 'dtype',
+                                              'expert_impl', 'max_examples', 'data_dir')}, sys.argv[1:])
 globals().update(config)
 check_choice(config, 'dtype', ('float32', 'bfloat16', 'float16'))
 check_device(device)
 check_range(config, ('max_examples',), 0)
 from checkpoint import load_checkpoint, load_weights, CheckpointError
 from hf import GPT2_SIZES, hf_model_args, load_hf_folder, load_gpt2
-# the model's vocab_size and block_size first (no weights yet): a character-level model stops before any download
+# the model's vocab_size and block_size first (no weights
+# yet): a character-level model stops before any download
 ckpt = None
 if init_from == 'resume' or init_from.endswith('.pt'):
     path = os.path.join(out_dir, ckpt_name) if init_from == 'resume' else init_from

@@ -20,7 +20,8 @@ import sys
 import glob
 import shutil
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root, for its modules
+# the repo root, for its modules
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configurator import configure, fail  # noqa: E402
 from checkpoint import load_checkpoint, load_weights, load_meta, CheckpointError  # noqa: E402
 import hf  # noqa: E402

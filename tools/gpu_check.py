@@ -2,11 +2,14 @@
 The one-shot GPU check: everything this repo should show on a GPU, in one command and one markdown report,
 made for a GPU machine with no network, where only the working tree travels (not ../shared, not the
 git-ignored data), one command may run 10 minutes and only one folder comes back ($OUT below).
-$ python3 data/shakespeare_char/prepare.py            # first, where the data is: carry the three files it writes,
+$ python3 data/shakespeare_char/prepare.py            # first, where the data is: carry the three files
+                                                      # it writes,
                                                       # data/shakespeare_char/{train.bin,val.bin,meta.pkl}
-$ python3 tools/gpu_check.py --out=$OUT               # then on the GPU: the report is $OUT/gpu_check.md, and the
-                                                      # whole check ends inside --budget=540 seconds (start-up included)
-$ python3 tools/gpu_check.py --quick                  # the same on the CPU with tiny sizes (the test suite runs it)
+$ python3 tools/gpu_check.py --out=$OUT               # then on the GPU: the report is $OUT/gpu_check.md,
+                                                      # and the whole check ends inside --budget=540 seconds
+                                                      # (start-up included)
+$ python3 tools/gpu_check.py --quick                  # the same on the CPU with tiny sizes (the test
+                                                      # suite runs it)
 $ python3 tools/gpu_check.py --long --budget=4800     # (d) becomes the project goal run (longer)
 
   (a) the CUDA tests: tests/test_cuda.py (every backend in bf16 and fp16 against loop, compiled vs eager, an
@@ -61,8 +64,8 @@ FAULT = dict(f.split('=') for f in os.environ.get('NANOMOE_GPU_CHECK_FAULT', '')
 
 
 def peak_flops(name):
-    """bf16 dense peak FLOP/s of the GPU named `name`, for MFU: H100 PCIe (and H800 PCIe) 756 TFLOP/s, H100 NVL
-    835, H100 SXM, H200, H800, GH200 989; otherwise A100's 312 (train.py's and bench.py's default)."""
+    """bf16 dense peak FLOP/s of the GPU named `name`, for MFU: H100 PCIe (and H800 PCIe) 756 TFLOP/s, H100
+    NVL 835, H100 SXM, H200, H800, GH200 989; otherwise A100's 312 (train.py's and bench.py's default)."""
     if re.search(r'H100|H200|H800', name):
         return 756e12 if 'PCIe' in name else 835e12 if 'NVL' in name else 989e12
     return 312e12
@@ -73,45 +76,55 @@ def parts(quick, long, out_dir):
     py = [sys.executable]
     if quick:
         dev = ['--device=cpu', '--dtype=float32']
-        layer = dev + ['--moe_layer=True', '--n_embd=32', '--layer_tokens=256', '--warmup_iters=1', '--bench_iters=2',
-                       '--layer_impls=loop,grouped,batched']
-        step = dev + ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_size=4', '--vocab_size=64',
-                      '--warmup_iters=1', '--bench_iters=2']
-        train = dev + ['config/train_shakespeare_char_moe_cpu.py', '--max_iters=20', '--eval_interval=20', '--eval_iters=5',
-                       '--compile=False', '--log_interval=10']
+        layer = dev + ['--moe_layer=True', '--n_embd=32', '--layer_tokens=256', '--warmup_iters=1',
+                       '--bench_iters=2', '--layer_impls=loop,grouped,batched']
+        step = dev + ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_size=4',
+                      '--vocab_size=64', '--warmup_iters=1', '--bench_iters=2']
+        train = dev + ['config/train_shakespeare_char_moe_cpu.py', '--max_iters=20', '--eval_interval=20',
+                       '--eval_iters=5', '--compile=False', '--log_interval=10']
         layer_sizes = [('8 experts x 64, top-2', ['--layer_experts=8', '--top_k=2', '--expert_hidden=64'])]
         compiled = []
     else:
-        dev = ['--device=cuda', '--dtype=bfloat16', f'--peak_flops={peak_flops(torch.cuda.get_device_name())}']
-        layer = dev + ['--moe_layer=True', '--n_embd=768', '--layer_tokens=16384', '--warmup_iters=3', '--bench_iters=20',
-                       '--layer_impls=loop,grouped,batched,triton']
+        dev = ['--device=cuda', '--dtype=bfloat16',
+               f'--peak_flops={peak_flops(torch.cuda.get_device_name())}']
+        layer = dev + ['--moe_layer=True', '--n_embd=768', '--layer_tokens=16384', '--warmup_iters=3',
+                       '--bench_iters=20', '--layer_impls=loop,grouped,batched,triton']
         step = dev + ['--n_layer=6', '--n_head=12', '--n_embd=768', '--block_size=1024', '--batch_size=8',
                       '--vocab_size=50304', '--warmup_iters=3', '--bench_iters=10']
-        train = ['config/train_shakespeare_char_moe.py', '--device=cuda', '--dtype=bfloat16', '--compile=True']
-        train += [] if long else ['--max_iters=300', '--eval_interval=300', '--eval_iters=50', '--lr_decay_iters=300',
-                                  '--warmup_iters=30']
-        layer_sizes = [('8 experts x 3072, top-2', ['--layer_experts=8', '--top_k=2', '--expert_hidden=3072']),
-                       ('64 experts x 384, top-8', ['--layer_experts=64', '--top_k=8', '--expert_hidden=384'])]
+        train = ['config/train_shakespeare_char_moe.py', '--device=cuda', '--dtype=bfloat16',
+                 '--compile=True']
+        train += [] if long else ['--max_iters=300', '--eval_interval=300', '--eval_iters=50',
+                                  '--lr_decay_iters=300', '--warmup_iters=30']
+        layer_sizes = [('8 experts x 3072, top-2', ['--layer_experts=8', '--top_k=2',
+                                                    '--expert_hidden=3072']),
+                       ('64 experts x 384, top-8', ['--layer_experts=64', '--top_k=8',
+                                                    '--expert_hidden=384'])]
         compiled = ['--compare_compile=True']
-    moe = ['--n_expert=8', '--top_k=2', f"--expert_hidden={64 if quick else 1536}"]  # top_k * hidden = 4 * n_embd
+    # top_k * hidden = 4 * n_embd
+    moe = ['--n_expert=8', '--top_k=2', f"--expert_hidden={64 if quick else 1536}"]
     # (the Triton tests run interpreted on the CPU, and the test suite has them already)
     tests = ['tests/test_cuda.py'] + ([] if quick else ['tests/test_triton.py'])
     timeout = [f'--timeout={TEST_TIMEOUT[quick]}'] if importlib.util.find_spec('pytest_timeout') else []
-    todo = [('a', 'CUDA tests', py + ['-m', 'pytest', '-q', '-rs', '-p', 'no:cacheprovider'] + timeout + tests, WEIGHTS['a'])]
-    todo += [('b', f'One MoE layer: {name}', py + ['bench.py'] + layer + extra, WEIGHTS['b']) for name, extra in layer_sizes]
+    todo = [('a', 'CUDA tests', py + ['-m', 'pytest', '-q', '-rs', '-p',
+                                      'no:cacheprovider'] + timeout + tests, WEIGHTS['a'])]
+    todo += [('b', f'One MoE layer: {name}', py + ['bench.py'] + layer + extra, WEIGHTS['b'])
+             for name, extra in layer_sizes]
     todo += [('d', 'shakespeare_char MoE run' + (' (the project goal)' if long else ''),
               py + ['train.py'] + train + [f'--out_dir={out_dir}'], WEIGHTS['d'] * (20 if long else 1))]
-    todo += [('c', 'Training step, MoE vs dense twin', py + ['bench.py'] + step + moe + ['--compare_dense=True'] + compiled,
-              WEIGHTS['c'])]
+    todo += [('c', 'Training step, MoE vs dense twin',
+              py + ['bench.py'] + step + moe + ['--compare_dense=True'] + compiled, WEIGHTS['c'])]
     todo += [('c', f'Training step peak memory, eager, activation_checkpointing={m}',
-              py + ['bench.py'] + step + moe + ['--compare_dense=True', f'--activation_checkpointing={m}', '--bench_iters=2'],
+              py + ['bench.py'] + step + moe + ['--compare_dense=True', f'--activation_checkpointing={m}',
+                                                '--bench_iters=2'],
               WEIGHTS['c memory']) for m in (('all',) if quick else ('none', 'moe', 'all'))]
     for i, (part, title, cmd, weight) in enumerate(todo):  # the faults the tests inject
         if FAULT.get(part) == 'fail':
             todo[i] = (part, title, cmd + ['--no_such_key=1'], weight)
         elif FAULT.get(part) == 'hang':
-            todo[i] = (part, title, py + ['-c', "import subprocess, sys; p = subprocess.Popen([sys.executable, '-c', "
-                                          "'import time; time.sleep(3600)']); print('started', p.pid, flush=True); p.wait()"], weight)
+            todo[i] = (part, title, py + ['-c', "import subprocess, sys; "
+                                          "p = subprocess.Popen([sys.executable, '-c', "
+                                          "'import time; time.sleep(3600)']); print('started', p.pid, "
+                                          "flush=True); p.wait()"], weight)
     return todo
 
 
@@ -120,15 +133,19 @@ def run(cmd, seconds):
     process it started (Inductor's compile workers, ...) once it has run `seconds`, or when this one stops."""
     t0 = time.time()
     # the tests check correctness: one Triton configuration each, not minutes of autotuning
-    env = {**os.environ, 'PYTHONUNBUFFERED': '1', **({'NANOMOE_TRITON_AUTOTUNE': '0'} if 'pytest' in cmd else {})}
-    with tempfile.TemporaryFile('w+', errors='replace') as log:  # a file, not a pipe: what a killed part printed stays
-        p = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    env = {**os.environ, 'PYTHONUNBUFFERED': '1',
+           **({'NANOMOE_TRITON_AUTOTUNE': '0'} if 'pytest' in cmd else {})}
+    # a file, not a pipe: what a killed part printed stays
+    with tempfile.TemporaryFile('w+', errors='replace') as log:
+        p = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env,
+                             start_new_session=True)
         cut = False
         try:
             p.wait(timeout=seconds)
         except subprocess.TimeoutExpired:
             cut = True
-        finally:  # done, past its share, or this check stopped (Ctrl-C, SIGTERM): no process of the part lives on
+        # done, past its share, or this check stopped (Ctrl-C, SIGTERM): no process of the part lives on
+        finally:
             try:
                 os.killpg(p.pid, signal.SIGKILL)
             except ProcessLookupError:  # (none left)
@@ -147,7 +164,8 @@ def summarize(results, out_dir, quick):
             lines.append(f"- ({part}) {title}: **NOT RUN**: {r['why']}")
             continue
         if r['status'] == 'cut short':
-            lines.append(f"- ({part}) {title}: **CUT SHORT** after {r['seconds']:.0f} s, its share of the budget")
+            lines.append(f"- ({part}) {title}: **CUT SHORT** after {r['seconds']:.0f} s, "
+                         "its share of the budget")
         elif r['code'] != 0:
             last = (out.strip().splitlines() or [''])[-1].strip()
             lines.append(f"- ({part}) {title}: **FAILED** (exit code {r['code']}): {last[:300]}")
@@ -157,20 +175,24 @@ def summarize(results, out_dir, quick):
         elif part == 'b':
             rows = [l.split() for l in out.splitlines() if re.match(r'\s*\d+\s+\w+\s+[\d.]+\s+[\d.]+', l)]
             for row in rows:
-                mark = ' (target met)' if row[1] == 'grouped' and float(row[6]) >= 100 * TARGETS['layer'] and not quick else ''
+                mark = (' (target met)' if row[1] == 'grouped' and float(row[6]) >= 100 * TARGETS['layer']
+                        and not quick else '')
                 lines.append(f"- (b) {title}, `{row[1]}`: {row[2]} ms, {float(row[3]):.2f}x the dense MLP, "
                              f"{row[5]} GFLOP/s = {row[6]}% of the dense GEMM{mark}")
         elif part == 'c':
             for l in out.splitlines():
                 ratio = re.match(r'model / dense twin.*?: ([\d.]+)x', l)
-                mark = ' (target met)' if ratio and float(ratio.group(1)) <= TARGETS['step'] and not quick else ''
+                mark = (' (target met)' if ratio and float(ratio.group(1)) <= TARGETS['step'] and not quick
+                        else '')
                 if 'ms/iter' in l or ' / ' in l and 'x (' in l:
                     lines.append(f"- (c) {l.strip()}{mark}")
         elif part == 'd':
             log = os.path.join(out_dir, 'log.jsonl')
-            val = [r['val/ce'] for r in map(json.loads, open(log)) if 'val/ce' in r] if os.path.exists(log) else []
+            val = [r['val/ce'] for r in map(json.loads, open(log))
+                   if 'val/ce' in r] if os.path.exists(log) else []
             if val:
-                met = 'no target (--quick)' if quick else 'target met' if val[-1] < TARGETS['val'] else 'target not met'
+                met = ('no target (--quick)' if quick else
+                       'target met' if val[-1] < TARGETS['val'] else 'target not met')
                 lines.append(f"- (d) {title}: val loss {val[-1]:.4f} ({met})")
     return lines
 
@@ -180,7 +202,8 @@ def write_report(path, header, results, pending, out_dir, quick):
     text += [f"- ({part}) {title}: pending" for part, title in pending] + ['']
     for r in results:
         status = (f"not run: {r['why']}" if r['status'] == 'not run' else
-                  f"cut short after {r['seconds']:.0f} s (its share of the budget), killed" if r['status'] == 'cut short' else
+                  f"cut short after {r['seconds']:.0f} s (its share of the budget), killed"
+                  if r['status'] == 'cut short' else
                   f"exit code {r['code']}, {r['seconds']:.0f} s")
         text += [f"## ({r['part']}) {r['title']}", '', status, '']
         if r['status'] != 'not run':
@@ -193,13 +216,19 @@ def write_report(path, header, results, pending, out_dir, quick):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[1])
-    parser.add_argument('--quick', action='store_true', help='tiny sizes on the CPU (what the test suite runs)')
-    parser.add_argument('--long', action='store_true', help='(d) trains to the project goal (give a --budget for it)')
-    parser.add_argument('--out', default='gpu_check.md', help='the report: a file, or a folder to write gpu_check.md in')
-    parser.add_argument('--budget', type=float, default=None, help='seconds the whole check may take, start-up '
+    parser.add_argument('--quick', action='store_true',
+                        help='tiny sizes on the CPU (what the test suite runs)')
+    parser.add_argument('--long', action='store_true',
+                        help='(d) trains to the project goal (give a --budget for it)')
+    parser.add_argument('--out', default='gpu_check.md',
+                        help='the report: a file, or a folder to write gpu_check.md in')
+    parser.add_argument('--budget', type=float, default=None,
+                        help='seconds the whole check may take, start-up '
                         'included (default 540, with --long 4800); each part gets a share')
-    parser.add_argument('--parts', default='abcd', help='which parts to run, e.g. "bc" (they run in the order a, b, d, c)')
-    parser.add_argument('--out_dir', default=time.strftime('out-gpu-check-%Y%m%d-%H%M%S'), help="(d)'s run: a new folder")
+    parser.add_argument('--parts', default='abcd', help='which parts to run, e.g. "bc" '
+                                                        '(they run in the order a, b, d, c)')
+    parser.add_argument('--out_dir', default=time.strftime('out-gpu-check-%Y%m%d-%H%M%S'),
+                        help="(d)'s run: a new folder")
     args = parser.parse_args()
     budget = args.budget or (4800 if args.long else 540)
     if not args.quick and not torch.cuda.is_available():
@@ -208,23 +237,28 @@ def main():
         fail(f"--parts={args.parts!r}: allowed letters a, b, c, d")
     if 'd' in args.parts and os.path.exists(args.out_dir):
         fail(f"--out_dir={args.out_dir!r} exists: (d) trains from scratch into a new folder")
-    report = os.path.join(args.out, 'gpu_check.md') if os.path.isdir(args.out) or args.out.endswith(os.sep) else args.out
+    report = (os.path.join(args.out, 'gpu_check.md') if os.path.isdir(args.out) or args.out.endswith(os.sep)
+              else args.out)
     os.makedirs(os.path.dirname(os.path.abspath(report)), exist_ok=True)
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))  # stop as Ctrl-C does: run() kills the part
+    # stop as Ctrl-C does: run() kills the part
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))
     device = 'CPU (--quick)' if args.quick else (
-        f"{torch.cuda.get_device_name()} (sm{''.join(map(str, torch.cuda.get_device_capability()))}; expert_impl='auto' "
-        f"picks {auto_expert_impl('cuda', 'bfloat16', 1536)[0]!r} in bf16, {auto_expert_impl('cuda', 'float16', 1536)[0]!r} in fp16)")
+        f"{torch.cuda.get_device_name()} (sm{''.join(map(str, torch.cuda.get_device_capability()))}; "
+        f"expert_impl='auto' picks {auto_expert_impl('cuda', 'bfloat16', 1536)[0]!r} in bf16, "
+        f"{auto_expert_impl('cuda', 'float16', 1536)[0]!r} in fp16)")
     header = ['# nanoMoE GPU check', '',
-              f"{device}; torch {torch.__version__}, CUDA {torch.version.cuda}, python {platform.python_version()}; "
-              f"{time.strftime('%Y-%m-%d %H:%M')}; `{' '.join(['python3 tools/gpu_check.py'] + sys.argv[1:])}`; "
-              f"budget {budget:.0f} s", '',
-              f"Targets (issue 17): MoE layer `grouped` >= {TARGETS['layer']:.0%} of the dense GEMM's FLOP/s; "
-              f"MoE step <= {TARGETS['step']}x its dense twin; shakespeare_char MoE val loss < {TARGETS['val']}.", '']
+              f"{device}; torch {torch.__version__}, CUDA {torch.version.cuda}, "
+              f"python {platform.python_version()}; {time.strftime('%Y-%m-%d %H:%M')}; "
+              f"`{' '.join(['python3 tools/gpu_check.py'] + sys.argv[1:])}`; budget {budget:.0f} s", '',
+              f"Targets (issue 17): MoE layer `grouped` >= {TARGETS['layer']:.0%} of the dense GEMM's "
+              f"FLOP/s; MoE step <= {TARGETS['step']}x its dense twin; "
+              f"shakespeare_char MoE val loss < {TARGETS['val']}.", '']
     out_dir = os.path.abspath(args.out_dir)
     todo = [t for t in parts(args.quick, args.long, out_dir) if t[0] in args.parts]
     missing = [f for f in DATA if not os.path.exists(os.path.join(ROOT, 'data', 'shakespeare_char', f))]
-    why_not = {'d': (f"data/shakespeare_char/{', '.join(missing)} missing: run python3 data/shakespeare_char/prepare.py "
-                     f"where the data is and bring train.bin, val.bin and meta.pkl along") if missing else None,
+    why_not = {'d': (f"data/shakespeare_char/{', '.join(missing)} missing: "
+                     "run python3 data/shakespeare_char/prepare.py where the data is and bring train.bin, "
+                     "val.bin and meta.pkl along") if missing else None,
                'a': None if importlib.util.find_spec('pytest') else 'pytest is not installed'}
     for part, why in why_not.items():
         if why and part in args.parts:
@@ -242,13 +276,17 @@ def main():
             print(f"({part}) {title}, {seconds:.0f} s at most: {' '.join(cmd[1:])}", flush=True)
             try:
                 code, out, took, cut = run(cmd, seconds)
-            except (KeyboardInterrupt, SystemExit):  # the part is killed by now; the report says where it stopped
-                results.append(dict(part=part, title=title, cmd=cmd, status='not run', why='the check was stopped here'))
-                write_report(report, header, results, [(p, t) for p, t, _, _ in todo[i + 1:]], out_dir, args.quick)
+            # the part is killed by now; the report says where it stopped
+            except (KeyboardInterrupt, SystemExit):
+                results.append(dict(part=part, title=title, cmd=cmd, status='not run',
+                                    why='the check was stopped here'))
+                write_report(report, header, results, [(p, t) for p, t, _, _ in todo[i + 1:]], out_dir,
+                             args.quick)
                 raise
             status = 'cut short' if cut else 'passed' if code == 0 else 'failed'
             print(f"    {status}: exit code {code}, {took:.0f} s", flush=True)
-            results.append(dict(part=part, title=title, cmd=cmd, status=status, code=code, out=out, seconds=took))
+            results.append(dict(part=part, title=title, cmd=cmd, status=status, code=code, out=out,
+                                seconds=took))
         write_report(report, header, results, [(p, t) for p, t, _, _ in todo[i + 1:]], out_dir, args.quick)
     print(f"wrote {report} ({time.time() - T0:.0f} s)")
     sys.exit(0 if all(r['status'] == 'passed' for r in results) else 1)

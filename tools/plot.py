@@ -17,7 +17,8 @@ import matplotlib
 matplotlib.use('Agg')  # files only, no display
 import matplotlib.pyplot as plt
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root, for its modules
+# the repo root, for its modules
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configurator import configure, fail  # noqa: E402
 from checkpoint import read_log, CheckpointError  # noqa: E402
 
@@ -42,7 +43,8 @@ def plot_losses(steps, evals, path):
                 label='training step')
         if key == 'ce':
             for split in ('train', 'val'):
-                ax.plot([r['iter'] for r in evals], [r[f'{split}/ce'] for r in evals], marker='o', label=f'{split} (eval)')
+                ax.plot([r['iter'] for r in evals], [r[f'{split}/ce'] for r in evals], marker='o',
+                        label=f'{split} (eval)')
             ax.legend()
         ax.set(title=title, xlabel='iteration')
     fig.tight_layout()
@@ -69,7 +71,8 @@ def plot_load(steps, layers, path):
 def plot_probe(evals, layers, path):
     fig, axes = plt.subplots(1, 2, figsize=(13, 4))
     for key, ax, title, ylabel in (
-            ('flip_rate', axes[0], 'routing flip rate: probe tokens whose top-1 expert changed since the last eval',
+            ('flip_rate', axes[0], 'routing flip rate: '
+                                   'probe tokens whose top-1 expert changed since the last eval',
              'fraction of tokens'),
             ('dead_fraction', axes[1], 'dead experts: under 10% of the uniform share of the probe batch',
              'fraction of experts')):

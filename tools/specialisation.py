@@ -14,7 +14,8 @@ import sys
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root, for its modules
+# the repo root, for its modules
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configurator import configure, fail  # noqa: E402
 from checkpoint import load_checkpoint, load_meta, CheckpointError  # noqa: E402
 from moe_model import build_model  # noqa: E402
@@ -30,7 +31,8 @@ top_tokens = 8  # tokens listed per expert
 heatmap_tokens = 30  # most frequent tokens in the image
 device = 'cpu'
 # -----------------------------------------------------------------------------
-config = configure({k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, str))},
+config = configure({k: v for k, v in globals().items() if not k.startswith('_')
+                    and isinstance(v, (int, str))},
                    sys.argv[1:])
 globals().update(config)
 plot_dir = plot_dir or out_dir
@@ -68,7 +70,8 @@ counts = {i: torch.zeros(E, V, dtype=torch.long) for i in layers}
 starts = np.linspace(0, len(data) - T - 1, n_windows).astype(np.int64)
 with torch.no_grad():
     for b in range(0, n_windows, batch_size):
-        idx = torch.stack([torch.from_numpy(data[s:s + T].astype(np.int64)) for s in starts[b:b + batch_size]])
+        idx = torch.stack([torch.from_numpy(data[s:s + T].astype(np.int64))
+                           for s in starts[b:b + batch_size]])
         model(idx.to(device))
         tokens = idx.reshape(-1)  # in the order of layer.topk_idx's rows: b * T + t
         for i, layer in model.moe_layers().items():
@@ -77,8 +80,9 @@ with torch.no_grad():
 
 # the table
 lines = [f"# Token specialisation of {os.path.join(out_dir, ckpt)} (iter {checkpoint['iter_num']})", '',
-         f"{n_windows} windows of {T} tokens of the {split} split. Per expert: its share of all token-slots, then its "
-         f"{top_tokens} most frequent tokens as `token` count (share of that token's occurrences sent to this expert; "
+         f"{n_windows} windows of {T} tokens of the {split} split. Per expert: its share of all token-slots, "
+         f"then its {top_tokens} most frequent tokens as `token` count "
+         "(share of that token's occurrences sent to this expert; "
          f"uniform routing would give {model.config.top_k / E:.0%}).", '']
 for i in layers:
     c = counts[i]
@@ -86,7 +90,8 @@ for i in layers:
     lines += [f"## layer {i}", '', '| expert | slots | most frequent tokens |', '|---|---|---|']
     for e in range(E):
         top = c[e].topk(top_tokens).indices.tolist()
-        cells = ', '.join(f"`{show(t)}` {c[e, t]} ({c[e, t] * k / per_token[t]:.0%})" for t in top if c[e, t] > 0)
+        cells = ', '.join(f"`{show(t)}` {c[e, t]} ({c[e, t] * k / per_token[t]:.0%})" for t in top
+                          if c[e, t] > 0)
         lines.append(f"| {e} | {c[e].sum() / c.sum():.1%} | {cells} |")
     lines.append('')
 os.makedirs(plot_dir, exist_ok=True)
@@ -99,7 +104,8 @@ import matplotlib
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt
 frequent = counts[layers[0]].sum(0).topk(min(heatmap_tokens, V)).indices.tolist()
-fig, axes = plt.subplots(1, len(layers), figsize=(1.2 + 0.35 * E * len(layers) + 1.5 * len(layers), 0.25 * len(frequent) + 1.5),
+fig, axes = plt.subplots(1, len(layers), figsize=(1.2 + 0.35 * E * len(layers) + 1.5 * len(layers),
+                                                  0.25 * len(frequent) + 1.5),
                          squeeze=False)
 for ax, i in zip(axes[0], layers):
     c = counts[i][:, frequent].float()

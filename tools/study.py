@@ -32,13 +32,16 @@ import subprocess
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root, for its modules
+# the repo root, for its modules
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configurator import configure, fail  # noqa: E402
 from checkpoint import load_checkpoint, read_log, CheckpointError  # noqa: E402
 from moe_model import build_model  # noqa: E402
 
 # -----------------------------------------------------------------------------
-runs = {}  # run name -> train.py arguments (config files and --key=value), e.g. {'moe8': ['config/x.py', '--n_expert=8']}
+# run name -> train.py arguments (config files and --key=value),
+# e.g. {'moe8': ['config/x.py', '--n_expert=8']}
+runs = {}
 seeds = []  # each run once per seed, as '<name>-s<seed>' with --seed=<seed>; []: once, as named
 baselines = {}  # run name -> the run it is measured against (the second table), e.g. {'moe8': 'dense'}
 out_dir = 'out-study'  # each run trains in out_dir/<run name>
@@ -74,12 +77,14 @@ def train(name, args):
         print(f"{name}: finished earlier ({done}/{max_iters} iters), skipping")
         return True
     resume = ['--init_from=resume'] if max_iters is not None else []
-    print(f"{name}: {'resuming at iter ' + str(done) if resume else 'training'}: train.py {' '.join(args)}", flush=True)
+    print(f"{name}: {'resuming at iter ' + str(done) if resume else 'training'}: train.py {' '.join(args)}",
+          flush=True)
     os.makedirs(run_dir, exist_ok=True)
     t0 = time.time()
     with open(os.path.join(run_dir, 'train.log'), 'a') as log:
         p = subprocess.run([sys.executable, os.path.join(ROOT, 'train.py'), *args, f'--out_dir={run_dir}',
-                            f'--wandb_run_name={title}-{name}', *resume], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+                            f'--wandb_run_name={title}-{name}', *resume], cwd=ROOT, stdout=log,
+                            stderr=subprocess.STDOUT)
     print(f"{name}: exit code {p.returncode} after {(time.time() - t0) / 60:.1f} min", flush=True)
     return p.returncode == 0
 
@@ -130,8 +135,9 @@ def run_curve(run_dir, failed):
              'val': np.array([r['val/ce'] for r in evals]),
              'best_val': min(r['val/ce'] for r in evals), 'train': evals[-1]['train/ce'],
              'params': (model.get_num_params(), model.get_num_params(active=True))}
-    # routing, averaged over the MoE layers: max/mean load of the last logged step, and on the last eval's probe
-    # batch the dead-expert fraction and the flip rate (none for a dense run)
+    # routing, averaged over the MoE layers: max/mean load
+    # of the last logged step, and on the last eval's probe batch the
+    # dead-expert fraction and the flip rate (none for a dense run)
     for col, rows, key in (('max_load', steps, '/max_load'), ('dead', evals, '/dead_fraction'),
                            ('flips', evals, '/flip_rate')):
         values = [v for k, v in (rows[-1] if rows else {}).items() if k.endswith(key)]
@@ -212,8 +218,8 @@ def write_table(curves, failed, trained, errors):
              f"training FLOPs count active parameters (model.estimate_mfu); train min adds up the logged "
              f"step times (evals excluded); max/mean load (last logged step), dead experts and flip rate "
              f"(last eval's probe batch) are means over the MoE layers; runs are in `{out_dir}/`.", '',
-             '| run | train.py arguments | params total / active | val loss | best val loss | train loss | iters | '
-             'tokens | train FLOPs | train min | max/mean load | dead experts | flip rate |',
+             '| run | train.py arguments | params total / active | val loss | best val loss | train loss | '
+             'iters | tokens | train FLOPs | train min | max/mean load | dead experts | flip rate |',
              '|---|---|---|---|---|---|---|---|---|---|---|---|---|']
     for name, c in curves.items():
         ran = {run for run, _ in trained[name]}

@@ -5,7 +5,8 @@
 # eval batches (the continuations restart the data order: they see steps 0-499's batches again, with a
 # fresh warmup and cosine schedule). Two seeds.
 # $ OMP_NUM_THREADS=2 python tools/study.py config/study/upcycle.py
-title = 'sparse upcycling: dense 1000 steps + 500 dense / upcycled MoE, vs an MoE from scratch for 1500 (shakespeare_char, CPU)'
+title = ('sparse upcycling: dense 1000 steps + 500 dense / upcycled MoE, vs an MoE from scratch for 1500 '
+         '(shakespeare_char, CPU)')
 out_dir = 'out-study-upcycle'
 results = 'assets/study_upcycle'
 _more_evals = ['--eval_interval=100', '--log_interval=25']  # denser curves; evals do not change training
@@ -17,5 +18,5 @@ for _seed in (1337, 1338):
     runs[f'dense-{_seed}'] = _dense
     runs[f'dense-cont-{_seed}'] = _dense + [_pretrained, *_then]
     runs[f'upcycled-{_seed}'] = _dense + [_pretrained, *_then, '--n_expert=8', '--expert_hidden=256']
-    runs[f'scratch-moe-{_seed}'] = ['config/train_shakespeare_char_moe_cpu.py', *_more_evals, f'--seed={_seed}',
-                                    '--max_iters=1500', '--lr_decay_iters=1500']
+    runs[f'scratch-moe-{_seed}'] = ['config/train_shakespeare_char_moe_cpu.py', *_more_evals,
+                                    f'--seed={_seed}', '--max_iters=1500', '--lr_decay_iters=1500']

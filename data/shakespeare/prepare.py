@@ -25,7 +25,8 @@ from prepare_common import die  # noqa: E402
 from tiktoken_offline import BPE_DIR_ENV, get_gpt2_encoding  # noqa: E402
 
 DATA_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-SHARED_INPUT = os.path.normpath(os.path.join(REPO_ROOT, "..", "shared", "data", "tinyshakespeare", "input.txt"))
+SHARED_INPUT = os.path.normpath(os.path.join(REPO_ROOT, "..", "shared", "data", "tinyshakespeare",
+                                             "input.txt"))
 OFFLINE_ENV = "NANOMOE_OFFLINE"  # set to 1 to skip any download attempt
 
 
@@ -77,13 +78,15 @@ def write_bin(ids, path):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Tokenize tiny shakespeare with the GPT-2 BPE into train.bin/val.bin.")
+    p = argparse.ArgumentParser(description="Tokenize tiny shakespeare with the GPT-2 BPE into "
+                                            "train.bin/val.bin.")
     p.add_argument("input", nargs="?", default=None,
                    help="text file to use instead of downloading (default: download input.txt next to this "
                         "script, falling back to ../shared/data/tinyshakespeare/input.txt offline)")
     p.add_argument("--out_dir", default=HERE, help="where to write train.bin/val.bin (default: %(default)s)")
     p.add_argument("--offline", action="store_true", help=f"never try to download (also: {OFFLINE_ENV}=1)")
-    p.add_argument("--timeout", type=float, default=10.0, help="download timeout in seconds (default: %(default)s)")
+    p.add_argument("--timeout", type=float, default=10.0,
+                   help="download timeout in seconds (default: %(default)s)")
     p.add_argument("--bpe_dir", default=None,
                    help=f"folder with GPT-2 encoder.json/vocab.bpe to seed tiktoken's cache when offline "
                         f"(also: {BPE_DIR_ENV}; default: ../shared/data/gpt2-bpe)")
