@@ -71,9 +71,9 @@ wandb_run_name = 'gpt2-moe'  # 'run' + str(time.time())
 dataset = 'openwebtext'
 gradient_accumulation_steps = 5 * 8  # used to simulate larger batch sizes
 batch_size = 12  # if gradient_accumulation_steps > 1, this is the micro-batch size
-# model: every key of moe_model.MoEConfig (GPTConfig's and
-# the MoE's, block_size among them; n_expert = 0 trains the dense GPT), at its default there (what each key
-# is, and the router presets: moe_model.py), except for these
+# model: every key of moe_model.MoEConfig (GPTConfig's and the MoE's, block_size among them; n_expert = 0
+# trains the dense GPT), at its default there (what each key is, and the router presets: moe_model.py),
+# except for these
 globals().update({f.name: f.default for f in fields(MoEConfig)})
 bias = False  # do we use bias inside LayerNorm and Linear layers?
 vocab_size = 0  # 0: from the dataset's meta.pkl, else GPT-2's 50304
