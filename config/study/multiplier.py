@@ -6,8 +6,8 @@
 #   moe8     8 experts of mlp_hidden / 2, top-2 (3.0x the dense model's parameters at M)
 #   moe32    32 fine-grained experts of mlp_hidden / 8, top-8 (as many parameters; OLMoE's granularity)
 # and at M, the dense model and moe8 again with optimizer='muon' (muon.py: Muon for the hidden matrices
-# and every expert's, AdamW for the rest; muon_lr 0.02). Within a size every run takes the same steps (768 tokens
-# each), the same cosine schedule (lr 1e-3 to 1e-4, 100 warmup steps) and, per seed, the same data order
+# and every expert's, AdamW for the rest; muon_lr 0.02). Within a size every run takes the same steps
+# (768 tokens each), the same cosine schedule (lr 1e-3 to 1e-4, 100 warmup steps) and, per seed, the same data order
 # and eval batches. Two seeds. The table's second part (tools/study.py, baselines) gives per run the
 # compute multiplier against its dense twin (dense FLOPs to reach the run's final val loss over the run's
 # FLOPs), the same in training seconds, and the loss gaps at equal FLOPs and equal seconds; Muon's dense
