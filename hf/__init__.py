@@ -38,6 +38,12 @@ GPT2_SIZES = {'gpt2': (12, 12, 768), 'gpt2-medium': (24, 16, 1024), 'gpt2-large'
               'gpt2-xl': (48, 25, 1600)}  # n_embd
 
 
+# GPT2LMHeadModel settings and the values that model.GPT computes (its GELU is exact, within ~1e-3 of
+# GPT-2's tanh one, as nanoGPT's from_pretrained takes it)
+GPT2_FIELDS = {'activation_function': ('gelu_new', 'gelu', 'gelu_pytorch_tanh'), 'tie_word_embeddings': (True,),
+               'scale_attn_weights': (True,), 'scale_attn_by_inverse_layer_idx': (False,)}
+
+
 def load_gpt2(model_type, dropout=0.0):
     """A GPT with GPT-2's weights (model.GPT.from_pretrained, as in nanoGPT): model_type is 'gpt2',
     'gpt2-medium', 'gpt2-large', 'gpt2-xl', or a local folder holding a GPT2LMHeadModel (save_pretrained).
@@ -46,12 +52,20 @@ def load_gpt2(model_type, dropout=0.0):
     print("loading weights from pretrained gpt: %s" % model_type)
     offline = None if os.path.isdir(model_type) else hub_unreachable()
     try:  # offline, the cache only: transformers would retry the Hub for ~30 s before it failed
-        model_hf = GPT2LMHeadModel.from_pretrained(model_type, local_files_only=offline is not None)
+        model_hf, info = GPT2LMHeadModel.from_pretrained(model_type, local_files_only=offline is not None,
+                                                         output_loading_info=True)
     except Exception as e:  # whatever transformers raises, one line
         lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
         why = f"they are not in the Hugging Face cache, and {offline}" if offline else lines[0][:300]
         raise ValueError(f"cannot load GPT-2 weights from {model_type!r}: {why}") from None
+    # a weight transformers would make up (missing), or a setting our GPT does not compute: never silently
+    if bad := [k for k in ('missing_keys', 'unexpected_keys', 'mismatched_keys') if info.get(k)]:
+        raise ValueError(f"{model_type}: {bad[0].replace('_', ' ')} {sorted(info[bad[0]])[:3]}")
     c = model_hf.config
+    for field, allowed in GPT2_FIELDS.items():
+        if getattr(c, field, allowed[0]) not in allowed:
+            raise ValueError(f"{model_type}: config.json {field}={getattr(c, field)!r}, this repo's GPT "
+                             f"computes {' or '.join(map(repr, allowed))}")
     bias = getattr(c, 'bias', True)  # False: a bias=False model that export_dense wrote, its biases zeros
     model = GPT(GPTConfig(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, vocab_size=c.vocab_size,
                           block_size=c.n_positions, bias=bias, dropout=dropout, mlp_hidden=c.n_inner or 0,
@@ -227,6 +241,8 @@ def hf_config(folder):
         raise ValueError(f"{path} cannot be read as JSON ({' '.join(str(e).split())[:200]})") from None
     if not isinstance(cfg, dict):
         raise ValueError(f"{path} is not a JSON object of config keys")
+    if not isinstance(cfg.get('model_type'), str):  # (transformers refuses such a folder too; never a guess)
+        raise ValueError(f"{path} has no model_type: which model it holds is unknown")
     return cfg
 
 

@@ -231,6 +231,32 @@ def test_a_class_this_repo_does_not_load_is_one_error_line(tmp_path):
         load_hf_folder(str(tmp_path))
 
 
+@pytest.mark.parametrize('case', ['no model_type', 'relu', 'untied', 'unscaled', 'missing weight'])
+def test_a_gpt2_folder_that_is_not_gpt2s_model_is_one_error_line(case, tmp_path):
+    """GPT-2 folders are checked as the native classes are: a config.json without model_type (a Mixtral's
+    loaded as GPT-2 with every weight made up, before), a setting model.GPT does not compute, a missing
+    weight."""
+    changes = {'relu': dict(activation_function='relu'), 'untied': dict(tie_word_embeddings=False),
+               'unscaled': dict(scale_attn_weights=False)}.get(case, {})
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=65,
+                                                                 n_positions=64, **changes))
+    model.save_pretrained(tmp_path)
+    path = tmp_path / 'config.json'
+    if case == 'no model_type':
+        path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != 'model_type'}))
+    if case == 'missing weight':
+        from safetensors.torch import load_file, save_file
+        sd = load_file(tmp_path / 'model.safetensors')
+        del sd['transformer.h.1.mlp.c_fc.weight']
+        save_file(sd, tmp_path / 'model.safetensors', metadata={'format': 'pt'})
+    want = {'no model_type': 'has no model_type', 'relu': "activation_function='relu'",
+            'untied': 'tie_word_embeddings=False', 'unscaled': 'scale_attn_weights=False',
+            'missing weight': 'missing keys'}[case]
+    with pytest.raises(ValueError) as e:
+        load_hf_folder(str(tmp_path))
+    assert '\n' not in str(e.value) and want in str(e.value), str(e.value)
+
+
 @pytest.mark.slow
 def test_sample_and_train_refuse_a_folder_in_one_line(shakespeare_char, tmp_path):
     """The issue's case: sample.py once loaded a Mixtral folder as a GPT-2 and printed noise, exit 0."""
