@@ -26,7 +26,8 @@ import torch
 
 from model import GPT, GPTConfig
 from moe_model import EXPORTED_KEYS, build_model
-from hf.native import NATIVE, choose, export_native, hf_kwargs, load_native, native_model_args
+from hf.native import (NATIVE, check_loading_info, choose, export_native, hf_kwargs, load_native,
+                       native_model_args)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,8 +41,9 @@ GPT2_SIZES = {'gpt2': (12, 12, 768), 'gpt2-medium': (24, 16, 1024), 'gpt2-large'
 
 # GPT2LMHeadModel settings and the values that model.GPT computes (its GELU is exact, within ~1e-3 of
 # GPT-2's tanh one, as nanoGPT's from_pretrained takes it)
-GPT2_FIELDS = {'activation_function': ('gelu_new', 'gelu', 'gelu_pytorch_tanh'), 'tie_word_embeddings': (True,),
-               'scale_attn_weights': (True,), 'scale_attn_by_inverse_layer_idx': (False,)}
+GPT2_FIELDS = {'activation_function': ('gelu_new', 'gelu', 'gelu_pytorch_tanh'),
+               'tie_word_embeddings': (True,), 'scale_attn_weights': (True,),
+               'scale_attn_by_inverse_layer_idx': (False,)}
 
 
 def load_gpt2(model_type, dropout=0.0):
@@ -58,10 +60,8 @@ def load_gpt2(model_type, dropout=0.0):
         lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
         why = f"they are not in the Hugging Face cache, and {offline}" if offline else lines[0][:300]
         raise ValueError(f"cannot load GPT-2 weights from {model_type!r}: {why}") from None
-    # a weight transformers would make up (missing), or a setting our GPT does not compute: never silently
-    if bad := [k for k in ('missing_keys', 'unexpected_keys', 'mismatched_keys') if info.get(k)]:
-        raise ValueError(f"{model_type}: {bad[0].replace('_', ' ')} {sorted(info[bad[0]])[:3]}")
-    c = model_hf.config
+    check_loading_info(model_type, info)
+    c = model_hf.config  # a setting our GPT does not compute: never silently
     for field, allowed in GPT2_FIELDS.items():
         if getattr(c, field, allowed[0]) not in allowed:
             raise ValueError(f"{model_type}: config.json {field}={getattr(c, field)!r}, this repo's GPT "
@@ -241,7 +241,7 @@ def hf_config(folder):
         raise ValueError(f"{path} cannot be read as JSON ({' '.join(str(e).split())[:200]})") from None
     if not isinstance(cfg, dict):
         raise ValueError(f"{path} is not a JSON object of config keys")
-    if not isinstance(cfg.get('model_type'), str):  # (transformers refuses such a folder too; never a guess)
+    if not isinstance(cfg.get('model_type'), str):  # (transformers refuses it too; never a guess)
         raise ValueError(f"{path} has no model_type: which model it holds is unknown")
     return cfg
 
@@ -257,11 +257,11 @@ def hf_model_args(init_from):
     cfg = hf_config(init_from)
     if cfg is None:
         raise ValueError(f"init_from={init_from!r} is neither a GPT-2 name nor a folder with a config.json")
-    if cfg.get('model_type') == 'nanomoe':  # a key it lacks (an older export: fewer) is MoEConfig's default
+    if cfg['model_type'] == 'nanomoe':  # a key it lacks (an older export: fewer) is MoEConfig's default
         if 'num_experts_per_tok' not in cfg:  # (every export wrote it)
             raise ValueError(f"{os.path.join(init_from, 'config.json')} has no num_experts_per_tok (top_k)")
         return dict(top_k=cfg['num_experts_per_tok'], **{k: cfg[k] for k in EXPORTED_KEYS if k in cfg})
-    if cfg.get('model_type', 'gpt2') == 'gpt2':
+    if cfg['model_type'] == 'gpt2':
         return dict(n_layer=cfg.get('n_layer', 12), n_head=cfg.get('n_head', 12),
                     n_embd=cfg.get('n_embd', 768), block_size=cfg.get('n_positions', 1024),
                     vocab_size=cfg.get('vocab_size', 50257),
@@ -285,7 +285,7 @@ def load_hf_folder(folder, run_args=None):
     cfg = hf_config(folder)
     if cfg is None:
         raise ValueError(f"{folder} has no config.json: it is not a Hugging Face model folder")
-    if cfg.get('model_type', 'gpt2') == 'gpt2':
+    if cfg['model_type'] == 'gpt2':
         return load_gpt2(folder, (run_args or {}).get('dropout', 0.0))
     folder_args = hf_model_args(folder)  # (a native folder's config checked, with run_args too)
     model = build_model(run_args or folder_args)

@@ -273,15 +273,21 @@ def native_model_args(folder, raw):
     return args
 
 
+def check_loading_info(folder, info):
+    """ValueError (one line) if transformers' loading report (from_pretrained(output_loading_info=True)) has
+    a weight it made up (missing), left out (unexpected) or reshaped (mismatched): never silently."""
+    for kind in ('missing_keys', 'unexpected_keys', 'mismatched_keys'):
+        if info.get(kind):
+            raise ValueError(f"{folder}: transformers reports {kind.replace('_', ' ')} for its weights, "
+                             f"e.g. {sorted(info[kind])[0]}: the files do not match config.json")
+
+
 def load_native(folder, model):
     """model (built from native_model_args) with the weights of folder, read by transformers itself."""
     import transformers
     hf, info = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
                                                                  output_loading_info=True)
-    for kind in ('missing_keys', 'unexpected_keys', 'mismatched_keys'):
-        if info.get(kind):
-            raise ValueError(f"{folder}: transformers reports {kind.replace('_', ' ')} for its weights, "
-                             f"e.g. {sorted(info[kind])[0]}: the files do not match config.json")
+    check_loading_info(folder, info)
     sd_hf, sd = hf.state_dict(), {}
     for ours, theirs, how in weight_names(model.config):
         if how == 'cat':

@@ -238,12 +238,13 @@ def test_a_gpt2_folder_that_is_not_gpt2s_model_is_one_error_line(case, tmp_path)
     weight."""
     changes = {'relu': dict(activation_function='relu'), 'untied': dict(tie_word_embeddings=False),
                'unscaled': dict(scale_attn_weights=False)}.get(case, {})
-    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=65,
-                                                                 n_positions=64, **changes))
-    model.save_pretrained(tmp_path)
+    config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=65, n_positions=64, **changes)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path)
     path = tmp_path / 'config.json'
     if case == 'no model_type':
-        path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != 'model_type'}))
+        cfg = json.loads(path.read_text())
+        del cfg['model_type']
+        path.write_text(json.dumps(cfg))
     if case == 'missing weight':
         from safetensors.torch import load_file, save_file
         sd = load_file(tmp_path / 'model.safetensors')
