@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from model import GPT, GPTConfig
 from moe_model import (MoEConfig, MoEGPT, MoE, Router, build_model, model_args_of, load_balance_loss,
-                       router_z_loss)
+                       router_z_loss, cpu_kernel_available)
 
 SMALL = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=97, dropout=0.0)
 
@@ -266,6 +266,7 @@ def test_a_compiled_model_compiles_once_for_training_and_once_for_eval(n_expert)
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = build_model(dict(SMALL, n_expert=n_expert, top_k=2, expert_hidden=32, expert_impl='grouped'))
+    cpu_kernel_available()  # as train.py before compiling: a trace cannot build the CPU kernel (run alone)
     compiled = torch.compile(model, backend=backend)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     x, y = torch.randint(97, (4, 16)), torch.randint(97, (4, 16))
