@@ -7,6 +7,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/Version.h>
+#include <torch/autograd.h>
 #include <torch/library.h>
 #include <immintrin.h>
 
@@ -594,6 +595,121 @@ std::tuple<at::Tensor, at::Tensor> router_losses_backward(
   return {grad_logits, grad_probs};
 }
 
+// ---------------------------------------------------------------------------------------------------
+// The three ops' autograd, here rather than in Python (torch.library.register_autograd): its Python
+// wrapper cost ~0.1 ms per op and per pass, some 3 ms of a small MoE's step. Each forward calls its op
+// below autograd through the dispatcher (under torch.compile the inputs are fake tensors, which only
+// fused.py's fake implementations take); each backward calls the backward op.
+
+template <typename F>
+auto op(const char* name) {  // the op's dispatcher handle, looked up on first use (fused.py defines it)
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<F>();
+}
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+using OptTensor = std::optional<at::Tensor>;
+OptTensor given(const at::Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
+
+struct FusedExperts : torch::autograd::Function<FusedExperts> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& topk_idx,
+                               const at::Tensor& topk_weight, const at::Tensor& c_fc,
+                               const OptTensor& c_fc_bias,
+                               const at::Tensor& c_proj, const OptTensor& c_proj_bias, c10::string_view act) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    static auto f = op<decltype(fused_experts)>("nanomoe::fused_experts");
+    auto [y, counts, order, xs, h, a, out] = f.call(x, topk_idx, topk_weight, c_fc, c_fc_bias, c_proj,
+                                                     c_proj_bias, act);
+    ctx->mark_non_differentiable({counts, order, xs, h, a, out});  // kept for the backward, not results
+    ctx->set_materialize_grads(false);  // their gradients stay undefined, not zeros the size of activations
+    ctx->save_for_backward({topk_weight, c_fc, c_proj, counts, order, xs, h, a, out});
+    ctx->saved_data["act"] = std::string(act);
+    ctx->saved_data["fc_bias"] = c_fc_bias.has_value();
+    ctx->saved_data["proj_bias"] = c_proj_bias.has_value();
+    return {y, counts, order, xs, h, a, out};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!grads[0].defined()) return variable_list(8);
+    auto s = ctx->get_saved_variables();
+    const bool fc_bias = ctx->saved_data["fc_bias"].toBool();
+    const bool proj_bias = ctx->saved_data["proj_bias"].toBool();
+    static auto f = op<decltype(fused_experts_backward)>("nanomoe::fused_experts_backward");
+    auto [gx, gw, g_fc, g_fc_bias, g_proj, g_proj_bias] = f.call(
+        grads[0], s[0], s[1], s[2], fc_bias || proj_bias, ctx->saved_data["act"].toStringRef(), s[3], s[4],
+        s[5], s[6], s[7], s[8]);
+    return {gx, at::Tensor(), gw, g_fc, fc_bias ? g_fc_bias : at::Tensor(), g_proj,
+            proj_bias ? g_proj_bias : at::Tensor(), at::Tensor()};
+  }
+};
+
+struct SoftmaxRouter : torch::autograd::Function<SoftmaxRouter> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
+                               const OptTensor& expert_bias, int64_t top_k, bool norm_topk,
+                               double temperature,
+                               double route_scale) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    static auto f = op<decltype(softmax_router)>("nanomoe::softmax_router");
+    auto [idx, w, logits, probs] = f.call(x, weight, expert_bias, top_k, norm_topk, temperature, route_scale);
+    ctx->mark_non_differentiable({idx});
+    ctx->set_materialize_grads(false);  // an output without a gradient (the z-loss off, eval) costs nothing
+    ctx->save_for_backward({x, weight, idx, w, probs});
+    ctx->saved_data["norm_topk"] = norm_topk;
+    ctx->saved_data["temperature"] = temperature;
+    ctx->saved_data["route_scale"] = route_scale;
+    return {idx, w, logits, probs};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!grads[1].defined() && !grads[2].defined() && !grads[3].defined()) return variable_list(7);
+    auto s = ctx->get_saved_variables();
+    static auto f = op<decltype(softmax_router_backward)>("nanomoe::softmax_router_backward");
+    auto [gx, g_weight] = f.call(given(grads[1]), given(grads[2]), given(grads[3]), s[0], s[1], s[2], s[3],
+                                 s[4], ctx->saved_data["norm_topk"].toBool(),
+                                 ctx->saved_data["temperature"].toDouble(),
+                                 ctx->saved_data["route_scale"].toDouble());
+    return {gx, g_weight, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+struct RouterLosses : torch::autograd::Function<RouterLosses> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& logits, const at::Tensor& probs,
+                               const at::Tensor& counts) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    static auto f = op<decltype(router_losses)>("nanomoe::router_losses");
+    auto [balance, z, lse] = f.call(logits, probs, counts);
+    ctx->mark_non_differentiable({lse});
+    ctx->save_for_backward({logits, counts, lse});
+    return {balance, z, lse};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto s = ctx->get_saved_variables();
+    static auto f = op<decltype(router_losses_backward)>("nanomoe::router_losses_backward");
+    auto [g_logits, g_probs] = f.call(grads[0], grads[1], s[0], s[1], s[2]);
+    return {g_logits, g_probs, at::Tensor()};
+  }
+};
+
+// the autograd kernels: the ops' schemas' results, from each Function
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+fused_experts_autograd(const at::Tensor& x, const at::Tensor& topk_idx, const at::Tensor& topk_weight,
+                       const at::Tensor& c_fc, const OptTensor& c_fc_bias, const at::Tensor& c_proj,
+                       const OptTensor& c_proj_bias, c10::string_view act) {
+  auto r = FusedExperts::apply(x, topk_idx, topk_weight, c_fc, c_fc_bias, c_proj, c_proj_bias, act);
+  return {r[0], r[1], r[2], r[3], r[4], r[5], r[6]};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> softmax_router_autograd(
+    const at::Tensor& x, const at::Tensor& weight, const OptTensor& expert_bias, int64_t top_k,
+    bool norm_topk, double temperature, double route_scale) {
+  auto r = SoftmaxRouter::apply(x, weight, expert_bias, top_k, norm_topk, temperature, route_scale);
+  return {r[0], r[1], r[2], r[3]};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> router_losses_autograd(const at::Tensor& logits,
+                                                                      const at::Tensor& probs,
+                                                                      const at::Tensor& counts) {
+  auto r = RouterLosses::apply(logits, probs, counts);
+  return {r[0], r[1], r[2]};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(nanomoe_cpu, m) {
@@ -606,7 +722,7 @@ TORCH_LIBRARY_IMPL(nanomoe_cpu, CPU, m) {
   m.impl("grouped_mm_t", grouped_mm_t);
 }
 
-// moe_kernels/fused.py defines these ops (with their autograd and fake implementations)
+// moe_kernels/fused.py defines these ops (and their fake implementations)
 TORCH_LIBRARY_IMPL(nanomoe, CPU, m) {
   m.impl("fused_experts", fused_experts);
   m.impl("fused_experts_backward", fused_experts_backward);
@@ -614,4 +730,10 @@ TORCH_LIBRARY_IMPL(nanomoe, CPU, m) {
   m.impl("softmax_router_backward", softmax_router_backward);
   m.impl("router_losses", router_losses);
   m.impl("router_losses_backward", router_losses_backward);
+}
+
+TORCH_LIBRARY_IMPL(nanomoe, Autograd, m) {
+  m.impl("fused_experts", fused_experts_autograd);
+  m.impl("softmax_router", softmax_router_autograd);
+  m.impl("router_losses", router_losses_autograd);
 }

@@ -1,8 +1,10 @@
 """
 The MoE layer's fused ops for the CPU, as torch.library custom ops with fake (shape-only) implementations
-and their own autograd, so that torch.compile traces them without a graph break. The schemas are defined
-here; their CPU kernels are moe_kernels/cpu_grouped_mm.cpp's, registered when cpu_grouped_mm.available()
-loads it (moe_model calls them only then; elsewhere, and on GPUs, it runs the unfused torch ops).
+and their own autograd, so that torch.compile traces them without a graph break. The schemas and the fake
+implementations are defined here; their CPU kernels and their autograd (C++ autograd Functions: Python's
+cost ~0.1 ms per op and pass) are moe_kernels/cpu_grouped_mm.cpp's, registered when
+cpu_grouped_mm.available() loads it (moe_model calls them only then; elsewhere, and on GPUs, it runs the
+unfused torch ops).
 
   fused_experts    the grouped backend: the token rows gathered by expert, both GEMMs with the activation
                    between, the router-weighted sum back to tokens
@@ -44,29 +46,6 @@ def _(grad_y, topk_weight, c_fc, c_proj, bias, act, counts, order, xs, h, a, out
             c_fc.new_empty(n_bias, c_fc.size(1)))
 
 
-def _fused_setup(ctx, inputs, output):
-    _, _, topk_weight, c_fc, c_fc_bias, c_proj, c_proj_bias, act = inputs
-    y, counts, order, xs, h, a, out = output
-    ctx.mark_non_differentiable(xs, h, a, out)  # kept for the backward, not results
-    ctx.set_materialize_grads(False)  # the backward gets None for them, not zeros the size of the activations
-    ctx.save_for_backward(topk_weight, c_fc, c_proj, counts, order, xs, h, a, out)
-    ctx.act, ctx.biases = act, (c_fc_bias is not None, c_proj_bias is not None)
-
-
-def _fused_backward(ctx, grad_y, *unused):
-    topk_weight, c_fc, c_proj, counts, order, xs, h, a, out = ctx.saved_tensors
-    if grad_y is None:
-        return (None,) * 8
-    grad_x, grad_w, grad_fc, grad_fc_bias, grad_proj, grad_proj_bias = fused_experts_backward(
-        grad_y, topk_weight, c_fc, c_proj, any(ctx.biases), ctx.act, counts, order, xs, h, a, out)
-    fc_bias, proj_bias = ctx.biases
-    return (grad_x, None, grad_w, grad_fc, grad_fc_bias if fc_bias else None, grad_proj,
-            grad_proj_bias if proj_bias else None, None)
-
-
-torch.library.register_autograd('nanomoe::fused_experts', _fused_backward, setup_context=_fused_setup)
-
-
 # softmax_router: moe_model.Router's softmax path (the gate, the softmax over the experts, the top-k and the
 # chosen weights) as one op, bit for bit its torch ops; its backward is one pass over the rows, where the
 # torch ops' backward was a dozen autograd nodes (two softmax backwards, the top-k's and gather's scatters,
@@ -91,26 +70,6 @@ def _(grad_weights, grad_logits, grad_probs, x, weight, topk_idx, topk_weight, p
     return torch.empty_like(x), torch.empty_like(weight)
 
 
-def _router_setup(ctx, inputs, output):
-    x, weight, _, _, norm_topk, temperature, route_scale = inputs
-    topk_idx, topk_weight, _, probs = output
-    ctx.set_materialize_grads(False)  # an output without a gradient (the z-loss off, eval) costs nothing
-    ctx.save_for_backward(x, weight, topk_idx, topk_weight, probs)
-    ctx.settings = norm_topk, temperature, route_scale
-
-
-def _router_backward(ctx, grad_idx, grad_weights, grad_logits, grad_probs):
-    x, weight, topk_idx, topk_weight, probs = ctx.saved_tensors
-    if grad_weights is None and grad_logits is None and grad_probs is None:
-        return (None,) * 7
-    grad_x, grad_weight = softmax_router_backward(grad_weights, grad_logits, grad_probs, x, weight, topk_idx,
-                                                  topk_weight, probs, *ctx.settings)
-    return grad_x, grad_weight, None, None, None, None, None
-
-
-torch.library.register_autograd('nanomoe::softmax_router', _router_backward, setup_context=_router_setup)
-
-
 # router_losses: a layer's balance loss (moe_model.load_balance_loss, from probs and the slots per expert)
 # and z-loss (router_z_loss, from logits) in one op, and their gradients in one; -> balance, z, and the
 # logsumexp of each row (kept for the backward). Where the router is softmax_router, its backward takes
@@ -131,17 +90,3 @@ def _(logits, probs, counts):
 def _(grad_balance, grad_z, logits, counts, lse):
     return torch.empty_like(logits), torch.empty_like(logits)
 
-
-def _losses_setup(ctx, inputs, output):
-    logits, _, counts = inputs
-    ctx.mark_non_differentiable(output[2])
-    ctx.save_for_backward(logits, counts, output[2])
-
-
-def _losses_backward(ctx, grad_balance, grad_z, _):
-    logits, counts, lse = ctx.saved_tensors
-    grad_logits, grad_probs = router_losses_backward(grad_balance, grad_z, logits, counts, lse)
-    return grad_logits, grad_probs, None
-
-
-torch.library.register_autograd('nanomoe::router_losses', _losses_backward, setup_context=_losses_setup)

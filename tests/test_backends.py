@@ -86,7 +86,7 @@ def test_grouped_on_the_cpu_is_one_fused_op():
     layer = make_layer(4, 2, 8, 16, True)
     x = torch.randn(6, 8, requires_grad=True)
     y, _ = moe_model.grouped_experts(x, *layer.router(x)[:2], layer.experts)
-    assert y.grad_fn.name() == 'GeneratedBackwardFor_nanomoe_fused_experts_defaultBackward'
+    assert 'FusedExperts' in y.grad_fn.name()  # (its C++ autograd Function, cpu_grouped_mm.cpp)
 
 
 def test_cpu_grouped_mm_builds():

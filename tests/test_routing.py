@@ -467,7 +467,7 @@ def test_fused_router_matches_its_torch_ops(monkeypatch, settings, aux_loss_scop
         torch.manual_seed(5)  # (noise)
         idx, w, logits, probs = moe.router(x.view(-1, 16))
         noise = training and settings['router'] == 'noisy_topk'
-        assert ('softmax_router' in w.grad_fn.name()) == (fused and not noise)
+        assert ('SoftmaxRouter' in w.grad_fn.name()) == (fused and not noise)
         counts = count_per_expert(idx, moe.config.n_expert)
         moe.record(counts, 0.0, logits, probs, idx, lambda rows: rows.view(2, 12, *rows.shape[1:]))
         g = torch.randn(w.shape, generator=torch.Generator().manual_seed(6))
