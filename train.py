@@ -108,7 +108,7 @@ dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported
 compile = torch.cuda.is_available()  # use PyTorch 2.0 to compile the model to be faster
 # recompute activations in backward to save memory: 'none', 'moe' (experts), 'all'
 activation_checkpointing = 'none'
-peak_flops = 312e12  # for MFU: A100 bf16 peak; an H100 SXM is 989e12
+peak_flops = 312e12  # for MFU: A100 bf16 peak; an H100 SXM is 989e12 (other GPUs: model.peak_flops)
 on_nonfinite = 'stop'  # a NaN/inf loss or grad norm: 'stop' the run, or 'skip' the step
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith('_')
