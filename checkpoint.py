@@ -427,6 +427,18 @@ class StopSignal:
             os._exit(128 + signum)
         self.name = self.name or signal.Signals(signum).name
 
+    def exit_at_startup(self, master, kept=None):
+        """A signal while the run was starting (building, loading, compiling a large model takes minutes on a
+        CPU): exit now, before the first eval and step, which would take as long again before the run could
+        save. `kept`: the checkpoint the run would have resumed from, untouched."""
+        if master:
+            kept = f" ({kept} is as it was)" if kept else ''
+            print(f"received {self.name or 'a stop signal (on another rank)'} during start-up: stopped "
+                  f"before training; nothing was trained or saved{kept}")
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        sys.exit(0)
+
 
 class DivergenceGuard:
     """A NaN/inf loss or gradient norm would poison the weights. on_nonfinite='stop' stops the run at the
@@ -449,3 +461,12 @@ class DivergenceGuard:
         return (f"non-finite loss or gradient at iter {iter_num} (loss {float(loss):.4g}, "
                 f"grad norm {float(grad_norm):.4g})"
                 + (f", {self.in_a_row} steps in a row" if self.in_a_row > 1 else ''))
+
+    @staticmethod
+    def stop(run_dir, iter_num, message, diagnosis):
+        """The stop: a 'nonfinite' record in log.jsonl and one error line (by the master, the rank with a
+        run_dir), exit code 1 on every rank."""
+        if run_dir:
+            run_dir.log({'iter': iter_num, 'event': 'nonfinite', 'message': message, **diagnosis})
+            print(f"error: {message}; stopping. Last good checkpoint: {run_dir.last_good()}", file=sys.stderr)
+        sys.exit(1)
