@@ -406,6 +406,15 @@ def cut_torn_tail(path):
           f"to {path}.torn")
 
 
+def any_rank(flag, device):
+    """True on every rank if flag is True on any: the ranks take the same branch (collectives follow)."""
+    if not torch.distributed.is_initialized():
+        return bool(flag)
+    flag = torch.tensor(float(flag), device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return flag.item() > 0
+
+
 class StopSignal:
     """SIGTERM, SIGINT, SIGHUP (preemption, Ctrl-C, a closed terminal): the run finishes the step in flight,
     saves and exits cleanly (torchrun passes the signal on to every rank; the ranks agree on the step); a

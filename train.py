@@ -39,7 +39,7 @@ from configurator import configure, fail, fail_on, check_dataset, check_memory
 from moe_kernels import cpu_grouped_mm
 from moe_kernels.cpu_memory import keep_freed_memory
 from checkpoint import (CheckpointError, load_meta, training_state, restore, nonfinite_tensor, RunDir,
-                        StopSignal, DivergenceGuard)
+                        StopSignal, DivergenceGuard, any_rank)
 from moe_model import FORK_KEYS, MODEL_KEYS, MoEConfig, model_args_of
 from expert_parallel import ExpertParallel, config_error
 from init_model import Init, memory_need
@@ -233,8 +233,7 @@ config.update({k: v for k, v in {'n_expert': 0, **model_args_of(model)}.items() 
 n_total, n_active = model.get_num_params(), model.get_num_params(active=True)
 print(f"number of parameters: {n_total / 1e6:.2f}M total, {n_active / 1e6:.2f}M active per token")
 model.set_activation_checkpointing(activation_checkpointing)
-# expert parallelism: keep this rank's experts only (every
-# rank built or loaded the same full model, on the CPU)
+# expert parallelism: keep this rank's experts (every rank built or loaded the same full model, on the CPU)
 parallel = ExpertParallel(expert_parallel, device_type)
 parallel.shard(model)
 model.to(device)
@@ -295,15 +294,6 @@ def get_lr(it):
     return min_lr + coeff * (learning_rate - min_lr)
 
 
-def any_rank(flag):
-    """True on every rank if flag is True on any: the ranks take the same branch (collectives follow)."""
-    if not ddp:
-        return bool(flag)
-    flag = torch.tensor(float(flag), device=device)
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-    return flag.item() > 0
-
-
 def checkpoint_state():
     """Every rank calls this (expert parallelism gathers the experts); the master saves it. A state with a
     NaN/inf weight (a step can have a finite loss and gradient and still leave one) stops the run instead:
@@ -317,7 +307,7 @@ def checkpoint_state():
 
 
 # a stop signal during start-up: stop here, before the first eval and step (every rank, or one would hang)
-if any_rank(stop.name is not None):
+if any_rank(stop.name is not None, device):
     stop.exit_at_startup(master_process, os.path.join(out_dir, 'ckpt.pt') if init_from == 'resume' else None)
 
 # logging
@@ -345,7 +335,8 @@ while True:
         losses = estimate_loss()
         # every rank (EP forwards are collective: master-only would hang); raw_model: no DDP sync, no
         # recompiles; a stop signal cuts it short, all ranks at the same example
-        hs = (hellaswag.metrics(raw_model, hs_examples, device, ctx, lambda: any_rank(stop.name is not None))
+        hs = (hellaswag.metrics(raw_model, hs_examples, device, ctx,
+                                lambda: any_rank(stop.name is not None, device))
               if hellaswag_interval and iter_num % hellaswag_interval == 0 else {})
         improved = losses['val'] < best_val_loss  # each rank has its own eval batches; the master's decide
         best_val_loss = min(best_val_loss, losses['val'])
@@ -398,7 +389,7 @@ while True:
     scaler.unscale_(optimizer)
     grad_norm = parallel.clip_grad_norm(raw_model, grad_clip if grad_clip > 0 else float('inf'))
     # the divergence guard; every rank takes the same branch (the diagnosis runs collective forwards under EP)
-    nonfinite = any_rank(not torch.isfinite(loss_sum + grad_norm))
+    nonfinite = any_rank(not torch.isfinite(loss_sum + grad_norm), device)
     if (action := guard(nonfinite)) != 'ok':
         message = guard.message(iter_num, loss_sum, grad_norm)
         with ctx:  # expert loads and router state at this step, for the post-mortem
@@ -444,7 +435,7 @@ while True:
     local_iter_num += 1
 
     # ranks get the signal at different steps: agree on one, or a rank hangs in its next all-reduce
-    if any_rank(stop.name is not None):
+    if any_rank(stop.name is not None, device):
         state = checkpoint_state()
         if master_process:
             run_dir.save(state, 'ckpt.pt')
