@@ -40,7 +40,7 @@ from configurator import configure, fail, check_choice, check_range, check_devic
 from moe_kernels.cpu_memory import keep_freed_memory
 from checkpoint import load_checkpoint, CheckpointError
 from init_model import memory_need
-from model import CHECKPOINTING, GPTConfig, MLP
+from model import CHECKPOINTING, GPTConfig, MLP, peak_flops as gpu_peak_flops
 from moe_model import build_model, MoE, MoEConfig, EXPERT_IMPLS, MODEL_KEYS, FORK_KEYS
 from muon import OPTIMIZERS, configure_optimizers
 
@@ -62,7 +62,7 @@ activation_checkpointing = 'none'  # 'none', 'moe' (the experts) or 'all': recom
 optimizer = 'adamw'  # the step's: 'adamw' or 'muon' (train.py's key, muon.py: its Newton-Schulz costs time)
 warmup_iters = 5
 bench_iters = 20
-peak_flops = 0.0  # for MFU; 0: a GPU's bf16 peak (tools/gpu_check.peak_flops: A100 312e12...), none on a CPU
+peak_flops = 0.0  # for MFU; 0: a GPU's bf16 peak (model.peak_flops: A100 312e12...), none on a CPU
 # model mode: also time the dense twin (n_expert=0), interleaved step by step, and print the ratio
 compare_dense = False
 # model mode: time each model eager and compiled (torch.compile), interleaved, and print the ratio
@@ -224,7 +224,6 @@ def bench_model():
         models = {'dense twin': {**model_args, 'n_expert': 0}, 'model': model_args}
     peak = peak_flops
     if not peak and device_type == 'cuda':  # the GPU's own peak, not an A100's
-        from tools.gpu_check import peak_flops as gpu_peak_flops
         peak = gpu_peak_flops(torch.cuda.get_device_name(device))
     runs = [(name, c) for name in models for c in ((False, True) if compare_compile else (compile,))]
     act_dtype = dtype if device_type == 'cuda' else 'float32'  # (a CPU step runs without autocast)

@@ -406,6 +406,15 @@ def cut_torn_tail(path):
           f"to {path}.torn")
 
 
+def any_rank(flag, device):
+    """True on every rank if flag is True on any: the ranks take the same branch (collectives follow)."""
+    if not torch.distributed.is_initialized():
+        return bool(flag)
+    flag = torch.tensor(float(flag), device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return flag.item() > 0
+
+
 class StopSignal:
     """SIGTERM, SIGINT, SIGHUP (preemption, Ctrl-C, a closed terminal): the run finishes the step in flight,
     saves and exits cleanly (torchrun passes the signal on to every rank; the ranks agree on the step); a
@@ -426,6 +435,18 @@ class StopSignal:
             print(f"received {signal.Signals(signum).name} again: exiting now", file=sys.stderr, flush=True)
             os._exit(128 + signum)
         self.name = self.name or signal.Signals(signum).name
+
+    def exit_at_startup(self, master, kept=None):
+        """A signal while the run was starting (building, loading, compiling a large model takes minutes on a
+        CPU): exit now, before the first eval and step, which would take as long again before the run could
+        save. `kept`: the checkpoint the run would have resumed from, untouched."""
+        if master:
+            kept = f" ({kept} is as it was)" if kept else ''
+            print(f"received {self.name or 'a stop signal (on another rank)'} during start-up: stopped "
+                  f"before training; nothing was trained or saved{kept}")
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        sys.exit(0)
 
 
 class DivergenceGuard:
@@ -449,3 +470,12 @@ class DivergenceGuard:
         return (f"non-finite loss or gradient at iter {iter_num} (loss {float(loss):.4g}, "
                 f"grad norm {float(grad_norm):.4g})"
                 + (f", {self.in_a_row} steps in a row" if self.in_a_row > 1 else ''))
+
+    @staticmethod
+    def stop(run_dir, iter_num, message, diagnosis):
+        """The stop: a 'nonfinite' record in log.jsonl and one error line (by the master, the rank with a
+        run_dir), exit code 1 on every rank."""
+        if run_dir:
+            run_dir.log({'iter': iter_num, 'event': 'nonfinite', 'message': message, **diagnosis})
+            print(f"error: {message}; stopping. Last good checkpoint: {run_dir.last_good()}", file=sys.stderr)
+        sys.exit(1)

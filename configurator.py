@@ -18,12 +18,22 @@ import re
 import sys
 import types
 from ast import literal_eval
+from contextlib import contextmanager
 
 
 def fail(message):
     """Report bad input in one line and stop before any work is done (exit code 2)."""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
+
+
+@contextmanager
+def fail_on(*errors, prefix=''):
+    """`with fail_on(ValueError): ...`: one of these errors in the block is bad input: fail(its message)."""
+    try:
+        yield
+    except errors as e:
+        fail(prefix + str(e))
 
 
 # -----------------------------------------------------------------------------

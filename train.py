@@ -35,16 +35,16 @@ import numpy as np
 import torch
 from torch.distributed import init_process_group, destroy_process_group
 
-from configurator import configure, fail, check_choice, check_range, check_device, check_dataset, check_memory
+from configurator import configure, fail, fail_on, check_dataset, check_memory
 from moe_kernels import cpu_grouped_mm
 from moe_kernels.cpu_memory import keep_freed_memory
 from checkpoint import (CheckpointError, load_meta, training_state, restore, nonfinite_tensor, RunDir,
-                        StopSignal, DivergenceGuard)
-from model import CHECKPOINTING
+                        StopSignal, DivergenceGuard, any_rank)
 from moe_model import FORK_KEYS, MODEL_KEYS, MoEConfig, model_args_of
 from expert_parallel import ExpertParallel, config_error
 from init_model import Init, memory_need
-from muon import OPTIMIZER_KEYS, configure_optimizers, config_error as optimizer_error
+from muon import OPTIMIZER_KEYS, configure_optimizers
+from train_checks import check_config
 import hellaswag
 
 # -----------------------------------------------------------------------------
@@ -108,7 +108,7 @@ dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported
 compile = torch.cuda.is_available()  # use PyTorch 2.0 to compile the model to be faster
 # recompute activations in backward to save memory: 'none', 'moe' (experts), 'all'
 activation_checkpointing = 'none'
-peak_flops = 312e12  # for MFU: A100 bf16 peak; an H100 SXM is 989e12
+peak_flops = 312e12  # for MFU: A100 bf16 peak; an H100 SXM is 989e12 (other GPUs: model.peak_flops)
 on_nonfinite = 'stop'  # a NaN/inf loss or grad norm: 'stop' the run, or 'skip' the step
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith('_')
@@ -120,44 +120,22 @@ config = configure({k: globals()[k] for k in config_keys}, sys.argv[1:], given, 
 globals().update(config)
 # -----------------------------------------------------------------------------
 # check everything we can before any work starts: one clear line and exit code 2 otherwise
-
-if wandb_log:
-    try:
-        import wandb
-    except ImportError:
-        fail("wandb_log=True needs the wandb package: pip install wandb")
-check_choice(config, 'dtype', ('float32', 'bfloat16', 'float16'))
-check_choice(config, 'on_nonfinite', ('stop', 'skip'))
-check_choice(config, 'activation_checkpointing', CHECKPOINTING)
-check_device(device)
-check_range(config, ('batch_size', 'gradient_accumulation_steps', 'block_size', 'eval_iters', 'log_interval',
-                     'eval_interval'), 1)
-check_range(config, ('max_iters', 'warmup_iters', 'lr_decay_iters', 'learning_rate', 'min_lr', 'weight_decay',
-                     'grad_clip', 'upcycle_noise', 'hellaswag_interval', 'hellaswag_examples'), 0)
-check_range(config, ('beta1', 'beta2'), 0, 1)
-check_range(config, ('seed',), 0, 2**32)
-if message := optimizer_error(config):
-    fail(message)
-if not out_dir:
-    fail("out_dir='' must name a folder")
+check_config(config)  # the values of train.py's own keys (train_checks.py)
 data_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', dataset)
 check_dataset(data_dir, dataset, block_size)
 # attempt to derive vocab_size from the dataset
 meta_path = os.path.join(data_dir, 'meta.pkl')
 meta_vocab_size = None
 if os.path.exists(meta_path):
-    try:
+    with fail_on(CheckpointError):
         meta_vocab_size = load_meta(meta_path)['vocab_size']  # plain data only, never runs code
-    except CheckpointError as e:
-        fail(str(e))
     print(f"found vocab_size = {meta_vocab_size} (inside {meta_path})")
 ddp = int(os.environ.get('RANK', -1)) != -1  # is this a ddp run?
 # SIGTERM, Ctrl-C, ...: finish the step, save, exit (from here on: building a model takes time)
 stop = StopSignal(ddp)
-try:  # where the model comes from (init_model.py): a checkpoint, GPT-2, ...; and expert_impl='auto' resolved
+# where the model comes from (init_model.py): a checkpoint, GPT-2, ...; and expert_impl='auto' resolved
+with fail_on(ValueError, CheckpointError):
     init = Init(init_from, out_dir, config, given, vocab_size or meta_vocab_size or 50304)
-except (ValueError, CheckpointError) as e:
-    fail(str(e))
 model_args, block_size = init.model_args, config['block_size']  # (the weights' unless the run gives one)
 # torchrun's WORLD_SIZE is known before the process group starts
 world_size = int(os.environ.get('WORLD_SIZE', 1))
@@ -167,11 +145,9 @@ need = memory_need(model_args, batch_size * block_size, dtype=dtype, checkpointi
                    expert_parallel=expert_parallel)  # weights, AdamW state, activations: before allocating
 check_memory(need, device)
 if hellaswag_interval:  # read and tokenised now: a character-level dataset or no data file stops here
-    try:
+    with fail_on(hellaswag.HellaSwagError, prefix=f"hellaswag_interval={hellaswag_interval}: "):
         hs_examples = hellaswag.prepare(hellaswag_dir, hellaswag_examples, block_size,
                                         model_args['vocab_size'], meta_path)
-    except hellaswag.HellaSwagError as e:
-        fail(f"hellaswag_interval={hellaswag_interval}: {e}")
 
 # -----------------------------------------------------------------------------
 # various inits, derived attributes, I/O setup
@@ -201,10 +177,8 @@ print(f"tokens per iteration will be: {tokens_per_iter:,}")
 # the master writes out_dir (one run at a time: a lock); eval_only never writes or deletes there
 run_dir = None
 if master_process and not eval_only:
-    try:
+    with fail_on(CheckpointError):
         run_dir = RunDir(out_dir, resumed=init_from == 'resume')
-    except CheckpointError as e:
-        fail(str(e))
 torch.manual_seed(seed)
 random.seed(seed)
 np.random.seed(seed)
@@ -248,10 +222,8 @@ def get_batch(split, step, micro_step):
 # model init
 if meta_vocab_size is None and not vocab_size and init_from == 'scratch':
     print("defaulting to vocab_size of GPT-2 to 50304 (50257 rounded up for efficiency)")
-try:
+with fail_on(ValueError, CheckpointError):
     model = init.build()
-except (ValueError, CheckpointError) as e:
-    fail(str(e))
 iter_num, best_val_loss = (init.ckpt['iter_num'],
                            init.ckpt['best_val_loss']) if init_from == 'resume' else (0, 1e9)
 # crop down the model block size if desired, using model surgery (growing it was refused above)
@@ -261,8 +233,7 @@ config.update({k: v for k, v in {'n_expert': 0, **model_args_of(model)}.items() 
 n_total, n_active = model.get_num_params(), model.get_num_params(active=True)
 print(f"number of parameters: {n_total / 1e6:.2f}M total, {n_active / 1e6:.2f}M active per token")
 model.set_activation_checkpointing(activation_checkpointing)
-# expert parallelism: keep this rank's experts only (every
-# rank built or loaded the same full model, on the CPU)
+# expert parallelism: keep this rank's experts (every rank built or loaded the same full model, on the CPU)
 parallel = ExpertParallel(expert_parallel, device_type)
 parallel.shard(model)
 model.to(device)
@@ -323,15 +294,6 @@ def get_lr(it):
     return min_lr + coeff * (learning_rate - min_lr)
 
 
-def any_rank(flag):
-    """True on every rank if flag is True on any: the ranks take the same branch (collectives follow)."""
-    if not ddp:
-        return bool(flag)
-    flag = torch.tensor(float(flag), device=device)
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-    return flag.item() > 0
-
-
 def checkpoint_state():
     """Every rank calls this (expert parallelism gathers the experts); the master saves it. A state with a
     NaN/inf weight (a step can have a finite loss and gradient and still leave one) stops the run instead:
@@ -340,28 +302,13 @@ def checkpoint_state():
                            model_args=model_args_of(raw_model), iter_num=iter_num,
                            best_val_loss=best_val_loss, config=config)
     if bad := nonfinite_tensor(state):  # the same full state on every rank: they all stop here
-        stop_nonfinite(f"non-finite values in {bad} at iter {iter_num}, not saved", {})
+        guard.stop(run_dir, iter_num, f"non-finite values in {bad} at iter {iter_num}, not saved", {})
     return state
 
 
-def stop_nonfinite(message, diagnosis):
-    """The divergence guard's stop: a 'nonfinite' record in log.jsonl, one error line, exit 1."""
-    if master_process:
-        run_dir.log({'iter': iter_num, 'event': 'nonfinite', 'message': message, **diagnosis})
-        print(f"error: {message}; stopping. Last good checkpoint: {run_dir.last_good()}", file=sys.stderr)
-    sys.exit(1)
-
-
-# a stop signal during start-up (building, loading, compiling a large model takes minutes on a CPU): stop
-# here, before the first eval and step, which would take as long again before the run could save and exit
-if any_rank(stop.name is not None):
-    if master_process:
-        kept = f" ({os.path.join(out_dir, 'ckpt.pt')} is as it was)" if init_from == 'resume' else ''
-        print(f"received {stop.name or 'a stop signal (on another rank)'} during start-up: stopped before "
-              f"training; nothing was trained or saved{kept}")
-    if ddp:
-        destroy_process_group()
-    sys.exit(0)
+# a stop signal during start-up: stop here, before the first eval and step (every rank, or one would hang)
+if any_rank(stop.name is not None, device):
+    stop.exit_at_startup(master_process, os.path.join(out_dir, 'ckpt.pt') if init_from == 'resume' else None)
 
 # logging
 if wandb_log and run_dir:  # (not logged in, ...: one error line)
@@ -388,7 +335,8 @@ while True:
         losses = estimate_loss()
         # every rank (EP forwards are collective: master-only would hang); raw_model: no DDP sync, no
         # recompiles; a stop signal cuts it short, all ranks at the same example
-        hs = (hellaswag.metrics(raw_model, hs_examples, device, ctx, lambda: any_rank(stop.name is not None))
+        hs = (hellaswag.metrics(raw_model, hs_examples, device, ctx,
+                                lambda: any_rank(stop.name is not None, device))
               if hellaswag_interval and iter_num % hellaswag_interval == 0 else {})
         improved = losses['val'] < best_val_loss  # each rank has its own eval batches; the master's decide
         best_val_loss = min(best_val_loss, losses['val'])
@@ -441,13 +389,13 @@ while True:
     scaler.unscale_(optimizer)
     grad_norm = parallel.clip_grad_norm(raw_model, grad_clip if grad_clip > 0 else float('inf'))
     # the divergence guard; every rank takes the same branch (the diagnosis runs collective forwards under EP)
-    nonfinite = any_rank(not torch.isfinite(loss_sum + grad_norm))
+    nonfinite = any_rank(not torch.isfinite(loss_sum + grad_norm), device)
     if (action := guard(nonfinite)) != 'ok':
         message = guard.message(iter_num, loss_sum, grad_norm)
         with ctx:  # expert loads and router state at this step, for the post-mortem
             diagnosis = {'loss': float(loss_sum), 'grad_norm': float(grad_norm), **raw_model.diagnose(X)}
         if action == 'stop':
-            stop_nonfinite(message, diagnosis)
+            guard.stop(run_dir, iter_num, message, diagnosis)
         if master_process:
             run_dir.log({'iter': iter_num, 'event': 'nonfinite', **diagnosis})
         print(f"warning: {message}; skipping this step")
@@ -487,7 +435,7 @@ while True:
     local_iter_num += 1
 
     # ranks get the signal at different steps: agree on one, or a rank hangs in its next all-reduce
-    if any_rank(stop.name is not None):
+    if any_rank(stop.name is not None, device):
         state = checkpoint_state()
         if master_process:
             run_dir.save(state, 'ckpt.pt')

@@ -50,6 +50,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repo r
 sys.path.insert(0, ROOT)
 from configurator import fail  # noqa: E402
 from moe_kernels import auto_expert_impl  # noqa: E402
+from model import peak_flops  # noqa: E402
 TARGETS = {'layer': 0.70, 'step': 1.15, 'val': 1.467}  # share of the GEMM ceiling; MoE/dense step; val loss
 DATA = ('train.bin', 'val.bin', 'meta.pkl')  # data/shakespeare_char/, for (d)
 # each command's share of the budget, in proportion (estimates for an H100: (a) compiles two models and many
@@ -61,14 +62,6 @@ TEST_TIMEOUT = {False: 120, True: 60}  # per test, with pytest-timeout (GPU: a c
 # tests only: NANOMOE_GPU_CHECK_FAULT='b=fail' gives part b's commands an unknown option, 'a=hang' makes
 # part a a process that starts another and never ends (comma-separated for several)
 FAULT = dict(f.split('=') for f in os.environ.get('NANOMOE_GPU_CHECK_FAULT', '').split(',') if f)
-
-
-def peak_flops(name):
-    """bf16 dense peak FLOP/s of the GPU named `name`, for MFU: H100 PCIe (and H800 PCIe) 756 TFLOP/s, H100
-    NVL 835, H100 SXM, H200, H800, GH200 989; otherwise A100's 312 (train.py's and bench.py's default)."""
-    if re.search(r'H100|H200|H800', name):
-        return 756e12 if 'PCIe' in name else 835e12 if 'NVL' in name else 989e12
-    return 312e12
 
 
 def parts(quick, long, out_dir):

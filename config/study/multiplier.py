@@ -1,17 +1,17 @@
 # Issue 23's study: does the MoE win at equal loss, per FLOP and per second on this CPU? shakespeare_char,
 # OLMoE's modern block (config/train_shakespeare_char_olmoe_cpu.py: RMSNorm, rope, SwiGLU, q/k norm, untied
-# head), three sizes spanning 5.2x in active parameters (S 3 layers x 96: 0.37M; M 4 x 128: 0.87M, the CPU
+# head), three sizes spanning 5.3x in active parameters (S 3 layers x 96: 0.37M; M 4 x 128: 0.87M, the CPU
 # demo's; L 4 x 192: 1.95M), SwiGLU hidden 3 * n_embd. Per size, at the dense MLP's active FLOPs:
 #   dense    the dense MLP
 #   moe8     8 experts of mlp_hidden / 2, top-2 (3.0x the dense model's parameters at M)
 #   moe32    32 fine-grained experts of mlp_hidden / 8, top-8 (as many parameters; OLMoE's granularity)
 # and at M, the dense model and moe8 again with optimizer='muon' (muon.py: Muon for the hidden matrices
 # and every expert's, AdamW for the rest; muon_lr 0.02). Within a size every run takes the same steps
-# (768 tokens each), the same cosine schedule (lr 1e-3 to 1e-4, 100 warmup steps) and, per seed, the same data order
-# and eval batches. Two seeds. The table's second part (tools/study.py, baselines) gives per run the
-# compute multiplier against its dense twin (dense FLOPs to reach the run's final val loss over the run's
-# FLOPs), the same in training seconds, and the loss gaps at equal FLOPs and equal seconds; Muon's dense
-# runs are measured against AdamW's.
+# (768 tokens each), the same cosine schedule (lr 1e-3 to 1e-4, 100 warmup steps) and, per seed, the same
+# data order and eval batches. Two seeds. The table's second part (tools/study.py, baselines) gives per run
+# the compute multiplier against its dense twin (dense FLOPs to reach the run's final val loss over the
+# run's FLOPs), the same in training seconds, and the loss gaps at equal FLOPs and equal seconds; Muon's
+# dense runs are measured against AdamW's.
 # The anchor that nobody here tuned: nanoGPT's README CPU command, unchanged (GPT-2's block, 4 x 128, 2000
 # steps; nanoGPT prints a val loss of ~1.88), dense with --n_expert=0 (config/train_shakespeare_char.py is
 # dense already), and its MoE twin on the same command (8 experts of 2 * n_embd, top-2).
@@ -19,8 +19,8 @@
 # Time: 26 runs (13 x 2 seeds), 2000 steps each, evals (every 100 steps, 2 x 20 batches) ~13% on top. The
 # first plan (M 3000 and L 4000 steps, moe32 with Muon too: ~70 min estimated on a quiet CPU-2) measured
 # 2x slower on the day (2026-12-06: a dense S step took 33 ms, not the estimated 17), so it was cut to this,
-# about 80 minutes on that machine. Step costs, as multiples of the anchor's dense step (GPT-2's block,
-# 4 x 128), timed in turn on one thread:
+# 66 minutes on that machine (58 of training; RESULTS.md section 14). Step costs, as multiples of the
+# anchor's dense step (GPT-2's block, 4 x 128), timed in turn on one thread:
 #   S  dense 0.67, moe8 0.76, moe32 0.88       M  dense 1.10, moe8 1.39, moe32 1.67
 #   L  dense 2.05, moe8 2.47, moe32 3.32       M with Muon  dense 1.42, moe8 2.18
 #   anchor  dense 1.00, moe8 1.34
