@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from conftest import run, TINY
+from conftest import run, TINY, tiny_tokenizer
 from checkpoint import load_checkpoint
 
 transformers = pytest.importorskip('transformers')
@@ -268,6 +268,52 @@ def test_sample_and_train_refuse_a_folder_in_one_line(shakespeare_char, tmp_path
         p = run(script, *args, f'--init_from={tmp_path / "hf"}', check=False)
         assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, (script, p.stderr[-2000:])
         assert p.stderr.startswith('error: ') and 'use_sliding_window=True' in p.stderr, p.stderr
+
+
+@pytest.mark.slow
+def test_sample_encodes_with_the_folders_own_tokenizer(tmp_path):
+    """sample.py once encoded every folder's prompt with GPT-2's BPE: ids out of this 65-token vocabulary."""
+    foreign('qwen3_moe', tmp_path)
+    tiny_tokenizer(tmp_path)
+    p = run('sample.py', f'--init_from={tmp_path}', '--start=the cat sat', '--num_samples=1',
+            '--max_new_tokens=3', '--device=cpu', '--dtype=float32')
+    words = p.stdout.split("own tokenizer")[1].splitlines()[1].split()  # the prompt, then 3 tokens decoded
+    assert words[:3] == ['the', 'cat', 'sat'] and len(words) == 6, p.stdout
+
+
+@pytest.mark.slow
+def test_a_folder_without_a_tokenizer_or_gpt2s_vocabulary_is_one_error_line(tmp_path):
+    folder, data = tmp_path / 'hf', tmp_path / 'ids'  # data: a dataset with no meta.pkl, as a BPE one
+    foreign('qwen3_moe', folder)  # vocab_size=65, no tokenizer files
+    data.mkdir()
+    for split in ('train', 'val'):
+        torch.randint(65, (200,), dtype=torch.int16).numpy().astype('uint16').tofile(data / f'{split}.bin')
+    for script, args in (('sample.py', []), ('tools/eval_hellaswag.py', []),
+                         ('train.py', [f'--dataset={data}', '--block_size=32', '--hellaswag_interval=1',
+                                       f'--out_dir={tmp_path / "out"}'])):
+        p = run(script, f'--init_from={folder}', '--device=cpu', *args, check=False)
+        assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, (script, p.stderr[-2000:])
+        assert f'{folder} has no tokenizer files' in p.stderr and p.stderr.startswith('error: ') \
+            and 'vocab_size=65' in p.stderr and 'a tokenizer is needed' in p.stderr, p.stderr
+
+
+def test_an_exported_gpt2_bpe_folder_encodes_as_tiktoken_does(tmp_path):
+    """describe writes GPT-2's tokenizer files into a GPT-2 BPE export: AutoTokenizer on them gives tiktoken's
+    ids, specials included; a folder without them and GPT-2's vocab_size is tiktoken's own."""
+    from data.tiktoken_offline import get_gpt2_encoding
+    from hf import describe, folder_tokenizer
+    gpt2 = get_gpt2_encoding(verbose=False)
+    (tmp_path / 'bare').mkdir()
+    assert folder_tokenizer(str(tmp_path / 'bare'), 50257) is gpt2
+    (tmp_path / 'config.json').write_text('{"model_type": "gpt2"}')
+    describe(str(tmp_path), dict(vocab_size=50304, block_size=64, n_expert=0))
+    enc = folder_tokenizer(str(tmp_path), 50304)
+    assert hasattr(enc, 'tokenizer')  # (AutoTokenizer's, not tiktoken)
+    text = "Hello  world!\n\n  It's 2024: naïve café, 東京 — ok?<|endoftext|> again\t 12345 "
+    assert enc.encode(text) == gpt2.encode(text, allowed_special={'<|endoftext|>'})
+    ordinary = text.replace('<|endoftext|>', '')
+    assert enc.encode_ordinary(ordinary) == gpt2.encode_ordinary(ordinary)
+    assert enc.decode(gpt2.encode_ordinary(ordinary)) == ordinary
 
 
 @pytest.mark.slow
