@@ -29,6 +29,10 @@ FOREIGN = {
                                           num_experts=4, num_experts_per_tok=3, head_dim=8,
                                           decoder_sparse_step=2, mlp_only_layers=[0, 1],
                                           tie_word_embeddings=True)),
+    # top-1 with norm_topk_prob=True: every weight 1.0 (norm_top1)
+    'qwen3_moe-top1': ('Qwen3Moe', dict(intermediate_size=48, moe_intermediate_size=16, num_experts=4,
+                                        num_experts_per_tok=1, head_dim=8, norm_topk_prob=True)),
+    'mixtral-top1': ('Mixtral', dict(intermediate_size=16, num_local_experts=4, num_experts_per_tok=1)),
     # norm_topk_prob=False
     'olmoe': ('Olmoe', dict(intermediate_size=16, num_experts=4, num_experts_per_tok=2)),
     'olmoe-top1': ('Olmoe', dict(intermediate_size=16, num_experts=4, num_experts_per_tok=1)),
@@ -70,7 +74,9 @@ def test_a_transformers_folder_loads_here_with_the_same_logits(kind, tmp_path):
         assert [i for i in range(5) if model.config.is_moe_layer(i)] == [3]
         assert (model.config.moe_every, model.config.n_dense_layers, model.config.mlp_hidden) == (2, 2, 48)
     if kind == 'olmoe-top1':  # top-1 with norm_topk_prob=False: the router's probability, as here
-        assert model.config.top_k == 1
+        assert model.config.top_k == 1 and not model.config.renormalises()
+    if kind.endswith('top1') and kind != 'olmoe-top1':  # renormalised: every weight 1.0
+        assert model.config.top_k == 1 and model.config.norm_top1 and model.config.renormalises()
 
 
 @pytest.mark.parametrize('kind', ['llama', 'qwen3'])
@@ -122,6 +128,7 @@ OURS = {  # the model keys, and the class each exports as
     'MixtralForCausalLM': dict(MOE, qk_norm='none'),
     'Qwen3MoeForCausalLM': dict(MOE, qk_norm='head', n_layer=5, moe_every=2, n_dense_layers=2, mlp_hidden=48),
     'Qwen3MoeForCausalLM-top1': dict(MOE, qk_norm='head', top_k=1, tie_embeddings=True),
+    'MixtralForCausalLM-top1': dict(MOE, qk_norm='none', top_k=1, norm_top1=True),  # every weight 1.0
     'OlmoeForCausalLM': dict(MOE, qk_norm='full', norm_topk=False, top_k=3),
     'LlamaForCausalLM': dict(MODERN, n_expert=0, qk_norm='none', mlp_hidden=48, bias=True),
     'Qwen3ForCausalLM': dict(MODERN, n_expert=0, qk_norm='head', tie_embeddings=True),
@@ -206,8 +213,6 @@ REFUSED = [  # (kind, config changes, the field the error names)
     ('qwen3', dict(attention_bias=True), 'attention_bias=True'),
     ('olmoe', dict(clip_qkv=8.0), 'clip_qkv=8.0'),
     ('qwen3_moe', dict(mlp_only_layers=[1]), 'mlp_only_layers=[1]'),
-    ('qwen3_moe', dict(num_experts_per_tok=1), 'num_experts_per_tok=1'),  # norm_topk_prob: weight 1.0
-    ('mixtral', dict(num_experts_per_tok=1), 'num_experts_per_tok=1'),
     ('mixtral', dict(quantization_config={'quant_method': 'fp8'}), 'quantization_config='),
 ]
 
