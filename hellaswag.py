@@ -1,13 +1,13 @@
 """
-HellaSwag accuracy of a GPT-2-BPE model, scored completion-style as llm.c's dev/data/hellaswag.py does
-(tools/eval_hellaswag.py is the command line; train.py calls prepare at start and metrics at its evals,
-hellaswag_interval). An example is a context and 4 endings. Each ending is scored by the model's
-cross-entropy on its own tokens, each predicted from the context and the ending's tokens before it: acc
-picks the ending with the lowest sum, acc_norm the lowest mean per token. llm.c measured acc 0.2859,
-acc_norm 0.2955 for gpt2 (124M) and 0.3842, 0.4893 for gpt2-xl; chance is 0.25. The validation file is
-downloaded once into data/hellaswag/. Rows longer than the model's block_size lose the start of their
-context (crop); an example whose ending itself does not fit is skipped, and the count says how many were
-scored.
+HellaSwag accuracy of a GPT-2-BPE model (or of a Hugging Face folder's, with its own tokenizer: tokenizer),
+scored completion-style as llm.c's dev/data/hellaswag.py does (tools/eval_hellaswag.py is the command line;
+train.py calls prepare at start and metrics at its evals, hellaswag_interval). An example is a context and 4
+endings. Each ending is scored by the model's cross-entropy on its own tokens, each predicted from the context
+and the ending's tokens before it: acc picks the ending with the lowest sum, acc_norm the lowest mean per
+token. llm.c measured acc 0.2859, acc_norm 0.2955 for gpt2 (124M) and 0.3842, 0.4893 for gpt2-xl; chance is
+0.25. The validation file is downloaded once into data/hellaswag/. Rows longer than the model's block_size
+lose the start of their context (crop); an example whose ending itself does not fit is skipped, and the count
+says how many were scored.
 """
 import os
 import sys
@@ -168,29 +168,41 @@ def metrics(model, examples, device, ctx=nullcontext(), stop=lambda: False):
     return {'hellaswag/acc': result[0], 'hellaswag/acc_norm': result[1]}
 
 
-def check_vocab(vocab_size, meta_path=None):
-    """HellaSwagError unless the model reads GPT-2 BPE: a dataset with a meta.pkl has its own vocabulary (a
-    character-level one), and so has a model with fewer than GPT-2's 50257 tokens."""
+def tokenizer(vocab_size, meta_path=None, folder=None):
+    """How the model reads text: a Hugging Face folder's as hf.folder_tokenizer says (its own tokenizer, or
+    GPT-2's BPE), else None: GPT-2's BPE, loaded by prepare. HellaSwagError where that cannot be: a dataset
+    with a meta.pkl has its own vocabulary (a character-level one), and so has a model with fewer than
+    GPT-2's 50257 tokens and no tokenizer files."""
     if meta_path and os.path.exists(meta_path):
         raise HellaSwagError("HellaSwag needs a GPT-2 BPE model, but the dataset has its own vocabulary "
                              f"({meta_path}): a character-level model cannot read GPT-2 tokens")
+    if folder is not None:
+        from hf import folder_tokenizer
+        try:
+            return folder_tokenizer(folder, vocab_size)
+        except ValueError as e:
+            raise HellaSwagError(str(e)) from None
     if vocab_size < GPT2_VOCAB:
         raise HellaSwagError(f"HellaSwag needs a GPT-2 BPE model (vocab_size >= {GPT2_VOCAB}), "
                              f"but this one has vocab_size={vocab_size} (a character-level model?)")
 
 
-def prepare(data_dir='', max_examples=0, block_size=None, vocab_size=GPT2_VOCAB, meta_path=None):
+def prepare(data_dir='', max_examples=0, block_size=None, vocab_size=GPT2_VOCAB, meta_path=None,
+            folder=None):
     """The first max_examples (0: all) validation examples, rendered for score; the file is downloaded if need
-    be. HellaSwagError, one line, for a model that is not GPT-2 BPE (check_vocab: checked first, before any
-    download), without the file or GPT-2's BPE, or if no example fits block_size."""
-    check_vocab(vocab_size, meta_path)
+    be. folder: the Hugging Face folder the model comes from, encoded as hf.folder_tokenizer says (its own
+    tokenizer, or GPT-2's BPE); else GPT-2's BPE. HellaSwagError, one line, for a model that is not GPT-2 BPE
+    and has no tokenizer (checked first, before any download), without the file or GPT-2's BPE, or if no
+    example fits block_size."""
+    enc = tokenizer(vocab_size, meta_path, folder)
     path = fetch(data_dir)
     examples = load_examples(path, max_examples)
-    from data.tiktoken_offline import get_gpt2_encoding  # tiktoken 'gpt2', seeded offline if need be
-    try:
-        enc = get_gpt2_encoding(verbose=False)
-    except Exception as e:
-        raise HellaSwagError(one_line(e)) from None
+    if enc is None:
+        from data.tiktoken_offline import get_gpt2_encoding  # tiktoken 'gpt2', seeded offline if need be
+        try:
+            enc = get_gpt2_encoding(verbose=False)
+        except Exception as e:
+            raise HellaSwagError(one_line(e)) from None
     rendered = [render_example(ex, enc) for ex in examples]
     too_long = sum(crop(tokens, mask, block_size) is None
                    for tokens, mask, _ in rendered) if block_size else 0

@@ -70,6 +70,9 @@ class MoEConfig(GPTConfig):
     router: str = key('topk', 'shape')
     router_score: str = key(None, 'forward')   # 'softmax' over the experts, or each expert's 'sigmoid'
     norm_topk: bool = key(None, 'forward')     # the chosen experts' weights divided by their sum (top_k > 1)
+    # norm_topk at top_k = 1 too: every weight 1.0 (Mixtral's and Qwen3-MoE's top-1 folders); False in every
+    # model before this key, so those compute what they did
+    norm_top1: bool = key(False, 'forward')
     router_bias: bool = key(None, 'shape')     # aux-loss-free balancing: a per-expert bias that only selects
     # noisy top-k: learned Gaussian noise on the logits, training only
     router_noise: bool = key(None, 'shape')
@@ -144,6 +147,10 @@ class MoEConfig(GPTConfig):
     def is_moe_layer(self, layer_idx):
         return layer_idx >= self.n_dense_layers and (layer_idx + 1) % self.moe_every == 0
 
+    def renormalises(self):
+        """Whether the router divides the chosen weights by their sum (norm_topk; at top_k = 1 norm_top1)."""
+        return self.norm_topk and (self.top_k > 1 or self.norm_top1)
+
 # -----------------------------------------------------------------------------
 # Router and auxiliary losses
 
@@ -160,7 +167,8 @@ class Router(nn.Module):
                      (DeepSeek-V3's balancing)
       norm_topk      with top_k > 1 the chosen weights are divided by their sum (a softmax of the chosen
                      logits); at top_k = 1 that would make every weight 1.0 and cut the router off from the
-                     language-model gradient, so k = 1 keeps the raw score
+                     language-model gradient, so k = 1 keeps the raw score, unless norm_top1 (weight 1.0,
+                     as transformers' Mixtral and Qwen3-MoE compute a top-1 router: renormalises)
       route_scale    the weights times this
       expert_choice  in training each expert picks its tokens (expert_choice() below, called by MoE.forward)
       router_jitter  in training the router input is multiplied by U(1 - jitter, 1 + jitter) (Switch)
@@ -187,7 +195,7 @@ class Router(nn.Module):
             if cfg.router_score == 'softmax' and not noise and x.device.type == 'cpu' and \
                     cpu_kernel_available():
                 # the ops below in one, the same bits, with a one-pass backward (moe_kernels/fused.py)
-                norm = cfg.norm_topk and cfg.top_k > 1
+                norm = cfg.renormalises()
                 return softmax_router(x, self.gate.weight.float(), self.expert_bias, cfg.top_k, norm,
                                       cfg.router_temperature, cfg.route_scale)
             logits = F.linear(x, self.gate.weight.float())
@@ -196,7 +204,7 @@ class Router(nn.Module):
             noisy = logits  # the z-loss sees the clean logits
             if noise:
                 noisy = logits + torch.randn_like(logits) * F.softplus(F.linear(x, self.noise.weight.float()))
-        softmax, norm = cfg.router_score == 'softmax', cfg.norm_topk and cfg.top_k > 1
+        softmax, norm = cfg.router_score == 'softmax', cfg.renormalises()
         scores = noisy.softmax(dim=-1) if softmax else noisy.sigmoid()
         chosen = None  # the chosen logits, where a softmax of them is the weights
         if self.expert_bias is not None:  # the bias only selects

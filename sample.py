@@ -72,6 +72,7 @@ def fits(model_args):
 
 # model
 checkpoint = None
+enc = None  # how the prompt is encoded when there is no meta.pkl: GPT-2's BPE unless a folder has its own
 if init_from == 'resume':
     # init from a model saved in a specific directory
     try:
@@ -89,9 +90,12 @@ if init_from == 'resume':
         fail(str(e))
 elif init_from in ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl') or os.path.isdir(init_from):
     # init from a given GPT-2 model, or a Hugging Face folder (GPT-2's, Llama's, Mixtral's, ...: hf/native.py)
-    from hf import load_hf_folder, load_gpt2, hf_model_args
+    from hf import load_hf_folder, load_gpt2, hf_model_args, folder_tokenizer
     try:
-        fits(hf_model_args(init_from))
+        folder_args = hf_model_args(init_from)
+        fits(folder_args)
+        # a folder's own tokenizer, or GPT-2's BPE (one line if it has none): before the weights load
+        enc = folder_tokenizer(init_from, folder_args['vocab_size']) if os.path.isdir(init_from) else None
         model = load_hf_folder(init_from) if os.path.isdir(init_from) else load_gpt2(init_from)
     except (ValueError, OSError) as e:
         fail(str(e))
@@ -126,10 +130,12 @@ if meta_path and os.path.exists(meta_path):
     encode = lambda s: [stoi[c] for c in s]
     decode = lambda l: ''.join([str(itos.get(i, '\ufffd')) for i in l])  # (an id meta.pkl lacks: U+FFFD)
 else:
-    # ok let's assume gpt-2 encodings by default
-    print("No meta.pkl found, assuming GPT-2 encodings...")
-    from data.tiktoken_offline import get_gpt2_encoding  # tiktoken 'gpt2', seeded offline if need be
-    enc = get_gpt2_encoding()
+    if hasattr(enc, 'tokenizer'):  # hf.FolderTokenizer
+        print(f"Encoding with {init_from}'s own tokenizer ({type(enc.tokenizer).__name__})...")
+    else:  # ok let's assume gpt-2 encodings by default
+        print("No meta.pkl found, assuming GPT-2 encodings...")
+        from data.tiktoken_offline import get_gpt2_encoding  # tiktoken 'gpt2', seeded offline if need be
+        enc = enc or get_gpt2_encoding()
     encode = lambda s: enc.encode(s, allowed_special={"<|endoftext|>"})
     decode = lambda l: enc.decode(l)
 

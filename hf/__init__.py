@@ -13,7 +13,8 @@ Hugging Face model folders, both ways (tools/export_hf.py is the command line):
   bos/eos ids, a note (README.md) saying what it is and how to encode text for it;
 - load_hf_folder: the way back (train.py, sample.py, bench.py, tools/eval_hellaswag.py --init_from=<folder>);
   hf_model_args reads a folder's keys before any weights; a folder this repo cannot compute exactly is one
-  ValueError line naming the config field.
+  ValueError line naming the config field;
+- folder_tokenizer: how text is encoded for a folder (sample.py, HellaSwag): its tokenizer, or GPT-2's BPE.
 """
 import os
 import re
@@ -306,3 +307,47 @@ def load_hf_folder(folder, run_args=None):
         raise ValueError(f"{folder} does not match its config.json: "
                          f"{str(e).strip().splitlines()[-1][:300]}") from None
     return model
+
+
+# a folder's own tokenizer: any one of these files is enough for AutoTokenizer (a SentencePiece model, a fast
+# tokenizer's tokenizer.json, GPT-2's vocab.json and merges.txt that describe() writes, ...)
+TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'tokenizer.model', 'vocab.json')
+
+
+class FolderTokenizer:
+    """A folder's AutoTokenizer with the tiktoken methods that sample.py and hellaswag.py call."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def encode(self, text, allowed_special=()):  # its own special tokens (a bos, <|endoftext|>) as it says
+        return self.tokenizer.encode(text)
+
+    def encode_ordinary(self, text):
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def decode(self, ids):
+        return self.tokenizer.decode(ids)
+
+
+def folder_tokenizer(folder, vocab_size):
+    """How text is encoded for a Hugging Face model folder (sample.py, HellaSwag): its own tokenizer where it
+    has tokenizer files (AutoTokenizer: a Llama's or Qwen3's, or GPT-2's that an export here wrote), else
+    tiktoken's GPT-2 BPE where vocab_size holds GPT-2's tokens (a bare GPT-2 folder: 50257, or 50304 padded).
+    ValueError, one line, for a folder with neither: GPT-2's ids would be wrong tokens for it, silently."""
+    if not any(os.path.isfile(os.path.join(folder, f)) for f in TOKENIZER_FILES):
+        if vocab_size < GPT2_VOCAB:
+            raise ValueError(f"{folder} has no tokenizer files ({', '.join(TOKENIZER_FILES)}) and its "
+                             f"vocab_size={vocab_size} is not GPT-2's BPE (>= {GPT2_VOCAB}): a tokenizer is "
+                             f"needed to encode text for it; save one in the folder")
+        from data.tiktoken_offline import get_gpt2_encoding  # tiktoken 'gpt2', seeded offline if need be
+        try:
+            return get_gpt2_encoding(verbose=False)
+        except RuntimeError as e:
+            raise ValueError(' '.join(str(e).split())) from None
+    from transformers import AutoTokenizer
+    try:
+        return FolderTokenizer(AutoTokenizer.from_pretrained(folder))
+    except Exception as e:  # a missing package (sentencepiece), a broken file: whatever it raises, one line
+        reason = ' '.join(str(e).split())[:300] or type(e).__name__
+        raise ValueError(f"{folder}'s tokenizer cannot be loaded (AutoTokenizer): {reason}") from None

@@ -77,10 +77,19 @@ def _mlp_only_layers(value, hf):
                                      f"from one layer on")
 
 
+def _norm_topk_prob(value, hf):
+    """norm_topk_prob: at top_k = 1 too (weight 1.0: norm_top1), as transformers renormalises."""
+    return {'norm_topk': bool(value), 'norm_top1': bool(value) and hf.num_experts_per_tok == 1}
+
+
 ROPE = Field(('rope_theta',), lambda c: {'rope_type': 'default', 'rope_theta': c.rope_theta}, _rope)
 HEAD_DIM = Field(('head_dim',), lambda c: c.head_dim, _head_dim)
 FULL_ATTENTION = Field((), lambda c: None, _full_attention)  # (None: all 'full_attention' in transformers)
 DENSE_LAYERS = Field(('n_dense_layers',), lambda c: list(range(c.n_dense_layers)), _mlp_only_layers)
+NORM_TOPK = Field(('norm_topk', 'norm_top1'), lambda c: c.renormalises(), _norm_topk_prob)
+# Mixtral renormalises at any top_k (its top-1 weight is 1.0)
+MIXTRAL_TOP_K = Field(('top_k', 'norm_top1'), lambda c: c.top_k,
+                      lambda v, hf: {'top_k': v, 'norm_top1': v == 1})
 
 # the modern block: every field and key Llama, Mixtral, OLMoE and the Qwen3 share
 MODERN = {'vocab_size': 'vocab_size', 'hidden_size': 'n_embd', 'num_hidden_layers': 'n_layer',
@@ -98,14 +107,14 @@ NATIVE = {
     'MixtralForCausalLM': Native(
         'mixtral', True,
         {**MODERN, 'intermediate_size': 'expert_hidden', 'num_local_experts': 'n_expert',
-         'num_experts_per_tok': 'top_k'},
+         'num_experts_per_tok': MIXTRAL_TOP_K},
         {**MODERN_KEYS, **TOPK, 'qk_norm': 'none', 'moe_every': 1, 'n_dense_layers': 0, 'norm_topk': True},
         fixed={**SILU, 'sliding_window': None}, unused=('mlp_hidden', 'router'),
         ignored=('router_jitter_noise',), loads={'router': 'topk'}),
     'Qwen3MoeForCausalLM': Native(
         'qwen3_moe', True,
         {**MODERN, 'intermediate_size': 'mlp_hidden', 'moe_intermediate_size': 'expert_hidden',
-         'num_experts': 'n_expert', 'num_experts_per_tok': 'top_k', 'norm_topk_prob': 'norm_topk',
+         'num_experts': 'n_expert', 'num_experts_per_tok': 'top_k', 'norm_topk_prob': NORM_TOPK,
          'decoder_sparse_step': 'moe_every', 'mlp_only_layers': DENSE_LAYERS},
         {**MODERN_KEYS, **TOPK, 'qk_norm': 'head'},
         fixed={**SILU, 'attention_bias': False, **NO_SLIDING}, unused=('router',),
@@ -113,7 +122,7 @@ NATIVE = {
     'OlmoeForCausalLM': Native(
         'olmoe', True,
         {**MODERN, 'intermediate_size': 'expert_hidden', 'num_experts': 'n_expert',
-         'num_experts_per_tok': 'top_k', 'norm_topk_prob': 'norm_topk'},
+         'num_experts_per_tok': 'top_k', 'norm_topk_prob': NORM_TOPK},
         {**MODERN_KEYS, **TOPK, 'qk_norm': 'full', 'moe_every': 1, 'n_dense_layers': 0},
         fixed={**SILU, 'attention_bias': False, 'clip_qkv': None}, unused=('mlp_hidden', 'router'),
         loads={'router': 'topk'}),
@@ -161,10 +170,10 @@ def covered(native):
 
 
 def key_value(config, key):
-    """A model key's value as the classes see it: norm_topk renormalises only at top_k > 1 (Router), so a
-    top-1 model with norm_topk computes what one without does."""
+    """A model key's value as the classes see it: norm_topk renormalises at top_k = 1 only with norm_top1
+    (Router), else a top-1 model with norm_topk computes what one without does."""
     if key == 'norm_topk':
-        return config.norm_topk and config.top_k > 1
+        return config.renormalises()
     return getattr(config, key)
 
 
@@ -267,9 +276,6 @@ def native_model_args(folder, raw):
             if k in args and args[k] != v:  # (Llama's attention_bias and mlp_bias are one key here: bias)
                 refuse(field, have, f"{k}={v!r} where another field says {k}={args[k]!r}")
             args[k] = v
-    if args.get('norm_topk') and args.get('top_k') == 1:
-        refuse('num_experts_per_tok', 1, "one expert's renormalised weight is 1.0 (this repo renormalises at "
-                                         "top_k > 1 only, and keeps a top-1 router's probability)")
     return args
 
 

@@ -49,3 +49,16 @@ def shakespeare_char():
     if not all(os.path.exists(os.path.join(folder, f)) for f in ('train.bin', 'val.bin', 'meta.pkl')):
         run('data/shakespeare_char/prepare.py')
     return folder
+
+
+def tiny_tokenizer(folder, vocab_size=65):
+    """A word-level tokenizer of vocab_size words ('the', 'cat', 'sat', w0, w1, ...), saved in folder as
+    transformers saves one (tokenizer.json): nothing like GPT-2's BPE, so that ids from the wrong one show."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    words = ['[UNK]', 'the', 'cat', 'sat'] + [f'w{i}' for i in range(vocab_size - 4)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token='[UNK]'))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token='[UNK]')
+    tokenizer.save_pretrained(folder)
+    return tokenizer

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, run, read_log
+from conftest import ROOT, run, read_log, tiny_tokenizer
 import hellaswag
 from data.tiktoken_offline import get_gpt2_encoding
 from model import GPT, GPTConfig
@@ -173,6 +173,30 @@ def test_a_model_that_is_not_gpt2_bpe_is_refused_before_any_download(tmp_path, m
     (tmp_path / 'meta.pkl').write_bytes(b'')  # a dataset with its own vocabulary, as shakespeare_char's
     with pytest.raises(hellaswag.HellaSwagError, match='the dataset has its own vocabulary'):
         hellaswag.prepare(str(tmp_path), meta_path=str(tmp_path / 'meta.pkl'))
+
+
+def tiny_folder(folder):
+    """A tiny Llama folder of 65 tokens, with its own word-level tokenizer (conftest.tiny_tokenizer)."""
+    transformers = pytest.importorskip('transformers')
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=65, hidden_size=32, intermediate_size=48,
+                                      num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=64,
+                                      bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    return tiny_tokenizer(folder)
+
+
+def test_a_folder_is_encoded_with_its_own_tokenizer(tmp_path, data_dir, monkeypatch, capsys):
+    """Once GPT-2's BPE whatever the folder: a 65-token model was refused, a Llama's would read wrong ids."""
+    tokenizer = tiny_folder(tmp_path / 'hf')
+    rendered = hellaswag.prepare(data_dir, vocab_size=65, folder=str(tmp_path / 'hf'))
+    ex = {**EXAMPLES[0], 'ctx': 'the cat', 'endings': ['sat', 'w3 w4', 'cat the', 'dog']}
+    tokens, mask, _ = hellaswag.render_example(ex, hellaswag.tokenizer(65, folder=str(tmp_path / 'hf')))
+    assert tokens.tolist() == [[1, 2, 3, 0], [1, 2, 7, 8], [1, 2, 2, 1], [1, 2, 0, 0]]  # (dog: [UNK], 0)
+    row = tokenizer.encode(EXAMPLES[0]['ctx'] + ' ' + EXAMPLES[0]['endings'][0])  # ([UNK]s, but its own)
+    assert rendered[0][0][0, :len(row)].tolist() == row and rendered[0][1][0].sum() == 1
+    code, out, err = command(monkeypatch, capsys, f'--init_from={tmp_path / "hf"}', f'--data_dir={data_dir}')
+    assert code == 0 and out.strip().splitlines()[-1].startswith('hellaswag: 3 examples, acc '), out + err
 
 
 class Response(io.BytesIO):

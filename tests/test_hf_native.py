@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from conftest import run, TINY
+from conftest import run, TINY, tiny_tokenizer
 from checkpoint import load_checkpoint
 
 transformers = pytest.importorskip('transformers')
@@ -29,6 +29,10 @@ FOREIGN = {
                                           num_experts=4, num_experts_per_tok=3, head_dim=8,
                                           decoder_sparse_step=2, mlp_only_layers=[0, 1],
                                           tie_word_embeddings=True)),
+    # top-1 with norm_topk_prob=True: every weight 1.0 (norm_top1)
+    'qwen3_moe-top1': ('Qwen3Moe', dict(intermediate_size=48, moe_intermediate_size=16, num_experts=4,
+                                        num_experts_per_tok=1, head_dim=8, norm_topk_prob=True)),
+    'mixtral-top1': ('Mixtral', dict(intermediate_size=16, num_local_experts=4, num_experts_per_tok=1)),
     # norm_topk_prob=False
     'olmoe': ('Olmoe', dict(intermediate_size=16, num_experts=4, num_experts_per_tok=2)),
     'olmoe-top1': ('Olmoe', dict(intermediate_size=16, num_experts=4, num_experts_per_tok=1)),
@@ -70,7 +74,9 @@ def test_a_transformers_folder_loads_here_with_the_same_logits(kind, tmp_path):
         assert [i for i in range(5) if model.config.is_moe_layer(i)] == [3]
         assert (model.config.moe_every, model.config.n_dense_layers, model.config.mlp_hidden) == (2, 2, 48)
     if kind == 'olmoe-top1':  # top-1 with norm_topk_prob=False: the router's probability, as here
-        assert model.config.top_k == 1
+        assert model.config.top_k == 1 and not model.config.renormalises()
+    if kind.endswith('top1') and kind != 'olmoe-top1':  # renormalised: every weight 1.0
+        assert model.config.top_k == 1 and model.config.norm_top1 and model.config.renormalises()
 
 
 @pytest.mark.parametrize('kind', ['llama', 'qwen3'])
@@ -122,6 +128,7 @@ OURS = {  # the model keys, and the class each exports as
     'MixtralForCausalLM': dict(MOE, qk_norm='none'),
     'Qwen3MoeForCausalLM': dict(MOE, qk_norm='head', n_layer=5, moe_every=2, n_dense_layers=2, mlp_hidden=48),
     'Qwen3MoeForCausalLM-top1': dict(MOE, qk_norm='head', top_k=1, tie_embeddings=True),
+    'MixtralForCausalLM-top1': dict(MOE, qk_norm='none', top_k=1, norm_top1=True),  # every weight 1.0
     'OlmoeForCausalLM': dict(MOE, qk_norm='full', norm_topk=False, top_k=3),
     'LlamaForCausalLM': dict(MODERN, n_expert=0, qk_norm='none', mlp_hidden=48, bias=True),
     'Qwen3ForCausalLM': dict(MODERN, n_expert=0, qk_norm='head', tie_embeddings=True),
@@ -206,8 +213,6 @@ REFUSED = [  # (kind, config changes, the field the error names)
     ('qwen3', dict(attention_bias=True), 'attention_bias=True'),
     ('olmoe', dict(clip_qkv=8.0), 'clip_qkv=8.0'),
     ('qwen3_moe', dict(mlp_only_layers=[1]), 'mlp_only_layers=[1]'),
-    ('qwen3_moe', dict(num_experts_per_tok=1), 'num_experts_per_tok=1'),  # norm_topk_prob: weight 1.0
-    ('mixtral', dict(num_experts_per_tok=1), 'num_experts_per_tok=1'),
     ('mixtral', dict(quantization_config={'quant_method': 'fp8'}), 'quantization_config='),
 ]
 
@@ -268,6 +273,52 @@ def test_sample_and_train_refuse_a_folder_in_one_line(shakespeare_char, tmp_path
         p = run(script, *args, f'--init_from={tmp_path / "hf"}', check=False)
         assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, (script, p.stderr[-2000:])
         assert p.stderr.startswith('error: ') and 'use_sliding_window=True' in p.stderr, p.stderr
+
+
+@pytest.mark.slow
+def test_sample_encodes_with_the_folders_own_tokenizer(tmp_path):
+    """sample.py once encoded every folder's prompt with GPT-2's BPE: ids out of this 65-token vocabulary."""
+    foreign('qwen3_moe', tmp_path)
+    tiny_tokenizer(tmp_path)
+    p = run('sample.py', f'--init_from={tmp_path}', '--start=the cat sat', '--num_samples=1',
+            '--max_new_tokens=3', '--device=cpu', '--dtype=float32')
+    words = p.stdout.split("own tokenizer")[1].splitlines()[1].split()  # the prompt, then 3 tokens decoded
+    assert words[:3] == ['the', 'cat', 'sat'] and len(words) == 6, p.stdout
+
+
+@pytest.mark.slow
+def test_a_folder_without_a_tokenizer_or_gpt2s_vocabulary_is_one_error_line(tmp_path):
+    folder, data = tmp_path / 'hf', tmp_path / 'ids'  # data: a dataset with no meta.pkl, as a BPE one
+    foreign('qwen3_moe', folder)  # vocab_size=65, no tokenizer files
+    data.mkdir()
+    for split in ('train', 'val'):
+        torch.randint(65, (200,), dtype=torch.int16).numpy().astype('uint16').tofile(data / f'{split}.bin')
+    for script, args in (('sample.py', []), ('tools/eval_hellaswag.py', []),
+                         ('train.py', [f'--dataset={data}', '--block_size=32', '--hellaswag_interval=1',
+                                       f'--out_dir={tmp_path / "out"}'])):
+        p = run(script, f'--init_from={folder}', '--device=cpu', *args, check=False)
+        assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, (script, p.stderr[-2000:])
+        assert f'{folder} has no tokenizer files' in p.stderr and p.stderr.startswith('error: ') \
+            and 'vocab_size=65' in p.stderr and 'a tokenizer is needed' in p.stderr, p.stderr
+
+
+def test_an_exported_gpt2_bpe_folder_encodes_as_tiktoken_does(tmp_path):
+    """describe writes GPT-2's tokenizer files into a GPT-2 BPE export: AutoTokenizer on them gives tiktoken's
+    ids, specials included; a folder without them and GPT-2's vocab_size is tiktoken's own."""
+    from data.tiktoken_offline import get_gpt2_encoding
+    from hf import describe, folder_tokenizer
+    gpt2 = get_gpt2_encoding(verbose=False)
+    (tmp_path / 'bare').mkdir()
+    assert folder_tokenizer(str(tmp_path / 'bare'), 50257) is gpt2
+    (tmp_path / 'config.json').write_text('{"model_type": "gpt2"}')
+    describe(str(tmp_path), dict(vocab_size=50304, block_size=64, n_expert=0))
+    enc = folder_tokenizer(str(tmp_path), 50304)
+    assert hasattr(enc, 'tokenizer')  # (AutoTokenizer's, not tiktoken)
+    text = "Hello  world!\n\n  It's 2024: naïve café, 東京 — ok?<|endoftext|> again\t 12345 "
+    assert enc.encode(text) == gpt2.encode(text, allowed_special={'<|endoftext|>'})
+    ordinary = text.replace('<|endoftext|>', '')
+    assert enc.encode_ordinary(ordinary) == gpt2.encode_ordinary(ordinary)
+    assert enc.decode(gpt2.encode_ordinary(ordinary)) == ordinary
 
 
 @pytest.mark.slow

@@ -41,7 +41,8 @@ def test_every_model_key_has_one_kind_and_the_lists_derive_from_the_kinds():
     changed = dict(n_expert=8, expert_hidden=16, n_layer=4, n_embd=16, vocab_size=50, block_size=8,
                    bias=False, moe_every=2, n_shared_expert=1, n_dense_layers=2, router='noisy_topk',
                    router_bias=True, router_noise=True, top_k=1, n_head=4, router_score='sigmoid',
-                   norm_topk=False, router_temperature=2.0, route_scale=2.0, expert_choice=True, dropout=0.1,
+                   norm_topk=False, norm_top1=True, router_temperature=2.0, route_scale=2.0,
+                   expert_choice=True, dropout=0.1,
                    norm='rmsnorm', norm_eps=1e-6, rope=True, rope_theta=5e5, mlp='swiglu', mlp_hidden=48,
                    qk_norm='head', n_kv_head=1, head_dim=8, tie_embeddings=False)
     assert set(changed) | set(TRAIN_KEYS) == set(MODEL_KEYS)  # (every key not in TRAIN_KEYS is tried)

@@ -117,6 +117,20 @@ def test_top1_router_gets_gradient_from_the_language_model_loss():
     assert model.moe_layers()[0].router.gate.weight.grad.abs().sum() > 0
 
 
+def test_norm_top1_weighs_the_one_expert_1_and_changes_nothing_else():
+    """norm_top1 (Mixtral's, Qwen3-MoE's top-1 folders): weight 1.0, the same experts; without it (every
+    model before the key) a top-1 router keeps its probability; at top_k > 1 it changes nothing."""
+    x = torch.randn(6, 32, generator=torch.Generator().manual_seed(0))
+    out = {}
+    for top_k, norm_top1 in ((1, False), (1, True), (2, False), (2, True)):
+        torch.manual_seed(0)
+        out[top_k, norm_top1] = Router(MoEConfig(**SMALL, n_expert=4, top_k=top_k, norm_top1=norm_top1))(x)
+    (idx, w, *_), (idx1, w1, *_) = out[1, False], out[1, True]
+    assert torch.equal(idx, idx1) and (w < 1).all() and torch.equal(w1, torch.ones_like(w1))
+    for a, b in zip(out[2, False], out[2, True]):
+        assert torch.equal(a, b)
+
+
 def test_router_runs_in_float32_under_autocast():
     router = Router(MoEConfig(**SMALL, n_expert=4, top_k=2))
     x = torch.randn(5, 32)

@@ -312,14 +312,16 @@ def test_moe_layer_with_triton_backend_matches_loop():
 
 @pytest.mark.slow
 @kernels_run
-def test_compiled_training_step_has_no_graph_break():
+@pytest.mark.parametrize("block", ["gpt2", "modern"])
+def test_compiled_training_step_has_no_graph_break(block):
     """The block-sparse products are custom ops (and the topology has static shapes, no host sync): compile
-    traces the whole model with the triton backend, and its step equals eager's."""
+    traces the whole model with the triton backend, and its step equals eager's; with GPT-2's block and the
+    modern one (RMSNorm, RoPE, qk_norm, SwiGLU experts: three products per expert, not two)."""
     if DEVICE == "cuda":
         pytest.skip("a CPU model runs interpreted kernels only; "
                     "tests/test_cuda.py compiles triton on the GPU")
-    from test_backends import compiled_step_matches_eager
-    compiled_step_matches_eager("triton")
+    from test_backends import MODERN, compiled_step_matches_eager
+    compiled_step_matches_eager("triton", block=MODERN if block == "modern" else None)
 
 
 @kernels_run

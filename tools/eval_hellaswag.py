@@ -1,5 +1,6 @@
 """
-HellaSwag accuracy of a GPT-2-BPE model (a checkpoint, GPT-2 or a GPT-2 folder), scored as hellaswag.py says:
+HellaSwag accuracy of a GPT-2-BPE model (a checkpoint, GPT-2) or of a Hugging Face folder (with its own
+tokenizer, if it has one), scored as hellaswag.py says:
 $ python tools/eval_hellaswag.py --out_dir=out-gpt2-moe                 # out_dir/ckpt.pt
                                                                        # (--ckpt_name=ckpt_best.pt)
 $ python tools/eval_hellaswag.py --init_from=gpt2 --device=cuda        # gpt2-medium/-large/-xl,
@@ -40,6 +41,7 @@ from hf import GPT2_SIZES, hf_model_args, load_hf_folder, load_gpt2
 # the model's vocab_size and block_size first (no weights
 # yet): a character-level model stops before any download
 ckpt = None
+folder = None  # a Hugging Face folder: its own tokenizer, if it has one (hf.folder_tokenizer)
 if init_from == 'resume' or init_from.endswith('.pt'):
     path = os.path.join(out_dir, ckpt_name) if init_from == 'resume' else init_from
     try:
@@ -52,13 +54,15 @@ if init_from == 'resume' or init_from.endswith('.pt'):
 elif init_from in GPT2_SIZES or os.path.isfile(os.path.join(init_from, 'config.json')):
     try:
         model_args, meta_path = hf_model_args(init_from), None  # (a model this repo cannot compute: one line)
+        folder = init_from if init_from not in GPT2_SIZES else None
     except ValueError as e:  # (or a config.json that is not one)
         fail(str(e))
 else:
     fail(f"init_from={init_from!r}; allowed: 'resume', a checkpoint file (.pt), 'gpt2', 'gpt2-medium', "
          f"'gpt2-large', 'gpt2-xl', or a Hugging Face model folder")
 try:
-    examples = prepare(data_dir, max_examples, model_args['block_size'], model_args['vocab_size'], meta_path)
+    examples = prepare(data_dir, max_examples, model_args['block_size'], model_args['vocab_size'], meta_path,
+                       folder)
 except HellaSwagError as e:
     fail(str(e))
 try:
