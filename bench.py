@@ -12,7 +12,8 @@ Benchmarks. Two modes:
    = 'moe' or 'all' trades compute for it). compare_dense=True also times the dense twin (n_expert=0; needs
    top_k * expert_hidden = mlp_hidden, every layer MoE, no shared experts), and compare_compile=True each
    model both eager and compiled, one step of each in turn: on a shared machine only a ratio measured that
-   way means anything. optimizer='muon' times Muon's step instead of AdamW's (muon.py).
+   way means anything. optimizer='muon' times Muon's step instead of AdamW's (muon.py). profile_steps=N
+   then profiles N more steps of each and prints the ops whose time per step differs most between them.
    $ python bench.py --n_layer=4 --n_head=4 --n_embd=128 --block_size=64 --vocab_size=65 --expert_hidden=256 \
          --compare_compile=True
 
@@ -67,6 +68,9 @@ peak_flops = 0.0  # for MFU; 0: a GPU's bf16 peak (model.peak_flops: A100 312e12
 compare_dense = False
 # model mode: time each model eager and compiled (torch.compile), interleaved, and print the ratio
 compare_compile = False
+# model mode: profile this many more steps of each model (torch profiler) and print the ops whose self time
+# per step differs most between them (with compare_dense: where the MoE's extra time goes); 0: off
+profile_steps = 0
 # moe_layer mode
 moe_layer = False
 layer_tokens = 4096
@@ -82,7 +86,7 @@ check_choice(config, 'activation_checkpointing', CHECKPOINTING)
 check_choice(config, 'optimizer', OPTIMIZERS)
 check_device(device)
 check_range(config, ('batch_size', 'block_size', 'bench_iters', 'layer_tokens'), 1)
-check_range(config, ('warmup_iters',), 0)
+check_range(config, ('warmup_iters', 'profile_steps'), 0)
 HINT = ("make it smaller (batch_size, block_size, n_layer, n_embd, n_expert, expert_hidden, layer_tokens): "
         "the defaults are GPT-2 size, for a GPU; bench.py's docstring has CPU-sized examples")
 
@@ -254,6 +258,30 @@ def bench_model():
         if compare_compile:
             print(f"{name} compiled / eager: {ms[name, True] / ms[name, False]:.2f}x "
                   "(timed in turn in one run)")
+    if profile_steps:
+        profile_ops([name + (' (compiled)' if c else '') for name, c in runs], steps)
+
+
+def profile_ops(names, steps, rows=15):
+    """Each op's self time per step (ms; the GPU's on CUDA, else the CPU's: a fused op's worker threads
+    count as its own) in each model, the ops that differ most from the first model's first."""
+    activities = [torch.profiler.ProfilerActivity.CPU] + (
+        [torch.profiler.ProfilerActivity.CUDA] if device_type == 'cuda' else [])
+    attr = 'self_device_time_total' if device_type == 'cuda' else 'self_cpu_time_total'
+    per_op = [{} for _ in steps]
+    for _ in range(profile_steps):  # one step of each in turn, as time_it: a noisy machine slows all alike
+        for step, times in zip(steps, per_op):
+            with quiet_stderr(), torch.profiler.profile(activities=activities) as prof:
+                step()
+                sync()
+            for e in prof.key_averages():
+                times[e.key] = times.get(e.key, 0.0) + getattr(e, attr) / profile_steps / 1000
+    ops = sorted(set().union(*per_op), key=lambda k: -abs(per_op[-1].get(k, 0) - per_op[0].get(k, 0)))
+    print(f"self time per step, ms, {profile_steps} profiled steps each:")
+    print(f"{'op':<48}" + ''.join(f"{n:>14}" for n in names) + f"{'difference':>12}")
+    for op in ['total'] + ops[:rows]:
+        t = [sum(p.values()) if op == 'total' else p.get(op, 0.0) for p in per_op]
+        print(f"{op[:47]:<48}" + ''.join(f"{v:14.3f}" for v in t) + f"{t[-1] - t[0]:+12.3f}")
 
 
 def peak_memory(step):

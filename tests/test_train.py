@@ -159,6 +159,16 @@ def test_bench_runs_dense_moe_and_the_layer_mode():
         assert all(('MFU' in l) == bool(peak) and ('of 1 TFLOP/s' in l) == bool(peak) for l in lines), lines
         peaks[mode] = [float(l.split('peak memory ')[1].split(' MiB')[0]) for l in lines]
     assert all(0 < b < 0.8 * a for a, b in zip(peaks['none'], peaks['all'])), peaks
+    # profile_steps: each op's time per step in both models, the MoE's fused ops only in its column
+    p = run('bench.py', '--n_layer=1', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_size=8',
+            '--vocab_size=64', '--warmup_iters=1', '--bench_iters=1', '--device=cpu', '--n_expert=4',
+            '--expert_hidden=64', '--compare_dense=True', '--profile_steps=2')
+    table = p.stdout.split('profiled steps each:\n')[1].splitlines()
+    assert table[0].split() == ['op', 'dense', 'twin', 'model', 'difference'] and table[1].startswith('total')
+    rows = {r.split()[0]: [float(v) for v in r.split()[1:]] for r in table[1:]}
+    assert rows['nanomoe::fused_experts_backward'][0] == 0 < rows['nanomoe::fused_experts_backward'][1]
+    assert all(abs(t[1] - t[0] - t[2]) < 2e-3 for t in rows.values()), rows
+    assert 'profiler' not in p.stdout + p.stderr
     p = run('bench.py', '--n_layer=1', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_size=8',
             '--vocab_size=64', '--warmup_iters=1', '--bench_iters=1', '--device=cpu', '--n_expert=4',
             '--optimizer=muon')  # Muon's step, the experts' by ExpertMuon
