@@ -347,7 +347,11 @@ def folder_tokenizer(folder, vocab_size):
             raise ValueError(' '.join(str(e).split())) from None
     from transformers import AutoTokenizer
     try:
-        return FolderTokenizer(AutoTokenizer.from_pretrained(folder))
+        tokenizer = AutoTokenizer.from_pretrained(folder)
     except Exception as e:  # a missing package (sentencepiece), a broken file: whatever it raises, one line
         reason = ' '.join(str(e).split())[:300] or type(e).__name__
         raise ValueError(f"{folder}'s tokenizer cannot be loaded (AutoTokenizer): {reason}") from None
+    if len(tokenizer) > vocab_size:  # its ids past the embedding would be an IndexError in the forward
+        raise ValueError(f"{folder}'s tokenizer has {len(tokenizer)} tokens, more than the model's "
+                         f"vocab_size={vocab_size}: they do not belong together")
+    return FolderTokenizer(tokenizer)

@@ -284,6 +284,10 @@ def test_sample_encodes_with_the_folders_own_tokenizer(tmp_path):
             '--max_new_tokens=3', '--device=cpu', '--dtype=float32')
     words = p.stdout.split("own tokenizer")[1].splitlines()[1].split()  # the prompt, then 3 tokens decoded
     assert words[:3] == ['the', 'cat', 'sat'] and len(words) == 6, p.stdout
+    tiny_tokenizer(tmp_path, vocab_size=100)  # more words than the model's 65 tokens: one line, not a traceback
+    p = run('sample.py', f'--init_from={tmp_path}', '--start=the cat', '--device=cpu', check=False)
+    assert p.returncode == 2 and p.stderr == f"error: {tmp_path}'s tokenizer has 100 tokens, more than the " \
+        "model's vocab_size=65: they do not belong together\n", p.stderr  # (before any weight loads)
 
 
 @pytest.mark.slow
