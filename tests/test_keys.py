@@ -50,6 +50,24 @@ def test_every_model_key_has_one_kind_and_the_lists_derive_from_the_kinds():
         assert (weights(**{k: v}) != base) == (k in SHAPE_KEYS), k
 
 
+
+def test_a_train_key_leaves_the_eval_logits_as_they_are():
+    """What the 'train' kind promises (the export leaves those keys out): the run's own setting, not the model,
+    so a model in eval computes the same logits whatever it is (on a dropless backend: batched's capacity
+    drops tokens in eval too, by design)."""
+    torch.manual_seed(0)
+    model = MoEGPT(MoEConfig(**SMALL, expert_impl='loop')).eval()
+    x = torch.randint(65, (2, 16))
+    want = model(x)[0]
+    changed = dict(expert_impl='grouped', capacity_factor=0.5, expert_choice=True, router_jitter=0.5,
+                   bias_update_rate=0.1, aux_loss_coef=1.0, z_loss_coef=1.0, aux_loss_scope='sequence',
+                   expert_dropout=0.5, dropout=0.5)
+    assert set(changed) == set(TRAIN_KEYS)
+    for k, v in changed.items():
+        other = MoEGPT(MoEConfig(**{**SMALL, 'expert_impl': 'loop', k: v})).eval()
+        other.load_state_dict(model.state_dict())
+        torch.testing.assert_close(other(x)[0], want, msg=k)
+
 def test_every_model_key_is_in_the_checkpoint_the_export_readme_train_and_bench():
     model = MoEGPT(MoEConfig(**SMALL))
     assert set(model_args_of(model)) == set(MODEL_KEYS)
