@@ -37,12 +37,12 @@ import numpy as np
 import torch
 
 from moe_kernels import cpu_grouped_mm
-from configurator import configure, fail, check_choice, check_range, check_device, check_memory
+from configurator import FORK_KEYS, configure, fail, check_choice, check_range, check_device, check_memory
 from moe_kernels.cpu_memory import keep_freed_memory
 from checkpoint import load_checkpoint, CheckpointError
 from init_model import memory_need
 from model import CHECKPOINTING, GPTConfig, MLP, peak_flops as gpu_peak_flops
-from moe_model import build_model, MoE, MoEConfig, EXPERT_IMPLS, MODEL_KEYS, FORK_KEYS
+from moe_model import build_model, MoE, MoEConfig, EXPERT_IMPLS, MODEL_KEYS
 from muon import OPTIMIZERS, configure_optimizers
 
 # -----------------------------------------------------------------------------

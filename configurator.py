@@ -9,7 +9,7 @@ this will first run config/override_file.py, then override batch_size to 32.
   not a literal is taken as a plain string.
 - Unknown keys and values of the wrong type are errors: one line on stderr, exit code 2. So is a config
   file that is not UTF-8 text, does not compile, raises, or calls sys.exit.
-- Other dialects: a table of foreign keys (`foreign`: moe_model.FORK_KEYS, the seed forks') translates
+- Other dialects: a table of foreign keys (`foreign`: FORK_KEYS below, the seed forks') translates
   theirs into these, with one printed line per file or override saying what was translated or ignored.
 """
 
@@ -19,6 +19,7 @@ import sys
 import types
 from ast import literal_eval
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 
 def fail(message):
@@ -133,7 +134,7 @@ def _checked(key, value, config, source):
 
 def _translate(found, seen, foreign, source, config, given):
     """Apply the foreign keys `found` of one source (a file or an override) through the table `foreign`
-    (moe_model.ForkKey rows), and print one line per fork of what was translated and one of what was
+    (ForkKey rows), and print one line per fork of what was translated and one of what was
     ignored, with why. `seen` holds every foreign key given so far: a key whose switch is False there is
     dropped, and a switch given here applies (or drops) the keys it gates that were given before."""
     seen.update(found)
@@ -197,7 +198,7 @@ def _run_config_file(path):
 def configure(config, args, given=None, foreign=None):
     """Apply config files and --key=value overrides from `args` to the dict `config`, in order. The set
     `given`, if passed, collects the keys they set (also to their default value). `foreign`, if passed,
-    maps keys of other dialects to these (moe_model.FORK_KEYS); a key of `config` is never foreign."""
+    maps keys of other dialects to these (FORK_KEYS); a key of `config` is never foreign."""
     given = set() if given is None else given
     foreign = {} if foreign is None else foreign
     seen = {}  # the foreign keys given so far, for their switches
@@ -231,3 +232,50 @@ def configure(config, args, given=None, foreign=None):
             given.add(key)
             print(f"Overriding: {key} = {config[key]!r}")
     return config
+
+
+# -----------------------------------------------------------------------------
+# The seed forks' config keys, so that their config files run here unchanged: configure (above)
+# translates each key of sijunhe/nanoMoE or wolfecameron/nanoMoE (none of them is one of this repo's) into
+# this repo's keys and prints what it did. translate(value) gives this repo's keys, or a string: why the key
+# is ignored. A key gated by a switch (aux_loss_weight by use_aux_loss) is dropped while its switch is False,
+# whatever the order they are given in (a switch the files leave out counts as on). The semantics that
+# differ (balance-loss scale, capacity at eval, which blocks are MoE) are in README's nanoGPT paragraph.
+
+
+@dataclass(frozen=True)
+class ForkKey:
+    fork: str
+    translate: object   # value -> {this repo's key: value}, or a str: why the key is ignored
+    switch: str = None  # the fork's switch that turns this key off when False
+    note: str = ''      # printed beside the translation: what still differs
+
+
+SIJUNHE, WOLFE = 'sijunhe/nanoMoE', 'wolfecameron/nanoMoE'
+_FP32 = 'the router always runs in float32 here'
+_INIT = "GPT-2's init here (normal(0, 0.02), residual projections / sqrt(2 * n_layer)), not Switch's"
+FORK_KEYS = {
+    # sijunhe: use_moe makes every block MoE (no z-loss); its balance loss pools all layers' tokens
+    'use_moe': ForkKey(SIJUNHE, lambda v: {'moe_every': 1} if v else {'n_expert': 0}),
+    'num_experts': ForkKey(SIJUNHE, lambda v: {'n_expert': v}, switch='use_moe'),
+    'expert_load_balance_loss_coef': ForkKey(SIJUNHE, lambda v: {'aux_loss_coef': v}),
+    'gradient_checkpointing': ForkKey(SIJUNHE, lambda v: {'activation_checkpointing': 'all' if v else 'none'},
+                                      note='its whole blocks; here attention and experts, not the router'),
+    # wolfe: n_exp=1 is the dense GPT; MoE in blocks i % stride == 0; always capacity-based (token dropping)
+    'n_exp': ForkKey(WOLFE, lambda v: {'n_expert': 0 if v == 1 else v}),
+    'use_aux_loss': ForkKey(WOLFE, lambda v: {} if v else {'aux_loss_coef': 0.0}),
+    'aux_loss_weight': ForkKey(WOLFE, lambda v: {'aux_loss_coef': v}, switch='use_aux_loss'),
+    'use_router_z_loss': ForkKey(WOLFE, lambda v: {} if v else {'z_loss_coef': 0.0}),
+    'router_z_loss_weight': ForkKey(WOLFE, lambda v: {'z_loss_coef': v}, switch='use_router_z_loss'),
+    'use_noisy_top_k': ForkKey(WOLFE, lambda v: {'router_noise': bool(v)}),
+    'train_capacity': ForkKey(WOLFE, lambda v: {'capacity_factor': v, 'expert_impl': 'batched'},
+                              note='capacity_factor applies at eval too'),
+    'eval_capacity': ForkKey(WOLFE, lambda v: "capacity_factor (train_capacity's) applies at eval too here"),
+    'min_capacity': ForkKey(WOLFE, lambda v: "capacity here is ceil(capacity_factor * tokens * top_k / "
+                                             "n_expert), with no minimum"),
+    'stride': ForkKey(WOLFE, lambda v: {'moe_every': v},
+                      note="MoE here: blocks with (i + 1) % moe_every == 0; in the fork: i % stride == 0"),
+    'use_switch_tfm_init': ForkKey(WOLFE, lambda v: _INIT if v else {}, note=_INIT),
+    'switch_tfm_init_scale': ForkKey(WOLFE, lambda v: _INIT),
+    'router_use_full_prec': ForkKey(WOLFE, lambda v: {} if v else _FP32, note=_FP32),
+}

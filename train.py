@@ -35,12 +35,12 @@ import numpy as np
 import torch
 from torch.distributed import init_process_group, destroy_process_group
 
-from configurator import configure, fail, fail_on, check_dataset, check_memory
+from configurator import FORK_KEYS, configure, fail, fail_on, check_dataset, check_memory
 from moe_kernels import cpu_grouped_mm
 from moe_kernels.cpu_memory import keep_freed_memory
 from checkpoint import (CheckpointError, load_meta, training_state, restore, nonfinite_tensor, RunDir,
                         StopSignal, DivergenceGuard, any_rank)
-from moe_model import FORK_KEYS, MODEL_KEYS, MoEConfig, model_args_of
+from moe_model import MODEL_KEYS, MoEConfig, model_args_of
 from expert_parallel import ExpertParallel, config_error
 from init_model import Init, memory_need
 from muon import OPTIMIZER_KEYS, configure_optimizers

@@ -11,7 +11,8 @@ from conftest import ROOT, run, read_log
 from checkpoint import load_checkpoint
 from configurator import configure
 from model import GPT, GPTConfig
-from moe_model import FORK_KEYS, MODEL_KEYS, MoEConfig
+from configurator import FORK_KEYS
+from moe_model import MODEL_KEYS, MoEConfig
 
 TINY_OVERRIDES = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_size=8',
                   '--eval_iters=2', '--device=cpu', '--compile=False', '--max_iters=4', '--eval_interval=2',
@@ -452,7 +453,7 @@ def test_the_exported_moe_routes_like_ours_with_the_deepseek_v3_router():
                                    atol=1e-5)
 
 # -----------------------------------------------------------------------------
-# the seed forks' config files: their keys are translated (moe_model.FORK_KEYS)
+# the seed forks' config files: their keys are translated (configurator.FORK_KEYS)
 
 # the keys and values of sijunhe/nanoMoE's config/train_gpt2_moe_16_experts_top2.py (its other files differ
 # in num_experts, top_k, batch_size and gradient_accumulation_steps only)
