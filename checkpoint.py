@@ -362,6 +362,33 @@ class RunDir:
             sys.exit(1)
 
 
+def report_eval(run_dir, iter_num, losses, hellaswag, probe, routing, lr):
+    """An eval's lines (the master's): the losses and HellaSwag's numbers; the routing on the fixed eval batch
+    (probe) and of the last step (routing), lists left out; and its log.jsonl record (run_dir None, as under
+    eval_only: none)."""
+    print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
+          + ''.join(f", {k} {v:.4f}" for k, v in hellaswag.items()))
+    stats = {k: v for k, v in {**routing, **probe}.items() if not isinstance(v, list)}
+    if stats:
+        print('routing (fixed eval batch): ' + ', '.join(f'{k} {v:.3f}' for k, v in stats.items()))
+    if run_dir:
+        run_dir.log({'iter': iter_num, 'train/ce': losses['train'], 'val/ce': losses['val'], 'lr': lr,
+                     **probe, **hellaswag})
+
+
+def report_iter(run_dir, iter_num, max_iters, loss, terms, dt, tokens, mfu, lr, grad_norm, extra, routing):
+    """An iteration's line (the master's): the loss and its terms (tensors), the time, tokens/s over `tokens`
+    per iteration, the MFU (once measured: >= 0) and `extra` (expert parallelism's); and its log.jsonl
+    record, with the step's routing too."""
+    terms = {k: v.item() for k, v in terms.items()}
+    parts = ', '.join(f'{k} {v:.4f}' for k, v in terms.items())
+    print(f"iter {iter_num}/{max_iters}: loss {loss:.4f} ({parts}), time {dt * 1000:.2f}ms, "
+          f"{tokens / dt:,.0f} tok/s" + (f", mfu {mfu * 100:.2f}%" if mfu >= 0 else '')
+          + ''.join(f', {k} {v:.2f}' for k, v in extra.items()))
+    run_dir.log({'iter': iter_num, 'loss': loss, **terms, 'lr': lr, 'grad_norm': grad_norm,
+                 'dt_ms': dt * 1000, 'mfu': mfu, **extra, **routing})
+
+
 def append_line(path, text):
     """Append text and a newline to path as one whole line, or nothing: a write that fails partway (disk full)
     is cut back to where the file ended, so a later record never lands on half of this one."""
