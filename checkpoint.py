@@ -1,6 +1,7 @@
 """
-Checkpoints: written atomically, loaded safely; RunDir, all that a training run writes into out_dir; and how a
-run stops: StopSignal (a signal: save and exit) and DivergenceGuard (a NaN/inf step: skip it or stop).
+Checkpoints: written atomically, loaded safely; RunDir, all that a training run writes into out_dir, and its
+eval and iteration lines (report_eval, report_iter); and how a run stops: StopSignal (a signal: save and exit)
+and DivergenceGuard (a NaN/inf step: skip it or stop).
 
 A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts (RNG states included, see
 rng_state), so it loads with torch.load(weights_only=True): loading one never runs code from the file.
@@ -378,8 +379,8 @@ def report_eval(run_dir, iter_num, losses, hellaswag, probe, routing, lr):
 
 def report_iter(run_dir, iter_num, max_iters, loss, terms, dt, tokens, mfu, lr, grad_norm, extra, routing):
     """An iteration's line (the master's): the loss and its terms (tensors), the time, tokens/s over `tokens`
-    per iteration, the MFU (once measured: >= 0) and `extra` (expert parallelism's); and its log.jsonl
-    record, with the step's routing too."""
+    per iteration, the MFU (once measured: >= 0) and `extra` (under expert parallelism, the megabytes sent by
+    all-to-all); and its log.jsonl record, with the step's routing too."""
     terms = {k: v.item() for k, v in terms.items()}
     parts = ', '.join(f'{k} {v:.4f}' for k, v in terms.items())
     print(f"iter {iter_num}/{max_iters}: loss {loss:.4f} ({parts}), time {dt * 1000:.2f}ms, "
@@ -475,6 +476,11 @@ class StopSignal:
             torch.distributed.destroy_process_group()
         sys.exit(0)
 
+    def saved(self, iter_num, path):
+        """The line of a stop in the loop, once the master saved the checkpoint `path`."""
+        print(f"received {self.name or 'a stop signal (on another rank)'}: "
+              f"saved checkpoint at iter {iter_num} to {path}; continue with --init_from=resume")
+
 
 class DivergenceGuard:
     """A NaN/inf loss or gradient norm would poison the weights. on_nonfinite='stop' stops the run at the
@@ -506,3 +512,10 @@ class DivergenceGuard:
             run_dir.log({'iter': iter_num, 'event': 'nonfinite', 'message': message, **diagnosis})
             print(f"error: {message}; stopping. Last good checkpoint: {run_dir.last_good()}", file=sys.stderr)
         sys.exit(1)
+
+    @staticmethod
+    def skip(run_dir, iter_num, message, diagnosis):
+        """A skipped step: a 'nonfinite' record in log.jsonl (the master's) and a warning (each rank's)."""
+        if run_dir:
+            run_dir.log({'iter': iter_num, 'event': 'nonfinite', **diagnosis})
+        print(f"warning: {message}; skipping this step")

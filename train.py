@@ -347,7 +347,6 @@ while True:
         # every rank: EP gathers experts
         state = checkpoint_state() if iter_num > 0 and not eval_only else None
         if master_process:
-            # the loss line, the routing line, the log.jsonl record (checkpoint.py)
             report_eval(run_dir, iter_num, losses, hs, probe, raw_model.routing_stats(), lr)
             if state is not None:
                 if always_save_checkpoint or improved:
@@ -390,9 +389,7 @@ while True:
             diagnosis = {'loss': float(loss_sum), 'grad_norm': float(grad_norm), **raw_model.diagnose(X)}
         if action == 'stop':
             guard.stop(run_dir, iter_num, message, diagnosis)
-        if master_process:
-            run_dir.log({'iter': iter_num, 'event': 'nonfinite', **diagnosis})
-        print(f"warning: {message}; skipping this step")
+        guard.skip(run_dir, iter_num, message, diagnosis)
         raw_model.end_step(skipped=True)  # restart the step's loads; the bias does not move
         optimizer.zero_grad(set_to_none=True)
         iter_num += 1
@@ -416,7 +413,6 @@ while True:
         if local_iter_num >= 5:  # let the training loop settle a bit
             mfu = raw_model.estimate_mfu(batch_size * gradient_accumulation_steps, dt, peak_flops)
             running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
-        # the line and the log.jsonl record (checkpoint.py); step_stats: all-to-all megabytes under EP
         report_iter(run_dir, iter_num, max_iters, lossf, raw_model.loss_terms, dt, tokens_per_iter,
                     running_mfu, lr, float(grad_norm), parallel.step_stats(), raw_model.routing_stats())
     iter_num += 1
@@ -427,9 +423,7 @@ while True:
         state = checkpoint_state()
         if master_process:
             run_dir.save(state, 'ckpt.pt')
-            print(f"received {stop.name or 'a stop signal (on another rank)'}: "
-                  f"saved checkpoint at iter {iter_num} to {os.path.join(out_dir, 'ckpt.pt')}; "
-                  "continue with --init_from=resume")
+            stop.saved(iter_num, run_dir.path('ckpt.pt'))
         break
 
 if ddp:
