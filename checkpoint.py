@@ -1,6 +1,7 @@
 """
-Checkpoints: written atomically, loaded safely; RunDir, all that a training run writes into out_dir; and how a
-run stops: StopSignal (a signal: save and exit) and DivergenceGuard (a NaN/inf step: skip it or stop).
+Checkpoints: written atomically, loaded safely; RunDir, all that a training run writes into out_dir, and its
+eval and iteration lines (report_eval, report_iter); and how a run stops: StopSignal (a signal: save and exit)
+and DivergenceGuard (a NaN/inf step: skip it or stop).
 
 A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts (RNG states included, see
 rng_state), so it loads with torch.load(weights_only=True): loading one never runs code from the file.
@@ -362,6 +363,33 @@ class RunDir:
             sys.exit(1)
 
 
+def report_eval(run_dir, iter_num, losses, hellaswag, probe, routing, lr):
+    """An eval's lines (the master's): the losses and HellaSwag's numbers; the routing on the fixed eval batch
+    (probe) and of the last step (routing), lists left out; and its log.jsonl record (run_dir None, as under
+    eval_only: none)."""
+    print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
+          + ''.join(f", {k} {v:.4f}" for k, v in hellaswag.items()))
+    stats = {k: v for k, v in {**routing, **probe}.items() if not isinstance(v, list)}
+    if stats:
+        print('routing (fixed eval batch): ' + ', '.join(f'{k} {v:.3f}' for k, v in stats.items()))
+    if run_dir:
+        run_dir.log({'iter': iter_num, 'train/ce': losses['train'], 'val/ce': losses['val'], 'lr': lr,
+                     **probe, **hellaswag})
+
+
+def report_iter(run_dir, iter_num, max_iters, loss, terms, dt, tokens, mfu, lr, grad_norm, extra, routing):
+    """An iteration's line (the master's): the loss and its terms (tensors), the time, tokens/s over `tokens`
+    per iteration, the MFU (once measured: >= 0) and `extra` (under expert parallelism, the megabytes sent by
+    all-to-all); and its log.jsonl record, with the step's routing too."""
+    terms = {k: v.item() for k, v in terms.items()}
+    parts = ', '.join(f'{k} {v:.4f}' for k, v in terms.items())
+    print(f"iter {iter_num}/{max_iters}: loss {loss:.4f} ({parts}), time {dt * 1000:.2f}ms, "
+          f"{tokens / dt:,.0f} tok/s" + (f", mfu {mfu * 100:.2f}%" if mfu >= 0 else '')
+          + ''.join(f', {k} {v:.2f}' for k, v in extra.items()))
+    run_dir.log({'iter': iter_num, 'loss': loss, **terms, 'lr': lr, 'grad_norm': grad_norm,
+                 'dt_ms': dt * 1000, 'mfu': mfu, **extra, **routing})
+
+
 def append_line(path, text):
     """Append text and a newline to path as one whole line, or nothing: a write that fails partway (disk full)
     is cut back to where the file ended, so a later record never lands on half of this one."""
@@ -448,6 +476,11 @@ class StopSignal:
             torch.distributed.destroy_process_group()
         sys.exit(0)
 
+    def saved(self, iter_num, path):
+        """The line of a stop in the loop, once the master saved the checkpoint `path`."""
+        print(f"received {self.name or 'a stop signal (on another rank)'}: "
+              f"saved checkpoint at iter {iter_num} to {path}; continue with --init_from=resume")
+
 
 class DivergenceGuard:
     """A NaN/inf loss or gradient norm would poison the weights. on_nonfinite='stop' stops the run at the
@@ -479,3 +512,10 @@ class DivergenceGuard:
             run_dir.log({'iter': iter_num, 'event': 'nonfinite', 'message': message, **diagnosis})
             print(f"error: {message}; stopping. Last good checkpoint: {run_dir.last_good()}", file=sys.stderr)
         sys.exit(1)
+
+    @staticmethod
+    def skip(run_dir, iter_num, message, diagnosis):
+        """A skipped step: a 'nonfinite' record in log.jsonl (the master's) and a warning (each rank's)."""
+        if run_dir:
+            run_dir.log({'iter': iter_num, 'event': 'nonfinite', **diagnosis})
+        print(f"warning: {message}; skipping this step")

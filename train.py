@@ -39,7 +39,7 @@ from configurator import FORK_KEYS, configure, fail, fail_on, check_dataset, che
 from moe_kernels import cpu_grouped_mm
 from moe_kernels.cpu_memory import keep_freed_memory
 from checkpoint import (CheckpointError, load_meta, training_state, restore, nonfinite_tensor, RunDir,
-                        StopSignal, DivergenceGuard, any_rank)
+                        StopSignal, DivergenceGuard, any_rank, report_eval, report_iter)
 from moe_model import MODEL_KEYS, MoEConfig, model_args_of
 from expert_parallel import ExpertParallel, config_error
 from init_model import Init, memory_need
@@ -347,15 +347,7 @@ while True:
         # every rank: EP gathers experts
         state = checkpoint_state() if iter_num > 0 and not eval_only else None
         if master_process:
-            print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
-                  + ''.join(f", {k} {v:.4f}" for k, v in hs.items()))
-            stats = {k: v for k, v in {**raw_model.routing_stats(), **probe}.items()
-                     if not isinstance(v, list)}
-            if stats:
-                print('routing (fixed eval batch): ' + ', '.join(f'{k} {v:.3f}' for k, v in stats.items()))
-            if run_dir:
-                run_dir.log({'iter': iter_num, 'train/ce': losses['train'], 'val/ce': losses['val'], 'lr': lr,
-                             **probe, **hs})
+            report_eval(run_dir, iter_num, losses, hs, probe, raw_model.routing_stats(), lr)
             if state is not None:
                 if always_save_checkpoint or improved:
                     print(f"saving checkpoint to {out_dir}")
@@ -397,9 +389,7 @@ while True:
             diagnosis = {'loss': float(loss_sum), 'grad_norm': float(grad_norm), **raw_model.diagnose(X)}
         if action == 'stop':
             guard.stop(run_dir, iter_num, message, diagnosis)
-        if master_process:
-            run_dir.log({'iter': iter_num, 'event': 'nonfinite', **diagnosis})
-        print(f"warning: {message}; skipping this step")
+        guard.skip(run_dir, iter_num, message, diagnosis)
         raw_model.end_step(skipped=True)  # restart the step's loads; the bias does not move
         optimizer.zero_grad(set_to_none=True)
         iter_num += 1
@@ -423,15 +413,8 @@ while True:
         if local_iter_num >= 5:  # let the training loop settle a bit
             mfu = raw_model.estimate_mfu(batch_size * gradient_accumulation_steps, dt, peak_flops)
             running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
-        terms = {k: v.item() for k, v in raw_model.loss_terms.items()}
-        parts = ', '.join(f'{k} {v:.4f}' for k, v in terms.items())
-        extra = parallel.step_stats()  # all-to-all megabytes under expert parallelism
-        print(f"iter {iter_num}/{max_iters}: loss {lossf:.4f} ({parts}), time {dt * 1000:.2f}ms, "
-              f"{tokens_per_iter / dt:,.0f} tok/s" + (f", mfu {running_mfu * 100:.2f}%" if running_mfu >= 0
-                                                      else '')
-              + ''.join(f', {k} {v:.2f}' for k, v in extra.items()))
-        run_dir.log({'iter': iter_num, 'loss': lossf, **terms, 'lr': lr, 'grad_norm': float(grad_norm),
-                     'dt_ms': dt * 1000, 'mfu': running_mfu, **extra, **raw_model.routing_stats()})
+        report_iter(run_dir, iter_num, max_iters, lossf, raw_model.loss_terms, dt, tokens_per_iter,
+                    running_mfu, lr, float(grad_norm), parallel.step_stats(), raw_model.routing_stats())
     iter_num += 1
     local_iter_num += 1
 
@@ -440,9 +423,7 @@ while True:
         state = checkpoint_state()
         if master_process:
             run_dir.save(state, 'ckpt.pt')
-            print(f"received {stop.name or 'a stop signal (on another rank)'}: "
-                  f"saved checkpoint at iter {iter_num} to {os.path.join(out_dir, 'ckpt.pt')}; "
-                  "continue with --init_from=resume")
+            stop.saved(iter_num, run_dir.path('ckpt.pt'))
         break
 
 if ddp:
