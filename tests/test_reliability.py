@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, TINY, run, read_log, nan_at
+from conftest import ROOT, TINY, run, read_log, nan_at, tiny_tokenizer
 from checkpoint import load_checkpoint, save_checkpoint
 from configurator import configure
 from test_faults import FAST, RUN_ONLY, ENV, start, wait_for_steps
@@ -609,6 +609,7 @@ def moe_folder(good_run, tmp_path_factory):
 def test_a_hugging_face_folder_that_cannot_be_loaded_is_one_line(moe_folder, tmp_path, case, message):
     folder = tmp_path / 'hf'
     shutil.copytree(moe_folder, folder)
+    tiny_tokenizer(folder)  # (a character-level folder has none: sample.py would stop at that first)
     weights, config = folder / 'model.safetensors', folder / 'config.json'
     if case == 'no model.safetensors':
         weights.unlink()
