@@ -270,7 +270,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         const float* gyn = gy_ + (s / k) * d;
         const scalar_t* row = out_ + pos[s] * d;
         float acc = 0.f;
-        for (int64_t c = 0; c < d; ++c) acc += gyn[c] * static_cast<float>(row[c]);
+        // in vector lanes (_Pragma: inside AT_DISPATCH's macro): a sum left to right waits on every add
+        _Pragma("omp simd reduction(+ : acc)") for (int64_t c = 0; c < d; ++c) acc += gyn[c] * static_cast<float>(row[c]);
         grad_w_[s] = acc;
       }
     });
