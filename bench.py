@@ -274,8 +274,11 @@ def profile_ops(names, steps, rows=15):
             with quiet_stderr(), torch.profiler.profile(activities=activities) as prof:
                 step()
                 sync()
-            for e in prof.key_averages():
-                times[e.key] = times.get(e.key, 0.0) + getattr(e, attr) / profile_steps / 1000
+            for e in prof.key_averages():  # CPU ops only: on CUDA each holds its kernels' time (the kernels'
+                # own events would count them twice), and annotations hold their ops'
+                cpu_op = e.device_type == torch.autograd.DeviceType.CPU
+                if cpu_op and not getattr(e, 'is_user_annotation', False):
+                    times[e.key] = times.get(e.key, 0.0) + getattr(e, attr) / profile_steps / 1000
     ops = sorted(set().union(*per_op), key=lambda k: -abs(per_op[-1].get(k, 0) - per_op[0].get(k, 0)))
     print(f"self time per step, ms, {profile_steps} profiled steps each:")
     print(f"{'op':<48}" + ''.join(f"{n:>14}" for n in names) + f"{'difference':>12}")
