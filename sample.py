@@ -84,6 +84,8 @@ if init_from == 'resume':
         model_args['expert_impl'] = expert_impl
     try:
         fits(model_args)
+        from hf import folder_tokenizer, has_tokenizer  # a run that fine-tuned a folder keeps its tokenizer
+        enc = folder_tokenizer(out_dir, model_args['vocab_size']) if has_tokenizer(out_dir) else None
         model = build_model(model_args)
         load_weights(model, checkpoint, os.path.join(out_dir, ckpt_name))
     except (ValueError, CheckpointError) as e:
@@ -131,7 +133,8 @@ if meta_path and os.path.exists(meta_path):
     decode = lambda l: ''.join([str(itos.get(i, '\ufffd')) for i in l])  # (an id meta.pkl lacks: U+FFFD)
 else:
     if hasattr(enc, 'tokenizer'):  # hf.FolderTokenizer
-        print(f"Encoding with {init_from}'s own tokenizer ({type(enc.tokenizer).__name__})...")
+        print(f"Encoding with {out_dir if init_from == 'resume' else init_from}'s own tokenizer "
+              f"({type(enc.tokenizer).__name__})...")
     else:  # ok let's assume gpt-2 encodings by default
         print("No meta.pkl found, assuming GPT-2 encodings...")
         from data.tiktoken_offline import get_gpt2_encoding  # tiktoken 'gpt2', seeded offline if need be

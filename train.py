@@ -45,6 +45,7 @@ from expert_parallel import ExpertParallel, config_error
 from init_model import Init, memory_need
 from muon import OPTIMIZER_KEYS, configure_optimizers
 from train_checks import check_config
+from hf import copy_tokenizer, has_tokenizer
 import hellaswag
 
 # -----------------------------------------------------------------------------
@@ -144,11 +145,14 @@ if message := config_error(expert_parallel, model_args, config['expert_impl'], d
 need = memory_need(model_args, batch_size * block_size, dtype=dtype, checkpointing=activation_checkpointing,
                    expert_parallel=expert_parallel)  # weights, AdamW state, activations: before allocating
 check_memory(need, device)
+# a Hugging Face folder's tokenizer, kept in out_dir for the run's resumes (below) and its samples and exports
+text_from = (init_from if init.hf is not None
+             else out_dir if init_from == 'resume' and has_tokenizer(out_dir) else None)
 if hellaswag_interval:  # read and tokenised now: a character-level dataset or no data file stops here
     with fail_on(hellaswag.HellaSwagError, prefix=f"hellaswag_interval={hellaswag_interval}: "):
         hs_examples = hellaswag.prepare(hellaswag_dir, hellaswag_examples, block_size,
                                         model_args['vocab_size'], meta_path,
-                                        init_from if init.hf is not None else None)  # a folder's tokenizer
+                                        text_from)
 
 # -----------------------------------------------------------------------------
 # various inits, derived attributes, I/O setup
@@ -225,6 +229,8 @@ if meta_vocab_size is None and not vocab_size and init_from == 'scratch':
     print("defaulting to vocab_size of GPT-2 to 50304 (50257 rounded up for efficiency)")
 with fail_on(ValueError, CheckpointError):
     model = init.build()
+if run_dir and init.hf is not None and has_tokenizer(init_from):
+    copy_tokenizer(init_from, out_dir)
 iter_num, best_val_loss = (init.ckpt['iter_num'],
                            init.ckpt['best_val_loss']) if init_from == 'resume' else (0, 1e9)
 # crop down the model block size if desired, using model surgery (growing it was refused above)

@@ -14,7 +14,8 @@ Hugging Face model folders, both ways (tools/export_hf.py is the command line):
 - load_hf_folder: the way back (train.py, sample.py, bench.py, tools/eval_hellaswag.py --init_from=<folder>);
   hf_model_args reads a folder's keys before any weights; a folder this repo cannot compute exactly is one
   ValueError line naming the config field;
-- folder_tokenizer: how text is encoded for a folder (sample.py, HellaSwag): its tokenizer, or GPT-2's BPE.
+- folder_tokenizer: how text is encoded for a folder (sample.py, HellaSwag): its tokenizer, or GPT-2's BPE;
+  copy_tokenizer keeps a folder's tokenizer with the run that fine-tunes it (train.py's out_dir).
 """
 import os
 import re
@@ -124,13 +125,14 @@ def export_dense(model):
     return hf
 
 
-def describe(folder, model_args, meta=None, cls=None):
+def describe(folder, model_args, meta=None, cls=None, own_tokenizer=False):
     """What a user needs beside the weights, written into an exported folder (any export's, after save). A
     GPT-2 BPE model (no meta.pkl, vocab_size >= 50257) gets GPT-2's tokenizer files (from the BPE files that
     data/ uses: offline too) and <|endoftext|> as its bos and eos in config.json and generation_config.json;
     a model with a vocabulary of its own (meta: its meta.pkl, a character-level one) gets it in the note. The
-    note, README.md, says what the folder holds and how to encode text for it. Returns the note's text."""
-    bpe = meta is None and model_args['vocab_size'] >= GPT2_VOCAB
+    note, README.md, says what the folder holds and how to encode text for it; own_tokenizer: the folder
+    already holds the model's tokenizer (copy_tokenizer: a model fine-tuned from a folder). -> the note."""
+    bpe = meta is None and not own_tokenizer and model_args['vocab_size'] >= GPT2_VOCAB
     cls = cls or ('NanoMoEForCausalLM' if model_args.get('n_expert') else 'GPT2LMHeadModel')
     kind = ('An MoE' if model_args.get('n_expert') else 'A dense GPT') + f' as {cls}' + (
         ' (its code: modeling_nanomoe.py; load it with trust_remote_code=True)' if cls == 'NanoMoEForCausalLM'
@@ -161,6 +163,9 @@ def describe(folder, model_args, meta=None, cls=None):
         if model_args['vocab_size'] > GPT2_VOCAB:
             note.append(f"vocab_size is {model_args['vocab_size']}, GPT-2's {GPT2_VOCAB} padded (nanoGPT's "
                         f"speed-up): ids from {GPT2_VOCAB} on never occurred in training.")
+    elif own_tokenizer:
+        note.append("Tokenizer: the one of the folder this model was fine-tuned from (its files, here: "
+                    "`AutoTokenizer.from_pretrained` on this folder).")
     elif meta is not None:
         itos = meta.get('itos') if isinstance(meta.get('itos'), dict) else {}
         chars = ''.join(str(itos.get(i, '')) for i in range(meta['vocab_size']))
@@ -310,8 +315,24 @@ def load_hf_folder(folder, run_args=None):
 
 
 # a folder's own tokenizer: any one of these files is enough for AutoTokenizer (a SentencePiece model, a fast
-# tokenizer's tokenizer.json, GPT-2's vocab.json and merges.txt that describe() writes, ...)
+# tokenizer's tokenizer.json, GPT-2's vocab.json and merges.txt that describe() writes, ...); copy_tokenizer
+# takes these and the rest of what save_pretrained writes
 TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'tokenizer.model', 'vocab.json')
+TOKENIZER_EXTRA = ('merges.txt', 'special_tokens_map.json', 'added_tokens.json', 'chat_template.jinja')
+
+
+def has_tokenizer(folder):
+    return any(os.path.isfile(os.path.join(folder, f)) for f in TOKENIZER_FILES)
+
+
+def copy_tokenizer(src, dst):
+    """src's tokenizer files into dst, each whole (a temp file renamed): train.py keeps the tokenizer of the
+    folder a run fine-tunes in its out_dir, for its resumes, samples, HellaSwag and exports."""
+    for name in TOKENIZER_FILES + TOKENIZER_EXTRA:
+        if os.path.isfile(os.path.join(src, name)):
+            tmp = os.path.join(dst, f'.{name}.tmp')
+            shutil.copyfile(os.path.join(src, name), tmp)
+            os.replace(tmp, os.path.join(dst, name))
 
 
 class FolderTokenizer:
@@ -335,7 +356,7 @@ def folder_tokenizer(folder, vocab_size):
     has tokenizer files (AutoTokenizer: a Llama's or Qwen3's, or GPT-2's that an export here wrote), else
     tiktoken's GPT-2 BPE where vocab_size holds GPT-2's tokens (a bare GPT-2 folder: 50257, or 50304 padded).
     ValueError, one line, for a folder with neither: GPT-2's ids would be wrong tokens for it, silently."""
-    if not any(os.path.isfile(os.path.join(folder, f)) for f in TOKENIZER_FILES):
+    if not has_tokenizer(folder):
         if vocab_size < GPT2_VOCAB:
             raise ValueError(f"{folder} has no tokenizer files ({', '.join(TOKENIZER_FILES)}) and its "
                              f"vocab_size={vocab_size} is not GPT-2's BPE (>= {GPT2_VOCAB}): a tokenizer is "

@@ -284,11 +284,38 @@ def test_sample_encodes_with_the_folders_own_tokenizer(tmp_path):
             '--max_new_tokens=3', '--device=cpu', '--dtype=float32')
     words = p.stdout.split("own tokenizer")[1].splitlines()[1].split()  # the prompt, then 3 tokens decoded
     assert words[:3] == ['the', 'cat', 'sat'] and len(words) == 6, p.stdout
-    tiny_tokenizer(tmp_path, vocab_size=100)  # more words than the model's 65 tokens: one line, not a traceback
+    tiny_tokenizer(tmp_path, vocab_size=100)  # more words than the model's 65: one line, not a traceback
     p = run('sample.py', f'--init_from={tmp_path}', '--start=the cat', '--device=cpu', check=False)
     assert p.returncode == 2 and p.stderr == f"error: {tmp_path}'s tokenizer has 100 tokens, more than the " \
         "model's vocab_size=65: they do not belong together\n", p.stderr  # (before any weight loads)
 
+
+
+@pytest.mark.slow
+def test_a_run_that_fine_tunes_a_folder_keeps_its_tokenizer(tmp_path):
+    """The folder's tokenizer goes with the run (out_dir): a resume's HellaSwag, sample.py from the checkpoint
+    and the export encode with it, not with GPT-2's BPE (an export once wrote it for any large vocabulary)."""
+    folder, data, out, export = (tmp_path / d for d in ('hf', 'ids', 'out', 'export'))
+    foreign('qwen3_moe', folder)
+    tiny_tokenizer(folder)
+    data.mkdir()
+    for split in ('train', 'val'):
+        torch.randint(65, (400,), dtype=torch.int16).numpy().astype('uint16').tofile(data / f'{split}.bin')
+    common = [f'--dataset={data}', f'--out_dir={out}', '--device=cpu', '--block_size=32', '--batch_size=4',
+              '--eval_iters=1', '--eval_interval=2', '--gradient_accumulation_steps=1', '--compile=False']
+    run('train.py', f'--init_from={folder}', '--max_iters=2', *common)
+    assert (out / 'tokenizer.json').is_file()
+    p = run('train.py', '--init_from=resume', '--max_iters=4', *common, '--hellaswag_interval=2', check=False)
+    assert 'no tokenizer files' not in p.stderr and 'GPT-2 BPE' not in p.stderr  # (then HellaSwag's file)
+    for source in (['--init_from=resume', f'--out_dir={out}'], None):
+        if source is None:
+            run('tools/export_hf.py', f'--out_dir={out}', f'--hf_dir={export}')
+            assert (export / 'tokenizer.json').is_file() and not (export / 'merges.txt').exists()
+            source = [f'--init_from={export}']
+        p = run('sample.py', *source, '--start=the cat sat', '--num_samples=1', '--max_new_tokens=3',
+                '--device=cpu', '--dtype=float32')
+        words = p.stdout.split("own tokenizer")[1].splitlines()[1].split()
+        assert words[:3] == ['the', 'cat', 'sat'] and len(words) == 6, p.stdout
 
 @pytest.mark.slow
 def test_a_folder_without_a_tokenizer_or_gpt2s_vocabulary_is_one_error_line(tmp_path):

@@ -37,7 +37,7 @@ check_choice(config, 'dtype', ('float32', 'bfloat16', 'float16'))
 check_device(device)
 check_range(config, ('max_examples',), 0)
 from checkpoint import load_checkpoint, load_weights, CheckpointError
-from hf import GPT2_SIZES, hf_model_args, load_hf_folder, load_gpt2
+from hf import GPT2_SIZES, has_tokenizer, hf_model_args, load_hf_folder, load_gpt2
 # the model's vocab_size and block_size first (no weights
 # yet): a character-level model stops before any download
 ckpt = None
@@ -51,6 +51,7 @@ if init_from == 'resume' or init_from.endswith('.pt'):
     model_args = dict(ckpt['model_args'], **({'expert_impl': expert_impl} if expert_impl else {}))
     dataset = ckpt.get('config', {}).get('dataset')  # its meta.pkl, if any, says the vocabulary is its own
     meta_path = os.path.join(HERE, 'data', dataset, 'meta.pkl') if isinstance(dataset, str) else None
+    folder = out_dir if init_from == 'resume' and has_tokenizer(out_dir) else None  # a fine-tuned folder's
 elif init_from in GPT2_SIZES or os.path.isfile(os.path.join(init_from, 'config.json')):
     try:
         model_args, meta_path = hf_model_args(init_from), None  # (a model this repo cannot compute: one line)

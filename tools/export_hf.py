@@ -77,7 +77,10 @@ if __name__ == '__main__':
         fail(str(e))
     try:
         hf.save(hf_model, tmp)
-        hf.describe(tmp, ckpt['model_args'], meta, type(hf_model).__name__)  # tokenizer, bos/eos, README.md
+        own = hf.has_tokenizer(out_dir)  # the tokenizer of a folder the run fine-tuned (train.py kept it)
+        if own:
+            hf.copy_tokenizer(out_dir, tmp)
+        hf.describe(tmp, ckpt['model_args'], meta, type(hf_model).__name__, own)  # tokenizer, bos/eos, README
     except Exception as e:  # a read-only folder, a full disk: whatever the writers raise, one line
         shutil.rmtree(tmp, ignore_errors=True)
         fail(f"cannot write {hf_dir} ({' '.join(str(e).split())[:300] or type(e).__name__}); nothing written")
