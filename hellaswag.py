@@ -102,7 +102,10 @@ def render_example(example, enc):
     its token), right-padded with 0; mask [4, T]: 1 on the ending's tokens; and the label (the right
     ending)."""
     ctx = enc.encode_ordinary(example['ctx'])
-    rows = [ctx + enc.encode_ordinary(' ' + ending) for ending in example['endings']]
+    # (a folder's own tokenizer: each ending as it follows the context, hf.FolderTokenizer.continuation)
+    ending = enc.encode_ordinary if not hasattr(enc, 'continuation') else (
+        lambda text: enc.continuation(example['ctx'], text))
+    rows = [ctx + ending(' ' + e) for e in example['endings']]
     tokens = torch.zeros(4, max(map(len, rows)), dtype=torch.long)
     mask = torch.zeros_like(tokens)
     for i, row in enumerate(rows):

@@ -350,6 +350,12 @@ class FolderTokenizer:
     def decode(self, ids):
         return self.tokenizer.decode(ids)
 
+    def continuation(self, context, text):
+        """text's tokens as they follow context (lm-eval-harness's way): a SentencePiece tokenizer (Llama's,
+        Mixtral's) starts text alone with a space token of its own, which never follows a context."""
+        head = self.encode_ordinary(context)
+        return self.encode_ordinary(context + text)[len(head):]
+
 
 def folder_tokenizer(folder, vocab_size):
     """How text is encoded for a Hugging Face model folder (sample.py, HellaSwag): its own tokenizer where it

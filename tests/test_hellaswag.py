@@ -338,3 +338,21 @@ def test_a_sigterm_during_the_hellaswag_eval_stops_it(tmp_path):
     assert 'hellaswag: stopped after ' in stdout and 'of 3000 examples (a stop signal); not scored' in stdout
     assert 'received SIGTERM: saved checkpoint at iter 1' in stdout
     assert not any('hellaswag/acc' in r for r in read_log(str(out)))
+
+
+def test_a_sentencepiece_folder_scores_each_ending_as_it_follows_the_context():
+    """A Llama-2/Mixtral-style tokenizer encodes ' sat' alone as a lone space token and 'sat', but 'the cat sat'
+    without it: the ending is scored on the tokens that follow its context."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from hf import FolderTokenizer
+    words = ['<unk>', '\u2581', '\u2581the', '\u2581cat', '\u2581sat']
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token='<unk>'))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend('\u2581'), normalizers.Replace(' ', '\u2581')])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme='never', split=True)
+    enc = FolderTokenizer(PreTrainedTokenizerFast(tokenizer_object=tok, unk_token='<unk>'))
+    assert enc.encode_ordinary(' sat') == [1, 4]  # (the tokenizer this guards against)
+    example = {'ctx': 'the cat', 'endings': ['sat', 'cat', 'the', 'sat'], 'label': 2}
+    tokens, mask, label = hellaswag.render_example(example, enc)
+    assert tokens[:, :2].tolist() == [[2, 3]] * 4 and label == 2
+    assert [row[m.bool()].tolist() for row, m in zip(tokens, mask)] == [[4], [3], [2], [4]]
