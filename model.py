@@ -234,7 +234,7 @@ class Block(nn.Module):
 
 def peak_flops(name):
     """bf16 dense peak FLOP/s of the GPU named `name`, for MFU (GPT.estimate_mfu): H100 PCIe (and H800 PCIe)
-    756 TFLOP/s, H100 NVL 835, H100 SXM, H200, H800, GH200 989; otherwise A100's 312 (train.py's default)."""
+    756 TFLOP/s, H100 NVL 835, H100 SXM, H200, H800, GH200 989; otherwise A100's 312."""
     if any(gpu in name for gpu in ('H100', 'H200', 'H800')):
         return 756e12 if 'PCIe' in name else 835e12 if 'NVL' in name else 989e12
     return 312e12

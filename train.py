@@ -44,6 +44,7 @@ from moe_model import MODEL_KEYS, MoEConfig, model_args_of
 from expert_parallel import ExpertParallel, config_error
 from init_model import Init, memory_need
 from muon import OPTIMIZER_KEYS, configure_optimizers
+from model import peak_flops as gpu_peak_flops
 from train_checks import check_config
 from hf import copy_tokenizer, has_tokenizer
 import hellaswag
@@ -109,7 +110,7 @@ dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported
 compile = torch.cuda.is_available()  # use PyTorch 2.0 to compile the model to be faster
 # recompute activations in backward to save memory: 'none', 'moe' (experts), 'all'
 activation_checkpointing = 'none'
-peak_flops = 312e12  # for MFU: A100 bf16 peak; an H100 SXM is 989e12 (other GPUs: model.peak_flops)
+peak_flops = 0.0  # for MFU; 0: the GPU's own bf16 peak (model.peak_flops), on a CPU an A100's (nanoGPT's)
 on_nonfinite = 'stop'  # a NaN/inf loss or grad norm: 'stop' the run, or 'skip' the step
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith('_')
@@ -190,6 +191,8 @@ np.random.seed(seed)
 torch.backends.cuda.matmul.allow_tf32 = True  # allow tf32 on matmul
 torch.backends.cudnn.allow_tf32 = True  # allow tf32 on cudnn
 device_type = 'cuda' if 'cuda' in device else 'cpu'  # for later use in torch.autocast
+if not peak_flops:  # an H100's MFU against its own peak, not an A100's (3x too high)
+    peak_flops = gpu_peak_flops(torch.cuda.get_device_name(device)) if device_type == 'cuda' else 312e12
 if device_type == 'cpu':
     # reuse freed memory: no page faults on every step's large tensors (moe_kernels/cpu_memory.py)
     keep_freed_memory()

@@ -23,7 +23,7 @@ def check_config(config):
                          'log_interval', 'eval_interval'), 1)
     check_range(config, ('max_iters', 'warmup_iters', 'lr_decay_iters', 'learning_rate', 'min_lr',
                          'weight_decay', 'grad_clip', 'upcycle_noise', 'hellaswag_interval',
-                         'hellaswag_examples'), 0)
+                         'hellaswag_examples', 'peak_flops'), 0)
     check_range(config, ('beta1', 'beta2'), 0, 1)
     check_range(config, ('seed',), 0, 2**32)
     if message := optimizer_error(config):

@@ -4,8 +4,7 @@
 # RESULTS.md section 12; llm.c's val loss is on FineWeb: prepare with --corpus=fineweb to compare it).
 # $ python data/fineweb/prepare.py        # 10M val + 10B train tokens into data/fineweb/
 # $ torchrun --standalone --nproc_per_node=8 train.py config/train_fineweb_dense.py
-# (MFU is printed against an A100's 312 TFLOP/s: add --peak_flops=989e12 on H100 SXMs; model.peak_flops
-# has the other GPUs' peaks)
+# (MFU is printed against the GPU's own bf16 peak, model.peak_flops: 989 TFLOP/s on an H100 SXM)
 
 out_dir = 'out-fineweb-dense'
 wandb_project = 'nanomoe-fineweb'  # with --wandb_log=True
