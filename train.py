@@ -152,8 +152,7 @@ text_from = (init_from if init.hf is not None
 if hellaswag_interval:  # read and tokenised now: a character-level dataset or no data file stops here
     with fail_on(hellaswag.HellaSwagError, prefix=f"hellaswag_interval={hellaswag_interval}: "):
         hs_examples = hellaswag.prepare(hellaswag_dir, hellaswag_examples, block_size,
-                                        model_args['vocab_size'], meta_path,
-                                        text_from)
+                                        model_args['vocab_size'], meta_path, text_from)
 
 # -----------------------------------------------------------------------------
 # various inits, derived attributes, I/O setup

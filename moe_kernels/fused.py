@@ -28,7 +28,6 @@ _lib.define('fused_experts_backward(Tensor grad_y, Tensor topk_weight, Tensor c_
             '-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)')
 # callers use the registered ops themselves (as grouped_mm.py's): custom_op's Python wrapper costs time
 fused_experts = torch.ops.nanomoe.fused_experts.default
-fused_experts_backward = torch.ops.nanomoe.fused_experts_backward.default
 
 
 @torch.library.register_fake('nanomoe::fused_experts')
@@ -56,7 +55,6 @@ _lib.define('softmax_router_backward(Tensor? grad_weights, Tensor? grad_logits, 
             'Tensor x, Tensor weight, Tensor topk_idx, Tensor topk_weight, Tensor probs, bool norm_topk, '
             'float temperature, float route_scale) -> (Tensor, Tensor)')
 softmax_router = torch.ops.nanomoe.softmax_router.default
-softmax_router_backward = torch.ops.nanomoe.softmax_router_backward.default
 
 
 @torch.library.register_fake('nanomoe::softmax_router')
@@ -78,7 +76,6 @@ _lib.define('router_losses(Tensor logits, Tensor probs, Tensor counts) -> (Tenso
 _lib.define('router_losses_backward(Tensor grad_balance, Tensor grad_z, Tensor logits, Tensor counts, '
             'Tensor lse) -> (Tensor, Tensor)')
 router_losses = torch.ops.nanomoe.router_losses.default
-router_losses_backward = torch.ops.nanomoe.router_losses_backward.default
 
 
 @torch.library.register_fake('nanomoe::router_losses')
