@@ -16,6 +16,7 @@
 #include <atomic>
 #include <cmath>
 #include <functional>
+#include <numeric>
 #include <string>
 #include <vector>
 
@@ -23,23 +24,51 @@ namespace {
 
 // What one thread does: rows [r0, r1) of group g's output, for each of its pieces.
 struct Piece { int64_t g, r0, r1; };
+using Plan = std::vector<std::vector<Piece>>;  // the pieces of each thread
 
 // Cut the groups' output rows (sizes[g] rows of group g, each costing cost[g]) into one contiguous run
-// of pieces per thread, of equal cost, and run f on every piece; threads run side by side.
-void run(const std::vector<int64_t>& sizes, const std::vector<int64_t>& cost,
-         const std::function<void(const Piece&)>& f) {
+// of pieces per thread, of equal cost.
+Plan even_cut(const std::vector<int64_t>& sizes, const std::vector<int64_t>& cost) {
   int64_t total = 0;
   for (size_t g = 0; g < sizes.size(); ++g) total += sizes[g] * cost[g];
   const int64_t T = at::get_num_threads();
-  at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
-    at::AutoDispatchBelowADInplaceOrView guard;  // plain products: the worker threads know no autograd
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t lo = total * t / T, hi = total * (t + 1) / T;  // this thread's share of the cost
-      for (int64_t g = 0, c = 0; g < (int64_t)sizes.size() && c < hi; c += sizes[g] * cost[g], ++g) {
-        auto row = [&](int64_t x) { return std::clamp<int64_t>((x - c + cost[g] - 1) / cost[g], 0, sizes[g]); };
-        if (row(lo) < row(hi)) f({g, row(lo), row(hi)});
-      }
+  Plan plan(T);
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t lo = total * t / T, hi = total * (t + 1) / T;  // this thread's share of the cost
+    for (int64_t g = 0, c = 0; g < (int64_t)sizes.size() && c < hi; c += sizes[g] * cost[g], ++g) {
+      auto row = [&](int64_t x) { return std::clamp<int64_t>((x - c + cost[g] - 1) / cost[g], 0, sizes[g]); };
+      if (row(lo) < row(hi)) plan[t].push_back({g, row(lo), row(hi)});
     }
+  }
+  return plan;
+}
+
+// The non-empty groups whole, the largest first, each to the thread with the fewest rows so far; no plan
+// (empty) where that leaves a thread more than 5% over an even share.
+Plan whole_groups(const std::vector<int64_t>& sizes) {
+  const int64_t T = at::get_num_threads();
+  std::vector<int64_t> order(sizes.size()), rows(T, 0);
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return sizes[a] > sizes[b]; });
+  Plan plan(T);
+  int64_t total = 0;
+  for (int64_t g : order) {
+    if (sizes[g] == 0) continue;
+    const int64_t t = std::min_element(rows.begin(), rows.end()) - rows.begin();
+    rows[t] += sizes[g], total += sizes[g];
+    plan[t].push_back({g, 0, sizes[g]});
+  }
+  for (int64_t r : rows)
+    if (r * T > total * 1.05) return {};
+  return plan;
+}
+
+// f on every piece of the plan, the threads side by side.
+void run(const Plan& plan, const std::function<void(const Piece&)>& f) {
+  at::parallel_for(0, plan.size(), 1, [&](int64_t t0, int64_t t1) {
+    at::AutoDispatchBelowADInplaceOrView guard;  // plain products: the worker threads know no autograd
+    for (int64_t t = t0; t < t1; ++t)
+      for (const Piece& p : plan[t]) f(p);
   });
 }
 
@@ -63,7 +92,7 @@ at::Tensor grouped_mm(const at::Tensor& a, const at::Tensor& b, const at::Tensor
   std::vector<int64_t> sizes(b.size(0));
   for (size_t g = 0; g < sizes.size(); ++g) sizes[g] = start[g + 1] - start[g];
   auto out = at::empty({a.size(0), b.size(2)}, a.options());
-  run(sizes, std::vector<int64_t>(sizes.size(), 1), [&](const Piece& p) {
+  run(even_cut(sizes, std::vector<int64_t>(sizes.size(), 1)), [&](const Piece& p) {
     auto o = out.narrow(0, start[p.g] + p.r0, p.r1 - p.r0);
     at::mm_out(o, a.narrow(0, start[p.g] + p.r0, p.r1 - p.r0), b[p.g]);
   });
@@ -79,7 +108,7 @@ at::Tensor grouped_mm_t(const at::Tensor& a, const at::Tensor& c, const at::Tens
   auto out = at::empty({G, K, c.size(1)}, a.options());
   std::vector<int64_t> cost(G);  // a row of a_g^T c_g costs group g's row count (an empty group: its zeros)
   for (int64_t g = 0; g < G; ++g) cost[g] = std::max<int64_t>(start[g + 1] - start[g], 1);
-  run(std::vector<int64_t>(G, K), cost, [&](const Piece& p) {
+  run(even_cut(std::vector<int64_t>(G, K), cost), [&](const Piece& p) {
     auto o = out[p.g].narrow(0, p.r0, p.r1 - p.r0);
     const int64_t s = start[p.g], n = start[p.g + 1] - s;
     if (n == 0) o.zero_();
@@ -193,7 +222,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   auto a = at::empty({S, H}, x.options()), out = at::empty({S, d}, x.options());
   std::vector<int64_t> sizes(E);
   for (int64_t g = 0; g < E; ++g) sizes[g] = start[g + 1] - start[g];
-  run(sizes, std::vector<int64_t>(E, 1), [&](const Piece& p) {
+  run(even_cut(sizes, std::vector<int64_t>(E, 1)), [&](const Piece& p) {
     const int64_t s = start[p.g] + p.r0, n = p.r1 - p.r0;
     auto xs_p = xs.narrow(0, s, n), h_p = h.narrow(0, s, n), a_p = a.narrow(0, s, n);
     auto out_p = out.narrow(0, s, n);
@@ -223,7 +252,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 // the experts' dtype), topk_weight (float32), c_fc, c_fc_bias, c_proj, c_proj_bias (the biases' empty
 // when bias is false). Two passes: the row-wise work of each sorted row (its output gradient, the
 // activation's backward, its x gradient), and of an expert whole on one thread its weight gradients, a_e^T
-// g_e; then the weight gradients of the experts cut between threads.
+// g_e, from warm caches; then the weight gradients of the experts cut between threads, from cold ones. So
+// the threads take whole experts where they share them evenly so (whole_groups), else cut them evenly.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_experts_backward(
     const at::Tensor& grad_y, const at::Tensor& topk_weight, const at::Tensor& c_fc, const at::Tensor& c_proj,
     bool bias, c10::string_view act, const at::Tensor& counts, const at::Tensor& order, const at::Tensor& xs,
@@ -276,7 +306,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       }
     });
     scalar_t* g_out_ = g_out.data_ptr<scalar_t>();
-    run(sizes, std::vector<int64_t>(E, 1), [&](const Piece& p) {
+    Plan whole = whole_groups(sizes);
+    run(whole.empty() ? even_cut(sizes, std::vector<int64_t>(E, 1)) : whole, [&](const Piece& p) {
       const int64_t s = start[p.g] + p.r0, n = p.r1 - p.r0;
       for (int64_t r = s; r < s + n; ++r) {  // the expert output's gradient: w[slot] * dy[token]
         const float* gyn = gy_ + (slot[r] / k) * d;
@@ -321,7 +352,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     rows[g] = done[g] ? 0 : d, cost[g] = std::max<int64_t>(sizes[g], 1) * W;
     rows[E + g] = done[g] ? 0 : H, cost[E + g] = std::max<int64_t>(sizes[g], 1) * d;
   }
-  run(rows, cost, [&](const Piece& p) { weight_grad(p.g >= E, p.g % E, p.r0, p.r1); });
+  run(even_cut(rows, cost), [&](const Piece& p) { weight_grad(p.g >= E, p.g % E, p.r0, p.r1); });
   return {grad_x, grad_w, grad_c_fc, grad_c_fc_bias, grad_c_proj, grad_c_proj_bias};
 }
 

@@ -153,6 +153,29 @@ def test_grouped_matches_loop_on_several_threads(n_threads, mlp):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize('n_threads', [2, 3])
+@pytest.mark.parametrize('loads', ['even', 'uneven'])
+def test_grouped_backward_on_whole_or_cut_experts(n_threads, loads):
+    """The fused backward gives each thread whole experts where that shares the rows evenly (even: 6 experts
+    of 8 rows), else cuts experts between threads and computes a cut one's weight gradients after (uneven:
+    20, 20 and 8 rows in experts 0 to 2, which no split of whole experts shares evenly; 3 to 5 empty)."""
+    layer = make_layer(6, 2, 24, 16, True, mlp='gelu')
+    x = torch.randn(4, 6, 24)
+    n = torch.arange(24)
+    if loads == 'even':
+        idx = torch.stack([n % 6, (n + 3) % 6], 1)
+    else:
+        idx = torch.tensor([[0, 1]] * 16 + [[0, 2]] * 4 + [[1, 2]] * 4)
+    orig = layer.router.forward
+    layer.router.forward = lambda inp: (idx, *orig(inp)[1:])
+    ref = run(layer, 'loop', x)
+    with threads(n_threads):
+        got = run(layer, 'grouped', x)
+    assert layer.tokens_per_expert.tolist() == ([8] * 6 if loads == 'even' else [20, 20, 8, 0, 0, 0])
+    for r, g in zip(ref, got):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize('impl', FAST)
 def test_backend_takes_no_tokens(impl):
     """An empty batch: no rows at all, every expert empty; zero weight gradients, as loop's."""
