@@ -314,15 +314,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         const float ws = w_[slot[r]];
         for (int64_t c = 0; c < d; ++c) g_out_[r * d + c] = static_cast<scalar_t>(ws * gyn[c]);
       }
-      auto g_a = at::mm(g_out.narrow(0, s, n), c_proj[p.g].t());
+      // the activation's gradient g_a, in place in g_h (in the gate's half with swiglu): no buffer of its own
       auto h_p = h.narrow(0, s, n), g_h_p = g_h.narrow(0, s, n), g_xs_p = g_xs.narrow(0, s, n);
+      auto g_a = g_h_p.narrow(1, 0, H);
+      at::mm_out(g_a, g_out.narrow(0, s, n), c_proj[p.g].t());
       if (swiglu) {  // as autograd does silu(gate) * up
-        auto gate = h_p.narrow(1, 0, H), up = h_p.narrow(1, H, H);
-        auto g_gate = g_h_p.narrow(1, 0, H), g_up = g_h_p.narrow(1, H, H);
-        at::mul_out(g_up, g_a, at::silu(gate));
-        at::silu_backward_out(g_gate, g_a * up, gate);
+        auto gate = h_p.narrow(1, 0, H), up = h_p.narrow(1, H, H), g_up = g_h_p.narrow(1, H, H);
+        at::silu_out(g_up, gate).mul_(g_a);
+        at::silu_backward_out(g_a, g_a.mul_(up), gate);  // (g_a becomes the gate's gradient)
       } else {
-        at::gelu_backward_out(g_h_p, g_a, h_p);
+        at::gelu_backward_out(g_a, g_a, h_p);
       }
       at::mm_out(g_xs_p, g_h_p, c_fc[p.g].t());
       if (n == sizes[p.g]) {  // a whole expert on this thread: its weight gradients now, from warm caches
