@@ -8,6 +8,8 @@
 #include <ATen/Parallel.h>
 #include <ATen/Version.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
+#include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
 #include <immintrin.h>
 
@@ -18,6 +20,7 @@
 #include <functional>
 #include <numeric>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -643,6 +646,39 @@ using torch::autograd::variable_list;
 using OptTensor = std::optional<at::Tensor>;
 OptTensor given(const at::Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
 
+// A node of the autograd graph: a std::shared_ptr to torch 2.12, a c10::intrusive_ptr since
+template <typename Ptr, typename N, typename... Args>
+Ptr make_node(Args&&... args) {
+  if constexpr (std::is_same_v<Ptr, std::shared_ptr<torch::autograd::Node>>)
+    return std::make_shared<N>(std::forward<Args>(args)...);
+  else
+    return c10::make_intrusive<N>(std::forward<Args>(args)...);
+}
+
+// The backward ops have no autograd of their own: a backward that builds a graph (create_graph=True, for
+// second derivatives) would give zeros in their place, with a warning only. As Python's
+// @once_differentiable: the gradients come back all the same, from a node that raises an error if
+// they are differentiated again (after the incoming gradients' nodes, which lead back to the inputs).
+template <typename F>
+variable_list once_differentiable(const char* name, const variable_list& grads, const F& backward) {
+  const bool graph = at::GradMode::is_enabled() && std::any_of(grads.begin(), grads.end(), [](const auto& g) {
+    return g.defined() && g.requires_grad();
+  });
+  variable_list out;
+  {
+    at::NoGradGuard no_grad;  // (else torch warns that the backward op has no autograd)
+    out = backward();
+  }
+  if (graph) {
+    auto error = make_node<decltype(torch::autograd::Edge::function), torch::autograd::Error>(
+        std::string(name) + ": second derivatives (create_graph=True) are not implemented in "
+        "moe_kernels/cpu_grouped_mm.cpp; with NANOMOE_CPU_GROUPED_MM=0, torch's ops compute them",
+        torch::autograd::collect_next_edges(grads));
+    for (const auto& g : out) torch::autograd::set_history(g, error);
+  }
+  return out;
+}
+
 struct FusedExperts : torch::autograd::Function<FusedExperts> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& topk_idx,
                                const at::Tensor& topk_weight, const at::Tensor& c_fc,
@@ -666,11 +702,13 @@ struct FusedExperts : torch::autograd::Function<FusedExperts> {
     const bool fc_bias = ctx->saved_data["fc_bias"].toBool();
     const bool proj_bias = ctx->saved_data["proj_bias"].toBool();
     static auto f = op<decltype(fused_experts_backward)>("nanomoe::fused_experts_backward");
-    auto [gx, gw, g_fc, g_fc_bias, g_proj, g_proj_bias] = f.call(
-        grads[0], s[0], s[1], s[2], fc_bias || proj_bias, ctx->saved_data["act"].toStringRef(), s[3], s[4],
-        s[5], s[6], s[7], s[8]);
-    return {gx, at::Tensor(), gw, g_fc, fc_bias ? g_fc_bias : at::Tensor(), g_proj,
-            proj_bias ? g_proj_bias : at::Tensor(), at::Tensor()};
+    return once_differentiable("nanomoe::fused_experts", grads, [&]() -> variable_list {
+      auto [gx, gw, g_fc, g_fc_bias, g_proj, g_proj_bias] = f.call(
+          grads[0], s[0], s[1], s[2], fc_bias || proj_bias, ctx->saved_data["act"].toStringRef(), s[3], s[4],
+          s[5], s[6], s[7], s[8]);
+      return {gx, at::Tensor(), gw, g_fc, fc_bias ? g_fc_bias : at::Tensor(), g_proj,
+              proj_bias ? g_proj_bias : at::Tensor(), at::Tensor()};
+    });
   }
 };
 
@@ -694,11 +732,13 @@ struct SoftmaxRouter : torch::autograd::Function<SoftmaxRouter> {
     if (!grads[1].defined() && !grads[2].defined() && !grads[3].defined()) return variable_list(7);
     auto s = ctx->get_saved_variables();
     static auto f = op<decltype(softmax_router_backward)>("nanomoe::softmax_router_backward");
-    auto [gx, g_weight] = f.call(given(grads[1]), given(grads[2]), given(grads[3]), s[0], s[1], s[2], s[3],
-                                 s[4], ctx->saved_data["norm_topk"].toBool(),
-                                 ctx->saved_data["temperature"].toDouble(),
-                                 ctx->saved_data["route_scale"].toDouble());
-    return {gx, g_weight, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    return once_differentiable("nanomoe::softmax_router", grads, [&]() -> variable_list {
+      auto [gx, g_weight] = f.call(given(grads[1]), given(grads[2]), given(grads[3]), s[0], s[1], s[2], s[3],
+                                   s[4], ctx->saved_data["norm_topk"].toBool(),
+                                   ctx->saved_data["temperature"].toDouble(),
+                                   ctx->saved_data["route_scale"].toDouble());
+      return {gx, g_weight, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    });
   }
 };
 
@@ -715,8 +755,10 @@ struct RouterLosses : torch::autograd::Function<RouterLosses> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     auto s = ctx->get_saved_variables();
     static auto f = op<decltype(router_losses_backward)>("nanomoe::router_losses_backward");
-    auto [g_logits, g_probs] = f.call(grads[0], grads[1], s[0], s[1], s[2]);
-    return {g_logits, g_probs, at::Tensor()};
+    return once_differentiable("nanomoe::router_losses", grads, [&]() -> variable_list {
+      auto [g_logits, g_probs] = f.call(grads[0], grads[1], s[0], s[1], s[2]);
+      return {g_logits, g_probs, at::Tensor()};
+    });
   }
 };
 

@@ -214,6 +214,42 @@ def test_grouped_mm_double_backward_matches_a_matmul_per_group():
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
 
 
+def second_derivative(layer, impl, x):
+    """x's gradient built as a graph (create_graph), and its own gradient: a Hessian-vector product."""
+    layer.config.expert_impl = impl
+    x = x.clone().requires_grad_(True)
+    y = layer(x)
+    g, = torch.autograd.grad((y ** 2).sum() + layer.balance_loss + layer.z_loss, x, create_graph=True)
+    return g, torch.autograd.grad((g ** 2).sum(), x)[0]
+
+
+def test_fused_cpu_ops_refuse_second_derivatives():
+    """The fused ops' backwards have no autograd of their own: differentiating their gradients again is an
+    error that names the way out (not zeros, as torch's fallback gives); their gradients are right."""
+    layer = make_layer(4, 2, 8, 16, True)
+    x = torch.randn(2, 5, 8)
+    assert cpu_grouped_mm.available()
+    with pytest.raises(RuntimeError, match=r'nanomoe::\w+: second derivatives \(create_graph=True\) are not '
+                                           r'implemented .*NANOMOE_CPU_GROUPED_MM=0'):
+        second_derivative(layer, 'grouped', x)
+    layer.config.expert_impl = 'grouped'
+    xs = [x.clone().requires_grad_(True) for _ in range(2)]
+    graph, plain = (torch.autograd.grad(layer(xi).pow(2).sum(), xi, create_graph=c)[0]
+                    for xi, c in zip(xs, (True, False)))
+    torch.testing.assert_close(graph, plain)
+
+
+@pytest.mark.parametrize('impl', FAST)
+def test_second_derivatives_match_loop_on_torchs_ops(monkeypatch, impl):
+    """With NANOMOE_CPU_GROUPED_MM=0 (torch's ops), Hessian-vector products through the router, its losses
+    and each backend match loop's."""
+    monkeypatch.setattr(cpu_grouped_mm, '_built', False)
+    layer = make_layer(4, 2, 8, 16, True)
+    x = torch.randn(2, 5, 8)
+    for r, g in zip(second_derivative(layer, 'loop', x), second_derivative(layer, impl, x)):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-3)
+
+
 def test_cpu_grouped_mm_falls_back_with_one_warning_when_it_cannot_build(monkeypatch, tmp_path):
     import torch.utils.cpp_extension
     monkeypatch.setenv('TORCH_EXTENSIONS_DIR', str(tmp_path))  # nothing built there yet
