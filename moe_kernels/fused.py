@@ -16,6 +16,8 @@ its GEMMs (sort, index_select, casts, pads, the bias gather, index_add, softmax,
 and their backwards), a fixed cost that a small model pays in full (RESULTS.md section 3). A forward returns,
 after its results, what its backward needs (fused_experts: the slot of each row sorted by expert, and per
 row its x, c_fc output, activation and expert output): a custom op's outputs are the only place to keep them.
+The backwards have no second derivatives: gradients built as a graph (create_graph=True) come back right,
+and differentiating them again raises an error (cpu_grouped_mm.cpp's once_differentiable).
 """
 import torch
 
