@@ -366,11 +366,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 // chosen weights) with the same bits as its torch ops, and its backward in one pass over the rows: the
 // gradients that reach the chosen weights, the logits (the z-loss) and the probabilities (the balance
 // loss) become the logits' gradient, then the gate's two products. torch's softmax over a last dimension
-// shorter than a vector register (8 experts: 16 floats on AVX512) is slow, ~20 ns per element, as is its
-// top-k on rows this short: here they are plain loops. The softmax is the one torch runs there, step for
-// step: exp of (x - max) by the same Sleef function as torch's Vectorized::exp, the sum left to right (as
-// vec_reduce_all over a partial vector), times 1 / sum; a check against at::_softmax on first use (and
-// any row with a tie or a NaN, for the top-k) falls back to torch's own kernels.
+// shorter than a vector register (8 experts: 16 floats on AVX512) is slow, ~20 ns per element, and its
+// top-k is slow on short rows at any width (64 experts, top 8: ~0.5 us a row): here they are plain loops.
+// The softmax is the one torch runs there, step for step: exp of (x - max) by the same Sleef function as
+// torch's Vectorized::exp, the sum left to right (as vec_reduce_all over a partial vector), times 1 / sum;
+// a check against at::_softmax on first use falls back to torch's softmax (rows as wide as a vector or
+// wider: it is fast there). The top-k is a selection, the same as torch's but where values tie or are NaN:
+// any row with one falls back to at::topk.
 
 #pragma GCC push_options
 #pragma GCC target("avx512f")
@@ -467,33 +469,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> softmax_router(
   auto logits = at::mm(x, weight.t());  // F.linear(x, weight)
   if (temperature != 1.0) logits = logits / temperature;
   const VecExp ve = vec_exp();
-  const bool float_bias = !expert_bias || expert_bias->scalar_type() == at::kFloat;
-  if (!softmax_rows_exact(E, ve) || !softmax_rows_exact(k, ve) || !float_bias) {
-    auto probs = at::_softmax(logits, -1, false);  // torch's kernels, op for op as the Router's torch path
-    at::Tensor chosen, idx;
-    if (expert_bias) {  // the bias only selects
-      idx = std::get<1>(at::topk(probs + *expert_bias, k));
-      chosen = logits.gather(1, idx);
-    } else {
-      std::tie(chosen, idx) = at::topk(logits, k);
-    }
-    auto w = norm_topk ? at::_softmax(chosen, -1, false) : probs.gather(1, idx);
+  if (expert_bias && expert_bias->scalar_type() != at::kFloat) {  // torch's kernels, op for op as the Router's
+    auto probs = at::_softmax(logits, -1, false);
+    auto idx = std::get<1>(at::topk(probs + *expert_bias, k));  // the bias only selects
+    auto w = norm_topk ? at::_softmax(logits.gather(1, idx), -1, false) : probs.gather(1, idx);
     return {idx, route_scale != 1.0 ? w * route_scale : w, logits, probs};
   }
-  auto probs = at::empty({N, E}, logits.options()), w = at::empty({N, k}, logits.options());
+  // our softmax where it is torch's to the bit and faster (rows shorter than a vector), else torch's own
+  const bool own_softmax = softmax_rows_exact(E, ve), own_softmax_k = softmax_rows_exact(k, ve);
+  auto probs = own_softmax ? at::empty({N, E}, logits.options()) : at::_softmax(logits, -1, false);
+  auto w = at::empty({N, k}, logits.options()), chosen = at::empty({N, k}, logits.options());
   auto idx = at::empty({N, k}, logits.options().dtype(at::kLong));
   const float* l = logits.data_ptr<float>();
   auto bias_ = expert_bias ? expert_bias->contiguous() : at::Tensor();
   const float* bias = expert_bias ? bias_.data_ptr<float>() : nullptr;
-  float *p = probs.data_ptr<float>(), *w_ = w.data_ptr<float>();
+  float *p = probs.data_ptr<float>(), *w_ = w.data_ptr<float>(), *c_ = chosen.data_ptr<float>();
   int64_t* idx_ = idx.data_ptr<int64_t>();
   std::atomic<bool> exact{true};
   at::parallel_for(0, N, grain(4 * E), [&](int64_t n0, int64_t n1) {
-    std::vector<float> buf, chosen((n1 - n0) * k), biased(E), values(k);
-    softmax_rows(l + n0 * E, p + n0 * E, n1 - n0, E, ve, buf);
+    std::vector<float> buf, biased(E), values(k);
+    if (own_softmax) softmax_rows(l + n0 * E, p + n0 * E, n1 - n0, E, ve, buf);
     for (int64_t n = n0; n < n1; ++n) {
       int64_t* in = idx_ + n * k;
-      float* cn = chosen.data() + (n - n0) * k;
+      float* cn = c_ + n * k;
       if (bias) {  // the bias only selects: (probs + bias), then the chosen logits
         for (int64_t e = 0; e < E; ++e) biased[e] = p[n * E + e] + bias[e];
         if (!topk_row(biased.data(), E, k, values.data(), in)) exact = false;
@@ -504,10 +502,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> softmax_router(
       if (!norm_topk)
         for (int64_t j = 0; j < k; ++j) w_[n * k + j] = p[n * E + in[j]];
     }
-    if (norm_topk) softmax_rows(chosen.data(), w_ + n0 * k, n1 - n0, k, ve, buf);
+    if (norm_topk && own_softmax_k) softmax_rows(c_ + n0 * k, w_ + n0 * k, n1 - n0, k, ve, buf);
   });
+  if (norm_topk && !own_softmax_k) w = at::_softmax(chosen, -1, false);
   if (!exact) {  // a tie or a NaN somewhere: torch's top-k, whose order of ties is its own
-    at::Tensor chosen;
     if (expert_bias) {
       idx = std::get<1>(at::topk(probs + *expert_bias, k));
       chosen = logits.gather(1, idx);

@@ -450,6 +450,10 @@ def test_expert_choice_with_shared_experts_and_a_dense_layer_trains(shakespeare_
     dict(router='aux_free', norm_topk=False, top_k=2, route_scale=2.5), dict(router='expert_choice', top_k=2),
     dict(router='noisy_topk', top_k=2), dict(router='topk', top_k=2, route_scale=2.5),
     dict(router='topk', top_k=1, norm_top1=True), dict(router='aux_free', top_k=1, norm_top1=True),
+    # routers wider than a vector register: torch's softmax, the fused top-k (top 16: torch's softmax of it)
+    dict(router='topk', n_expert=64, top_k=8), dict(router='aux_free', n_expert=32, top_k=4),
+    dict(router='aux_free', n_expert=64, norm_topk=False, top_k=8),
+    dict(router='topk', n_expert=64, top_k=16),
 ], ids=lambda s: '-'.join(f'{k}={v}' for k, v in s.items()))
 @pytest.mark.parametrize('aux_loss_scope', ['micro', 'global', 'sequence'])
 def test_fused_router_matches_its_torch_ops(monkeypatch, settings, aux_loss_scope):
