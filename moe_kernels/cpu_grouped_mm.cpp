@@ -18,6 +18,7 @@
 #include <atomic>
 #include <cmath>
 #include <functional>
+#include <limits>
 #include <numeric>
 #include <string>
 #include <type_traits>
@@ -615,7 +616,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> router_losses(
     for (int64_t e = 0; e < E; ++e) P[e] += p_[n * E + e];
   }
   for (int64_t e = 0; e < E; ++e) balance += c_[e] / total * P[e] / N;
-  auto scalar = [&](double v) { return at::scalar_tensor(v, l.options()); };
+  auto scalar = [&](double v) {  // (as a float first: past float's range, inf as torch's, not an error)
+    const bool over = std::isfinite(v) && std::abs(v) > std::numeric_limits<float>::max();
+    return at::scalar_tensor(over ? std::copysign(INFINITY, v) : v, l.options());
+  };
   return {scalar(E * balance), scalar(z / N), lse};
 }
 
@@ -672,23 +676,28 @@ Ptr make_node(Args&&... args) {
 
 // The backward ops have no autograd of their own: a backward that builds a graph (create_graph=True, for
 // second derivatives) would give zeros in their place, with a warning only. As Python's
-// @once_differentiable: the gradients come back all the same, from a node that raises an error if
-// they are differentiated again (after the incoming gradients' nodes, which lead back to the inputs).
+// @once_differentiable: the gradients come back all the same, from a node that raises an error if they
+// are differentiated again. That node follows the incoming gradients and the op's inputs (which lead to
+// everything the gradients depend on: a loss linear in the op's output sends gradients that need none).
 template <typename F>
-variable_list once_differentiable(const char* name, const variable_list& grads, const F& backward) {
-  const bool graph = at::GradMode::is_enabled() && std::any_of(grads.begin(), grads.end(), [](const auto& g) {
-    return g.defined() && g.requires_grad();
-  });
+variable_list once_differentiable(const char* name, const variable_list& grads, const variable_list& inputs,
+                                  const F& backward) {
+  auto any_requires_grad = [](const variable_list& v) {
+    return std::any_of(v.begin(), v.end(), [](const auto& t) { return t.defined() && t.requires_grad(); });
+  };
+  const bool graph = at::GradMode::is_enabled() && (any_requires_grad(grads) || any_requires_grad(inputs));
   variable_list out;
   {
     at::NoGradGuard no_grad;  // (else torch warns that the backward op has no autograd)
     out = backward();
   }
   if (graph) {
+    variable_list after(grads);
+    after.insert(after.end(), inputs.begin(), inputs.end());
     auto error = make_node<decltype(torch::autograd::Edge::function), torch::autograd::Error>(
         std::string(name) + ": second derivatives (create_graph=True) are not implemented in "
         "moe_kernels/cpu_grouped_mm.cpp; with NANOMOE_CPU_GROUPED_MM=0, torch's ops compute them",
-        torch::autograd::collect_next_edges(grads));
+        torch::autograd::collect_next_edges(after));
     for (const auto& g : out) torch::autograd::set_history(g, error);
   }
   return out;
@@ -705,7 +714,9 @@ struct FusedExperts : torch::autograd::Function<FusedExperts> {
                                                      c_proj_bias, act);
     ctx->mark_non_differentiable({counts, order, xs, h, a, out});  // kept for the backward, not results
     ctx->set_materialize_grads(false);  // their gradients stay undefined, not zeros the size of activations
-    ctx->save_for_backward({topk_weight, c_fc, c_proj, counts, order, xs, h, a, out});
+    // (x and the biases: for once_differentiable only; x is xs's source, kept alive by the router anyway)
+    ctx->save_for_backward({topk_weight, c_fc, c_proj, counts, order, xs, h, a, out, x,
+                            c_fc_bias.value_or(at::Tensor()), c_proj_bias.value_or(at::Tensor())});
     ctx->saved_data["act"] = std::string(act);
     ctx->saved_data["fc_bias"] = c_fc_bias.has_value();
     ctx->saved_data["proj_bias"] = c_proj_bias.has_value();
@@ -717,7 +728,8 @@ struct FusedExperts : torch::autograd::Function<FusedExperts> {
     const bool fc_bias = ctx->saved_data["fc_bias"].toBool();
     const bool proj_bias = ctx->saved_data["proj_bias"].toBool();
     static auto f = op<decltype(fused_experts_backward)>("nanomoe::fused_experts_backward");
-    return once_differentiable("nanomoe::fused_experts", grads, [&]() -> variable_list {
+    return once_differentiable("nanomoe::fused_experts", grads, {s[9], s[0], s[1], s[10], s[2], s[11]},
+                               [&]() -> variable_list {
       auto [gx, gw, g_fc, g_fc_bias, g_proj, g_proj_bias] = f.call(
           grads[0], s[0], s[1], s[2], fc_bias || proj_bias, ctx->saved_data["act"].toStringRef(), s[3], s[4],
           s[5], s[6], s[7], s[8]);
@@ -747,7 +759,7 @@ struct SoftmaxRouter : torch::autograd::Function<SoftmaxRouter> {
     if (!grads[1].defined() && !grads[2].defined() && !grads[3].defined()) return variable_list(7);
     auto s = ctx->get_saved_variables();
     static auto f = op<decltype(softmax_router_backward)>("nanomoe::softmax_router_backward");
-    return once_differentiable("nanomoe::softmax_router", grads, [&]() -> variable_list {
+    return once_differentiable("nanomoe::softmax_router", grads, {s[0], s[1]}, [&]() -> variable_list {
       auto [gx, g_weight] = f.call(given(grads[1]), given(grads[2]), given(grads[3]), s[0], s[1], s[2], s[3],
                                    s[4], ctx->saved_data["norm_topk"].toBool(),
                                    ctx->saved_data["temperature"].toDouble(),
@@ -764,13 +776,13 @@ struct RouterLosses : torch::autograd::Function<RouterLosses> {
     static auto f = op<decltype(router_losses)>("nanomoe::router_losses");
     auto [balance, z, lse] = f.call(logits, probs, counts);
     ctx->mark_non_differentiable({lse});
-    ctx->save_for_backward({logits, counts, lse});
+    ctx->save_for_backward({logits, counts, lse, probs});  // (probs: for once_differentiable only)
     return {balance, z, lse};
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     auto s = ctx->get_saved_variables();
     static auto f = op<decltype(router_losses_backward)>("nanomoe::router_losses_backward");
-    return once_differentiable("nanomoe::router_losses", grads, [&]() -> variable_list {
+    return once_differentiable("nanomoe::router_losses", grads, {s[0], s[3]}, [&]() -> variable_list {
       auto [g_logits, g_probs] = f.call(grads[0], grads[1], s[0], s[1], s[2]);
       return {g_logits, g_probs, at::Tensor()};
     });

@@ -223,20 +223,31 @@ def second_derivative(layer, impl, x):
     return g, torch.autograd.grad((g ** 2).sum(), x)[0]
 
 
-def test_fused_cpu_ops_refuse_second_derivatives():
+@pytest.mark.parametrize('loss', ['square', 'linear'])
+def test_fused_cpu_ops_refuse_second_derivatives(loss):
     """The fused ops' backwards have no autograd of their own: differentiating their gradients again is an
-    error that names the way out (not zeros, as torch's fallback gives); their gradients are right."""
+    error that names the way out (not zeros, as torch's fallback gives), with respect to x or a weight, also
+    where the loss is linear in the output (its incoming gradient needs none); their gradients are right."""
     layer = make_layer(4, 2, 8, 16, True)
-    x = torch.randn(2, 5, 8)
-    assert cpu_grouped_mm.available()
-    with pytest.raises(RuntimeError, match=r'nanomoe::\w+: second derivatives \(create_graph=True\) are not '
-                                           r'implemented .*NANOMOE_CPU_GROUPED_MM=0'):
-        second_derivative(layer, 'grouped', x)
     layer.config.expert_impl = 'grouped'
-    xs = [x.clone().requires_grad_(True) for _ in range(2)]
-    graph, plain = (torch.autograd.grad(layer(xi).pow(2).sum(), xi, create_graph=c)[0]
-                    for xi, c in zip(xs, (True, False)))
-    torch.testing.assert_close(graph, plain)
+    assert cpu_grouped_mm.available()
+    error = (r'nanomoe::\w+: second derivatives \(create_graph=True\) are not implemented '
+             r'.*NANOMOE_CPU_GROUPED_MM=0')
+    f = (lambda y: y.pow(2).sum()) if loss == 'square' else (lambda y: (y * torch.linspace(-1, 1, 8)).sum())
+    for wrt in (lambda x: x, lambda x: layer.experts.c_fc, lambda x: layer.router.gate.weight):
+        x = torch.randn(2, 5, 8, requires_grad=True)
+        g, = torch.autograd.grad(f(layer(x)), wrt(x), create_graph=True)
+        with pytest.raises(RuntimeError, match=error):
+            torch.autograd.grad(g.pow(2).sum(), wrt(x))
+        plain, = torch.autograd.grad(f(layer(x)), wrt(x))
+        torch.testing.assert_close(g, plain, rtol=0, atol=0)
+
+
+def test_fused_router_losses_overflow_to_inf_as_torchs():
+    """A z-loss past float's range is inf, as torch's ops give it, not an error."""
+    logits = torch.tensor([[1e30, 0.0]])
+    balance, z, _ = moe_model.router_losses(logits, logits.softmax(-1), torch.tensor([1, 0]))
+    assert z.item() == moe_model.router_z_loss(logits).item() == float('inf') and torch.isfinite(balance)
 
 
 @pytest.mark.parametrize('impl', FAST)

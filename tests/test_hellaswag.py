@@ -341,8 +341,8 @@ def test_a_sigterm_during_the_hellaswag_eval_stops_it(tmp_path):
 
 
 def test_a_sentencepiece_folder_scores_each_ending_as_it_follows_the_context():
-    """A Llama-2/Mixtral-style tokenizer encodes ' sat' alone as a lone space token and 'sat', but 'the cat sat'
-    without it: the ending is scored on the tokens that follow its context."""
+    """A Llama-2/Mixtral-style tokenizer encodes ' sat' alone as a lone space token and 'sat', but
+    'the cat sat' without it: the ending is scored on the tokens that follow its context."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
     from hf import FolderTokenizer

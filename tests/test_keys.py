@@ -52,9 +52,9 @@ def test_every_model_key_has_one_kind_and_the_lists_derive_from_the_kinds():
 
 
 def test_a_train_key_leaves_the_eval_logits_as_they_are():
-    """What the 'train' kind promises (the export leaves those keys out): the run's own setting, not the model,
-    so a model in eval computes the same logits whatever it is (on a dropless backend: batched's capacity
-    drops tokens in eval too, by design)."""
+    """What the 'train' kind promises (the export leaves those keys out): the run's own setting, not the
+    model, so a model in eval computes the same logits whatever it is (on a dropless backend: batched's
+    capacity drops tokens in eval too, by design)."""
     torch.manual_seed(0)
     model = MoEGPT(MoEConfig(**SMALL, expert_impl='loop')).eval()
     x = torch.randint(65, (2, 16))
