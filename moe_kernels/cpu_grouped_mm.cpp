@@ -510,13 +510,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> softmax_router(
     for (int64_t n = n0; n < n1; ++n) {
       int64_t* in = idx_ + n * k;
       float* cn = c_ + n * k;
-      if (bias) {  // the bias only selects: (probs + bias), then the chosen logits
+      if (bias)  // the bias only selects: (probs + bias), then the chosen logits
         for (int64_t e = 0; e < E; ++e) biased[e] = p[n * E + e] + bias[e];
-        if (!topk_row(biased.data(), E, k, values.data(), in)) exact = false;
-        for (int64_t j = 0; j < k; ++j) cn[j] = l[n * E + in[j]];
-      } else if (!topk_row(l + n * E, E, k, cn, in)) {
+      // a tie or a NaN: torch's top-k after the loop (in[] is unfinished then: no index to read at)
+      if (!(bias ? topk_row(biased.data(), E, k, values.data(), in) : topk_row(l + n * E, E, k, cn, in))) {
         exact = false;
+        continue;
       }
+      if (bias)
+        for (int64_t j = 0; j < k; ++j) cn[j] = l[n * E + in[j]];
       if (!norm_topk)
         for (int64_t j = 0; j < k; ++j) w_[n * k + j] = p[n * E + in[j]];
     }

@@ -484,3 +484,22 @@ def test_fused_router_matches_its_torch_ops(monkeypatch, settings, aux_loss_scop
             assert torch.equal(got, ref)
         for got, ref in zip(grads, grads_ref):
             torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('router', ['topk', 'aux_free'])
+def test_fused_router_with_ties_everywhere_matches_its_torch_ops(monkeypatch, router):
+    """Every logit (and bias) equal: each row's top-k is a tie, which the fused router leaves to torch's
+    top-k (its order of ties is its own), with the same indices and weights."""
+    from moe_kernels import cpu_grouped_mm
+    assert cpu_grouped_mm.available()
+    results = []
+    for fused in (True, False):
+        monkeypatch.setattr(cpu_grouped_mm, '_built', fused)
+        moe = layer(router=router, n_expert=8, top_k=3)
+        with torch.no_grad():
+            moe.router.gate.weight.zero_()
+            if moe.router.expert_bias is not None:
+                moe.router.expert_bias.zero_()
+        results.append(moe.router(torch.randn(40, 16, generator=torch.Generator().manual_seed(1))))
+    for got, ref in zip(*results):
+        assert torch.equal(got, ref)
