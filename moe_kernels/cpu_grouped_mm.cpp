@@ -487,11 +487,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> softmax_router(
   auto logits = at::mm(x, weight.t());  // F.linear(x, weight)
   if (temperature != 1.0) logits = logits / temperature;
   const VecExp ve = vec_exp();
-  if (expert_bias && expert_bias->scalar_type() != at::kFloat) {  // torch's kernels, op for op as the Router's
+  // torch's top-k and chosen weights, op for op as the Router's torch path (its order of ties is its own)
+  auto torch_topk = [&](const at::Tensor& probs) -> std::tuple<at::Tensor, at::Tensor> {
+    at::Tensor chosen, idx;
+    if (expert_bias) {  // the bias only selects
+      idx = std::get<1>(at::topk(probs + *expert_bias, k));
+      chosen = logits.gather(1, idx);
+    } else {
+      std::tie(chosen, idx) = at::topk(logits, k);
+    }
+    return {idx, norm_topk ? at::_softmax(chosen, -1, false) : probs.gather(1, idx)};
+  };
+  auto routed = [&](const at::Tensor& idx, const at::Tensor& w, const at::Tensor& probs) {
+    return std::make_tuple(idx, route_scale != 1.0 ? w * route_scale : w, logits, probs);
+  };
+  if (expert_bias && expert_bias->scalar_type() != at::kFloat) {  // torch's kernels throughout
     auto probs = at::_softmax(logits, -1, false);
-    auto idx = std::get<1>(at::topk(probs + *expert_bias, k));  // the bias only selects
-    auto w = norm_topk ? at::_softmax(logits.gather(1, idx), -1, false) : probs.gather(1, idx);
-    return {idx, route_scale != 1.0 ? w * route_scale : w, logits, probs};
+    auto [idx, w] = torch_topk(probs);
+    return routed(idx, w, probs);
   }
   // our softmax where it is torch's to the bit and faster (rows shorter than a vector), else torch's own
   const bool own_softmax = softmax_rows_exact(E, ve), own_softmax_k = softmax_rows_exact(k, ve);
@@ -525,16 +538,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> softmax_router(
     if (norm_topk && own_softmax_k) softmax_rows(c_ + n0 * k, w_ + n0 * k, n1 - n0, k, ve, buf);
   });
   if (norm_topk && !own_softmax_k) w = at::_softmax(chosen, -1, false);
-  if (!exact) {  // a tie or a NaN somewhere: torch's top-k, whose order of ties is its own
-    if (expert_bias) {
-      idx = std::get<1>(at::topk(probs + *expert_bias, k));
-      chosen = logits.gather(1, idx);
-    } else {
-      std::tie(chosen, idx) = at::topk(logits, k);
-    }
-    w = norm_topk ? at::_softmax(chosen, -1, false) : probs.gather(1, idx);
-  }
-  return {idx, route_scale != 1.0 ? w * route_scale : w, logits, probs};
+  if (!exact) std::tie(idx, w) = torch_topk(probs);  // a tie or a NaN somewhere
+  return routed(idx, w, probs);
 }
 
 std::tuple<at::Tensor, at::Tensor> softmax_router_backward(
