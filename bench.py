@@ -97,8 +97,10 @@ device_type = 'cuda' if 'cuda' in device else 'cpu'  # for later use in torch.au
 if device_type == 'cpu':
     # reuse freed memory: no page faults on every step's large tensors (moe_kernels/cpu_memory.py)
     keep_freed_memory()
-    print("grouped GEMMs on the CPU: " + ("cpu_grouped_mm.cpp" if cpu_grouped_mm.available()
-                                          else "torch's grouped_mm"))
+    print("grouped GEMMs on the CPU: " + (
+        "cpu_grouped_mm.cpp, " + ("float32 products by BLAS directly" if torch.ops.nanomoe_cpu.blas_direct()
+                                  else "products by at::mm") if cpu_grouped_mm.available()
+        else "torch's grouped_mm"))
 ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
 ctx = nullcontext() if device_type == 'cpu' else torch.amp.autocast(device_type=device_type, dtype=ptdtype)
 

@@ -1,6 +1,7 @@
 // Grouped GEMMs for the CPU whose groups run side by side, one per thread (cpu_grouped_mm.py builds and
-// loads this file, and says why). Every product is an at::mm, so the arithmetic is torch's own; only the
-// threading differs: at::mm run inside a parallel region uses one thread. fused_experts below is the
+// loads this file, and says why). Every product is at::mm's, so the arithmetic is torch's own (float32: the
+// BLAS call at::mm makes, made directly, see mm_out); only the threading differs: a product run inside a
+// parallel region uses one thread. fused_experts below is the
 // grouped backend's whole dispatch (gather, both GEMMs, activation, weighted sum) as one op, and its
 // backward as another: a small MoE layer's time went to a hundred small ops around the GEMMs.
 #include <ATen/ATen.h>
@@ -11,6 +12,7 @@
 #include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
+#include <dlfcn.h>
 #include <immintrin.h>
 
 #include <algorithm>
@@ -67,6 +69,82 @@ Plan whole_groups(const std::vector<int64_t>& sizes) {
   return plan;
 }
 
+// out = a @ b (+ the row bias: each row of out starts from it), as at::mm_out and at::addmm_out compute
+// it. For float32 at::mm makes one call to BLAS's sgemm_ (MKL's, in torch's builds), with operands and
+// leading dimensions from the tensors' strides; made here directly, it skips ~3-5 us of dispatch and
+// checks per product, and a small MoE layer makes ~50 products a step. Where torch would copy an operand
+// first (strides no BLAS takes), for other dtypes, or where a check on first use (blas_is_torchs) finds
+// that the direct call does not give at::mm's bits, at::mm_out runs instead.
+using Sgemm = void (*)(const char*, const char*, const int*, const int*, const int*, const float*,
+                       const float*, const int*, const float*, const int*, const float*, float*, const int*);
+bool blas_mm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool beta) {
+  static const Sgemm sgemm = at::hasMKL() ? reinterpret_cast<Sgemm>(dlsym(RTLD_DEFAULT, "sgemm_")) : nullptr;
+  const int64_t m = out.size(0), n = out.size(1), k = a.size(1);
+  if (!sgemm || out.scalar_type() != at::kFloat || a.scalar_type() != at::kFloat ||
+      b.scalar_type() != at::kFloat || m == 0 || n == 0 || k == 0)
+    return false;
+  // at::mm's view of a row-major out (addmm_impl_cpu_): the column-major out^T = b^T a^T
+  if (out.stride(1) != 1 || out.stride(0) < std::max<int64_t>(1, n) || out.stride(0) == 1) return false;
+  auto operand = [](const at::Tensor& t, int64_t cols, int64_t rows, char& op, int64_t& ld) {  // (>= 1)
+    if (t.stride(1) == 1 && t.stride(0) >= cols) return op = 'n', ld = t.stride(0), true;
+    if (t.stride(0) == 1 && t.stride(1) >= rows) return op = 't', ld = t.stride(1), true;
+    return false;  // torch copies it first
+  };
+  char op_b, op_a;
+  int64_t ldb, lda;
+  const int64_t ldc = out.stride(0);
+  if (!operand(b, n, k, op_b, ldb) || !operand(a, k, m, op_a, lda)) return false;
+  const int64_t big = std::numeric_limits<int>::max();
+  if (std::max({m, n, k, lda, ldb, ldc}) > big) return false;
+  const int M = n, N = m, K = k, LDA = ldb, LDB = lda, LDC = ldc;
+  const float one = 1.f, zero = 0.f;
+  sgemm(&op_b, &op_a, &M, &N, &K, &one, b.data_ptr<float>(), &LDA, a.data_ptr<float>(), &LDB,
+        beta ? &one : &zero, out.data_ptr<float>(), &LDC);
+  return true;
+}
+
+// Whether blas_mm gives at::mm_out's bits here, checked once on fixed values: products of each layout
+// the kernels use (a row-major or transposed operand, with and without a bias), odd sizes
+bool blas_is_torchs() {
+  static const bool same = [] {
+    auto fill = [](at::Tensor t) {
+      float* v = t.data_ptr<float>();
+      for (int64_t i = 0; i < t.numel(); ++i) v[i] = std::sin(0.37 * i + t.numel());
+      return t;
+    };
+    const int64_t m = 37, k = 29, n = 45;
+    auto a = fill(at::empty({m, k + 3})).narrow(1, 1, k), at_ = fill(at::empty({k, m})).t();
+    auto b = fill(at::empty({k, n})), bt = fill(at::empty({n + 2, k})).narrow(0, 2, n).t();
+    auto bias = fill(at::empty({n}));
+    for (const auto& [x, y] : {std::pair{a, b}, {a, bt}, {at_, b}, {at_, bt}}) {
+      for (bool with_bias : {false, true}) {
+        auto got = at::empty({m, n}), want = at::empty({m, n});
+        if (with_bias) got.copy_(bias.expand_as(got));
+        if (!blas_mm(got, x, y, with_bias)) return false;
+        if (with_bias) at::addmm_out(want, bias, x, y);
+        else at::mm_out(want, x, y);
+        if (!at::equal(got, want)) return false;
+      }
+    }
+    return true;
+  }();
+  return same;
+}
+
+void gemm(at::Tensor out, const at::Tensor& a, const at::Tensor& b,
+            const std::optional<at::Tensor>& bias = std::nullopt) {
+  if (bias) {  // addmm: out starts as the bias, row by row, then the product adds to it (beta = 1)
+    if (out.size(0) && out.size(1) && a.size(1) && out.stride(1) == 1) {
+      out.copy_(bias->expand_as(out));
+      if (blas_is_torchs() && blas_mm(out, a, b, true)) return;
+    }
+    at::addmm_out(out, *bias, a, b);
+  } else if (!(blas_is_torchs() && blas_mm(out, a, b, false))) {
+    at::mm_out(out, a, b);
+  }
+}
+
+
 // f on each thread's pieces, the threads side by side.
 void run_threads(const Plan& plan, const std::function<void(const std::vector<Piece>&)>& f) {
   at::parallel_for(0, plan.size(), 1, [&](int64_t t0, int64_t t1) {
@@ -104,7 +182,7 @@ at::Tensor grouped_mm(const at::Tensor& a, const at::Tensor& b, const at::Tensor
   auto out = at::empty({a.size(0), b.size(2)}, a.options());
   run(even_cut(sizes, std::vector<int64_t>(sizes.size(), 1)), [&](const Piece& p) {
     auto o = out.narrow(0, start[p.g] + p.r0, p.r1 - p.r0);
-    at::mm_out(o, a.narrow(0, start[p.g] + p.r0, p.r1 - p.r0), b[p.g]);
+    gemm(o, a.narrow(0, start[p.g] + p.r0, p.r1 - p.r0), b[p.g]);
   });
   return out;
 }
@@ -122,7 +200,7 @@ at::Tensor grouped_mm_t(const at::Tensor& a, const at::Tensor& c, const at::Tens
     auto o = out[p.g].narrow(0, p.r0, p.r1 - p.r0);
     const int64_t s = start[p.g], n = start[p.g + 1] - s;
     if (n == 0) o.zero_();
-    else at::mm_out(o, a.narrow(0, s, n).narrow(1, p.r0, p.r1 - p.r0).t(), c.narrow(0, s, n));
+    else gemm(o, a.narrow(0, s, n).narrow(1, p.r0, p.r1 - p.r0).t(), c.narrow(0, s, n));
   });
   return out;
 }
@@ -243,8 +321,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     for (const Piece& p : pieces) {
       const int64_t s = start[p.g] + p.r0, n = p.r1 - p.r0;
       auto h_p = h.narrow(0, s, n);
-      if (c_fc_bias) at::addmm_out(h_p, (*c_fc_bias)[p.g], xs.narrow(0, s, n), c_fc[p.g]);
-      else at::mm_out(h_p, xs.narrow(0, s, n), c_fc[p.g]);
+      gemm(h_p, xs.narrow(0, s, n), c_fc[p.g], c_fc_bias ? std::optional((*c_fc_bias)[p.g]) : std::nullopt);
     }
     if (swiglu) {  // h holds the gate and the up projection side by side: silu(gate) * up
       at::silu_out(a_t, h_t.narrow(1, 0, H));
@@ -255,8 +332,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     for (const Piece& p : pieces) {
       const int64_t s = start[p.g] + p.r0, n = p.r1 - p.r0;
       auto out_p = out.narrow(0, s, n);
-      if (c_proj_bias) at::addmm_out(out_p, (*c_proj_bias)[p.g], a.narrow(0, s, n), c_proj[p.g]);
-      else at::mm_out(out_p, a.narrow(0, s, n), c_proj[p.g]);
+      gemm(out_p, a.narrow(0, s, n), c_proj[p.g],
+           c_proj_bias ? std::optional((*c_proj_bias)[p.g]) : std::nullopt);
     }
   });
   auto y = at::empty({N, d}, x.options().dtype(at::kFloat));
@@ -304,7 +381,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     auto grad = (proj ? grad_c_proj : grad_c_fc)[g].narrow(0, r0, r1 - r0);
     auto g_rows = (proj ? g_out : g_h).narrow(0, s, n);
     if (n == 0) grad.zero_();
-    else at::mm_out(grad, (proj ? a : xs).narrow(0, s, n).narrow(1, r0, r1 - r0).t(), g_rows);
+    else gemm(grad, (proj ? a : xs).narrow(0, s, n).narrow(1, r0, r1 - r0).t(), g_rows);
     if (bias && r0 == 0) {
       auto grad_bias = (proj ? grad_c_proj_bias : grad_c_fc_bias)[g];
       if (n == 0) grad_bias.zero_();
@@ -338,7 +415,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       // the activation's gradient g_a, in place in g_h (in the gate's half with swiglu): no buffer of its own
       auto h_p = h.narrow(0, s, n), g_h_p = g_h.narrow(0, s, n), g_xs_p = g_xs.narrow(0, s, n);
       auto g_a = g_h_p.narrow(1, 0, H);
-      at::mm_out(g_a, g_out.narrow(0, s, n), c_proj[p.g].t());
+      gemm(g_a, g_out.narrow(0, s, n), c_proj[p.g].t());
       if (swiglu) {  // as autograd does silu(gate) * up
         auto gate = h_p.narrow(1, 0, H), up = h_p.narrow(1, H, H), g_up = g_h_p.narrow(1, H, H);
         at::silu_out(g_up, gate).mul_(g_a);
@@ -346,7 +423,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       } else {
         at::gelu_backward_out(g_a, g_a, h_p);
       }
-      at::mm_out(g_xs_p, g_h_p, c_fc[p.g].t());
+      gemm(g_xs_p, g_h_p, c_fc[p.g].t());
       if (n == sizes[p.g]) {  // a whole expert on this thread: its weight gradients now, from warm caches
         weight_grad(false, p.g, 0, d);
         weight_grad(true, p.g, 0, H);
@@ -821,7 +898,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> router_losses_autograd(const at::
 
 }  // namespace
 
+// whether float32 products go to BLAS directly (else through at::mm_out): bench.py says which
+bool blas_direct() {
+  return blas_is_torchs();
+}
+
 TORCH_LIBRARY(nanomoe_cpu, m) {
+  m.def("blas_direct() -> bool", blas_direct);
   m.def("grouped_mm(Tensor a, Tensor b, Tensor offs) -> Tensor");
   m.def("grouped_mm_t(Tensor a, Tensor c, Tensor offs) -> Tensor");
 }

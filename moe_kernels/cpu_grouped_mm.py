@@ -1,10 +1,11 @@
 """
 A grouped GEMM for the CPU that runs the groups side by side. torch's grouped_mm on the CPU runs an MoE
 layer's expert GEMMs one after another, each split over all threads, and an expert's GEMM (tens to a few
-hundred rows) is too small to split well. cpu_grouped_mm.cpp instead gives each thread an equal share of the
-work, whole groups where it can (a big group is cut into slices of rows), each product an at::mm on one
-thread, so the arithmetic is torch's own. On 2 threads one MoE layer of 128 experts (64 rows each) went
-from 1.37x to 1.23x the time of a dense MLP of the same FLOPs (RESULTS.md, "One MoE layer").
+hundred rows) is too small to split well. cpu_grouped_mm.cpp instead gives each thread an equal share of
+the work, whole groups where it can (a big group is cut into slices of rows), each product at::mm's on one
+thread (in float32, the BLAS call at::mm would make, made directly), so the arithmetic is torch's own. On
+2 threads one MoE layer of 128 experts (64 rows each) went from 1.37x to 1.23x the time of a dense MLP of the
+same FLOPs (RESULTS.md, "One MoE layer").
 
 It is compiled on first use with torch.utils.cpp_extension (a C++ compiler and ninja; a few seconds) into a
 folder named after a hash of the source, the flags and torch's version, under ~/.cache/torch_extensions (or

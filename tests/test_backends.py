@@ -1,6 +1,7 @@
 """Every fast expert backend against the for-loop reference: outputs and gradients."""
 import contextlib
 import math
+import itertools
 import os
 import re
 import warnings
@@ -199,6 +200,24 @@ def test_cpu_grouped_mm_rejects_bad_offsets():
     for offs, message in (([5, 3, 8], 'must not decrease'), ([3, 5, 7], 'must end at the row count 8')):
         with pytest.raises(RuntimeError, match=message):
             torch.ops.nanomoe_cpu.grouped_mm(a, b, torch.tensor(offs, dtype=torch.int32))
+
+
+def test_cpu_kernel_products_are_torchs_matmul_bit_for_bit():
+    """The kernel's float32 products go to BLAS directly (torch's build has MKL), with the operands and
+    leading dimensions at::mm would pass: on one thread (the kernel's products each run on one), grouped_mm
+    and its weight-gradient product grouped_mm_t give a matmul per group's bits: groups of one row or none,
+    one column, an inner size of one, a transposed a."""
+    assert cpu_grouped_mm.available() and torch.ops.nanomoe_cpu.blas_direct()
+    with threads(1):
+        for sizes, K, N in itertools.product([[1], [3, 0, 1, 5], [40, 7, 0, 64]], [1, 2, 17], [1, 3, 64]):
+            for a in (torch.randn(sum(sizes), K), torch.randn(K, sum(sizes)).t()):
+                b, c = torch.randn(len(sizes), K, N), torch.randn(sum(sizes), N)
+                offs = torch.tensor(sizes).cumsum(0).to(torch.int32)
+                rows, grads = a.split(sizes), c.split(sizes)
+                assert torch.equal(torch.ops.nanomoe_cpu.grouped_mm(a, b, offs),
+                                   torch.cat([r @ b[g] for g, r in enumerate(rows)])), (sizes, K, N)
+                assert torch.equal(torch.ops.nanomoe_cpu.grouped_mm_t(a, c, offs),
+                                   torch.stack([r.t() @ gr for r, gr in zip(rows, grads)])), (sizes, K, N)
 
 
 def test_grouped_mm_double_backward_matches_a_matmul_per_group():

@@ -152,7 +152,7 @@ def test_bench_runs_dense_moe_and_the_layer_mode():
                 '--vocab_size=64', '--warmup_iters=1', '--bench_iters=2', '--device=cpu', '--n_expert=4',
                 '--expert_hidden=64', '--compare_dense=True', f'--activation_checkpointing={mode}', *peak)
         # a bench says which kernel it timed
-        assert 'grouped GEMMs on the CPU: cpu_grouped_mm.cpp' in p.stdout
+        assert 'grouped GEMMs on the CPU: cpu_grouped_mm.cpp, float32 products by BLAS directly' in p.stdout
         assert 'profiler' not in p.stdout + p.stderr
         lines = [l for l in p.stdout.splitlines() if 'ms/iter' in l]
         assert [l.split(':')[0] for l in lines] == ['dense twin', 'model']
@@ -165,7 +165,7 @@ def test_bench_runs_dense_moe_and_the_layer_mode():
             '--expert_hidden=64', '--compare_dense=True', '--profile_steps=2')
     table = p.stdout.split('profiled steps each:\n')[1].splitlines()
     assert table[0].split() == ['op', 'dense', 'twin', 'model', 'difference'] and table[1].startswith('total')
-    # an op's name may hold spaces ('autograd::engine::evaluate_function: AddBackward0'): numbers from the right
+    # an op's name may hold spaces ('autograd::engine::evaluate_function: AddBackward0'): read from the right
     rows = {' '.join(r.split()[:-3]): [float(v) for v in r.split()[-3:]] for r in table[1:]}
     assert rows['nanomoe::fused_experts_backward'][0] == 0 < rows['nanomoe::fused_experts_backward'][1]
     assert all(abs(t[1] - t[0] - t[2]) < 2e-3 for t in rows.values()), rows
