@@ -276,6 +276,20 @@ void weighted_sum(float* y, const T* out, const float* w, const std::vector<int6
   });
 }
 
+// at::gelu and its backward (erf form) through transposed views: for a contiguous float32 tensor torch takes
+// oneDNN's kernel, which does not scale inside a parallel region (two threads running it side by side took
+// as long as one running both halves, and each call costs ~10 us more); for the transposed view (the same
+// elements, not contiguous) it takes its own vectorized kernel, whose loop runs in memory order all the same.
+void vec_gelu(const at::Tensor& out, const at::Tensor& h) {
+  auto out_t = out.t();
+  at::gelu_out(out_t, h.t());
+}
+
+void vec_gelu_backward(const at::Tensor& grad_in, const at::Tensor& grad, const at::Tensor& h) {
+  auto grad_in_t = grad_in.t();
+  at::gelu_backward_out(grad_in_t, grad.t(), h.t());
+}
+
 void check_experts(const at::Tensor& c_fc, const at::Tensor& c_proj, bool swiglu) {
   TORCH_CHECK(c_fc.dim() == 3 && c_proj.dim() == 3 && c_fc.size(0) == c_proj.size(0) &&
               c_fc.size(1) == c_proj.size(2) && c_fc.size(2) == (swiglu ? 2 : 1) * c_proj.size(1) &&
@@ -311,7 +325,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   std::vector<int64_t> sizes(E);
   for (int64_t g = 0; g < E; ++g) sizes[g] = start[g + 1] - start[g];
   // a thread's pieces are one run of sorted rows (even_cut): the gather and the activation are one call over
-  // it, not one per expert (each call costs microseconds, oneDNN's gelu ~10), the GEMMs one per piece
+  // it, not one per expert (each call costs microseconds), the GEMMs one per piece
   run_threads(even_cut(sizes, std::vector<int64_t>(E, 1)), [&](const std::vector<Piece>& pieces) {
     if (pieces.empty()) return;
     const int64_t s0 = start[pieces.front().g] + pieces.front().r0;
@@ -327,7 +341,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       at::silu_out(a_t, h_t.narrow(1, 0, H));
       a_t.mul_(h_t.narrow(1, H, H));
     } else {
-      at::gelu_out(a_t, h_t);
+      vec_gelu(a_t, h_t);
     }
     for (const Piece& p : pieces) {
       const int64_t s = start[p.g] + p.r0, n = p.r1 - p.r0;
@@ -421,7 +435,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         at::silu_out(g_up, gate).mul_(g_a);
         at::silu_backward_out(g_a, g_a.mul_(up), gate);  // (g_a becomes the gate's gradient)
       } else {
-        at::gelu_backward_out(g_a, g_a, h_p);
+        vec_gelu_backward(g_a, g_a, h_p);
       }
       gemm(g_xs_p, g_h_p, c_fc[p.g].t());
       if (n == sizes[p.g]) {  // a whole expert on this thread: its weight gradients now, from warm caches
