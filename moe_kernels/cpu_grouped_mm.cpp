@@ -277,9 +277,9 @@ void weighted_sum(float* y, const T* out, const float* w, const std::vector<int6
 }
 
 // at::gelu and its backward (erf form) through transposed views: for a contiguous float32 tensor torch takes
-// oneDNN's kernel, which does not scale inside a parallel region (two threads running it side by side took
-// as long as one running both halves, and each call costs ~10 us more); for the transposed view (the same
-// elements, not contiguous) it takes its own vectorized kernel, whose loop runs in memory order all the same.
+// oneDNN's kernel, which does not scale inside a parallel region (on a 2-core Xeon, two threads running it
+// side by side took as long as one running both halves; RESULTS.md section 3); for the transposed view (the
+// same elements, not contiguous) it takes its own vectorized kernel, whose loop runs in memory order.
 void vec_gelu(const at::Tensor& out, const at::Tensor& h) {
   auto out_t = out.t();
   at::gelu_out(out_t, h.t());
