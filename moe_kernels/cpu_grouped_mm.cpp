@@ -77,8 +77,18 @@ Plan whole_groups(const std::vector<int64_t>& sizes) {
 // that the direct call does not give at::mm's bits, at::mm_out runs instead.
 using Sgemm = void (*)(const char*, const char*, const int*, const int*, const int*, const float*,
                        const float*, const int*, const float*, const int*, const float*, float*, const int*);
+
+// torch's sgemm_: looked up in the library that holds at::mm (not the first any library exports)
+Sgemm torchs_sgemm() {
+  Dl_info info;
+  if (!at::hasMKL() || !dladdr(reinterpret_cast<void*>(&at::_ops::mm::call), &info) || !info.dli_fname)
+    return nullptr;
+  void* torch_cpu = dlopen(info.dli_fname, RTLD_LAZY | RTLD_NOLOAD);
+  return torch_cpu ? reinterpret_cast<Sgemm>(dlsym(torch_cpu, "sgemm_")) : nullptr;
+}
+
 bool blas_mm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool beta) {
-  static const Sgemm sgemm = at::hasMKL() ? reinterpret_cast<Sgemm>(dlsym(RTLD_DEFAULT, "sgemm_")) : nullptr;
+  static const Sgemm sgemm = torchs_sgemm();
   const int64_t m = out.size(0), n = out.size(1), k = a.size(1);
   if (!sgemm || out.scalar_type() != at::kFloat || a.scalar_type() != at::kFloat ||
       b.scalar_type() != at::kFloat || m == 0 || n == 0 || k == 0)
@@ -103,22 +113,28 @@ bool blas_mm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bo
   return true;
 }
 
-// Whether blas_mm gives at::mm_out's bits here, checked once on fixed values: products of each layout
-// the kernels use (a row-major or transposed operand, with and without a bias), odd sizes
+// Whether blas_mm gives at::mm_out's bits here: not where torch's float32 matmul precision sends at::mm to
+// oneDNN in lower precision (torch.set_float32_matmul_precision('high' or 'medium')); else as checked once
+// on fixed values: products of each layout the kernels use (a row-major or transposed operand, with and
+// without a bias), odd sizes
 bool blas_is_torchs() {
+  using at::Float32Precision;
+  auto precision = at::globalContext().float32Precision(at::Float32Backend::MKLDNN, at::Float32Op::MATMUL);
+  if (precision != Float32Precision::NONE && precision != Float32Precision::IEEE) return false;
   static const bool same = [] {
-    auto fill = [](at::Tensor t) {
+    auto fill = [](at::IntArrayRef sizes) {
+      auto t = at::empty(sizes, at::dtype(at::kFloat).device(at::kCPU));  // (whatever torch's default dtype)
       float* v = t.data_ptr<float>();
       for (int64_t i = 0; i < t.numel(); ++i) v[i] = std::sin(0.37 * i + t.numel());
       return t;
     };
     const int64_t m = 37, k = 29, n = 45;
-    auto a = fill(at::empty({m, k + 3})).narrow(1, 1, k), at_ = fill(at::empty({k, m})).t();
-    auto b = fill(at::empty({k, n})), bt = fill(at::empty({n + 2, k})).narrow(0, 2, n).t();
-    auto bias = fill(at::empty({n}));
+    auto a = fill({m, k + 3}).narrow(1, 1, k), at_ = fill({k, m}).t();
+    auto b = fill({k, n}), bt = fill({n + 2, k}).narrow(0, 2, n).t();
+    auto bias = fill({n});
     for (const auto& [x, y] : {std::pair{a, b}, {a, bt}, {at_, b}, {at_, bt}}) {
       for (bool with_bias : {false, true}) {
-        auto got = at::empty({m, n}), want = at::empty({m, n});
+        auto got = fill({m, n}), want = fill({m, n});
         if (with_bias) got.copy_(bias.expand_as(got));
         if (!blas_mm(got, x, y, with_bias)) return false;
         if (with_bias) at::addmm_out(want, bias, x, y);

@@ -220,6 +220,34 @@ def test_cpu_kernel_products_are_torchs_matmul_bit_for_bit():
                                    torch.stack([r.t() @ gr for r, gr in zip(rows, grads)])), (sizes, K, N)
 
 
+def test_cpu_kernel_products_follow_torchs_matmul_precision_and_default_dtype():
+    """Where torch's float32 matmul precision lets at::mm run in lower precision (through oneDNN), the
+    kernel's products go through at::mm too, so that they stay its bits; back at 'highest', BLAS directly
+    again. And the check of the direct path on first use works whatever torch's default dtype is then (a
+    process of its own: the check runs once per process)."""
+    assert cpu_grouped_mm.available()
+    a, b, offs = torch.randn(64, 256), torch.randn(2, 256, 64), torch.tensor([40, 64], dtype=torch.int32)
+    with threads(1):
+        for precision in ('medium', 'high', 'highest'):
+            torch.set_float32_matmul_precision(precision)
+            try:
+                assert torch.ops.nanomoe_cpu.blas_direct() == (precision == 'highest')
+                assert torch.equal(torch.ops.nanomoe_cpu.grouped_mm(a, b, offs),
+                                   torch.cat([a[:40] @ b[0], a[40:] @ b[1]])), precision
+            finally:
+                torch.set_float32_matmul_precision('highest')
+    import subprocess
+    import sys
+    code = ('import torch; from moe_kernels import cpu_grouped_mm; assert cpu_grouped_mm.available(); '
+            'torch.set_default_dtype(torch.float64); a, b = torch.randn(6, 4), torch.randn(2, 4, 3); '
+            'o = torch.tensor([3, 6], dtype=torch.int32); '
+            'got = torch.ops.nanomoe_cpu.grouped_mm(a.float(), b.float(), o); '
+            'print(torch.ops.nanomoe_cpu.blas_direct(), '
+            'torch.allclose(got.double(), torch.cat([a[:3] @ b[0], a[3:] @ b[1]]), atol=1e-5))')
+    p = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.stdout.split() == ['True', 'True'], p.stderr[-2000:]
+
+
 def test_grouped_mm_double_backward_matches_a_matmul_per_group():
     """grouped_mm's backward is made of grouped_mm ops, so it is differentiable again (e.g. gradient
     penalties)."""
