@@ -292,20 +292,6 @@ void weighted_sum(float* y, const T* out, const float* w, const std::vector<int6
   });
 }
 
-// at::gelu and its backward (erf form) through transposed views: for a contiguous float32 tensor torch takes
-// oneDNN's kernel, which does not scale inside a parallel region (on a 2-core Xeon, two threads running it
-// side by side took as long as one running both halves; RESULTS.md section 3); for the transposed view (the
-// same elements, not contiguous) it takes its own vectorized kernel, whose loop runs in memory order.
-void vec_gelu(const at::Tensor& out, const at::Tensor& h) {
-  auto out_t = out.t();
-  at::gelu_out(out_t, h.t());
-}
-
-void vec_gelu_backward(const at::Tensor& grad_in, const at::Tensor& grad, const at::Tensor& h) {
-  auto grad_in_t = grad_in.t();
-  at::gelu_backward_out(grad_in_t, grad.t(), h.t());
-}
-
 void check_experts(const at::Tensor& c_fc, const at::Tensor& c_proj, bool swiglu) {
   TORCH_CHECK(c_fc.dim() == 3 && c_proj.dim() == 3 && c_fc.size(0) == c_proj.size(0) &&
               c_fc.size(1) == c_proj.size(2) && c_fc.size(2) == (swiglu ? 2 : 1) * c_proj.size(1) &&
@@ -340,31 +326,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   auto a = at::empty({S, H}, x.options()), out = at::empty({S, d}, x.options());
   std::vector<int64_t> sizes(E);
   for (int64_t g = 0; g < E; ++g) sizes[g] = start[g + 1] - start[g];
-  // a thread's pieces are one run of sorted rows (even_cut): the gather and the activation are one call over
-  // it, not one per expert (each call costs microseconds), the GEMMs one per piece
-  run_threads(even_cut(sizes, std::vector<int64_t>(E, 1)), [&](const std::vector<Piece>& pieces) {
+  // a thread's pieces are one run of sorted rows (even_cut): its gather is one call, the GEMMs one per piece.
+  // The activation runs between two parallel regions, on all rows at once: torch's gelu is oneDNN's for
+  // float32, whose bits the model's other paths (the loop backend, the export) share, and which scales on
+  // torch's threads but not inside a parallel region (there, two threads each on half the rows took as long
+  // as one thread on all of them, and each call costs ~10 us)
+  const Plan plan = even_cut(sizes, std::vector<int64_t>(E, 1));
+  run_threads(plan, [&](const std::vector<Piece>& pieces) {
     if (pieces.empty()) return;
     const int64_t s0 = start[pieces.front().g] + pieces.front().r0;
     const int64_t rows = start[pieces.back().g] + pieces.back().r1 - s0;
-    auto xs_t = xs.narrow(0, s0, rows), h_t = h.narrow(0, s0, rows), a_t = a.narrow(0, s0, rows);
+    auto xs_t = xs.narrow(0, s0, rows);
     at::index_select_out(xs_t, x, 0, token.narrow(0, s0, rows));
     for (const Piece& p : pieces) {
       const int64_t s = start[p.g] + p.r0, n = p.r1 - p.r0;
       auto h_p = h.narrow(0, s, n);
       gemm(h_p, xs.narrow(0, s, n), c_fc[p.g], c_fc_bias ? std::optional((*c_fc_bias)[p.g]) : std::nullopt);
     }
-    if (swiglu) {  // h holds the gate and the up projection side by side: silu(gate) * up
-      at::silu_out(a_t, h_t.narrow(1, 0, H));
-      a_t.mul_(h_t.narrow(1, H, H));
-    } else {
-      vec_gelu(a_t, h_t);
-    }
-    for (const Piece& p : pieces) {
-      const int64_t s = start[p.g] + p.r0, n = p.r1 - p.r0;
-      auto out_p = out.narrow(0, s, n);
-      gemm(out_p, a.narrow(0, s, n), c_proj[p.g],
-           c_proj_bias ? std::optional((*c_proj_bias)[p.g]) : std::nullopt);
-    }
+  });
+  if (swiglu) {  // h holds the gate and the up projection side by side: silu(gate) * up
+    at::silu_out(a, h.narrow(1, 0, H));
+    a.mul_(h.narrow(1, H, H));
+  } else {
+    at::gelu_out(a, h);
+  }
+  run(plan, [&](const Piece& p) {
+    const int64_t s = start[p.g] + p.r0, n = p.r1 - p.r0;
+    auto out_p = out.narrow(0, s, n);
+    gemm(out_p, a.narrow(0, s, n), c_proj[p.g], c_proj_bias ? std::optional((*c_proj_bias)[p.g]) : std::nullopt);
   });
   auto y = at::empty({N, d}, x.options().dtype(at::kFloat));
   auto w = topk_weight.to(at::kFloat).contiguous();
@@ -378,10 +367,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
 // fused_experts' backward, from the gradient of y and what the forward kept -> the gradients of x (in
 // the experts' dtype), topk_weight (float32), c_fc, c_fc_bias, c_proj, c_proj_bias (the biases' empty
-// when bias is false). Two passes: the row-wise work of each sorted row (its output gradient, the
-// activation's backward, its x gradient), and of an expert whole on one thread its weight gradients, a_e^T
-// g_e, from warm caches; then the weight gradients of the experts cut between threads, from cold ones. So
-// the threads take whole experts where they share them evenly so (whole_groups), else cut them evenly.
+// when bias is false). The row-wise work of each sorted row in two passes, the activation's backward on
+// all rows between them: its output gradient and c_proj's product, then c_fc's product (its x gradient);
+// after each, of an expert whole on one thread its weight gradient, a_e^T g_e, from warm caches; last the
+// weight gradients of the experts cut between threads, from cold ones. So the threads take whole experts
+// where they share them evenly so (whole_groups), else cut them evenly.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_experts_backward(
     const at::Tensor& grad_y, const at::Tensor& topk_weight, const at::Tensor& c_fc, const at::Tensor& c_proj,
     bool bias, c10::string_view act, const at::Tensor& counts, const at::Tensor& order, const at::Tensor& xs,
@@ -435,28 +425,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     });
     scalar_t* g_out_ = g_out.data_ptr<scalar_t>();
     Plan whole = whole_groups(sizes);
-    run(whole.empty() ? even_cut(sizes, std::vector<int64_t>(E, 1)) : whole, [&](const Piece& p) {
+    const Plan plan = whole.empty() ? even_cut(sizes, std::vector<int64_t>(E, 1)) : whole;
+    // the activation's gradient g_a, in place in g_h (in the gate's half with swiglu): no buffer of its own
+    auto g_a = g_h.narrow(1, 0, H);
+    run(plan, [&](const Piece& p) {
       const int64_t s = start[p.g] + p.r0, n = p.r1 - p.r0;
       for (int64_t r = s; r < s + n; ++r) {  // the expert output's gradient: w[slot] * dy[token]
         const float* gyn = gy_ + (slot[r] / k) * d;
         const float ws = w_[slot[r]];
         for (int64_t c = 0; c < d; ++c) g_out_[r * d + c] = static_cast<scalar_t>(ws * gyn[c]);
       }
-      // the activation's gradient g_a, in place in g_h (in the gate's half with swiglu): no buffer of its own
-      auto h_p = h.narrow(0, s, n), g_h_p = g_h.narrow(0, s, n), g_xs_p = g_xs.narrow(0, s, n);
-      auto g_a = g_h_p.narrow(1, 0, H);
-      gemm(g_a, g_out.narrow(0, s, n), c_proj[p.g].t());
-      if (swiglu) {  // as autograd does silu(gate) * up
-        auto gate = h_p.narrow(1, 0, H), up = h_p.narrow(1, H, H), g_up = g_h_p.narrow(1, H, H);
-        at::silu_out(g_up, gate).mul_(g_a);
-        at::silu_backward_out(g_a, g_a.mul_(up), gate);  // (g_a becomes the gate's gradient)
-      } else {
-        vec_gelu_backward(g_a, g_a, h_p);
-      }
-      gemm(g_xs_p, g_h_p, c_fc[p.g].t());
-      if (n == sizes[p.g]) {  // a whole expert on this thread: its weight gradients now, from warm caches
+      gemm(g_a.narrow(0, s, n), g_out.narrow(0, s, n), c_proj[p.g].t());
+      if (n == sizes[p.g]) weight_grad(true, p.g, 0, H);  // a whole expert here: from warm caches
+    });
+    // the activation's backward on all rows at once, between the parallel regions (as in the forward)
+    if (swiglu) {  // as autograd does silu(gate) * up
+      auto gate = h.narrow(1, 0, H), up = h.narrow(1, H, H), g_up = g_h.narrow(1, H, H);
+      at::silu_out(g_up, gate).mul_(g_a);
+      at::silu_backward_out(g_a, g_a.mul_(up), gate);  // (g_a becomes the gate's gradient)
+    } else {
+      at::gelu_backward_out(g_a, g_a, h);
+    }
+    run(plan, [&](const Piece& p) {
+      const int64_t s = start[p.g] + p.r0, n = p.r1 - p.r0;
+      gemm(g_xs.narrow(0, s, n), g_h.narrow(0, s, n), c_fc[p.g].t());
+      if (n == sizes[p.g]) {  // a whole expert on this thread: its weight gradient now, from warm caches
         weight_grad(false, p.g, 0, d);
-        weight_grad(true, p.g, 0, H);
         done[p.g] = 1;
       }
     });
