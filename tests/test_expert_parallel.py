@@ -171,12 +171,13 @@ def weights(out_dir):
 def assert_same_weights(a, b, optimizer='adamw'):
     """a and b hold the same weights up to float rounding. Muon orthogonalises in bfloat16 (torch.optim.Muon
     does), where the runs' float32 rounding differences in the gradients become bfloat16 ones in the update:
-    there each tensor must be the same within 2% of its norm (a wrong expert's update is tens of percent),
-    and the MoE layers' probe top-1 experts (int, the _extra_state) may differ."""
+    there each tensor must be the same within 5% of its norm (up to 2.3% seen, on a Xeon host; a wrong
+    expert's update is tens of percent), and the MoE layers' probe top-1 experts (int, the _extra_state)
+    may differ."""
     assert a.keys() == b.keys()
     for k in a:
         if optimizer == 'muon':
-            assert not a[k].is_floating_point() or (a[k] - b[k]).norm() <= 2e-2 * b[k].norm(), k
+            assert not a[k].is_floating_point() or (a[k] - b[k]).norm() <= 5e-2 * b[k].norm(), k
         else:
             torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=2e-5, msg=k)
 
