@@ -1,9 +1,9 @@
 // Grouped GEMMs for the CPU whose groups run side by side, one per thread (cpu_grouped_mm.py builds and
 // loads this file, and says why). Every product is at::mm's, so the arithmetic is torch's own (float32: the
-// BLAS call at::mm makes, made directly, see mm_out); only the threading differs: a product run inside a
-// parallel region uses one thread. fused_experts below is the
-// grouped backend's whole dispatch (gather, both GEMMs, activation, weighted sum) as one op, and its
-// backward as another: a small MoE layer's time went to a hundred small ops around the GEMMs.
+// BLAS call at::mm makes, made directly, see gemm); only the threading differs: a product run inside a
+// parallel region uses one thread. fused_experts below is the grouped backend's whole dispatch (gather,
+// both GEMMs, activation, weighted sum) as one op, and its backward as another: a small MoE layer's time
+// went to a hundred small ops around the GEMMs.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -148,7 +148,7 @@ bool blas_is_torchs() {
 }
 
 void gemm(at::Tensor out, const at::Tensor& a, const at::Tensor& b,
-            const std::optional<at::Tensor>& bias = std::nullopt) {
+          const std::optional<at::Tensor>& bias = std::nullopt) {
   if (bias) {  // addmm: out starts as the bias, row by row, then the product adds to it (beta = 1)
     if (out.size(0) && out.size(1) && a.size(1) && out.stride(1) == 1) {
       out.copy_(bias->expand_as(out));
@@ -159,7 +159,6 @@ void gemm(at::Tensor out, const at::Tensor& a, const at::Tensor& b,
     at::mm_out(out, a, b);
   }
 }
-
 
 // f on each thread's pieces, the threads side by side.
 void run_threads(const Plan& plan, const std::function<void(const std::vector<Piece>&)>& f) {
@@ -353,7 +352,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   run(plan, [&](const Piece& p) {
     const int64_t s = start[p.g] + p.r0, n = p.r1 - p.r0;
     auto out_p = out.narrow(0, s, n);
-    gemm(out_p, a.narrow(0, s, n), c_proj[p.g], c_proj_bias ? std::optional((*c_proj_bias)[p.g]) : std::nullopt);
+    gemm(out_p, a.narrow(0, s, n), c_proj[p.g],
+         c_proj_bias ? std::optional((*c_proj_bias)[p.g]) : std::nullopt);
   });
   auto y = at::empty({N, d}, x.options().dtype(at::kFloat));
   auto w = topk_weight.to(at::kFloat).contiguous();
