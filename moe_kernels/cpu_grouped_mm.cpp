@@ -150,9 +150,9 @@ bool blas_is_torchs() {
 void gemm(at::Tensor out, const at::Tensor& a, const at::Tensor& b,
           const std::optional<at::Tensor>& bias = std::nullopt) {
   if (bias) {  // addmm: out starts as the bias, row by row, then the product adds to it (beta = 1)
-    if (out.size(0) && out.size(1) && a.size(1) && out.stride(1) == 1) {
+    if (out.scalar_type() == at::kFloat && blas_is_torchs()) {  // (where blas_mm declines, addmm overwrites)
       out.copy_(bias->expand_as(out));
-      if (blas_is_torchs() && blas_mm(out, a, b, true)) return;
+      if (blas_mm(out, a, b, true)) return;
     }
     at::addmm_out(out, *bias, a, b);
   } else if (!(blas_is_torchs() && blas_mm(out, a, b, false))) {
@@ -922,13 +922,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> router_losses_autograd(const at::
 
 }  // namespace
 
-// whether float32 products go to BLAS directly (else through at::mm_out): bench.py says which
-bool blas_direct() {
-  return blas_is_torchs();
-}
-
 TORCH_LIBRARY(nanomoe_cpu, m) {
-  m.def("blas_direct() -> bool", blas_direct);
+  // whether float32 products go to BLAS directly (else through at::mm_out): bench.py says which
+  m.def("blas_direct() -> bool", blas_is_torchs);
   m.def("grouped_mm(Tensor a, Tensor b, Tensor offs) -> Tensor");
   m.def("grouped_mm_t(Tensor a, Tensor c, Tensor offs) -> Tensor");
 }
