@@ -13,7 +13,7 @@ Reading order:
                                 -> (y [N, d], drop_fraction of the token-slots)
                             'loop'     the reference: a for-loop over experts. Simple, slow.
                             'grouped'  dropless: slots sorted by expert, two grouped GEMMs (on the CPU, one
-                                       fused op: moe_kernels/fused.py, as are the softmax router and its
+                                       fused op: moe_kernels/fused.py, as is the softmax router with its
                                        losses)
                             'batched'  capacity (GShard/Switch): fixed slots per expert, one bmm
                             'triton'   block-sparse kernels (moe_kernels/moe_triton.py, optional)
@@ -26,6 +26,7 @@ Reading order:
 
 import math
 import importlib.util
+from typing import NamedTuple
 from dataclasses import dataclass, fields, asdict
 
 import torch
@@ -35,7 +36,7 @@ from torch.nn import functional as F
 
 from moe_kernels import cpu_grouped_mm
 from moe_kernels.grouped_mm import grouped_mm  # the grouped GEMM as a custom op (torch.compile traces it)
-from moe_kernels.fused import fused_experts as fused_experts_op, softmax_router, router_losses  # (CPU kernel)
+from moe_kernels.fused import fused_experts as fused_experts_op, softmax_router  # (CPU kernel)
 from model import GPT, GPTConfig, MLP, activation, checkpointed, key, keys_of
 
 
@@ -155,6 +156,17 @@ class MoEConfig(GPTConfig):
 # Router and auxiliary losses
 
 
+class Routing(NamedTuple):
+    """What Router computes for rows x [N, d]."""
+    topk_idx: torch.Tensor     # [N, k] int64: the chosen experts of each row
+    topk_weight: torch.Tensor  # [N, k] float32: their weights
+    logits: torch.Tensor       # [N, E] the clean logits (no noise), which the z-loss sees
+    probs: torch.Tensor        # [N, E] the probabilities P of the balance loss (and of expert choice)
+    counts: torch.Tensor       # [E] int64: the token-slots routed to each expert
+    balance_loss: torch.Tensor  # load_balance_loss of these rows' slots
+    z_loss: torch.Tensor       # router_z_loss of the logits
+
+
 class Router(nn.Module):
     """A bias-free linear gate in float32 (routing flips on tiny logit differences, so autocast is off here),
     with orthogonal settings (MoEConfig; ROUTERS names the usual combinations):
@@ -174,8 +186,8 @@ class Router(nn.Module):
       router_jitter  in training the router input is multiplied by U(1 - jitter, 1 + jitter) (Switch)
     Noise and jitter are drawn row by row in the layer's token order (see the backends), so the same seed
     draws differently for 'batched' than for the dropless backends.
-    Returns topk_idx, topk_weight, the clean logits (for the z-loss) and the probabilities P (for the balance
-    loss and expert choice)."""
+    Returns a Routing: the top-k and their weights, the loads and the two aux losses of these rows (in one
+    op on the CPU: moe_kernels/fused.py); MoE.record() puts other loads in the balance loss where it needs."""
 
     def __init__(self, config):
         super().__init__()
@@ -195,9 +207,9 @@ class Router(nn.Module):
             if cfg.router_score == 'softmax' and not noise and x.device.type == 'cpu' and \
                     cpu_kernel_available():
                 # the ops below in one, the same bits, with a one-pass backward (moe_kernels/fused.py)
-                norm = cfg.renormalises()
-                return softmax_router(x, self.gate.weight.float(), self.expert_bias, cfg.top_k, norm,
-                                      cfg.router_temperature, cfg.route_scale)
+                return Routing(*softmax_router(x, self.gate.weight.float(), self.expert_bias, cfg.top_k,
+                                               cfg.renormalises(), cfg.router_temperature,
+                                               cfg.route_scale)[:len(Routing._fields)])
             logits = F.linear(x, self.gate.weight.float())
             if cfg.router_temperature != 1.0:
                 logits = logits / cfg.router_temperature
@@ -223,7 +235,10 @@ class Router(nn.Module):
                 topk_weight = topk_weight / topk_weight.sum(dim=-1, keepdim=True)
         if cfg.route_scale != 1.0:
             topk_weight = topk_weight * cfg.route_scale
-        return topk_idx, topk_weight, logits, scores if softmax else scores / scores.sum(dim=-1, keepdim=True)
+        probs = scores if softmax else scores / scores.sum(dim=-1, keepdim=True)
+        counts = count_per_expert(topk_idx, cfg.n_expert)
+        return Routing(topk_idx, topk_weight, logits, probs, counts,
+                       load_balance_loss(probs, topk_idx, counts), router_z_loss(logits))
 
 
 def count_per_expert(topk_idx, n_expert):
@@ -495,7 +510,7 @@ class MoE(nn.Module):
         backend = self.backend or EXPERT_IMPLS[cfg.expert_impl]
         position_major = getattr(backend, 'position_major', False)
         x_rows = as_rows(x, position_major)
-        topk_idx, topk_weight, logits, probs = self.router(x_rows)
+        r = self.router(x_rows)
         # the experts (not the router, whose forward has effects:
         # the step's loads) may be recomputed in backward
         run = checkpointed if self.checkpoint else (lambda fn, *args: fn(*args))
@@ -503,26 +518,26 @@ class MoE(nn.Module):
         if self.training and cfg.expert_dropout > 0:
             keep = (torch.rand(cfg.n_expert,
                                device=x.device) >= cfg.expert_dropout).float() / (1 - cfg.expert_dropout)
+        counts = None  # the slots each expert runs: None, the router's (r.counts)
         if self.training and cfg.expert_choice:  # experts pick their tokens: a table
-            token, weight, drop_fraction = expert_choice(probs, cfg.top_k)
+            token, weight, drop_fraction = expert_choice(r.probs, cfg.top_k)
             y = run(table_experts, x_rows, token, weight if keep is None else weight * keep[:, None],
                     self.experts)
             counts = torch.full((cfg.n_expert,), token.size(1), dtype=torch.long, device=x.device)
         else:
-            weight = topk_weight if keep is None else topk_weight * keep[topk_idx]
-            y, drop_fraction = run(backend, x_rows, topk_idx, weight, self.experts)
-            counts = count_per_expert(topk_idx, cfg.n_expert)
-        self.record(counts, drop_fraction, logits, probs, topk_idx,
-                    lambda rows: from_rows(rows, B, T, position_major))
+            weight = r.topk_weight if keep is None else r.topk_weight * keep[r.topk_idx]
+            y, drop_fraction = run(backend, x_rows, r.topk_idx, weight, self.experts)
+        self.record(r, drop_fraction, lambda rows: from_rows(rows, B, T, position_major), counts)
         y = self.dropout(from_rows(y.to(x.dtype), B, T, position_major))
         return y if self.shared is None else y + run(self.shared, x)
 
-    def record(self, counts, drop_fraction, logits, probs, topk_idx, by_sequence):
+    def record(self, r, drop_fraction, by_sequence, counts=None):
         """This forward's aux losses and routing stats, and the step's loads (in training), kept on the layer
-        for MoEGPT. logits, probs and topk_idx are rows in the backend's order; by_sequence([B*T, ...]) gives
-        [B, T, ...] in x's."""
+        for MoEGPT. r: the router's Routing, its rows in the backend's order; by_sequence([B*T, ...]) gives
+        [B, T, ...] in x's order; counts: the slots each expert ran where not the router's (expert choice)."""
         cfg = self.config
-        balance_counts = counts
+        balance_counts = counts  # None: the router's own loads, and its balance loss stands
+        counts = r.counts if counts is None else counts
         if self.training:
             self.step_counts = counts if self.step_counts is None else self.step_counts + counts
             if cfg.aux_loss_scope == 'global':
@@ -530,16 +545,15 @@ class MoE(nn.Module):
                 # every rank (the step's last micro-batch sees the whole global batch); P_i stays local
                 balance_counts = summed_over_ranks(self.step_counts)
         if cfg.aux_loss_scope == 'sequence':
-            self.balance_loss = sequence_balance_loss(by_sequence(probs), by_sequence(topk_idx))
-            self.z_loss = router_z_loss(logits)
-        elif logits.device.type == 'cpu' and cpu_kernel_available():  # both in one op (moe_kernels/fused.py)
-            self.balance_loss, self.z_loss, _ = router_losses(logits, probs, balance_counts)
+            self.balance_loss = sequence_balance_loss(by_sequence(r.probs), by_sequence(r.topk_idx))
+        elif balance_counts is None:
+            self.balance_loss = r.balance_loss
         else:
-            self.balance_loss = load_balance_loss(probs, topk_idx, balance_counts)
-            self.z_loss = router_z_loss(logits)
+            self.balance_loss = load_balance_loss(r.probs, r.topk_idx, balance_counts)
+        self.z_loss = r.z_loss
         self.tokens_per_expert, self.drop_fraction = counts, drop_fraction
-        self.probs = probs.detach()  # for routing_stats' entropy, computed only when asked for
-        self.topk_idx = by_sequence(topk_idx).flatten(0, 1)  # [token (b * T + t), choice]
+        self.probs = r.probs.detach()  # for routing_stats' entropy, computed only when asked for
+        self.topk_idx = by_sequence(r.topk_idx).flatten(0, 1)  # [token (b * T + t), choice]
 
     def _load_from_state_dict(self, state_dict, prefix, *args):
         # checkpoints from before the layer kept its probe

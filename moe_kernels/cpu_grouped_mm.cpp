@@ -482,11 +482,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
 // ---------------------------------------------------------------------------------------------------
 // softmax_router: moe_model.Router's softmax path (the gate, the softmax over the experts, the top-k and the
-// chosen weights) with the same bits as its torch ops, and its backward in one pass over the rows: the
-// gradients that reach the chosen weights, the logits (the z-loss) and the probabilities (the balance
-// loss) become the logits' gradient, then the gate's two products. torch's softmax over a last dimension
-// shorter than a vector register (8 experts: 16 floats on AVX512) is slow, ~20 ns per element, and its
-// top-k is slow on short rows at any width (64 experts, top 8: ~0.5 us a row): here they are plain loops.
+// chosen weights) with the same bits as its torch ops, and the layer's routing losses (the slots per expert,
+// the balance loss and the z-loss, as moe_model.count_per_expert, load_balance_loss and router_z_loss), and
+// its backward in one pass over the rows: the gradients that reach the chosen weights, the logits, the
+// probabilities and the two losses become the logits' gradient, then the gate's two products. (The losses
+// were ops of their own, forward and backward: each op of a small layer costs some 50 us in the model, more
+// than the work in it.) torch's softmax over a last dimension shorter than a vector register (8 experts: 16
+// floats on AVX512) is slow, ~20 ns per element, and its top-k is slow on short rows at any width (64
+// experts, top 8: ~0.5 us a row): here they are plain loops.
 // The softmax is the one torch runs there, step for step: exp of (x - max) by the same Sleef function as
 // torch's Vectorized::exp, the sum left to right (as vec_reduce_all over a partial vector), times 1 / sum;
 // a check against at::_softmax on first use falls back to torch's softmax (rows as wide as a vector or
@@ -577,7 +580,47 @@ bool topk_row(const float* v, int64_t E, int64_t k, float* values, int64_t* indi
   return true;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> softmax_router(
+// The routing losses of logits, probs (their softmax) [N, E] and the top-k topk_idx [N, k] -> the slots per
+// expert [E], the balance loss (n_expert * sum_i f_i * P_i, f_i the fraction of slots, P_i the mean
+// probability), the z-loss (the mean of logsumexp(logits)^2) and each row's logsumexp (for the backward)
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routing_losses(
+    const at::Tensor& logits, const at::Tensor& probs, const at::Tensor& topk_idx) {
+  const int64_t N = logits.size(0), E = logits.size(1), S = topk_idx.numel();
+  auto l = logits.contiguous(), p = probs.contiguous(), idx = topk_idx.contiguous();
+  auto counts = at::zeros({E}, idx.options()), lse = at::empty({N}, l.options());
+  const float *l_ = l.data_ptr<float>(), *p_ = p.data_ptr<float>();
+  const int64_t* idx_ = idx.data_ptr<int64_t>();
+  int64_t* c_ = counts.data_ptr<int64_t>();
+  float* lse_ = lse.data_ptr<float>();
+  for (int64_t s = 0; s < S; ++s) c_[idx_[s]] += 1;
+  double z = 0, balance = 0;
+  std::vector<double> P(E, 0.0);
+  for (int64_t n = 0; n < N; ++n) {
+    const float *x = l_ + n * E, *pn = p_ + n * E;
+    const int64_t top = std::max_element(x, x + E) - x;
+    // logsumexp from the softmax: the largest logit's probability is exp(0) / sum(exp(x - max)), so
+    // lse = max - log(that); a row with an infinite or NaN logit as torch.logsumexp computes it
+    if (std::isfinite(x[top]) && pn[top] > 0) {
+      lse_[n] = x[top] - std::log(pn[top]);
+    } else {
+      const float m = std::isinf(x[top]) ? 0.f : x[top];
+      double sum = 0;
+      for (int64_t e = 0; e < E; ++e) sum += std::exp(x[e] - m);
+      lse_[n] = std::log(sum) + m;
+    }
+    z += double(lse_[n]) * lse_[n];
+    for (int64_t e = 0; e < E; ++e) P[e] += pn[e];
+  }
+  for (int64_t e = 0; e < E; ++e) balance += double(c_[e]) / S * P[e] / N;
+  auto scalar = [&](double v) {  // (as a float first: past float's range, inf as torch's, not an error)
+    const bool over = std::isfinite(v) && std::abs(v) > std::numeric_limits<float>::max();
+    return at::scalar_tensor(over ? std::copysign(INFINITY, v) : v, l.options());
+  };
+  return {counts, scalar(E * balance), scalar(z / N), lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+softmax_router(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& expert_bias,
     int64_t top_k, bool norm_topk, double temperature, double route_scale) {
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1) &&
@@ -600,7 +643,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> softmax_router(
     return {idx, norm_topk ? at::_softmax(chosen, -1, false) : probs.gather(1, idx)};
   };
   auto routed = [&](const at::Tensor& idx, const at::Tensor& w, const at::Tensor& probs) {
-    return std::make_tuple(idx, route_scale != 1.0 ? w * route_scale : w, logits, probs);
+    auto [counts, balance, z, lse] = routing_losses(logits, probs, idx);
+    return std::make_tuple(idx, route_scale != 1.0 ? w * route_scale : w, logits, probs, counts, balance, z,
+                           lse);
   };
   if (expert_bias && expert_bias->scalar_type() != at::kFloat) {  // torch's kernels throughout
     auto probs = at::_softmax(logits, -1, false);
@@ -645,9 +690,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> softmax_router(
 
 std::tuple<at::Tensor, at::Tensor> softmax_router_backward(
     const std::optional<at::Tensor>& grad_w, const std::optional<at::Tensor>& grad_logits,
-    const std::optional<at::Tensor>& grad_probs, const at::Tensor& x, const at::Tensor& weight,
-    const at::Tensor& topk_idx, const at::Tensor& topk_weight, const at::Tensor& probs, bool norm_topk,
-    double temperature, double route_scale) {
+    const std::optional<at::Tensor>& grad_probs, const std::optional<at::Tensor>& grad_balance,
+    const std::optional<at::Tensor>& grad_z, const at::Tensor& x, const at::Tensor& weight,
+    const at::Tensor& topk_idx, const at::Tensor& topk_weight, const at::Tensor& probs,
+    const at::Tensor& counts, const at::Tensor& lse, bool norm_topk, double temperature, double route_scale) {
   const int64_t N = probs.size(0), E = probs.size(1), k = topk_idx.size(1);
   auto dense = [](const std::optional<at::Tensor>& t) {  // an expanded gradient, contiguous; an absent one
     return t ? t->to(at::kFloat).contiguous() : at::Tensor();
@@ -656,6 +702,14 @@ std::tuple<at::Tensor, at::Tensor> softmax_router_backward(
   auto idx = topk_idx.contiguous(), w = topk_weight.contiguous(), p = probs.contiguous();
   auto gl = at::empty({N, E}, probs.options());
   const float scale = route_scale, inv_t = 1.0 / temperature;
+  // the losses': d balance / d probs[n, e] = n_expert * f_e / N, the same in every row; d z / d logits[n, e]
+  // = 2 lse_n / N * softmax(logits)[n, e], and softmax(logits) is probs
+  const double gb = grad_balance ? grad_balance->item<double>() : 0.0;
+  const double gz = grad_z ? grad_z->item<double>() : 0.0;
+  std::vector<float> balance_row(E);
+  auto c = counts.contiguous();
+  for (int64_t e = 0; e < E; ++e) balance_row[e] = gb * E * (double(c.data_ptr<int64_t>()[e]) / (N * k)) / N;
+  const float* lse_ = lse.data_ptr<float>();
   const int64_t* idx_ = idx.data_ptr<int64_t>();
   const float *w_ = w.data_ptr<float>(), *p_ = p.data_ptr<float>();
   const float* gw_ = gw.defined() ? gw.data_ptr<float>() : nullptr;
@@ -667,8 +721,9 @@ std::tuple<at::Tensor, at::Tensor> softmax_router_backward(
     for (int64_t n = n0; n < n1; ++n) {
       float* g = gl_ + n * E;
       const float* pn = p_ + n * E;
-      for (int64_t e = 0; e < E; ++e) g[e] = gl_in_ ? gl_in_[n * E + e] : 0.f;
-      for (int64_t e = 0; e < E; ++e) gp[e] = gp_in_ ? gp_in_[n * E + e] : 0.f;
+      const float z_row = 2.0 * gz * lse_[n] / N;
+      for (int64_t e = 0; e < E; ++e) g[e] = (gl_in_ ? gl_in_[n * E + e] : 0.f) + z_row * pn[e];
+      for (int64_t e = 0; e < E; ++e) gp[e] = (gp_in_ ? gp_in_[n * E + e] : 0.f) + balance_row[e];
       if (gw_) {
         const float *wn = w_ + n * k, *gwn = gw_ + n * k;
         const int64_t* in = idx_ + n * k;
@@ -690,76 +745,7 @@ std::tuple<at::Tensor, at::Tensor> softmax_router_backward(
 
 
 // ---------------------------------------------------------------------------------------------------
-// router_losses: moe_model.load_balance_loss and router_z_loss of one layer, from its logits, probabilities
-// and slots per expert, in one pass; the backward gives their gradients, which softmax_router's backward
-// (or the Router's torch ops) take on. The torch ops were a dozen forward and as many backward, on [N, E].
-
-// -> balance (n_expert * sum_i f_i * P_i), z (mean of logsumexp(logits)^2), and logsumexp per row
-std::tuple<at::Tensor, at::Tensor, at::Tensor> router_losses(
-    const at::Tensor& logits, const at::Tensor& probs, const at::Tensor& counts) {
-  TORCH_CHECK(logits.dim() == 2 && probs.sizes() == logits.sizes() && counts.numel() == logits.size(1) &&
-              logits.scalar_type() == at::kFloat && probs.scalar_type() == at::kFloat,
-              "router_losses: want float32 logits and probs [N, E], and counts [E]");
-  const int64_t N = logits.size(0), E = logits.size(1);
-  auto l = logits.contiguous(), p = probs.contiguous(), c = counts.to(at::kDouble).contiguous();
-  auto lse = at::empty({N}, l.options());
-  const float *l_ = l.data_ptr<float>(), *p_ = p.data_ptr<float>();
-  float* lse_ = lse.data_ptr<float>();
-  at::parallel_for(0, N, grain(E), [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) {  // as torch.logsumexp: max, then log(sum(exp(x - max))) + max
-      const float* x = l_ + n * E;
-      float m = *std::max_element(x, x + E);
-      m = std::isinf(m) ? 0.f : m;
-      double sum = 0;
-      for (int64_t e = 0; e < E; ++e) sum += std::exp(x[e] - m);
-      lse_[n] = std::log(sum) + m;
-    }
-  });
-  double total = 0, z = 0, balance = 0;
-  const double* c_ = c.data_ptr<double>();
-  for (int64_t e = 0; e < E; ++e) total += c_[e];
-  std::vector<double> P(E, 0.0);
-  for (int64_t n = 0; n < N; ++n) {
-    z += double(lse_[n]) * lse_[n];
-    for (int64_t e = 0; e < E; ++e) P[e] += p_[n * E + e];
-  }
-  for (int64_t e = 0; e < E; ++e) balance += c_[e] / total * P[e] / N;
-  auto scalar = [&](double v) {  // (as a float first: past float's range, inf as torch's, not an error)
-    const bool over = std::isfinite(v) && std::abs(v) > std::numeric_limits<float>::max();
-    return at::scalar_tensor(over ? std::copysign(INFINITY, v) : v, l.options());
-  };
-  return {scalar(E * balance), scalar(z / N), lse};
-}
-
-// -> the gradients of logits (the z-loss's) and of probs (the balance loss's)
-std::tuple<at::Tensor, at::Tensor> router_losses_backward(
-    const at::Tensor& grad_balance, const at::Tensor& grad_z, const at::Tensor& logits,
-    const at::Tensor& counts, const at::Tensor& lse) {
-  const int64_t N = logits.size(0), E = logits.size(1);
-  auto l = logits.contiguous(), c = counts.to(at::kDouble).contiguous();
-  auto grad_logits = at::empty({N, E}, l.options()), grad_probs = at::empty({N, E}, l.options());
-  const double gb = grad_balance.item<double>(), gz = grad_z.item<double>();
-  const double* c_ = c.data_ptr<double>();
-  double total = 0;
-  for (int64_t e = 0; e < E; ++e) total += c_[e];
-  std::vector<float> row(E);  // d balance / d probs[n, e] = n_expert * f_e / N, the same in every row
-  for (int64_t e = 0; e < E; ++e) row[e] = gb * E * (c_[e] / total) / N;
-  const float *l_ = l.data_ptr<float>(), *lse_ = lse.data_ptr<float>();
-  float *gl = grad_logits.data_ptr<float>(), *gp = grad_probs.data_ptr<float>();
-  at::parallel_for(0, N, grain(E), [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) {  // d z / d logits = 2 lse / N * softmax(logits)
-      const float scale = 2.0 * gz * lse_[n] / N;
-      for (int64_t e = 0; e < E; ++e) {
-        gl[n * E + e] = scale * std::exp(l_[n * E + e] - lse_[n]);
-        gp[n * E + e] = row[e];
-      }
-    }
-  });
-  return {grad_logits, grad_probs};
-}
-
-// ---------------------------------------------------------------------------------------------------
-// The three ops' autograd, here rather than in Python (torch.library.register_autograd): its Python
+// The two ops' autograd, here rather than in Python (torch.library.register_autograd): its Python
 // wrapper cost ~0.1 ms per op and per pass, some 3 ms of a small MoE's step. Each forward calls its op
 // below autograd through the dispatcher (under torch.compile the inputs are fake tensors, which only
 // fused.py's fake implementations take); each backward calls the backward op.
@@ -854,45 +840,28 @@ struct SoftmaxRouter : torch::autograd::Function<SoftmaxRouter> {
                                double route_scale) {
     at::AutoDispatchBelowADInplaceOrView below;
     static auto f = op<decltype(softmax_router)>("nanomoe::softmax_router");
-    auto [idx, w, logits, probs] = f.call(x, weight, expert_bias, top_k, norm_topk, temperature, route_scale);
-    ctx->mark_non_differentiable({idx});
+    auto [idx, w, logits, probs, counts, balance, z, lse] = f.call(x, weight, expert_bias, top_k, norm_topk,
+                                                                   temperature, route_scale);
+    ctx->mark_non_differentiable({idx, counts, lse});
     ctx->set_materialize_grads(false);  // an output without a gradient (the z-loss off, eval) costs nothing
-    ctx->save_for_backward({x, weight, idx, w, probs});
+    ctx->save_for_backward({x, weight, idx, w, probs, counts, lse});
     ctx->saved_data["norm_topk"] = norm_topk;
     ctx->saved_data["temperature"] = temperature;
     ctx->saved_data["route_scale"] = route_scale;
-    return {idx, w, logits, probs};
+    return {idx, w, logits, probs, counts, balance, z, lse};
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    if (!grads[1].defined() && !grads[2].defined() && !grads[3].defined()) return variable_list(7);
+    if (std::none_of(grads.begin(), grads.end(), [](const at::Tensor& g) { return g.defined(); }))
+      return variable_list(7);
     auto s = ctx->get_saved_variables();
     static auto f = op<decltype(softmax_router_backward)>("nanomoe::softmax_router_backward");
     return once_differentiable("nanomoe::softmax_router", grads, {s[0], s[1]}, [&]() -> variable_list {
-      auto [gx, g_weight] = f.call(given(grads[1]), given(grads[2]), given(grads[3]), s[0], s[1], s[2], s[3],
-                                   s[4], ctx->saved_data["norm_topk"].toBool(),
+      auto [gx, g_weight] = f.call(given(grads[1]), given(grads[2]), given(grads[3]), given(grads[5]),
+                                   given(grads[6]), s[0], s[1], s[2], s[3], s[4], s[5], s[6],
+                                   ctx->saved_data["norm_topk"].toBool(),
                                    ctx->saved_data["temperature"].toDouble(),
                                    ctx->saved_data["route_scale"].toDouble());
       return {gx, g_weight, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
-    });
-  }
-};
-
-struct RouterLosses : torch::autograd::Function<RouterLosses> {
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& logits, const at::Tensor& probs,
-                               const at::Tensor& counts) {
-    at::AutoDispatchBelowADInplaceOrView below;
-    static auto f = op<decltype(router_losses)>("nanomoe::router_losses");
-    auto [balance, z, lse] = f.call(logits, probs, counts);
-    ctx->mark_non_differentiable({lse});
-    ctx->save_for_backward({logits, counts, lse, probs});  // (probs: for once_differentiable only)
-    return {balance, z, lse};
-  }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    auto s = ctx->get_saved_variables();
-    static auto f = op<decltype(router_losses_backward)>("nanomoe::router_losses_backward");
-    return once_differentiable("nanomoe::router_losses", grads, {s[0], s[3]}, [&]() -> variable_list {
-      auto [g_logits, g_probs] = f.call(grads[0], grads[1], s[0], s[1], s[2]);
-      return {g_logits, g_probs, at::Tensor()};
     });
   }
 };
@@ -906,18 +875,11 @@ fused_experts_autograd(const at::Tensor& x, const at::Tensor& topk_idx, const at
   return {r[0], r[1], r[2], r[3], r[4], r[5], r[6]};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> softmax_router_autograd(
-    const at::Tensor& x, const at::Tensor& weight, const OptTensor& expert_bias, int64_t top_k,
-    bool norm_topk, double temperature, double route_scale) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+softmax_router_autograd(const at::Tensor& x, const at::Tensor& weight, const OptTensor& expert_bias,
+                        int64_t top_k, bool norm_topk, double temperature, double route_scale) {
   auto r = SoftmaxRouter::apply(x, weight, expert_bias, top_k, norm_topk, temperature, route_scale);
-  return {r[0], r[1], r[2], r[3]};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> router_losses_autograd(const at::Tensor& logits,
-                                                                      const at::Tensor& probs,
-                                                                      const at::Tensor& counts) {
-  auto r = RouterLosses::apply(logits, probs, counts);
-  return {r[0], r[1], r[2]};
+  return {r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7]};
 }
 
 }  // namespace
@@ -940,12 +902,9 @@ TORCH_LIBRARY_IMPL(nanomoe, CPU, m) {
   m.impl("fused_experts_backward", fused_experts_backward);
   m.impl("softmax_router", softmax_router);
   m.impl("softmax_router_backward", softmax_router_backward);
-  m.impl("router_losses", router_losses);
-  m.impl("router_losses_backward", router_losses_backward);
 }
 
 TORCH_LIBRARY_IMPL(nanomoe, Autograd, m) {
   m.impl("fused_experts", fused_experts_autograd);
   m.impl("softmax_router", softmax_router_autograd);
-  m.impl("router_losses", router_losses_autograd);
 }

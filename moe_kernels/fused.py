@@ -8,8 +8,8 @@ unfused torch ops).
 
   fused_experts    the grouped backend: the token rows gathered by expert, both GEMMs with the activation
                    between, the router-weighted sum back to tokens
-  softmax_router   Router's softmax path: the gate, softmax, top-k and weights, the same bits as its ops
-  router_losses    a layer's balance loss and z-loss
+  softmax_router   Router's softmax path: the gate, softmax, top-k and weights, the same bits as its ops,
+                   and the layer's slots per expert, balance loss and z-loss
 
 Each is one op forward and one backward. Unfused, a small MoE layer's step was some eighty small ops around
 its GEMMs (sort, index_select, casts, pads, the bias gather, index_add, softmax, top-k, the losses' sums,
@@ -48,44 +48,28 @@ def _(grad_y, topk_weight, c_fc, c_proj, bias, act, counts, order, xs, h, a, out
 
 
 # softmax_router: moe_model.Router's softmax path (the gate, the softmax over the experts, the top-k and the
-# chosen weights) as one op, bit for bit its torch ops; its backward is one pass over the rows, where the
-# torch ops' backward was a dozen autograd nodes (two softmax backwards, the top-k's and gather's scatters,
-# the sums of their gradients, the gate's). Returns topk_idx, topk_weight, logits, probs, as Router does.
+# chosen weights) as one op, bit for bit its torch ops, with the layer's routing losses (count_per_expert,
+# load_balance_loss of this forward's slots, router_z_loss); its backward is one pass over the rows, where
+# the torch ops' backward was a dozen autograd nodes (two softmax backwards, the top-k's and gather's
+# scatters, the losses', the sums of their gradients, the gate's). Returns the fields of moe_model.Routing,
+# then each row's logsumexp (kept for the backward).
 _lib.define('softmax_router(Tensor x, Tensor weight, Tensor? expert_bias, int top_k, bool norm_topk, '
-            'float temperature, float route_scale) -> (Tensor, Tensor, Tensor, Tensor)')
+            'float temperature, float route_scale) '
+            '-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)')
 _lib.define('softmax_router_backward(Tensor? grad_weights, Tensor? grad_logits, Tensor? grad_probs, '
-            'Tensor x, Tensor weight, Tensor topk_idx, Tensor topk_weight, Tensor probs, bool norm_topk, '
-            'float temperature, float route_scale) -> (Tensor, Tensor)')
+            'Tensor? grad_balance, Tensor? grad_z, Tensor x, Tensor weight, Tensor topk_idx, '
+            'Tensor topk_weight, Tensor probs, Tensor counts, Tensor lse, bool norm_topk, float temperature, '
+            'float route_scale) -> (Tensor, Tensor)')
 softmax_router = torch.ops.nanomoe.softmax_router.default
 
 
 @torch.library.register_fake('nanomoe::softmax_router')
 def _(x, weight, expert_bias, top_k, norm_topk, temperature, route_scale):
     (N, E), new = (x.size(0), weight.size(0)), x.new_empty
-    return new(N, top_k, dtype=torch.long), new(N, top_k), new(N, E), new(N, E)
+    return (new(N, top_k, dtype=torch.long), new(N, top_k), new(N, E), new(N, E), new(E, dtype=torch.long),
+            new(()), new(()), new(N))
 
 
 @torch.library.register_fake('nanomoe::softmax_router_backward')
-def _(grad_weights, grad_logits, grad_probs, x, weight, topk_idx, topk_weight, probs, *settings):
+def _(grad_weights, grad_logits, grad_probs, grad_balance, grad_z, x, weight, *saved_and_settings):
     return torch.empty_like(x), torch.empty_like(weight)
-
-
-# router_losses: a layer's balance loss (moe_model.load_balance_loss, from probs and the slots per expert)
-# and z-loss (router_z_loss, from logits) in one op, and their gradients in one; -> balance, z, and the
-# logsumexp of each row (kept for the backward). Where the router is softmax_router, its backward takes
-# these gradients on: the router and its losses cost two ops forward and two backward.
-_lib.define('router_losses(Tensor logits, Tensor probs, Tensor counts) -> (Tensor, Tensor, Tensor)')
-_lib.define('router_losses_backward(Tensor grad_balance, Tensor grad_z, Tensor logits, Tensor counts, '
-            'Tensor lse) -> (Tensor, Tensor)')
-router_losses = torch.ops.nanomoe.router_losses.default
-
-
-@torch.library.register_fake('nanomoe::router_losses')
-def _(logits, probs, counts):
-    return logits.new_empty(()), logits.new_empty(()), logits.new_empty(logits.size(0))
-
-
-@torch.library.register_fake('nanomoe::router_losses_backward')
-def _(grad_balance, grad_z, logits, counts, lse):
-    return torch.empty_like(logits), torch.empty_like(logits)
-

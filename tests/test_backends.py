@@ -27,6 +27,11 @@ def make_layer(E, k, d, h, bias, seed=0, mlp='gelu'):
     return layer
 
 
+def with_topk(r, topk_idx):
+    """The router's Routing r with other experts chosen (its weights, and so their gradients, stay)."""
+    return r._replace(topk_idx=topk_idx, counts=moe_model.count_per_expert(topk_idx, r.logits.size(1)))
+
+
 def run(layer, impl, x, force_expert=None):
     """Forward + backward of one MoE layer; returns its output and every gradient."""
     layer.zero_grad()
@@ -35,8 +40,8 @@ def run(layer, impl, x, force_expert=None):
     if force_expert is not None:  # every token to expert `force_expert` (router weights still differentiable)
         orig = layer.router.forward
         def forced(inp):
-            idx, w, logits, probs = orig(inp)
-            return torch.full_like(idx, force_expert) + torch.arange(idx.size(1)), w, logits, probs
+            r = orig(inp)
+            return with_topk(r, torch.full_like(r.topk_idx, force_expert) + torch.arange(r.topk_idx.size(1)))
         layer.router.forward = forced
     y = layer(x)
     (y * torch.randn_like(y, generator=torch.Generator().manual_seed(1))).sum().backward()
@@ -168,7 +173,7 @@ def test_grouped_backward_on_whole_or_cut_experts(n_threads, loads):
     else:
         idx = torch.tensor([[0, 1]] * 16 + [[0, 2]] * 4 + [[1, 2]] * 4)
     orig = layer.router.forward
-    layer.router.forward = lambda inp: (idx, *orig(inp)[1:])
+    layer.router.forward = lambda inp: with_topk(orig(inp), idx)
     ref = run(layer, 'loop', x)
     with threads(n_threads):
         got = run(layer, 'grouped', x)
@@ -290,11 +295,19 @@ def test_fused_cpu_ops_refuse_second_derivatives(loss):
         torch.testing.assert_close(g, plain, rtol=0, atol=0)
 
 
-def test_fused_router_losses_overflow_to_inf_as_torchs():
-    """A z-loss past float's range is inf, as torch's ops give it, not an error."""
-    logits = torch.tensor([[1e30, 0.0]])
-    balance, z, _ = moe_model.router_losses(logits, logits.softmax(-1), torch.tensor([1, 0]))
-    assert z.item() == moe_model.router_z_loss(logits).item() == float('inf') and torch.isfinite(balance)
+@pytest.mark.parametrize('logit', [1e30, float('inf'), float('-inf')])
+def test_fused_router_z_loss_of_huge_or_infinite_logits_is_torchs(logit):
+    """A z-loss past float's range is inf, as torch's ops give it, not an error; so is one of a row with an
+    infinite logit, whose logsumexp the fused router cannot take from its softmax."""
+    router = moe_model.Router(MoEConfig(n_layer=1, n_head=1, n_embd=2, n_expert=2, top_k=1))
+    with torch.no_grad():
+        router.gate.weight.copy_(torch.tensor([[logit, 0.0], [0.0, 0.0]]))
+    x = torch.tensor([[1.0, 0.0]])  # logits [logit, 0]
+    assert cpu_grouped_mm.available()
+    fused = router(x)
+    assert fused.logits[0, 0] == logit
+    z = moe_model.router_z_loss(fused.logits)
+    assert torch.equal(fused.z_loss, z) and z.item() == (float('inf') if logit > 0 else 0.0)
 
 
 @pytest.mark.parametrize('impl', FAST)
