@@ -252,9 +252,8 @@ Sorted sort_slots(const at::Tensor& topk_idx, int64_t E) {
   return r;
 }
 
-// Rows per task for rows of `row` numbers: ATen's grain (32768), so that a loop as small as the router's
-// runs on one thread: a parallel region costs more than it saves there, and far more when another process
-// holds the other core.
+// Rows per task for rows that cost `row` simple operations each: ATen's grain (32768 of them), so that a
+// loop too small to gain from a second thread runs on one (a parallel region costs some microseconds).
 int64_t grain(int64_t row) {
   return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(row, 1));
 }
@@ -663,7 +662,8 @@ softmax_router(
   float *p = probs.data_ptr<float>(), *w_ = w.data_ptr<float>(), *c_ = chosen.data_ptr<float>();
   int64_t* idx_ = idx.data_ptr<int64_t>();
   std::atomic<bool> exact{true};
-  at::parallel_for(0, N, grain(4 * E), [&](int64_t n0, int64_t n1) {
+  // (a row costs ~100 ns at 8 experts: the softmax's exps, the selection's compares and branches)
+  at::parallel_for(0, N, grain(32 * E), [&](int64_t n0, int64_t n1) {
     std::vector<float> buf, biased(E), values(k);
     if (own_softmax) softmax_rows(l + n0 * E, p + n0 * E, n1 - n0, E, ve, buf);
     for (int64_t n = n0; n < n1; ++n) {

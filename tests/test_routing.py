@@ -459,7 +459,8 @@ def test_expert_choice_with_shared_experts_and_a_dense_layer_trains(shakespeare_
 def test_fused_router_matches_its_torch_ops(monkeypatch, settings, aux_loss_scope):
     """Outputs bit for bit (test_keys checks them against the old routers too) and the gradients of x and the
     gate: through the chosen weights, the balance loss (probs) and the z-loss (logits), in training and eval
-    (noisy_topk: the fused router in eval only, its noise in training is the torch ops')."""
+    (noisy_topk: the fused router in eval only, its noise in training is the torch ops'); 300 rows, which
+    the fused router shares between threads."""
     from moe_kernels import cpu_grouped_mm
     assert cpu_grouped_mm.available()
     results = {}
@@ -468,13 +469,13 @@ def test_fused_router_matches_its_torch_ops(monkeypatch, settings, aux_loss_scop
         moe = layer(aux_loss_scope=aux_loss_scope, **settings).train(training)
         if moe.router.expert_bias is not None:
             moe.router.expert_bias.normal_(0, 0.3)
-        x = torch.randn(2, 12, 16, generator=torch.Generator().manual_seed(4), requires_grad=True)
+        x = torch.randn(2, 150, 16, generator=torch.Generator().manual_seed(4), requires_grad=True)
         torch.manual_seed(5)  # (noise)
         r = moe.router(x.view(-1, 16))
         noise = training and settings['router'] == 'noisy_topk'
         assert ('SoftmaxRouter' in r.topk_weight.grad_fn.name()) == (fused and not noise)
         assert torch.equal(r.counts, count_per_expert(r.topk_idx, moe.config.n_expert))
-        moe.record(r, 0.0, lambda rows: rows.view(2, 12, *rows.shape[1:]))
+        moe.record(r, 0.0, lambda rows: rows.view(2, 150, *rows.shape[1:]))
         g = torch.randn(r.topk_weight.shape, generator=torch.Generator().manual_seed(6))
         ((r.topk_weight * g).sum() + moe.balance_loss + moe.z_loss).backward()
         results[fused, training] = ([*r[:5]], [moe.balance_loss, moe.z_loss, x.grad,
@@ -483,8 +484,8 @@ def test_fused_router_matches_its_torch_ops(monkeypatch, settings, aux_loss_scop
         (out, close), (out_ref, close_ref) = results[True, training], results[False, training]
         for got, ref in zip(out, out_ref):
             assert torch.equal(got, ref)
-        for got, ref in zip(close, close_ref):
-            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+        for got, ref in zip(close, close_ref):  # (sums over the rows in another order)
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize('router', ['topk', 'aux_free'])
