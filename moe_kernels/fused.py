@@ -15,7 +15,8 @@ Each is one op forward and one backward. Unfused, a small MoE layer's step was s
 its GEMMs (sort, index_select, casts, pads, the bias gather, index_add, softmax, top-k, the losses' sums,
 and their backwards), a fixed cost that a small model pays in full (RESULTS.md section 3). A forward returns,
 after its results, what its backward needs (fused_experts: the slot of each row sorted by expert, and per
-row its x, c_fc output, activation and expert output): a custom op's outputs are the only place to keep them.
+row its x, c_fc output, activation and expert output; softmax_router: each row's logsumexp): a custom op's
+outputs are the only place to keep them.
 The backwards have no second derivatives: gradients built as a graph (create_graph=True) come back right,
 and differentiating them again raises an error (cpu_grouped_mm.cpp's once_differentiable).
 """
