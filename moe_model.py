@@ -166,6 +166,13 @@ class Routing(NamedTuple):
     balance_loss: torch.Tensor  # load_balance_loss of these rows' slots
     z_loss: torch.Tensor       # router_z_loss of the logits
 
+    def with_topk(self, topk_idx):
+        """These rows sent to other experts (a test's or a study's forced routing), with the loads and the
+        balance loss that follow from them; the weights (and so their gradients) stay."""
+        counts = count_per_expert(topk_idx, self.logits.size(1))
+        return self._replace(topk_idx=topk_idx, counts=counts,
+                             balance_loss=load_balance_loss(self.probs, topk_idx, counts))
+
 
 class Router(nn.Module):
     """A bias-free linear gate in float32 (routing flips on tiny logit differences, so autocast is off here),

@@ -27,11 +27,6 @@ def make_layer(E, k, d, h, bias, seed=0, mlp='gelu'):
     return layer
 
 
-def with_topk(r, topk_idx):
-    """The router's Routing r with other experts chosen (its weights, and so their gradients, stay)."""
-    return r._replace(topk_idx=topk_idx, counts=moe_model.count_per_expert(topk_idx, r.logits.size(1)))
-
-
 def run(layer, impl, x, force_expert=None):
     """Forward + backward of one MoE layer; returns its output and every gradient."""
     layer.zero_grad()
@@ -41,7 +36,7 @@ def run(layer, impl, x, force_expert=None):
         orig = layer.router.forward
         def forced(inp):
             r = orig(inp)
-            return with_topk(r, torch.full_like(r.topk_idx, force_expert) + torch.arange(r.topk_idx.size(1)))
+            return r.with_topk(torch.full_like(r.topk_idx, force_expert) + torch.arange(r.topk_idx.size(1)))
         layer.router.forward = forced
     y = layer(x)
     (y * torch.randn_like(y, generator=torch.Generator().manual_seed(1))).sum().backward()
@@ -173,7 +168,7 @@ def test_grouped_backward_on_whole_or_cut_experts(n_threads, loads):
     else:
         idx = torch.tensor([[0, 1]] * 16 + [[0, 2]] * 4 + [[1, 2]] * 4)
     orig = layer.router.forward
-    layer.router.forward = lambda inp: with_topk(orig(inp), idx)
+    layer.router.forward = lambda inp: orig(inp).with_topk(idx)
     ref = run(layer, 'loop', x)
     with threads(n_threads):
         got = run(layer, 'grouped', x)

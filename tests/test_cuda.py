@@ -87,8 +87,8 @@ def test_an_empty_expert_gets_exactly_zero_weight_gradients(impl, dtype):
     route = layer.router.forward
 
     def forced(x):  # the router's choices, mapped onto the used experts (a token may then pick one twice)
-        topk_idx, *rest = route(x)
-        return used[topk_idx % len(used)], *rest
+        r = route(x)
+        return r.with_topk(used[r.topk_idx % len(used)])
     layer.router.forward = forced
     layer_step(layer, impl, torch.randn(4, 256, 256, device='cuda'), dtype)
     assert layer.tokens_per_expert[empty].eq(0).all() and layer.tokens_per_expert[used].gt(0).all()
