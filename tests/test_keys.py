@@ -191,14 +191,15 @@ def test_the_exported_folder_runs_without_the_repo(tmp_path):
     idx = torch.randint(65, (2, 16))
     with torch.no_grad():
         torch.save({'idx': idx, 'logits': model(idx, idx)[0]}, tmp_path / 'ref.pt')
-    save(export_moe(model), str(tmp_path / 'hf'))
-    source = (tmp_path / 'hf' / 'modeling_nanomoe.py').read_text()
+    # (not named hf: a folder of that name in the cwd would stand in for the repo's hf package)
+    save(export_moe(model), str(tmp_path / 'exported'))
+    source = (tmp_path / 'exported' / 'modeling_nanomoe.py').read_text()
     with open(os.path.join(ROOT, 'moe_model.py')) as f:
         assert 'class Router(nn.Module):' + \
             f.read().split('class Router(nn.Module):')[1].split('\n# ---')[0] in source
     code = ("import sys, torch; from transformers import AutoModelForCausalLM\n"
             "assert not any('moe_kernels' in m or m == 'moe_model' for m in sys.modules)\n"
-            "m = AutoModelForCausalLM.from_pretrained('hf', trust_remote_code=True).eval()\n"
+            "m = AutoModelForCausalLM.from_pretrained('exported', trust_remote_code=True).eval()\n"
             "ref = torch.load('ref.pt')\n"
             "with torch.no_grad(): assert torch.equal(m(ref['idx']).logits, ref['logits'])\n"
             "assert 'moe_model' not in sys.modules; print('ok')")
