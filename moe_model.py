@@ -206,17 +206,17 @@ class Router(nn.Module):
 
     def forward(self, x):
         cfg = self.config
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            x = x.float()
-            if self.training and cfg.router_jitter > 0:
-                x = x * torch.empty_like(x).uniform_(1 - cfg.router_jitter, 1 + cfg.router_jitter)
-            noise = self.training and self.noise is not None
-            if cfg.router_score == 'softmax' and not noise and x.device.type == 'cpu' and \
-                    cpu_kernel_available():
-                # the ops below in one, the same bits, with a one-pass backward (moe_kernels/fused.py)
-                return Routing(*softmax_router(x, self.gate.weight.float(), self.expert_bias, cfg.top_k,
-                                               cfg.renormalises(), cfg.router_temperature,
-                                               cfg.route_scale)[:len(Routing._fields)])
+        x = x.float()
+        if self.training and cfg.router_jitter > 0:
+            x = x * torch.empty_like(x).uniform_(1 - cfg.router_jitter, 1 + cfg.router_jitter)
+        noise = self.training and self.noise is not None
+        if cfg.router_score == 'softmax' and not noise and x.device.type == 'cpu' and cpu_kernel_available():
+            # the ops below in one, the same bits, with a one-pass backward (moe_kernels/fused.py); a C++ op
+            # is not autocast's, so it needs no context (whose Python costs more than the rest of this path)
+            return Routing(*softmax_router(x, self.gate.weight.float(), self.expert_bias, cfg.top_k,
+                                           cfg.renormalises(), cfg.router_temperature,
+                                           cfg.route_scale)[:len(Routing._fields)])
+        with torch.autocast(device_type=x.device.type, enabled=False):  # the products in float32
             logits = F.linear(x, self.gate.weight.float())
             if cfg.router_temperature != 1.0:
                 logits = logits / cfg.router_temperature
@@ -397,11 +397,12 @@ def cpu_kernel_available():
 def fused_experts(x, topk_idx, topk_weight, experts):
     """grouped_experts as one op forward and one backward (moe_kernels/fused.py, on the CPU kernel): the rows
     gathered by expert, both GEMMs with the activation between, the router-weighted sum in float32."""
-    dtype = compute_dtype(x)
-    bias = [None if b is None else b.to(dtype) for b in (experts.c_fc_bias, experts.c_proj_bias)]
-    y = fused_experts_op(x.to(dtype), topk_idx, topk_weight, experts.c_fc.to(dtype), bias[0],
-                         experts.c_proj.to(dtype), bias[1], experts.config.mlp)[0]
-    return y.to(x.dtype)
+    dtype, out_dtype = compute_dtype(x), x.dtype
+    weights = (experts.c_fc, experts.c_fc_bias, experts.c_proj, experts.c_proj_bias)
+    if x.dtype != dtype or experts.c_fc.dtype != dtype:  # autocast, or weights in another dtype: cast
+        x, weights = x.to(dtype), [None if w is None else w.to(dtype) for w in weights]
+    y = fused_experts_op(x, topk_idx, topk_weight, *weights, experts.config.mlp)[0]
+    return y if y.dtype == out_dtype else y.to(out_dtype)
 
 
 def grouped_experts(x, topk_idx, topk_weight, experts):

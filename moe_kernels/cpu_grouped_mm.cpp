@@ -627,6 +627,9 @@ softmax_router(
               "softmax_router: want x [N, d] and weight [E, d], float32");
   const int64_t N = x.size(0), E = weight.size(0), k = top_k;
   TORCH_CHECK(0 < k && k <= E, "softmax_router: want 0 < top_k <= ", E, ", got ", k);
+  // in float32 whatever autocast says (as the Router's torch path, which turns it off): the router's Python
+  // then needs no autocast context, whose cost exceeds the rest of the Router's Python
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   auto logits = at::mm(x, weight.t());  // F.linear(x, weight)
   if (temperature != 1.0) logits = logits / temperature;
   const VecExp ve = vec_exp();
@@ -695,6 +698,7 @@ std::tuple<at::Tensor, at::Tensor> softmax_router_backward(
     const at::Tensor& topk_idx, const at::Tensor& topk_weight, const at::Tensor& probs,
     const at::Tensor& counts, const at::Tensor& lse, bool norm_topk, double temperature, double route_scale) {
   const int64_t N = probs.size(0), E = probs.size(1), k = topk_idx.size(1);
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);  // (as the forward)
   auto dense = [](const std::optional<at::Tensor>& t) {  // an expanded gradient, contiguous; an absent one
     return t ? t->to(at::kFloat).contiguous() : at::Tensor();
   };

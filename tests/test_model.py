@@ -131,12 +131,27 @@ def test_norm_top1_weighs_the_one_expert_1_and_changes_nothing_else():
         assert torch.equal(a, b)
 
 
-def test_router_runs_in_float32_under_autocast():
+@pytest.mark.parametrize('fused', [True, False])
+def test_router_runs_in_float32_under_autocast(monkeypatch, fused):
+    """On both paths (the fused op's kernel turns autocast off itself; torch's ops in a context): the same
+    bits as without autocast, forward and backward."""
+    from moe_kernels import cpu_grouped_mm
+    assert cpu_grouped_mm.available()
+    monkeypatch.setattr(cpu_grouped_mm, '_built', fused)
     router = Router(MoEConfig(**SMALL, n_expert=4, top_k=2))
-    x = torch.randn(5, 32)
-    with torch.autocast('cpu', dtype=torch.bfloat16):
-        idx, w, logits, probs = router(x.bfloat16())[:4]
-    assert logits.dtype == torch.float32 and probs.dtype == torch.float32 and w.dtype == torch.float32
+    x = torch.randn(5, 32).bfloat16().requires_grad_()
+    out, grads = [], []
+    for autocast in (True, False):
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
+            r = router(x)
+        (r.topk_weight.sum() * 3 + r.balance_loss + r.z_loss).backward()  # (as train.py: outside autocast)
+        out.append(r)
+        grads.append((x.grad, router.gate.weight.grad))
+        x.grad = router.gate.weight.grad = None
+    assert ('SoftmaxRouter' in out[0].topk_weight.grad_fn.name()) == fused
+    assert all(t.dtype == torch.float32 for t in out[0][1:4])
+    for got, ref in zip([*out[0], *grads[0]], [*out[1], *grads[1]]):
+        assert torch.equal(got, ref)
 
 
 def test_active_params_and_mfu_use_active_count():
