@@ -49,7 +49,8 @@ def _(grad_y, topk_weight, c_fc, c_proj, bias, act, counts, order, xs, h, a, out
 
 
 # softmax_router: moe_model.Router's softmax path (the gate, the softmax over the experts, the top-k and the
-# chosen weights) as one op, bit for bit its torch ops, with the layer's routing losses (count_per_expert,
+# chosen weights) as one op, in float32 under autocast too (its kernel turns autocast off, where the torch ops
+# need a context), bit for bit its torch ops, with the layer's routing losses (count_per_expert,
 # load_balance_loss of this forward's slots, router_z_loss); its backward is one pass over the rows, where
 # the torch ops' backward was a dozen autograd nodes (two softmax backwards, the top-k's and gather's
 # scatters, the losses', the sums of their gradients, the gate's). Returns the fields of moe_model.Routing,
