@@ -398,11 +398,12 @@ def fused_experts(x, topk_idx, topk_weight, experts):
     """grouped_experts as one op forward and one backward (moe_kernels/fused.py, on the CPU kernel): the rows
     gathered by expert, both GEMMs with the activation between, the router-weighted sum in float32."""
     dtype, out_dtype = compute_dtype(x), x.dtype
-    weights = (experts.c_fc, experts.c_fc_bias, experts.c_proj, experts.c_proj_bias)
-    if x.dtype != dtype or experts.c_fc.dtype != dtype:  # autocast, or weights in another dtype: cast
-        x, weights = x.to(dtype), [None if w is None else w.to(dtype) for w in weights]
-    y = fused_experts_op(x, topk_idx, topk_weight, *weights, experts.config.mlp)[0]
-    return y if y.dtype == out_dtype else y.to(out_dtype)
+    tensors = (x, experts.c_fc, experts.c_fc_bias, experts.c_proj, experts.c_proj_bias)
+    if any(t is not None and t.dtype != dtype for t in tensors):  # autocast, or another dtype: cast
+        tensors = [None if t is None else t.to(dtype) for t in tensors]
+    x, c_fc, c_fc_bias, c_proj, c_proj_bias = tensors
+    return fused_experts_op(x, topk_idx, topk_weight, c_fc, c_fc_bias, c_proj, c_proj_bias,
+                            experts.config.mlp)[0].to(out_dtype)
 
 
 def grouped_experts(x, topk_idx, topk_weight, experts):
